@@ -1,0 +1,164 @@
+# kiln - build, test and set-up.
+#
+#   make              build/kiln, build/libkiln.a, build/libkiln.so, build/kiln.pc
+#   make setup        install system packages and fetch the default model
+#   make run          set up, build, and run kiln's main job on the default model
+#   make check        set up, build, run every test (release + ASan/UBSan) and
+#                     a short fuzz smoke run; what CI runs
+#   make test         the unit tests of the release build only
+#   make test-asan    the unit tests built with ASan + UBSan (build/asan)
+#   make fuzz-smoke   each fuzz target for FUZZ_SMOKE_SECS seconds
+#   make fuzz         each fuzz target for FUZZ_SECS seconds
+#   make CUDA=0       build without the CUDA backend even when nvcc is found
+#   make DEBUG=1      -O0, file:line in error messages
+
+BUILD     ?= build
+CC        ?= cc
+ifeq ($(CC),cc)
+CC        := gcc
+endif
+PYTHON    ?= python3
+VENV      ?= .venv
+ARCH      ?= -march=native
+DEBUG     ?= 0
+SANITIZE  ?= 0
+
+NVCC      ?= $(shell command -v nvcc 2>/dev/null || { test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc; })
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+ifeq ($(origin CUDA),undefined)
+CUDA      := $(if $(NVCC),1,0)
+endif
+CUDA_ARCH ?= -gencode arch=compute_90a,code=sm_90a
+
+WARN      := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wno-unused-parameter
+CSTD      := -std=c11 -D_GNU_SOURCE
+OPT       := $(if $(filter 1,$(DEBUG)),-O0 -DKILN_DEBUG,-O2)
+SAN_ON    := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -DKILN_DEBUG
+SANFLAGS  := $(if $(filter 1,$(SANITIZE)),$(SAN_ON))
+CFLAGS    ?=
+CFLAGS    += $(CSTD) $(OPT) -g $(ARCH) -fPIC -fopenmp $(WARN) $(SANFLAGS) -Iinclude -Isrc -MMD -MP
+LDLIBS    := -ljansson -lpcre2-8 -lutf8proc -lxxhash -lm -lpthread
+LDFLAGS   += -fopenmp $(SANFLAGS)
+
+ifeq ($(CUDA),1)
+CFLAGS    += -DKILN_HAVE_CUDA
+NVCCFLAGS ?= -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-Wall,-Werror -Iinclude -Isrc
+LDLIBS    += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lcublasLt -lstdc++
+CU_SRC    := $(sort $(shell find src -name '*.cu'))
+endif
+
+LIB_SRC   := $(sort $(shell find src -name '*.c'))
+CLI_SRC   := $(sort $(wildcard cli/*.c))
+TEST_SRC  := $(sort $(wildcard tests/test_*.c))
+EX_SRC    := $(sort $(wildcard examples/*.c))
+FUZZ_SRC  := $(sort $(wildcard tests/fuzz/fuzz_*.c))
+
+LIB_OBJ   := $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(CU_SRC:%.cu=$(BUILD)/obj/%.o)
+CLI_OBJ   := $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
+TESTS     := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+EXAMPLES  := $(EX_SRC:examples/%.c=$(BUILD)/examples/%)
+
+
+.PHONY: all lib setup run check test test-asan test-asan-run refdata fuzz fuzz-smoke fuzz-build clean tests examples
+all: lib $(BUILD)/kiln examples
+lib: $(BUILD)/libkiln.a $(BUILD)/libkiln.so $(BUILD)/kiln.pc
+examples: $(EXAMPLES)
+tests: $(TESTS)
+
+$(BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/obj/%.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+
+$(BUILD)/libkiln.a: $(LIB_OBJ)
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+$(BUILD)/libkiln.so: $(LIB_OBJ)
+	$(CC) -shared -o $@ $^ $(LDFLAGS) $(LDLIBS)
+
+$(BUILD)/kiln.pc: scripts/kiln.pc.in
+	@mkdir -p $(dir $@)
+	sed -e 's|@PREFIX@|$(abspath .)|' -e 's|@VERSION@|0.1.0|' \
+	    -e 's|@LIBS@|$(LDLIBS)|' $< > $@
+
+$(BUILD)/kiln: $(CLI_OBJ) $(BUILD)/libkiln.a
+	$(CC) -o $@ $(CLI_OBJ) $(BUILD)/libkiln.a $(LDFLAGS) $(LDLIBS)
+
+$(BUILD)/tests/%: tests/%.c $(BUILD)/libkiln.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libkiln.a $(LDFLAGS) $(LDLIBS) -lcmocka
+
+$(BUILD)/examples/%: examples/%.c $(BUILD)/libkiln.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libkiln.a $(LDFLAGS) $(LDLIBS)
+
+# ---------------------------------------------------------------------------
+# Set-up and the README's two commands
+
+setup:
+	@scripts/setup.sh
+
+run: setup all
+	scripts/run-demo.sh
+
+# Reference data made fresh (new random blocks) each run by the Python
+# oracles (gguf-py) that setup installs into $(VENV).
+refdata:
+	@mkdir -p $(BUILD)/testdata
+	$(VENV)/bin/python scripts/ref/quant_ref.py $(BUILD)/testdata
+
+test: all tests refdata
+	scripts/run-tests.sh $(BUILD)
+
+check: setup
+	$(MAKE) all tests
+	$(MAKE) refdata
+	scripts/run-tests.sh $(BUILD) --summary $(BUILD)/summary-release.txt
+	$(MAKE) test-asan-run
+	$(MAKE) fuzz-smoke
+	scripts/summarize-tests.sh $(BUILD)/summary-release.txt build/asan/summary-asan.txt
+
+test-asan: refdata
+	$(MAKE) test-asan-run
+
+test-asan-run:
+	$(MAKE) BUILD=build/asan SANITIZE=1 CUDA=0 tests
+	@mkdir -p build/asan/testdata && cp -r $(BUILD)/testdata/. build/asan/testdata/
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	    scripts/run-tests.sh build/asan --summary build/asan/summary-asan.txt
+
+# ---------------------------------------------------------------------------
+# libFuzzer targets (clang): the library is rebuilt with coverage + ASan/UBSan.
+
+FUZZ_CC       ?= clang
+FUZZ_BUILD    := build/fuzz
+FUZZ_CFLAGS   := $(CSTD) -O1 -g $(ARCH) -fopenmp -fsanitize=fuzzer-no-link,address,undefined \
+                 -fno-sanitize-recover=all -Iinclude -Isrc -DKILN_FUZZ
+FUZZ_LIB_OBJ  := $(LIB_SRC:%.c=$(FUZZ_BUILD)/obj/%.o)
+FUZZERS       := $(FUZZ_SRC:tests/fuzz/%.c=$(FUZZ_BUILD)/%)
+FUZZ_SMOKE_SECS ?= 25
+FUZZ_SECS     ?= 600
+
+$(FUZZ_BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -c $< -o $@
+
+$(FUZZ_BUILD)/%: tests/fuzz/%.c $(FUZZ_LIB_OBJ)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -o $@ $< $(FUZZ_LIB_OBJ) $(LDLIBS)
+
+fuzz-build: $(FUZZERS)
+
+fuzz-smoke: fuzz-build
+	scripts/run-fuzz.sh $(FUZZ_SMOKE_SECS) $(FUZZERS)
+
+fuzz: fuzz-build
+	scripts/run-fuzz.sh $(FUZZ_SECS) $(FUZZERS)
+
+clean:
+	rm -rf build
+
+-include $(shell find $(BUILD)/obj $(FUZZ_BUILD)/obj -name '*.d' 2>/dev/null)

@@ -1,0 +1,96 @@
+/*
+ * main.c - `kiln SUBCOMMAND ...`: dispatch to the subcommands and the
+ * option-parsing helpers they share.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+
+typedef struct command {
+    const char *name;
+    int (*fn)(int argc, char **argv);
+    const char *help;
+} command;
+
+static const command commands[] = {
+    {"inspect", cmd_inspect, "show a model's architecture, tensors and sizes"},
+};
+
+static void usage(FILE *f)
+{
+    fprintf(f, "kiln %s - LLM inference engine\n\nusage: kiln COMMAND [OPTIONS]\n\ncommands:\n",
+            kiln_version());
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].help);
+    fprintf(f, "\nRun `kiln COMMAND --help` for a command's options.\n");
+}
+
+bool cli_parse_int(const char *opt, const char *text, long long lo,
+                   long long hi, long long *out)
+{
+    char *end;
+    errno = 0;
+    long long v = strtoll(text, &end, 10);
+    if (errno || end == text || *end != '\0') {
+        fprintf(stderr, "kiln: %s: '%s' is not an integer\n", opt, text);
+        return false;
+    }
+    if (v < lo || v > hi) {
+        fprintf(stderr, "kiln: %s: %lld is out of range [%lld, %lld]\n", opt, v,
+                lo, hi);
+        return false;
+    }
+    *out = v;
+    return true;
+}
+
+bool cli_parse_float(const char *opt, const char *text, double lo, double hi,
+                     double *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(text, &end);
+    if (errno || end == text || *end != '\0' || !isfinite(v)) {
+        fprintf(stderr, "kiln: %s: '%s' is not a number\n", opt, text);
+        return false;
+    }
+    if (v < lo || v > hi) {
+        fprintf(stderr, "kiln: %s: %g is out of range [%g, %g]\n", opt, v, lo, hi);
+        return false;
+    }
+    *out = v;
+    return true;
+}
+
+void cli_report(const char *what, kiln_status st)
+{
+    const char *msg = kiln_last_error();
+    fprintf(stderr, "kiln: %s: %s\n", what, msg[0] ? msg : kiln_status_str(st));
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    const char *name = argv[1];
+    if (!strcmp(name, "-h") || !strcmp(name, "--help") || !strcmp(name, "help")) {
+        usage(stdout);
+        return 0;
+    }
+    if (!strcmp(name, "--version") || !strcmp(name, "version")) {
+        printf("kiln %s\n", kiln_version());
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (!strcmp(name, commands[i].name))
+            return commands[i].fn(argc - 1, argv + 1);
+    fprintf(stderr, "kiln: unknown command '%s'\n\n", name);
+    usage(stderr);
+    return 2;
+}

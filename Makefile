@@ -59,7 +59,7 @@ TESTS     := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 EXAMPLES  := $(EX_SRC:examples/%.c=$(BUILD)/examples/%)
 
 
-.PHONY: all lib setup run check test test-asan test-asan-run refdata fuzz fuzz-smoke fuzz-build clean tests examples
+.PHONY: all lib setup run check test test-asan test-asan-run refdata parity-ref fuzz fuzz-smoke fuzz-build clean tests examples
 all: lib $(BUILD)/kiln examples
 lib: $(BUILD)/libkiln.a $(BUILD)/libkiln.so $(BUILD)/kiln.pc
 examples: $(EXAMPLES)
@@ -111,6 +111,14 @@ refdata:
 	@mkdir -p $(BUILD)/testdata
 	$(VENV)/bin/python scripts/ref/quant_ref.py $(BUILD)/testdata
 
+# The llama.cpp reference logits behind tests/test_parity.c (committed).
+SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
+GEMMA3  := models/gemma-3-270m-q4_k_m.gguf
+parity-ref:
+	scripts/ref/setup-ref.sh
+	.venv-llama/bin/python scripts/ref/logits_ref.py $(SMOLLM2) tests/data/parity/smollm2-q4_1.bin
+	.venv-llama/bin/python scripts/ref/logits_ref.py $(GEMMA3) tests/data/parity/gemma3-270m-q4_k_m.bin
+
 test: all tests refdata
 	scripts/run-tests.sh $(BUILD)
 
@@ -150,6 +158,9 @@ $(FUZZ_BUILD)/obj/%.o: %.c
 $(FUZZ_BUILD)/%: tests/fuzz/%.c $(FUZZ_LIB_OBJ)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -o $@ $< $(FUZZ_LIB_OBJ) $(LDLIBS)
 
+# Keep the instrumented objects between fuzz builds.
+.SECONDARY: $(FUZZ_LIB_OBJ)
+
 fuzz-build: $(FUZZERS)
 
 fuzz-smoke: fuzz-build
@@ -162,3 +173,20 @@ clean:
 	rm -rf build
 
 -include $(shell find $(BUILD)/obj $(FUZZ_BUILD)/obj -name '*.d' 2>/dev/null)
+
+# ---------------------------------------------------------------------------
+# Tokenizer reference data: the ids and chat renders tests/test_tokenizer.c
+# compares against, from Hugging Face transformers/tokenizers in .venv-ref
+# (scripts/ref/tokenizer_ref.py says what each file is).  Not part of check.
+REF_VENV  ?= .venv-ref
+TOK_DATA  := tests/data/tokenizer
+
+.PHONY: tokenizer-ref
+tokenizer-ref:
+	@test -x $(REF_VENV)/bin/python || { $(PYTHON) -m venv $(REF_VENV) && \
+	    $(REF_VENV)/bin/pip install -q transformers tokenizers gguf sentencepiece \
+	    protobuf numpy jinja2 torch accelerate; }
+	scripts/fetch-gemma.sh
+	$(REF_VENV)/bin/python scripts/ref/tokenizer_ref.py ids $(TOK_DATA)/corpus.txt $(TOK_DATA)
+	$(REF_VENV)/bin/python scripts/ref/tokenizer_ref.py chat $(TOK_DATA)
+	$(REF_VENV)/bin/python scripts/ref/tokenizer_ref.py hf $(TOK_DATA)/corpus.txt $(TOK_DATA)

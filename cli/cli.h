@@ -11,6 +11,35 @@
 #include "kiln.h"
 
 int cmd_inspect(int argc, char **argv);
+int cmd_tokenize(int argc, char **argv);
+int cmd_detokenize(int argc, char **argv);
+int cmd_generate(int argc, char **argv);
+int cmd_chat(int argc, char **argv);
+int cmd_bench(int argc, char **argv);
+
+/* Options of the commands that run a model (generate, chat, bench). */
+typedef struct run_opts {
+    const char *model;
+    const char *device;
+    const char *chat_template;
+    const char *system;
+    int threads;            /* 0 = all cores */
+    int ctx;                /* 0 = default */
+    kiln_sampling sampling;
+} run_opts;
+
+void cli_opts_default(run_opts *o);
+/* 1: argv[*i] was a common option (consumed with its value), 0: not one,
+ * -1: a bad value (message printed). */
+int cli_parse_common(run_opts *o, int argc, char **argv, int *i);
+/* Load the model with a progress bar; NULL (message printed) on failure. */
+kiln_model *cli_load_model(const run_opts *o, double *load_sec);
+/* An engine for max_seqs sequences; n_ctx from --ctx, else the hint, else
+ * the default, capped at the model's trained context. */
+kiln_engine *cli_make_engine(kiln_model *m, const run_opts *o, int max_seqs, int n_ctx_hint);
+kiln_status cli_encode_prompt(const kiln_model *m, const run_opts *o,
+                              const kiln_chat_message *msgs, size_t n_msgs, bool chat,
+                              kiln_tokens *out);
 
 /* Parse an integer option value in [lo, hi]; prints a clear error naming the
  * option and returns false when the text is not such a number. */

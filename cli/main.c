@@ -17,7 +17,12 @@ typedef struct command {
 } command;
 
 static const command commands[] = {
+    {"generate", cmd_generate, "generate text from a prompt"},
+    {"chat", cmd_chat, "chat with a model in the terminal"},
+    {"bench", cmd_bench, "measure prompt and generation speed"},
     {"inspect", cmd_inspect, "show a model's architecture, tensors and sizes"},
+    {"tokenize", cmd_tokenize, "show how a model's tokenizer cuts text"},
+    {"detokenize", cmd_detokenize, "turn token ids back into text"},
 };
 
 static void usage(FILE *f)

@@ -51,6 +51,306 @@ const char *kiln_last_error(void);
 /* The library version string, e.g. "0.1.0". */
 const char *kiln_version(void);
 
+
+/* ------------------------------------------------------------------------
+ * Models
+ *
+ * A model is the engine-scoped, read-only part: weights (in their file
+ * format, on the chosen device), architecture descriptor and tokenizer.
+ * ---------------------------------------------------------------------- */
+
+typedef struct kiln_model kiln_model;
+
+/* Called while a model loads: done and total in bytes of tensor data. */
+typedef void (*kiln_progress_fn)(uint64_t done, uint64_t total, void *user);
+
+typedef struct kiln_model_params {
+    const char *device;       /* "cpu" (default), "cuda" or "cuda:N" */
+    int n_threads;            /* CPU worker threads; 0 = one per core */
+    kiln_progress_fn progress;
+    void *progress_user;
+} kiln_model_params;
+
+void kiln_model_params_default(kiln_model_params *p);
+
+/* Load a GGUF file or a Hugging Face model directory.  On success *out owns
+ * everything; free with kiln_model_free.  On failure *out is NULL and
+ * kiln_last_error() names what is wrong (missing tensor, shape mismatch,
+ * unknown architecture, unsupported type, ...). */
+kiln_status kiln_model_load(const char *path, const kiln_model_params *p,
+                            kiln_model **out);
+void kiln_model_free(kiln_model *m); /* NULL is a no-op */
+
+int kiln_model_n_vocab(const kiln_model *m);
+int kiln_model_n_ctx_train(const kiln_model *m);
+/* Architecture name as kiln knows it ("llama", "qwen2", "qwen3", "gemma3"). */
+const char *kiln_model_arch(const kiln_model *m);
+/* The model's tokenizer, owned by the model. */
+const struct kiln_tokenizer *kiln_model_tokenizer(const kiln_model *m);
+
+/* ------------------------------------------------------------------------
+ * Engine and requests
+ *
+ * The engine owns the engine-scoped resources (KV block pool, activation
+ * scratch); a request owns only its tokens, sampling parameters, stop
+ * conditions, block table and counters.  Requests may be submitted and
+ * cancelled from any thread.  Steps run either on a background thread
+ * (kiln_engine_start) or on the caller's thread (kiln_engine_run).
+ * ---------------------------------------------------------------------- */
+
+typedef struct kiln_engine kiln_engine;
+
+typedef struct kiln_engine_params {
+    int n_ctx;             /* max tokens of one sequence; 0 = the model's
+                              trained context, capped at 8192 on CPU */
+    int block_size;        /* KV block size in tokens (default 16) */
+    int n_kv_blocks;       /* KV blocks in the pool; 0 = enough for
+                              max_seqs sequences of n_ctx tokens on CPU */
+    int max_seqs;          /* sequences running at once (default 16) */
+    int max_batch_tokens;  /* tokens per step; longer prompts are prefilled
+                              in chunks (default 512) */
+    int kv_f32;            /* store K/V as F32 instead of F16 */
+} kiln_engine_params;
+
+void kiln_engine_params_default(kiln_engine_params *p);
+
+kiln_status kiln_engine_create(kiln_model *m, const kiln_engine_params *p,
+                               kiln_engine **out);
+/* Stops the engine thread (if started), cancels every request (their
+ * callbacks see KILN_FINISH_CANCELLED) and frees the engine. */
+void kiln_engine_free(kiln_engine *e);
+
+#define KILN_MAX_STOP 8          /* stop strings per request */
+#define KILN_MAX_STOP_LEN 256    /* bytes of one stop string */
+#define KILN_MAX_LOGPROBS 20
+
+typedef struct kiln_sampling {
+    float temperature;        /* 0 = greedy (default 0.8) */
+    int top_k;                /* 0 = off (default 40) */
+    float top_p;              /* 1 = off (default 0.95) */
+    float min_p;              /* 0 = off (default 0.05) */
+    float repeat_penalty;     /* 1 = off (default 1) */
+    int repeat_last_n;        /* tokens the penalties look back (default 64) */
+    float presence_penalty;   /* 0 = off */
+    float frequency_penalty;  /* 0 = off */
+    uint64_t seed;            /* same seed, same output */
+    int max_tokens;           /* tokens to generate (default 256; 0 = until
+                                 the context is full) */
+    int n_stop;
+    const char *stop[KILN_MAX_STOP]; /* copied at submit */
+    int ignore_eos;
+    int n_logprobs;           /* top-n logprobs of each sampled token, 0..20 */
+} kiln_sampling;
+
+void kiln_sampling_default(kiln_sampling *s);
+
+typedef enum kiln_finish {
+    KILN_FINISH_NONE = 0,  /* more events follow */
+    KILN_FINISH_EOS,       /* the model ended its turn */
+    KILN_FINISH_STOP,      /* a stop string matched (it is not emitted) */
+    KILN_FINISH_LENGTH,    /* max_tokens or the context limit reached */
+    KILN_FINISH_CANCELLED,
+    KILN_FINISH_ERROR,
+} kiln_finish;
+
+typedef struct kiln_token_event {
+    uint64_t request_id;
+    int32_t token;            /* sampled token, or -1 on a final event that
+                                 carries no token */
+    const char *text;         /* new text (complete UTF-8, stop strings held
+                                 back until they cannot match); may be empty */
+    size_t text_len;
+    float logprob;            /* of the sampled token */
+    int n_logprobs;
+    const int32_t *top_ids;   /* (n_logprobs) */
+    const float *top_logprobs;
+    kiln_finish finish;       /* != NONE on the request's last event */
+    int n_prompt;             /* prompt tokens */
+    int n_generated;          /* tokens generated so far */
+} kiln_token_event;
+
+/* Called on the engine's stepping thread for every sampled token and once
+ * with finish != KILN_FINISH_NONE.  The event's pointers are valid only
+ * during the call.  It may call kiln_engine_submit, _cancel and _get_stats
+ * (no engine lock is held), but not kiln_engine_run or kiln_engine_free. */
+typedef void (*kiln_token_fn)(const kiln_token_event *ev, void *user);
+
+/* Queue a request.  The prompt and stop strings are copied.  Errors: prompt
+ * empty or longer than n_ctx (KILN_ERR_RANGE, message gives both lengths),
+ * bad sampling values (KILN_ERR_INVALID_ARG naming the field). */
+kiln_status kiln_engine_submit(kiln_engine *e, const int32_t *prompt,
+                               size_t n_prompt, const kiln_sampling *s,
+                               kiln_token_fn cb, void *user, uint64_t *id);
+/* Cancel a queued or running request; its blocks return to the pool at the
+ * next step.  KILN_ERR_NOT_FOUND if the id is unknown or already finished. */
+kiln_status kiln_engine_cancel(kiln_engine *e, uint64_t id);
+
+/* Run steps on the calling thread until no request is left. */
+kiln_status kiln_engine_run(kiln_engine *e);
+/* Run steps on a background thread until kiln_engine_free. */
+kiln_status kiln_engine_start(kiln_engine *e);
+
+typedef struct kiln_engine_stats {
+    int n_waiting;
+    int n_running;
+    int kv_blocks_total;
+    int kv_blocks_free;
+    int block_size;
+    int n_ctx;
+    uint64_t n_steps;
+    uint64_t n_prompt_tokens;     /* prefilled so far */
+    uint64_t n_generated_tokens;
+    double t_prompt_sec;          /* time in steps that were prefill-only */
+    double t_decode_sec;
+    uint64_t n_cached_tokens;     /* prompt tokens served by the prefix cache */
+    uint64_t n_preemptions;       /* requests preempted (recomputed later) */
+} kiln_engine_stats;
+
+void kiln_engine_get_stats(kiln_engine *e, kiln_engine_stats *st);
+
+/* ------------------------------------------------------------------------
+ * Tokenizer
+ *
+ * The tokenizer of a model: a GGUF file's tokenizer.ggml.* metadata, or a
+ * Hugging Face model directory's tokenizer.json (+ tokenizer_config.json).
+ * Byte-level BPE (SmolLM2, Qwen2/2.5/3, Llama 3) and SentencePiece-style
+ * BPE with byte fallback (Llama 2, Gemma) give the same ids as Hugging Face
+ * `tokenizers` on the same vocabulary.  A loaded tokenizer is read-only:
+ * any number of threads may encode and decode with it at once.
+ *
+ * Text is bytes; invalid UTF-8 is tokenized as if each maximal ill-formed
+ * subsequence were U+FFFD (what Python's bytes.decode("utf-8", "replace")
+ * gives the reference), never an error.
+ * ---------------------------------------------------------------------- */
+
+typedef struct kiln_tokenizer kiln_tokenizer;
+
+/* A growable byte string that kiln functions append to: data[len] is
+ * always '\0' once data is non-NULL.  Zero-initialise; free with
+ * kiln_text_free. */
+typedef struct kiln_text {
+    char *data;
+    size_t len;
+    size_t cap;
+} kiln_text;
+
+void kiln_text_free(kiln_text *t);
+
+/* A growable list of token ids that kiln functions append to.
+ * Zero-initialise; free with kiln_tokens_free. */
+typedef struct kiln_tokens {
+    int32_t *ids;
+    size_t n;
+    size_t cap;
+} kiln_tokens;
+
+void kiln_tokens_free(kiln_tokens *t);
+
+/* Load the tokenizer of a GGUF file or an HF model directory.  On success
+ * *out is owned by the caller (kiln_tokenizer_free); on failure it is NULL
+ * and the message names the key or entry at fault (unknown pre-tokenizer,
+ * merge naming an unknown token, duplicate token, id out of range, ...). */
+kiln_status kiln_tokenizer_load(const char *path, kiln_tokenizer **out);
+void kiln_tokenizer_free(kiln_tokenizer *tok); /* NULL is a no-op */
+
+int32_t kiln_tokenizer_n_vocab(const kiln_tokenizer *tok);
+
+typedef enum kiln_special {
+    KILN_TOKEN_BOS = 0,
+    KILN_TOKEN_EOS,
+    KILN_TOKEN_UNK,
+    KILN_TOKEN_PAD,
+    KILN_TOKEN_EOT, /* end of turn */
+    KILN_TOKEN_EOM, /* end of message (tool call) */
+} kiln_special;
+
+/* The id of a special token, or -1 when the model has none. */
+int32_t kiln_tokenizer_special(const kiln_tokenizer *tok, kiln_special which);
+/* True when id ends generation: EOS, EOT, EOM, or the end-of-turn token of
+ * the model's chat format (<|im_end|>, <|eot_id|>, <end_of_turn>). */
+int kiln_tokenizer_is_eog(const kiln_tokenizer *tok, int32_t id);
+
+/* Encode flags. */
+#define KILN_ENCODE_ADD_SPECIAL 1u   /* add BOS / EOS as the model says */
+#define KILN_ENCODE_PARSE_SPECIAL 2u /* control tokens written in the text
+                                        ("<|im_start|>") become their ids;
+                                        otherwise they are plain text.
+                                        User-defined added tokens are always
+                                        matched, as in the reference. */
+
+/* Tokenize text[0..len) and append the ids to *out. */
+kiln_status kiln_tokenizer_encode(const kiln_tokenizer *tok, const char *text,
+                                  size_t len, unsigned flags, kiln_tokens *out);
+
+/* Decode flags. */
+#define KILN_DECODE_SKIP_SPECIAL 1u  /* leave out control tokens (BOS, ...) */
+
+/* Append the text of ids to *out.  Bytes are emitted as the tokens hold
+ * them, so a cut through a UTF-8 sequence stays cut (use the streaming
+ * decoder for partial output).  An id out of range is KILN_ERR_RANGE. */
+kiln_status kiln_tokenizer_decode(const kiln_tokenizer *tok,
+                                  const int32_t *ids, size_t n,
+                                  unsigned flags, kiln_text *out);
+
+/* The bytes token id stands for (not NUL-terminated, owned by the
+ * tokenizer) and their length, or NULL when id is out of range. */
+const char *kiln_tokenizer_piece(const kiln_tokenizer *tok, int32_t id,
+                                 size_t *len);
+/* The token's spelling in the vocabulary ("Ġthe", "▁the", "<0x0A>"),
+ * NUL-terminated, owned by the tokenizer; NULL when out of range. */
+const char *kiln_tokenizer_token_text(const kiln_tokenizer *tok, int32_t id);
+
+/* Streaming decoder: fed one token at a time, it emits only complete UTF-8
+ * and holds the bytes of a character cut between tokens until the rest
+ * arrives.  Bytes that can never complete a character are emitted as
+ * U+FFFD. */
+typedef struct kiln_detok kiln_detok;
+
+kiln_status kiln_detok_new(const kiln_tokenizer *tok, unsigned flags,
+                           kiln_detok **out);
+/* Append what token id completes to *out (maybe nothing). */
+kiln_status kiln_detok_push(kiln_detok *d, int32_t id, kiln_text *out);
+/* End of stream: held bytes (an unfinished character) become U+FFFD. */
+kiln_status kiln_detok_flush(kiln_detok *d, kiln_text *out);
+void kiln_detok_free(kiln_detok *d); /* NULL is a no-op */
+
+/* Chat rendering.  kiln renders the chat formats it knows natively (no
+ * Jinja): chatml (SmolLM2 and generic), qwen2 (Qwen2/2.5), qwen3 (with its
+ * thinking switch), llama3, gemma.  The family comes from the model's
+ * tokenizer.chat_template, or from a name or template text the caller
+ * gives.  The rendered text equals what transformers' apply_chat_template
+ * gives for the same messages; encode it with KILN_ENCODE_PARSE_SPECIAL and
+ * without KILN_ENCODE_ADD_SPECIAL (the text already holds BOS where the
+ * model wants one). */
+typedef struct kiln_chat_message {
+    const char *role;    /* "system", "user", "assistant" or "tool" */
+    const char *content; /* NUL-terminated UTF-8 */
+} kiln_chat_message;
+
+typedef struct kiln_chat_params {
+    const char *template_name; /* a family name, a template file (its
+                                  family is detected), or NULL */
+    const char *template_text; /* a Jinja template whose family is
+                                  detected, or NULL; used when no name */
+    int add_generation_prompt; /* end with the assistant's turn header */
+    int enable_thinking;       /* qwen3: 0 writes an empty <think> block;
+                                  -1 (default) and 1 leave it to the model */
+} kiln_chat_params;
+
+void kiln_chat_params_default(kiln_chat_params *p);
+
+/* Render messages into *out (appended).  Without a name or text the
+ * model's own template is used; a template kiln does not know is
+ * KILN_ERR_UNSUPPORTED with a message saying how to choose one
+ * (--chat-template NAME).  Roles a family does not allow (Gemma's
+ * alternation) are KILN_ERR_INVALID_ARG naming the message. */
+kiln_status kiln_chat_render(const kiln_tokenizer *tok,
+                             const kiln_chat_message *msgs, size_t n,
+                             const kiln_chat_params *p, kiln_text *out);
+/* The chat family kiln detects in the model's template ("chatml", ...),
+ * or NULL when it has none or kiln does not know it. */
+const char *kiln_tokenizer_chat_family(const kiln_tokenizer *tok);
+
 #ifdef __cplusplus
 }
 #endif

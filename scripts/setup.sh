@@ -2,9 +2,10 @@
 # setup.sh - install everything kiln needs on a fresh Debian machine and fetch
 # the default model.  Idempotent: a second run checks and returns in seconds.
 #
-#   scripts/setup.sh            system packages, Python oracles, default model
-#   KILN_SETUP_GEMMA=1 ...      also fetch the Gemma 3 270M GGUF (tests use it
-#                               when present)
+#   scripts/setup.sh            system packages, Python oracles, the default
+#                               model and the Gemma 3 270M GGUF (the tokenizer
+#                               and parity tests use both)
+#   KILN_SETUP_GEMMA=0 ...      skip Gemma
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,7 +72,7 @@ if [ ! -f "$MODEL.sha256-ok" ] || [ "$MODEL" -nt "$MODEL.sha256-ok" ]; then
     touch "$MODEL.sha256-ok"
 fi
 
-if [ "${KILN_SETUP_GEMMA:-0}" = 1 ]; then
+if [ "${KILN_SETUP_GEMMA:-1}" = 1 ]; then
     scripts/fetch-gemma.sh
 fi
 say "ready ($MODEL)"

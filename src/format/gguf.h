@@ -21,6 +21,11 @@
  *            u64 i64 f64, or array: u32 elem_type, u64 count, elements
  *            (arrays may nest)
  *
+ * Arrays nest at most GGUF_MAX_DEPTH deep: the value of a key is depth 1, an
+ * array inside it depth 2, and so on.  Keys and tensor names must not
+ * contain a NUL byte (kiln's rule, not GGUF's: such a name could not be
+ * looked up or printed as a C string); string values may.
+ *
  * Validation: every count, length and size read from the file is checked
  * against the bytes that remain and against the named limits below before it
  * is used, with checked arithmetic.  Keys and tensor names must be non-empty
@@ -106,9 +111,11 @@ typedef struct gguf_value gguf_value;
 typedef struct gguf_array {
     gguf_vtype elem_type;
     uint64_t n;
-    const uint8_t *data;  /* scalar elements: n packed little-endian values in the file */
-    gguf_str *strs;       /* (n) when elem_type == STRING, else NULL */
-    gguf_value *items;    /* (n) when elem_type == ARRAY, else NULL */
+    const uint8_t *data;  /* scalar elements: n packed little-endian values in the
+                             file, maybe unaligned (read with gguf_arr_*); else NULL */
+    gguf_str *strs;       /* (n) when elem_type == STRING and n > 0, else NULL */
+    gguf_value *items;    /* (n) when elem_type == ARRAY and n > 0, else NULL;
+                             each item has type ARRAY */
 } gguf_array;
 
 struct gguf_value {
@@ -146,7 +153,8 @@ typedef struct gguf_file {
     uint64_t size;
     uint32_t version;
     uint32_t alignment;
-    uint64_t data_offset;  /* start of the data section in the file */
+    uint64_t data_offset;  /* start of the data section in the file (aligned; may
+                              lie past the end when there are no tensors) */
     uint64_t n_kv;
     gguf_kv *kv;           /* (n_kv) */
     uint64_t n_tensors;
@@ -162,7 +170,8 @@ typedef struct gguf_file {
 kiln_status gguf_open(const char *path, gguf_file **out, gguf_fault *fault);
 
 /* Parse a GGUF image already in memory (fuzzing, tests).  The bytes must
- * outlive the returned file, which does not own them. */
+ * outlive the returned file, which does not own them.  data may be NULL only
+ * when size is 0; name (NULL: "<memory>") stands for the path in messages. */
 kiln_status gguf_open_mem(const uint8_t *data, size_t size, const char *name,
                           gguf_file **out, gguf_fault *fault);
 
@@ -187,7 +196,10 @@ kiln_status gguf_get_str(const gguf_file *f, const char *key, gguf_str *out);
 kiln_status gguf_get_arr(const gguf_file *f, const char *key, gguf_vtype want,
                          const gguf_array **out);
 
-/* Element i of a scalar array as a number (the caller checked i < n). */
+/* Element i of a scalar array as a number (the caller checked i < n; 0 is
+ * returned for i >= n and for string/array elements).  gguf_arr_i64
+ * truncates floats toward zero and saturates (NaN gives 0); a uint64 above
+ * INT64_MAX gives INT64_MAX.  Bool elements read as 0/1. */
 int64_t gguf_arr_i64(const gguf_array *a, uint64_t i);
 double gguf_arr_f64(const gguf_array *a, uint64_t i);
 

@@ -36,8 +36,9 @@
 typedef enum st_fault {
     ST_FAULT_NONE = 0,
     ST_FAULT_IO,
-    ST_FAULT_TRUNCATED,       /* file shorter than 8 bytes or than the header */
-    ST_FAULT_HEADER_LEN,      /* header length past the end or above the limit */
+    ST_FAULT_TRUNCATED,       /* file shorter than 8 bytes, or header length
+                                 (<= ST_MAX_HEADER) past the end of the file */
+    ST_FAULT_HEADER_LEN,      /* header length above ST_MAX_HEADER */
     ST_FAULT_JSON,            /* header is not valid JSON / not an object */
     ST_FAULT_FIELD,           /* missing or mistyped dtype/shape/data_offsets */
     ST_FAULT_DTYPE,           /* dtype kiln does not accept */
@@ -62,7 +63,9 @@ typedef struct st_tensor {
     uint64_t ne[ST_MAX_DIMS];  /* kiln order: ne[0] innermost; unused = 1 */
     uint64_t n_elements;
     uint64_t nbytes;
-    const uint8_t *data;       /* (nbytes) inside the mapping */
+    const uint8_t *data;       /* (nbytes) inside the mapping; may be
+                                  unaligned (the header length need not be a
+                                  multiple of 8), so read it with memcpy */
 } st_tensor;
 
 typedef struct st_file {
@@ -72,13 +75,18 @@ typedef struct st_file {
     uint64_t size;
     uint64_t data_offset;      /* 8 + header length */
     uint64_t n_tensors;
-    st_tensor *tensors;        /* (n_tensors), sorted by data offset */
+    st_tensor *tensors;        /* (n_tensors), sorted by data offset, then name */
     kiln_strmap index;         /* name -> index into tensors */
     void *metadata;            /* json_t* of __metadata__ or NULL */
 } st_file;
 
+/* On success *out owns the mapping (release with st_close); on failure *out
+ * is NULL, the message names file, tensor and field, and *fault (fault may be
+ * NULL) says which check failed.  Statuses: FORMAT (malformed), UNSUPPORTED
+ * (a valid dtype or rank kiln does not take), IO, NOMEM. */
 kiln_status st_open(const char *path, st_file **out, st_fault *fault);
-/* Parse from memory; the bytes must outlive the file, which does not own them. */
+/* Parse from memory; the bytes must outlive the file, which does not own them.
+ * name (may be NULL) is used in messages. */
 kiln_status st_open_mem(const uint8_t *data, size_t size, const char *name,
                         st_file **out, st_fault *fault);
 void st_close(st_file *f);
@@ -107,15 +115,22 @@ typedef struct hf_model {
 
 /* Open a model directory: config.json (required) and either
  * model.safetensors or model.safetensors.index.json with its shards (every
- * shard the index names must exist and hold the tensors it says). */
+ * shard the index names must be a plain file name in dir, exist and hold the
+ * tensors it says; no tensor may be in two shards).  A single file is used
+ * when both exist, as transformers does.  A missing config.json, weights or
+ * shard is KILN_ERR_NOT_FOUND (fault CONFIG, IO, INDEX); a shard's own faults
+ * are passed through.  On success *out owns everything; hf_model_close. */
 kiln_status hf_model_open(const char *dir, hf_model **out, st_fault *fault);
 void hf_model_close(hf_model *m);
 const st_tensor *hf_find_tensor(const hf_model *m, const char *name);
 /* The i-th tensor over all shards (shard order, then offset order). */
 const st_tensor *hf_tensor_at(const hf_model *m, uint64_t i);
 
-/* config.json getters: NOT_FOUND when absent, FORMAT (naming the field) on a
- * wrong type. */
+/* config.json getters: NOT_FOUND when absent or null (HF writes
+ * "sliding_window": null for "not set"), FORMAT (naming the key) on a wrong
+ * type.  float accepts integers too ("rope_theta": 1000000).  A key with no
+ * top-level match is tried as a dotted path into nested objects
+ * ("text_config.hidden_size").  A string stays owned by the model. */
 kiln_status hf_config_int(const hf_model *m, const char *key, int64_t *out);
 kiln_status hf_config_float(const hf_model *m, const char *key, double *out);
 kiln_status hf_config_bool(const hf_model *m, const char *key, bool *out);

@@ -16,7 +16,7 @@
  *   Q8_0  32: d, qs[32] int8                                       w = d*q
  *   Q8_1  32: d, s (= d*sum q), qs[32] int8 (an activation format)
  *   Q2_K ... Q6_K  256-weight super-blocks of 16 or 32-weight sub-blocks with
- *         6/4-bit sub-block scales (see dequant.c for each layout)
+ *         6/4-bit sub-block scales (see the block structs below)
  *   Q8_K  256: float d, qs[256] int8, bsums[16] int16 (activation format)
  */
 #ifndef KILN_QUANT_H
@@ -113,5 +113,154 @@ kiln_status quant_check_supported(uint32_t type, const char *what);
 
 /* Registration of the row kernels; implemented by dequant.c / vecdot.c. */
 void quant_fill_kernels(quant_traits *t, kiln_type type);
+
+/* ------------------------------------------------------------------------
+ * Block layouts, byte for byte GGML's (ggml-common.h), so GGUF tensor data
+ * is used in place.  Halves are kept as their uint16_t bits.  Every struct
+ * has 2-byte (Q8_K: 4-byte) alignment and a size that is a multiple of it,
+ * so a row starting on an aligned address keeps every block aligned.
+ * ---------------------------------------------------------------------- */
+
+#define QK4_0 32
+#define QK4_1 32
+#define QK5_0 32
+#define QK5_1 32
+#define QK8_0 32
+#define QK8_1 32
+#define QK_K 256
+#define K_SCALE_SIZE 12 /* bytes of packed 6-bit scales + mins in Q4_K/Q5_K */
+
+typedef struct block_q4_0 {
+    uint16_t d;            /* half: scale */
+    uint8_t qs[QK4_0 / 2]; /* weight j (<16) = low nibble of qs[j], j+16 = high */
+} block_q4_0;              /* w = d * (q - 8) */
+
+typedef struct block_q4_1 {
+    uint16_t d;            /* half: scale */
+    uint16_t m;            /* half: offset (the block minimum) */
+    uint8_t qs[QK4_1 / 2]; /* nibbles as in Q4_0 */
+} block_q4_1;              /* w = d * q + m */
+
+typedef struct block_q5_0 {
+    uint16_t d;            /* half: scale */
+    uint8_t qh[4];         /* bit j of this little-endian u32 = 5th bit of weight j */
+    uint8_t qs[QK5_0 / 2]; /* low 4 bits, nibbles as in Q4_0 */
+} block_q5_0;              /* w = d * (q - 16) */
+
+typedef struct block_q5_1 {
+    uint16_t d;            /* half: scale */
+    uint16_t m;            /* half: offset */
+    uint8_t qh[4];         /* 5th bits as in Q5_0 */
+    uint8_t qs[QK5_1 / 2]; /* low 4 bits as in Q4_0 */
+} block_q5_1;              /* w = d * q + m */
+
+typedef struct block_q8_0 {
+    uint16_t d;        /* half: scale */
+    int8_t qs[QK8_0];  /* quants; kiln's quantizer keeps them in [-127, 127] */
+} block_q8_0;          /* w = d * q */
+
+typedef struct block_q8_1 {
+    uint16_t d;        /* half: scale */
+    uint16_t s;        /* half: d * sum(qs), so Q4_1/Q5_1 offsets cost one fma */
+    int8_t qs[QK8_1];  /* quants in [-127, 127] */
+} block_q8_1;
+
+/* 256 weights in 16 sub-blocks of 16: w = d*(sc & 15)*q - dmin*(sc >> 4). */
+typedef struct block_q2_K {
+    uint8_t scales[QK_K / 16]; /* low nibble: scale, high nibble: min */
+    uint8_t qs[QK_K / 4];      /* 2-bit quants: weight 128h + 32s + l is bits
+                                  2s..2s+1 of qs[32h + l] */
+    uint16_t d;                /* half: super-block scale of the scales */
+    uint16_t dmin;             /* half: super-block scale of the mins */
+} block_q2_K;
+
+/* 256 weights in 16 sub-blocks of 16: w = d * (sc - 32) * (q - 4*!hbit). */
+typedef struct block_q3_K {
+    uint8_t hmask[QK_K / 8]; /* weight 32b + l: bit b of hmask[l] (set: no -4) */
+    uint8_t qs[QK_K / 4];    /* low 2 bits, packed as in Q2_K */
+    uint8_t scales[12];      /* 16 6-bit scales: low 4 bits of scale k in
+                                scales[k % 8] (k < 8 low nibble, else high),
+                                high 2 bits in scales[8 + k % 4] at bit 2*(k/4) */
+    uint16_t d;              /* half: super-block scale */
+} block_q3_K;
+
+/* 256 weights in 8 sub-blocks of 32: w = d*sc*q - dmin*m. */
+typedef struct block_q4_K {
+    uint16_t d;                   /* half: scale of the 6-bit scales */
+    uint16_t dmin;                /* half: scale of the 6-bit mins */
+    uint8_t scales[K_SCALE_SIZE]; /* 8 scales + 8 mins, 6 bits each: j < 4 in the
+                                     low 6 bits of bytes j / j+4, j >= 4 in the
+                                     nibbles of byte j+4 plus the top 2 bits of
+                                     bytes j-4 / j */
+    uint8_t qs[QK_K / 2];         /* sub-block 2c + s, weight l: nibble s of
+                                     qs[32c + l] */
+} block_q4_K;
+
+/* As Q4_K with a 5th bit: sub-block j's weight l has it at bit j of qh[l]. */
+typedef struct block_q5_K {
+    uint16_t d;                   /* half */
+    uint16_t dmin;                /* half */
+    uint8_t scales[K_SCALE_SIZE]; /* packed as in Q4_K */
+    uint8_t qh[QK_K / 8];         /* 5th bits */
+    uint8_t qs[QK_K / 2];         /* low 4 bits, packed as in Q4_K */
+} block_q5_K;
+
+/* 256 weights in 16 sub-blocks of 16: w = d * scales[k] * (q - 32). */
+typedef struct block_q6_K {
+    uint8_t ql[QK_K / 2];      /* low 4 bits: weight 128h + 64s + l is nibble s
+                                  of ql[64h + l] */
+    uint8_t qh[QK_K / 4];      /* high 2 bits: weight 128h + 32s + l is bits
+                                  2s..2s+1 of qh[32h + l] */
+    int8_t scales[QK_K / 16];  /* signed 8-bit sub-block scales */
+    uint16_t d;                /* half: super-block scale */
+} block_q6_K;
+
+/* The activation format of the K-quants. */
+typedef struct block_q8_K {
+    float d;                 /* scale (float, not half) */
+    int8_t qs[QK_K];         /* quants in [-127, 127] */
+    int16_t bsums[QK_K / 16]; /* sum of each 16 quants: pays the K-quant mins */
+} block_q8_K;
+
+_Static_assert(sizeof(block_q4_0) == 18, "Q4_0 block size");
+_Static_assert(sizeof(block_q4_1) == 20, "Q4_1 block size");
+_Static_assert(sizeof(block_q5_0) == 22, "Q5_0 block size");
+_Static_assert(sizeof(block_q5_1) == 24, "Q5_1 block size");
+_Static_assert(sizeof(block_q8_0) == 34, "Q8_0 block size");
+_Static_assert(sizeof(block_q8_1) == 36, "Q8_1 block size");
+_Static_assert(sizeof(block_q2_K) == 84, "Q2_K block size");
+_Static_assert(sizeof(block_q3_K) == 110, "Q3_K block size");
+_Static_assert(sizeof(block_q4_K) == 144, "Q4_K block size");
+_Static_assert(sizeof(block_q5_K) == 176, "Q5_K block size");
+_Static_assert(sizeof(block_q6_K) == 210, "Q6_K block size");
+_Static_assert(sizeof(block_q8_K) == 292, "Q8_K block size");
+
+/* ------------------------------------------------------------------------
+ * Reference kernels, for tests, tools and as the definition the fast paths
+ * are checked against.
+ * ---------------------------------------------------------------------- */
+
+/* Round-to-nearest quantization of a row of n floats (n a multiple of the
+ * block size) into the weight type t: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 follow
+ * GGML's reference quantizers; Q2_K..Q6_K are plain RTN (max-abs or min/max
+ * per sub-block, sub-block scales rounded to the super-block scale), which is
+ * REFERENCE QUALITY: correct and bounded in error, but below GGML's
+ * error-minimising K-quant search and imatrix.  F32, F16, BF16 (round to
+ * nearest even), Q8_1 and Q8_K (the activation quantizers) are accepted
+ * too.  Returns KILN_ERR_UNSUPPORTED (naming the type) for any other type
+ * and KILN_ERR_INVALID_ARG when n does not fill whole blocks or a value to
+ * quantize is not finite.  dst holds n / block_size blocks; nothing is
+ * allocated. */
+kiln_status quant_quantize_row_ref(kiln_type t, const float *src, void *dst,
+                                   int64_t n);
+
+/* The scalar vec_dot of a supported weight type (against its vec_dot_type),
+ * always compiled: tests compare the traits' (possibly SIMD) vec_dot with
+ * it.  NULL for a type that has no vec_dot. */
+quant_vec_dot_fn quant_vec_dot_ref(kiln_type type);
+
+/* The instruction set the traits' vec_dot kernels were compiled for:
+ * "avx512-vnni", "avx2" or "scalar". */
+const char *quant_simd_name(void);
 
 #endif /* KILN_QUANT_H */

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""logits_ref_hf.py - reference logits from Hugging Face transformers for
+kiln's parity test (tests/test_parity.c).
+
+transformers loads the GGUF file itself (dequantizing every tensor to
+float32, undoing llama.cpp's q/k permutation and Gemma's norm offset) and
+runs its own PyTorch implementation of the architecture in float32: an
+independent reference for kiln's loader, descriptors and forward pass.
+
+For 20 fixed prompts it records the prompt, transformers' greedy 32-token
+continuation, and at every position of prompt + continuation the top-40
+logits with the log-sum-exp of the whole row, in the format described in
+scripts/ref/logits_ref.py ("KILNPAR1").
+
+Usage: .venv-ref/bin/python scripts/ref/logits_ref_hf.py MODEL.gguf OUT.bin
+(`make parity-ref` regenerates the committed fixtures.)
+"""
+import os
+import struct
+import sys
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, os.path.dirname(__file__))
+from parity_prompts import N_CONT, PROMPTS, TOP_K  # noqa: E402
+
+
+def main():
+    model_path, out_path = sys.argv[1], sys.argv[2]
+    d, name = os.path.split(os.path.abspath(model_path))
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+    model.eval()
+    n_vocab = model.get_output_embeddings().weight.shape[0]
+    total = 0
+    with open(out_path, "wb") as f, torch.no_grad():
+        f.write(b"KILNPAR1")
+        f.write(struct.pack("<4I", len(PROMPTS), n_vocab, TOP_K, N_CONT))
+        for p in PROMPTS:
+            ids = tok(p, add_special_tokens=True)["input_ids"]
+            seq = list(ids)
+            for _ in range(N_CONT):
+                out = model(torch.tensor([seq]))
+                seq.append(int(torch.argmax(out.logits[0, -1])))
+            logits = model(torch.tensor([seq])).logits[0].double().numpy()
+            f.write(struct.pack("<I", len(ids)))
+            f.write(np.array(seq, dtype="<i4").tobytes())
+            for row in logits:
+                top = np.argsort(-row, kind="stable")[:TOP_K]
+                m = row.max()
+                lse = m + np.log(np.exp(row - m).sum())
+                f.write(struct.pack("<f", lse))
+                f.write(top.astype("<i4").tobytes())
+                f.write(row[top].astype("<f4").tobytes())
+            total += len(seq)
+            print(f"{len(ids):4d} tokens, continuation {seq[len(ids):len(ids) + 8]}...",
+                  file=sys.stderr)
+    print(f"{total} positions over {len(PROMPTS)} prompts -> {out_path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+/*
+ * backend.h - what a compute backend (CPU, CUDA) offers the layers above:
+ * device memory, the paged KV cache, and a table of ops.
+ *
+ * The transformer forward pass (model/forward.c) is written once as a
+ * sequence of these ops; a backend supplies the ops and never re-implements
+ * the model.  Ops are asynchronous with respect to the host on devices that
+ * can be (CUDA enqueues on the backend's stream); `sync` waits for them.
+ * All activation tensors are row-major float32 unless stated: a tensor of
+ * shape (rows, cols) has element (r, c) at r * cols + c.
+ *
+ * Weights (kb_weight) stay in their file format: a matrix of n_out rows of
+ * n_in elements, each row ne[0] = n_in elements of `type`, exactly as in the
+ * GGUF file (row-major over output features).
+ *
+ * The KV cache is paged: each layer holds n_blocks blocks of block_size token
+ * slots.  A token's slot is block_id * block_size + offset.  The layout
+ * inside a block is the backend's own business; the engine only deals in
+ * block ids and slots.
+ */
+#ifndef KILN_BACKEND_H
+#define KILN_BACKEND_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "quant/quant.h"
+#include "util/util.h"
+
+typedef struct kb_backend kb_backend;
+
+/* A weight matrix or vector in its storage format. */
+typedef struct kb_weight {
+    kiln_type type;
+    int64_t ne[2];      /* ne[0] = row length (n_in), ne[1] = rows (n_out); 1 for vectors */
+    uint64_t row_bytes; /* bytes of one row of ne[0] elements */
+    const void *data;   /* (ne[1] * row_bytes) bytes, device memory of the backend */
+    const char *name;   /* tensor name, for messages (not owned) */
+} kb_weight;
+
+static inline bool kb_weight_present(const kb_weight *w) { return w->data != NULL; }
+
+/* Rotary embedding styles: NORM rotates adjacent pairs (x[2i], x[2i+1]), as
+ * GGUF llama checkpoints are permuted for; NEOX rotates halves (x[i],
+ * x[i + d/2]) as Hugging Face checkpoints, qwen2/3 and gemma3 do. */
+typedef enum kb_rope_style { KB_ROPE_NORM = 0, KB_ROPE_NEOX = 1 } kb_rope_style;
+
+typedef struct kb_rope {
+    kb_rope_style style;
+    int n_dims;            /* rotated dims of a head (normally head_dim) */
+    float theta;           /* base, e.g. 10000 or 1e6 */
+    float freq_scale;      /* linear position scaling (1 = none) */
+    const float *freq_factors; /* (n_dims/2) per-frequency divisors or NULL (llama3 rope_freqs), device memory */
+} kb_rope;
+
+typedef enum kb_act { KB_ACT_SILU = 0, KB_ACT_GELU_TANH = 1 } kb_act;
+
+/* The batch metadata of one forward step, in the backend's memory (see
+ * kb_ops.batch_upload).  Token t belongs to sequence seq[t] of the batch, sits
+ * at position pos[t] of that sequence, and writes its K/V into slot[t]. */
+typedef struct kb_batch {
+    int32_t n_tokens;
+    int32_t n_seqs;
+    int32_t max_blocks;          /* row length of block_table */
+    const int32_t *tokens;       /* (n_tokens) token ids */
+    const int32_t *pos;          /* (n_tokens) positions */
+    const int32_t *seq;          /* (n_tokens) sequence index in [0, n_seqs) */
+    const int32_t *slot;         /* (n_tokens) KV slot of each token */
+    const int32_t *block_table;  /* (n_seqs, max_blocks) block ids */
+    int32_t n_out;               /* rows that need logits */
+    const int32_t *out_rows;     /* (n_out) token rows whose logits are wanted */
+} kb_batch;
+
+/* Host-side description used to build a kb_batch. */
+typedef kb_batch kb_batch_host;
+
+typedef struct kb_kv_desc {
+    int n_layers;
+    int n_blocks;
+    int block_size;
+    int n_kv_heads;
+    int head_dim_k;
+    int head_dim_v;
+    kiln_type type;   /* KILN_TYPE_F16 (default) or KILN_TYPE_F32 */
+} kb_kv_desc;
+
+typedef struct kb_kv kb_kv; /* the backend's KV cache */
+
+typedef struct kb_attn {
+    int n_heads;
+    int n_kv_heads;
+    int head_dim;        /* of q and k */
+    int head_dim_v;
+    float scale;         /* usually 1/sqrt(head_dim) */
+    int window;          /* sliding window in tokens, 0 = full causal */
+    float softcap;       /* attention logit soft-capping, 0 = off */
+} kb_attn;
+
+typedef struct kb_ops {
+    const char *name; /* "cpu", "cuda" */
+
+    /* --- memory -------------------------------------------------------- */
+    /* Device allocation; NULL (with the error set) on failure. */
+    void *(*alloc)(kb_backend *be, size_t bytes, const char *what);
+    void (*free)(kb_backend *be, void *p);
+    kiln_status (*upload)(kb_backend *be, void *dst, const void *src, size_t n);
+    kiln_status (*download)(kb_backend *be, void *dst, const void *src, size_t n);
+    kiln_status (*sync)(kb_backend *be);
+    /* Copy the host batch into the backend's persistent batch buffers and
+     * return the device view (valid until the next batch_upload).  A
+     * host-memory backend (CPU) returns `host` itself: the caller keeps it
+     * and its arrays alive and unchanged until the step's ops have run. */
+    kiln_status (*batch_upload)(kb_backend *be, const kb_batch_host *host,
+                                const kb_batch **dev);
+
+    /* --- KV cache ------------------------------------------------------ */
+    kiln_status (*kv_create)(kb_backend *be, const kb_kv_desc *d, kb_kv **out);
+    void (*kv_free)(kb_backend *be, kb_kv *kv);
+    /* Store k (n_tokens, n_kv_heads*head_dim_k) and v (n_tokens,
+     * n_kv_heads*head_dim_v) of layer il into slot[t]. */
+    void (*kv_store)(kb_backend *be, kb_kv *kv, int il, const kb_batch *b,
+                     const float *k, const float *v);
+    /* Copy whole blocks (prefix-cache copy-on-write): block src[i] -> dst[i]
+     * in every layer. */
+    void (*kv_copy_blocks)(kb_backend *be, kb_kv *kv, const int32_t *src,
+                           const int32_t *dst, int n);
+
+    /* --- ops ------------------------------------------------------------ */
+    /* out (n_tokens, n_embd) = rows of w selected by b->tokens, as float. */
+    void (*embed)(kb_backend *be, float *out, const kb_weight *w,
+                  const kb_batch *b);
+    /* out (rows, n) = x / rms(x) * w (w: F32 vector of n), row by row.
+     * out may equal x. */
+    void (*rmsnorm)(kb_backend *be, float *out, const float *x,
+                    const kb_weight *w, int rows, int n, float eps);
+    /* out (rows, n_out) = x (rows, n_in) @ w^T (+ bias (n_out) when non-NULL).
+     * out must not alias x. */
+    void (*matmul)(kb_backend *be, float *out, const float *x,
+                   const kb_weight *w, const kb_weight *bias, int rows);
+    /* Rotate each head of x (n_tokens, n_heads, head_dim) in place by the
+     * position of its token. */
+    void (*rope)(kb_backend *be, float *x, const kb_batch *b, int n_heads,
+                 int head_dim, const kb_rope *r);
+    /* out (n_tokens, n_heads*head_dim_v) = softmax(q k^T * scale) v over the
+     * cached keys of each token's sequence, positions 0..pos[t] (or the last
+     * `window` of them).  q: (n_tokens, n_heads*head_dim). */
+    void (*attention)(kb_backend *be, float *out, const float *q,
+                      const kb_kv *kv, int il, const kb_batch *b,
+                      const kb_attn *a);
+    /* out (rows, n) = act(gate) * up */
+    void (*glu)(kb_backend *be, float *out, const float *gate, const float *up,
+                int rows, int n, kb_act act);
+    /* out = a + b over n elements (out may alias a or b) */
+    void (*add)(kb_backend *be, float *out, const float *a, const float *b,
+                size_t n);
+    /* x *= s over n elements */
+    void (*scale)(kb_backend *be, float *x, float s, size_t n);
+    /* out (n_rows, n) = x rows idx[0..n_rows) */
+    void (*get_rows)(kb_backend *be, float *out, const float *x,
+                     const int32_t *idx, int n_rows, int n);
+
+    /* --- lifetime -------------------------------------------------------- */
+    /* Free the backend's private state and *be itself; kb_destroy calls it. */
+    void (*destroy)(kb_backend *be);
+} kb_ops;
+
+struct kb_backend {
+    const kb_ops *ops;
+    void *impl;        /* backend-private state */
+    int n_threads;     /* CPU: worker threads */
+    bool host_memory;  /* device pointers are host pointers (CPU) */
+};
+
+/* Create the CPU backend with n_threads worker threads (<= 0: all cores). */
+kiln_status kb_cpu_create(int n_threads, kb_backend **out);
+/* Create the CUDA backend on device `device`. */
+kiln_status kb_cuda_create(int device, kb_backend **out);
+/* Destroy any backend through its ops->destroy; kb_destroy(NULL) is a no-op. */
+void kb_destroy(kb_backend *be);
+
+#endif /* KILN_BACKEND_H */

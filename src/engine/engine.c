@@ -1,0 +1,638 @@
+/*
+ * engine.c - the engine: its life cycle, the step loop and the threads.
+ *
+ * The engine owns what every request shares, allocated once at create: the
+ * KV block pool (through the scheduler), the batch arrays for the largest
+ * step, the sampler's vocabulary-sized scratch and the runner's own
+ * buffers (runner->prepare).  A request owns only what request.c gives it.
+ *
+ * One step: take in newly submitted requests and cancellations, let the
+ * scheduler build a batch, run the forward, sample one token for every
+ * sequence whose chunk reached its end, and emit an event per token.  Steps
+ * run on exactly one thread at a time - the caller's (kiln_engine_run) or
+ * the engine's own (kiln_engine_start) - which owns the scheduler, the pool
+ * and every request it has taken in.  Other threads only touch what the
+ * engine mutex guards: the inbox of submitted requests, the list of live
+ * requests with their cancel flags, and the statistics.  Callbacks run on
+ * the stepping thread without the mutex held, so a callback may submit or
+ * cancel; a request leaves the live list before its final event, so
+ * cancelling it from there answers KILN_ERR_NOT_FOUND.
+ */
+#include <errno.h>
+#include <time.h>
+
+#include "engine/engine.h"
+
+#define ENGINE_PIECE_INIT 256 /* bytes of the token-text scratch at start */
+
+_Static_assert(sizeof(((engine_runner *)0)->eos_ids) / sizeof(int32_t) == ENGINE_MAX_EOS,
+               "ENGINE_MAX_EOS must match engine_runner.eos_ids");
+
+void kiln_engine_params_default(kiln_engine_params *p)
+{
+    memset(p, 0, sizeof *p);
+    p->block_size = ENGINE_DEFAULT_BLOCK_SIZE;
+    p->max_seqs = ENGINE_DEFAULT_MAX_SEQS;
+    p->max_batch_tokens = ENGINE_DEFAULT_BATCH_TOKENS;
+}
+
+/* ------------------------------------------------------------------------
+ * Creation
+ * ---------------------------------------------------------------------- */
+
+static kiln_status check_runner(const engine_runner *r)
+{
+    if (!r->prepare || !r->forward || !r->token_text)
+        return KILN_FAIL(KILN_ERR_INVALID_ARG,
+                         "engine runner lacks prepare, forward or token_text");
+    if (r->n_vocab <= 0 || r->n_vocab > ENGINE_MAX_VOCAB)
+        return KILN_FAIL(KILN_ERR_INVALID_ARG,
+                         "engine runner: n_vocab %d outside 1..%d", r->n_vocab,
+                         ENGINE_MAX_VOCAB);
+    if (r->n_eos < 0 || r->n_eos > ENGINE_MAX_EOS)
+        return KILN_FAIL(KILN_ERR_INVALID_ARG,
+                         "engine runner: n_eos %d outside 0..%d", r->n_eos,
+                         ENGINE_MAX_EOS);
+    return KILN_OK;
+}
+
+/* Fill the defaults of *p from the runner and check every field. */
+static kiln_status resolve_params(const engine_runner *r, kiln_engine_params *p)
+{
+#define BAD(...) return KILN_FAIL(KILN_ERR_INVALID_ARG, __VA_ARGS__)
+    if (p->n_ctx < 0 || p->n_ctx > ENGINE_MAX_CTX)
+        BAD("engine params: n_ctx = %d must be in 0..%d (0 = the model's)",
+            p->n_ctx, ENGINE_MAX_CTX);
+    if (p->n_ctx == 0) {
+        p->n_ctx = r->n_ctx_train > 0 && r->n_ctx_train < ENGINE_DEFAULT_CTX_CAP
+                       ? r->n_ctx_train : ENGINE_DEFAULT_CTX_CAP;
+    } else if (r->n_ctx_train > 0 && p->n_ctx > r->n_ctx_train) {
+        KILN_LOGW("n_ctx %d is longer than the model was trained for (%d)",
+                  p->n_ctx, r->n_ctx_train);
+    }
+    if (p->block_size < 1 || p->block_size > ENGINE_MAX_BLOCK_SIZE)
+        BAD("engine params: block_size = %d must be in 1..%d", p->block_size,
+            ENGINE_MAX_BLOCK_SIZE);
+    if (p->max_seqs < 1 || p->max_seqs > ENGINE_MAX_SEQS_LIMIT)
+        BAD("engine params: max_seqs = %d must be in 1..%d", p->max_seqs,
+            ENGINE_MAX_SEQS_LIMIT);
+    if (p->max_batch_tokens < 1 || p->max_batch_tokens > ENGINE_MAX_BATCH_TOKENS)
+        BAD("engine params: max_batch_tokens = %d must be in 1..%d",
+            p->max_batch_tokens, ENGINE_MAX_BATCH_TOKENS);
+    if (p->n_kv_blocks < 0)
+        BAD("engine params: n_kv_blocks = %d must be >= 0 (0 = enough for "
+            "max_seqs full sequences)", p->n_kv_blocks);
+    size_t per_seq = ((size_t)p->n_ctx + (size_t)p->block_size - 1) /
+                     (size_t)p->block_size;
+    size_t n_blocks = (size_t)p->n_kv_blocks, slots;
+    if (n_blocks == 0 && !ck_mul(per_seq, (size_t)p->max_seqs, &n_blocks))
+        n_blocks = SIZE_MAX;
+    if (!ck_mul(n_blocks, (size_t)p->block_size, &slots) || slots > INT32_MAX)
+        return KILN_FAIL(KILN_ERR_RANGE,
+                         "engine params: %zu KV blocks of %d tokens exceed the "
+                         "%d slots a KV slot id can name", n_blocks,
+                         p->block_size, INT32_MAX);
+    p->n_kv_blocks = (int)n_blocks;
+    p->kv_f32 = p->kv_f32 != 0;
+    if (n_blocks < per_seq)
+        KILN_LOGW("a KV pool of %zu blocks holds less than one sequence of n_ctx %d "
+                  "tokens (%zu blocks): longer requests will be refused",
+                  n_blocks, p->n_ctx, per_seq);
+    return KILN_OK;
+#undef BAD
+}
+
+kiln_status engine_create_with_runner(const engine_runner *r,
+                                      const kiln_engine_params *params,
+                                      kiln_engine **out)
+{
+    kiln_engine *e = NULL;
+    kiln_engine_params p;
+    kiln_status st;
+    if (out)
+        *out = NULL;
+    if (!r || !out) {
+        st = KILN_FAIL(KILN_ERR_INVALID_ARG, "engine: runner and out are required");
+        goto fail;
+    }
+    if (params)
+        p = *params;
+    else
+        kiln_engine_params_default(&p);
+    if ((st = check_runner(r)) || (st = resolve_params(r, &p)))
+        goto fail;
+
+    e = kiln_calloc(1, sizeof *e);
+    if (!e) {
+        st = KILN_FAIL(KILN_ERR_NOMEM, "engine");
+        goto fail;
+    }
+    e->r = *r;
+    e->n_vocab = r->n_vocab;
+    e->n_ctx = p.n_ctx;
+    e->n_kv_blocks = p.n_kv_blocks;
+    if ((st = sched_init(&e->sc, p.n_kv_blocks, p.block_size, p.n_ctx,
+                         p.max_seqs, p.max_batch_tokens)) ||
+        (st = sampler_init(&e->sm, r->n_vocab)))
+        goto fail_engine;
+    e->piece_cap = ENGINE_PIECE_INIT;
+    e->piece = kiln_malloc(e->piece_cap);
+    if (!e->piece) {
+        st = KILN_FAIL(KILN_ERR_NOMEM, "engine text scratch");
+        goto fail_engine;
+    }
+    if ((st = textbuf_reserve(&e->text, KILN_MAX_STOP_LEN + 4 * ENGINE_PIECE_INIT)))
+        goto fail_engine;
+    st = r->prepare(r->ctx, p.n_kv_blocks, p.block_size, p.max_batch_tokens,
+                    p.max_seqs, p.kv_f32 != 0);
+    if (st) {
+        kiln_error_prefix("engine: preparing %d KV blocks of %d tokens: ",
+                          p.n_kv_blocks, p.block_size);
+        goto fail_engine;
+    }
+    if (pthread_mutex_init(&e->mu, NULL) != 0) {
+        st = KILN_FAIL(KILN_ERR_INTERNAL, "engine: pthread_mutex_init failed");
+        goto fail_engine;
+    }
+    if (pthread_cond_init(&e->cv, NULL) != 0) {
+        pthread_mutex_destroy(&e->mu);
+        st = KILN_FAIL(KILN_ERR_INTERNAL, "engine: pthread_cond_init failed");
+        goto fail_engine;
+    }
+    e->stats.kv_blocks_total = e->stats.kv_blocks_free = p.n_kv_blocks;
+    e->stats.block_size = p.block_size;
+    e->stats.n_ctx = p.n_ctx;
+    KILN_LOGI("engine: n_ctx %d, %d KV blocks of %d tokens, %d seqs, %d tokens/step",
+              p.n_ctx, p.n_kv_blocks, p.block_size, p.max_seqs, p.max_batch_tokens);
+    *out = e;
+    return KILN_OK;
+
+fail_engine:
+    sched_free(&e->sc);
+    sampler_free(&e->sm);
+    textbuf_free(&e->text);
+    kiln_free(e->piece);
+    kiln_free(e);
+fail:
+    /* the runner's context is ours even on failure */
+    if (r && r->destroy)
+        r->destroy(r->ctx);
+    return st;
+}
+
+kiln_status kiln_engine_create(kiln_model *m, const kiln_engine_params *p,
+                               kiln_engine **out)
+{
+    if (out)
+        *out = NULL;
+    if (!m || !out)
+        return KILN_FAIL(KILN_ERR_INVALID_ARG, "kiln_engine_create: model and out are required");
+    engine_runner r;
+    kiln_status st = engine_runner_for_model(m, &r);
+    if (st)
+        return st;
+    return engine_create_with_runner(&r, p, out);
+}
+
+/* ------------------------------------------------------------------------
+ * Live list (under e->mu)
+ * ---------------------------------------------------------------------- */
+
+static void live_link(kiln_engine *e, engine_request *r)
+{
+    r->live_prev = NULL;
+    r->live_next = e->live;
+    if (e->live)
+        e->live->live_prev = r;
+    e->live = r;
+    e->n_live++;
+}
+
+static void live_unlink(kiln_engine *e, engine_request *r)
+{
+    if (r->live_prev)
+        r->live_prev->live_next = r->live_next;
+    else
+        e->live = r->live_next;
+    if (r->live_next)
+        r->live_next->live_prev = r->live_prev;
+    r->live_prev = r->live_next = NULL;
+    e->n_live--;
+}
+
+/* Move submitted requests into the scheduler (stepping thread, locked). */
+static void intake_locked(kiln_engine *e)
+{
+    while (e->inbox_head) {
+        engine_request *r = e->inbox_head;
+        e->inbox_head = r->next;
+        sched_enqueue(&e->sc, r);
+    }
+    e->inbox_tail = NULL;
+    e->n_inbox = 0;
+}
+
+static void stats_snapshot_locked(kiln_engine *e)
+{
+    e->stats.n_waiting = e->sc.n_waiting;
+    e->stats.n_running = e->sc.n_running;
+    e->stats.kv_blocks_free = e->sc.pool.n_free;
+    e->stats.n_cached_tokens = e->sc.n_hit_tokens;
+    e->stats.n_preemptions = e->sc.n_preemptions;
+}
+
+/* ------------------------------------------------------------------------
+ * Events
+ * ---------------------------------------------------------------------- */
+
+static void emit(kiln_engine *e, engine_request *r, int32_t tok,
+                 const sampler_result *res, kiln_finish fin)
+{
+    if (!r->cb)
+        return;
+    /* a NUL after the text spares C callers a copy; text_len stays exact */
+    if (textbuf_append(&e->text, "", 1) == KILN_OK)
+        e->text.len--;
+    kiln_token_event ev = {
+        .request_id = r->id,
+        .token = tok,
+        .text = e->text.len ? e->text.p : "",
+        .text_len = e->text.len,
+        .logprob = res ? res->logprob : 0.0f,
+        .n_logprobs = res ? res->n_top : 0,
+        .top_ids = res ? res->top_ids : NULL,
+        .top_logprobs = res ? res->top_logprobs : NULL,
+        .finish = fin,
+        .n_prompt = r->n_prompt,
+        .n_generated = r->n_generated,
+    };
+    r->cb(&ev, r->user);
+}
+
+/* End r: it leaves the live list, gets its final event (e->text holds the
+ * text so far; what the stream holds is flushed after it) and is freed.
+ * Its blocks must already be back (sched_remove). */
+static void finish(kiln_engine *e, engine_request *r, int32_t tok,
+                   const sampler_result *res, kiln_finish fin, bool live)
+{
+    if (fin != KILN_FINISH_STOP && textstream_finish(&r->ts, &e->text))
+        KILN_LOGW("request %llu: final text lost: %s",
+                  (unsigned long long)r->id, kiln_last_error());
+    if (live) {
+        pthread_mutex_lock(&e->mu);
+        live_unlink(e, r);
+        pthread_mutex_unlock(&e->mu);
+    }
+    emit(e, r, tok, res, fin);
+    request_free(r);
+}
+
+static bool is_eos(const kiln_engine *e, int32_t tok)
+{
+    for (int i = 0; i < e->r.n_eos; i++)
+        if (e->r.eos_ids[i] == tok)
+            return true;
+    return false;
+}
+
+/* The text of tok after prev into e->piece; returns its length. */
+static size_t token_piece(kiln_engine *e, int32_t prev, int32_t tok)
+{
+    size_t len = e->r.token_text(e->r.ctx, prev, tok, e->piece, e->piece_cap);
+    if (len <= e->piece_cap)
+        return len;
+    size_t want = len < ENGINE_MAX_PIECE ? len : ENGINE_MAX_PIECE;
+    if (want > e->piece_cap) {
+        char *p = kiln_realloc(e->piece, want);
+        if (p) {
+            e->piece = p;
+            e->piece_cap = want;
+        }
+    }
+    len = e->r.token_text(e->r.ctx, prev, tok, e->piece, e->piece_cap);
+    return len < e->piece_cap ? len : e->piece_cap; /* absurdly long: cut */
+}
+
+/* Sample r's next token from its logits row and report it. */
+static void on_logits(kiln_engine *e, engine_request *r, const float *row)
+{
+    sampler_result res;
+    sampler_sample(&e->sm, row, &r->s, r->tokens, r->n_tokens, r->n_prompt,
+                   r->rng, &res);
+    int32_t tok = res.token;
+    r->tokens[r->n_tokens++] = tok;
+    r->n_generated++;
+    e->text.len = 0;
+
+    kiln_finish fin = KILN_FINISH_NONE;
+    if (!r->s.ignore_eos && is_eos(e, tok)) {
+        fin = KILN_FINISH_EOS; /* its text is not part of the output */
+    } else {
+        size_t n = token_piece(e, r->last_generated, tok);
+        bool stopped = false;
+        if (textstream_push(&r->ts, e->piece, n, &e->text, &stopped)) {
+            KILN_LOGE("request %llu: %s", (unsigned long long)r->id,
+                      kiln_last_error());
+            fin = KILN_FINISH_ERROR;
+        } else if (stopped) {
+            fin = KILN_FINISH_STOP;
+        } else if (r->n_generated >= r->max_generated) {
+            fin = KILN_FINISH_LENGTH;
+        }
+    }
+    r->last_generated = tok;
+    if (fin == KILN_FINISH_NONE) {
+        emit(e, r, tok, &res, fin);
+        return;
+    }
+    sched_remove(&e->sc, r);
+    finish(e, r, tok, &res, fin, true);
+}
+
+/* ------------------------------------------------------------------------
+ * The step
+ * ---------------------------------------------------------------------- */
+
+kiln_status engine_step(kiln_engine *e, bool *progress)
+{
+    engine_request *cancelled = NULL;
+    *progress = false;
+
+    pthread_mutex_lock(&e->mu);
+    intake_locked(e);
+    stats_snapshot_locked(e); /* the inbox moved to waiting */
+    if (e->cancel_pending) {
+        for (engine_request *r = e->live, *nx; r; r = nx) {
+            nx = r->live_next;
+            if (!r->cancel)
+                continue;
+            sched_remove(&e->sc, r);
+            live_unlink(e, r);
+            r->next = cancelled;
+            cancelled = r;
+        }
+        e->cancel_pending = false;
+    }
+    pthread_mutex_unlock(&e->mu);
+    while (cancelled) {
+        engine_request *r = cancelled;
+        cancelled = r->next;
+        e->text.len = 0;
+        finish(e, r, -1, NULL, KILN_FINISH_CANCELLED, false);
+        *progress = true;
+    }
+
+    int nb = sched_build(&e->sc);
+    kiln_status st = KILN_OK;
+    if (nb > 0) {
+        *progress = true;
+        double t0 = kiln_now_sec();
+        const float *logits = NULL;
+        st = e->r.forward(e->r.ctx, &e->sc.batch, &logits);
+        if (st) {
+            kiln_error_prefix("engine step of %d tokens: ", e->sc.batch.n_tokens);
+            KILN_LOGE("%s", kiln_last_error());
+            /* the batch's K/V is in doubt: its requests end with an error */
+            for (int k = 0; k < nb; k++) {
+                engine_request *r = e->sc.b_req[k];
+                sched_remove(&e->sc, r);
+                e->text.len = 0;
+                finish(e, r, -1, NULL, KILN_FINISH_ERROR, true);
+            }
+        } else {
+            sched_commit(&e->sc);
+            bool decode = false;
+            uint64_t n_prefill = 0, n_sampled = 0;
+            int row = 0;
+            for (int k = 0; k < nb; k++) {
+                if (e->sc.b_decode[k])
+                    decode = true;
+                else
+                    n_prefill += (uint64_t)e->sc.b_n[k];
+            }
+            for (int k = 0; k < nb; k++) {
+                if (!e->sc.b_out[k])
+                    continue;
+                on_logits(e, e->sc.b_req[k], logits + (size_t)row * (size_t)e->n_vocab);
+                row++;
+                n_sampled++;
+            }
+            double dt = kiln_now_sec() - t0;
+            pthread_mutex_lock(&e->mu);
+            e->stats.n_steps++;
+            e->stats.n_prompt_tokens += n_prefill;
+            e->stats.n_generated_tokens += n_sampled;
+            if (decode)
+                e->stats.t_decode_sec += dt;
+            else
+                e->stats.t_prompt_sec += dt;
+            pthread_mutex_unlock(&e->mu);
+        }
+    }
+    pthread_mutex_lock(&e->mu);
+    stats_snapshot_locked(e);
+    pthread_mutex_unlock(&e->mu);
+    return st;
+}
+
+/* ------------------------------------------------------------------------
+ * Requests
+ * ---------------------------------------------------------------------- */
+
+kiln_status kiln_engine_submit(kiln_engine *e, const int32_t *prompt,
+                               size_t n_prompt, const kiln_sampling *s,
+                               kiln_token_fn cb, void *user, uint64_t *id)
+{
+    if (!e)
+        return KILN_FAIL(KILN_ERR_INVALID_ARG, "kiln_engine_submit: engine is NULL");
+    engine_request *r;
+    kiln_status st = request_create(prompt, n_prompt, s, e->n_vocab, e->n_ctx,
+                                    e->sc.block_size, e->n_kv_blocks, cb, user, &r);
+    if (st)
+        return st;
+    pthread_mutex_lock(&e->mu);
+    if (e->stop) {
+        pthread_mutex_unlock(&e->mu);
+        request_free(r);
+        return KILN_FAIL(KILN_ERR_INVALID_ARG, "kiln_engine_submit: the engine is shutting down");
+    }
+    r->id = ++e->next_id;
+    r->next = NULL;
+    if (e->inbox_tail)
+        e->inbox_tail->next = r;
+    else
+        e->inbox_head = r;
+    e->inbox_tail = r;
+    e->n_inbox++;
+    live_link(e, r);
+    if (id)
+        *id = r->id;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    return KILN_OK;
+}
+
+kiln_status kiln_engine_cancel(kiln_engine *e, uint64_t id)
+{
+    if (!e)
+        return KILN_FAIL(KILN_ERR_INVALID_ARG, "kiln_engine_cancel: engine is NULL");
+    pthread_mutex_lock(&e->mu);
+    engine_request *r = e->live;
+    while (r && r->id != id)
+        r = r->live_next;
+    if (r) {
+        r->cancel = true;
+        e->cancel_pending = true;
+        pthread_cond_signal(&e->cv);
+    }
+    pthread_mutex_unlock(&e->mu);
+    if (!r)
+        return KILN_FAIL(KILN_ERR_NOT_FOUND,
+                         "request %llu is unknown or already finished",
+                         (unsigned long long)id);
+    return KILN_OK;
+}
+
+/* ------------------------------------------------------------------------
+ * Running steps
+ * ---------------------------------------------------------------------- */
+
+kiln_status kiln_engine_run(kiln_engine *e)
+{
+    if (!e)
+        return KILN_FAIL(KILN_ERR_INVALID_ARG, "kiln_engine_run: engine is NULL");
+    pthread_mutex_lock(&e->mu);
+    if (e->started || e->stepping) {
+        pthread_mutex_unlock(&e->mu);
+        return KILN_FAIL(KILN_ERR_INVALID_ARG,
+                         "kiln_engine_run: another thread is stepping this engine");
+    }
+    e->stepping = true;
+    pthread_mutex_unlock(&e->mu);
+
+    kiln_status st = KILN_OK;
+    for (;;) {
+        pthread_mutex_lock(&e->mu);
+        int live = e->n_live;
+        pthread_mutex_unlock(&e->mu);
+        if (live == 0)
+            break;
+        bool progress;
+        if ((st = engine_step(e, &progress)))
+            break;
+        if (!progress) {
+            st = KILN_FAIL(KILN_ERR_INTERNAL,
+                           "engine: %d live requests but no step could run", live);
+            break;
+        }
+    }
+    pthread_mutex_lock(&e->mu);
+    e->stepping = false;
+    pthread_mutex_unlock(&e->mu);
+    return st;
+}
+
+static void *engine_thread(void *arg)
+{
+    kiln_engine *e = arg;
+    pthread_mutex_lock(&e->mu);
+    for (;;) {
+        while (!e->stop && e->n_live == 0)
+            pthread_cond_wait(&e->cv, &e->mu);
+        if (e->stop)
+            break;
+        pthread_mutex_unlock(&e->mu);
+        bool progress = false;
+        kiln_status st = engine_step(e, &progress);
+        if (st)
+            KILN_LOGE("engine step failed: %s", kiln_last_error());
+        pthread_mutex_lock(&e->mu);
+        if (!st && !progress && e->n_live > 0 && !e->stop) {
+            /* not reachable while the scheduler keeps its promise; never spin */
+            KILN_LOGE("engine: %d live requests but no step could run", e->n_live);
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += 1;
+            pthread_cond_timedwait(&e->cv, &e->mu, &ts);
+        }
+    }
+    pthread_mutex_unlock(&e->mu);
+    return NULL;
+}
+
+kiln_status kiln_engine_start(kiln_engine *e)
+{
+    if (!e)
+        return KILN_FAIL(KILN_ERR_INVALID_ARG, "kiln_engine_start: engine is NULL");
+    pthread_mutex_lock(&e->mu);
+    if (e->started || e->stepping) {
+        pthread_mutex_unlock(&e->mu);
+        return KILN_FAIL(KILN_ERR_INVALID_ARG,
+                         "kiln_engine_start: the engine is already being stepped");
+    }
+    e->started = true;
+    int rc = pthread_create(&e->thread, NULL, engine_thread, e);
+    if (rc != 0)
+        e->started = false;
+    pthread_mutex_unlock(&e->mu);
+    if (rc != 0)
+        return KILN_FAIL(KILN_ERR_INTERNAL, "kiln_engine_start: pthread_create: %s",
+                         strerror(rc));
+    return KILN_OK;
+}
+
+/* ------------------------------------------------------------------------
+ * Statistics and shutdown
+ * ---------------------------------------------------------------------- */
+
+void kiln_engine_get_stats(kiln_engine *e, kiln_engine_stats *st)
+{
+    if (!st)
+        return;
+    if (!e) {
+        memset(st, 0, sizeof *st);
+        return;
+    }
+    pthread_mutex_lock(&e->mu);
+    *st = e->stats;
+    st->n_waiting += e->n_inbox;
+    pthread_mutex_unlock(&e->mu);
+}
+
+void kiln_engine_free(kiln_engine *e)
+{
+    if (!e)
+        return;
+    pthread_mutex_lock(&e->mu);
+    e->stop = true;
+    bool started = e->started;
+    pthread_cond_broadcast(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    if (started)
+        pthread_join(e->thread, NULL);
+
+    /* every request left is cancelled; submit now refuses (e->stop) */
+    pthread_mutex_lock(&e->mu);
+    intake_locked(e);
+    while (e->live)
+        live_unlink(e, e->live);
+    pthread_mutex_unlock(&e->mu);
+    sched *sc = &e->sc;
+    while (sc->n_running > 0 || sc->wait_head) {
+        engine_request *r = sc->n_running > 0 ? sc->running[sc->n_running - 1]
+                                              : sc->wait_head;
+        sched_remove(sc, r);
+        e->text.len = 0;
+        finish(e, r, -1, NULL, KILN_FINISH_CANCELLED, false);
+    }
+
+    if (e->r.destroy)
+        e->r.destroy(e->r.ctx);
+    sched_free(&e->sc);
+    sampler_free(&e->sm);
+    textbuf_free(&e->text);
+    kiln_free(e->piece);
+    pthread_cond_destroy(&e->cv);
+    pthread_mutex_destroy(&e->mu);
+    kiln_free(e);
+}

@@ -1,0 +1,131 @@
+/*
+ * forward.c - the transformer forward pass, written once over the backend's
+ * ops table for every architecture kiln runs.
+ *
+ * One call runs every layer over a batch of tokens from any number of
+ * sequences (prefill chunks and decode tokens mixed), writes each token's
+ * K/V into its paged slot, and leaves logits only for the rows the caller
+ * asked for.  Family differences are flags in model_hparams: q/k/v bias
+ * (qwen2), per-head q/k RMS norm (qwen3, gemma3), sandwich norms, GeGLU and
+ * embedding scale (gemma3), sliding-window layers with their own RoPE base.
+ */
+#include "model/model.h"
+
+/* Scratch is engine-scoped: sized once for the largest step. */
+kiln_status model_scratch_init(model *m, model_scratch *s, int max_tokens, int max_out)
+{
+    const model_hparams *hp = &m->hp;
+    kb_backend *be = m->be;
+    memset(s, 0, sizeof *s);
+    s->max_tokens = max_tokens;
+    s->max_out = max_out;
+    size_t T = (size_t)max_tokens, O = (size_t)max_out;
+    struct {
+        float **p;
+        size_t n;
+        const char *what;
+    } bufs[] = {
+        {&s->x, T * hp->n_embd, "residual"},
+        {&s->xb, T * hp->n_embd, "normed activations"},
+        {&s->q, T * hp->n_head * hp->head_dim, "queries"},
+        {&s->k, T * hp->n_head_kv * hp->head_dim, "keys"},
+        {&s->v, T * hp->n_head_kv * hp->head_dim_v, "values"},
+        {&s->attn, T * hp->n_head * hp->head_dim_v, "attention output"},
+        {&s->gate, T * hp->n_ff, "FFN gate"},
+        {&s->up, T * hp->n_ff, "FFN up"},
+        {&s->out_x, O * hp->n_embd, "output rows"},
+        {&s->logits, O * hp->n_vocab, "logits"},
+    };
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
+        size_t bytes;
+        if (!ck_mul(bufs[i].n, sizeof(float), &bytes)) {
+            model_scratch_free(m, s);
+            return KILN_FAIL(KILN_ERR_RANGE, "scratch for %s overflows", bufs[i].what);
+        }
+        *bufs[i].p = be->ops->alloc(be, bytes, bufs[i].what);
+        if (!*bufs[i].p) {
+            model_scratch_free(m, s);
+            return KILN_ERR_NOMEM;
+        }
+    }
+    return KILN_OK;
+}
+
+void model_scratch_free(model *m, model_scratch *s)
+{
+    float **all[] = {&s->x, &s->xb, &s->q, &s->k, &s->v, &s->attn,
+                     &s->gate, &s->up, &s->out_x, &s->logits};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
+        if (*all[i])
+            m->be->ops->free(m->be, *all[i]);
+        *all[i] = NULL;
+    }
+}
+
+void model_forward(model *m, kb_kv *kv, model_scratch *s, const kb_batch *b)
+{
+    const model_hparams *hp = &m->hp;
+    kb_backend *be = m->be;
+    const kb_ops *op = be->ops;
+    const int n = b->n_tokens;
+    const int E = hp->n_embd;
+
+    kb_rope rope_swa = hp->rope;
+    rope_swa.theta = hp->rope_theta_swa;
+    rope_swa.freq_scale = 1.0f;
+    rope_swa.freq_factors = NULL;
+
+    op->embed(be, s->x, &m->tok_embd, b); /* x: (n, E) */
+    if (hp->embd_scale != 1.0f)
+        op->scale(be, s->x, hp->embd_scale, (size_t)n * E);
+
+    for (int il = 0; il < hp->n_layer; il++) {
+        const model_layer *L = &m->layers[il];
+        const kb_rope *rope = L->is_swa ? &rope_swa : &hp->rope;
+
+        /* attention block */
+        op->rmsnorm(be, s->xb, s->x, &L->attn_norm, n, E, hp->rms_eps);
+        op->matmul(be, s->q, s->xb, &L->wq, kb_weight_present(&L->bq) ? &L->bq : NULL, n);
+        op->matmul(be, s->k, s->xb, &L->wk, kb_weight_present(&L->bk) ? &L->bk : NULL, n);
+        op->matmul(be, s->v, s->xb, &L->wv, kb_weight_present(&L->bv) ? &L->bv : NULL, n);
+        if (hp->qk_norm) {
+            op->rmsnorm(be, s->q, s->q, &L->q_norm, n * hp->n_head, hp->head_dim, hp->rms_eps);
+            op->rmsnorm(be, s->k, s->k, &L->k_norm, n * hp->n_head_kv, hp->head_dim,
+                        hp->rms_eps);
+        }
+        op->rope(be, s->q, b, hp->n_head, hp->head_dim, rope);
+        op->rope(be, s->k, b, hp->n_head_kv, hp->head_dim, rope);
+        op->kv_store(be, kv, il, b, s->k, s->v);
+        kb_attn a = {
+            .n_heads = hp->n_head,
+            .n_kv_heads = hp->n_head_kv,
+            .head_dim = hp->head_dim,
+            .head_dim_v = hp->head_dim_v,
+            .scale = hp->attn_scale,
+            .window = L->is_swa ? hp->sliding_window : 0,
+            .softcap = hp->attn_softcap,
+        };
+        op->attention(be, s->attn, s->q, kv, il, b, &a);
+        op->matmul(be, s->xb, s->attn, &L->wo, NULL, n);
+        if (hp->sandwich_norm)
+            op->rmsnorm(be, s->xb, s->xb, &L->post_attn_norm, n, E, hp->rms_eps);
+        op->add(be, s->x, s->x, s->xb, (size_t)n * E);
+
+        /* feed-forward block */
+        op->rmsnorm(be, s->xb, s->x, &L->ffn_norm, n, E, hp->rms_eps);
+        op->matmul(be, s->gate, s->xb, &L->w_gate, NULL, n);
+        op->matmul(be, s->up, s->xb, &L->w_up, NULL, n);
+        op->glu(be, s->gate, s->gate, s->up, n, hp->n_ff, hp->act);
+        op->matmul(be, s->xb, s->gate, &L->w_down, NULL, n);
+        if (hp->sandwich_norm)
+            op->rmsnorm(be, s->xb, s->xb, &L->post_ffn_norm, n, E, hp->rms_eps);
+        op->add(be, s->x, s->x, s->xb, (size_t)n * E);
+    }
+
+    /* logits for the requested rows only */
+    if (b->n_out > 0) {
+        op->get_rows(be, s->out_x, s->x, b->out_rows, b->n_out, E);
+        op->rmsnorm(be, s->out_x, s->out_x, &m->output_norm, b->n_out, E, hp->rms_eps);
+        op->matmul(be, s->logits, s->out_x, &m->output, NULL, b->n_out);
+    }
+}

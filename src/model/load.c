@@ -1,0 +1,451 @@
+/*
+ * load.c - bind a model's tensors to the architecture's weight slots.
+ *
+ * Every tensor the descriptor calls for is looked up by its GGUF name
+ * (Hugging Face names are translated), checked for presence, shape and a
+ * type kiln can compute on, and placed in the backend's memory.  Matrices
+ * stay in their file format: on the CPU backend they are used straight from
+ * the read-only mapping, so loading copies nothing.  Norm weights and biases
+ * are small and are converted to F32 (adding 1 where Hugging Face Gemma
+ * stores w - 1) into memory the model owns.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <jansson.h>
+
+#include "format/gguf.h"
+#include "format/safetensors.h"
+#include "model/model.h"
+
+/* A tensor as found in either format. */
+typedef struct found_tensor {
+    const char *name; /* as in the file */
+    uint32_t type;
+    uint32_t n_dims;
+    uint64_t ne[4];
+    const void *data;
+    uint64_t nbytes;
+} found_tensor;
+
+/* Allocations the model owns (converted vectors, uploaded weights), freed
+ * together by model_weights_free. */
+typedef struct owned_item {
+    void *p;
+    bool device; /* backend memory (else kiln_malloc'd host memory) */
+} owned_item;
+
+typedef struct owned_list {
+    owned_item *items;
+    size_t n, cap;
+} owned_list;
+
+typedef struct load_ctx {
+    model *m;
+    const model_source *src;
+    owned_list *owned;
+    kiln_progress_fn progress;
+    void *user;
+    uint64_t bytes_done, bytes_total;
+} load_ctx;
+
+/* ------------------------------------------------------------------------
+ * Names: GGUF is the canonical spelling; HF names are derived from it.
+ * ---------------------------------------------------------------------- */
+
+typedef struct name_map {
+    const char *gguf;  /* suffix after "blk.N." or a global name */
+    const char *hf;    /* matching HF suffix after "model.layers.N." */
+} name_map;
+
+static const name_map global_names[] = {
+    {"token_embd.weight", "model.embed_tokens.weight"},
+    {"output_norm.weight", "model.norm.weight"},
+    {"output.weight", "lm_head.weight"},
+};
+
+static const name_map layer_names[] = {
+    {"attn_norm.weight", "input_layernorm.weight"},
+    {"attn_q.weight", "self_attn.q_proj.weight"},
+    {"attn_k.weight", "self_attn.k_proj.weight"},
+    {"attn_v.weight", "self_attn.v_proj.weight"},
+    {"attn_q.bias", "self_attn.q_proj.bias"},
+    {"attn_k.bias", "self_attn.k_proj.bias"},
+    {"attn_v.bias", "self_attn.v_proj.bias"},
+    {"attn_q_norm.weight", "self_attn.q_norm.weight"},
+    {"attn_k_norm.weight", "self_attn.k_norm.weight"},
+    {"attn_output.weight", "self_attn.o_proj.weight"},
+    {"ffn_gate.weight", "mlp.gate_proj.weight"},
+    {"ffn_up.weight", "mlp.up_proj.weight"},
+    {"ffn_down.weight", "mlp.down_proj.weight"},
+    /* pre-FFN norm: llama/qwen call it post_attention_layernorm, gemma3
+     * pre_feedforward_layernorm (and uses post_attention_layernorm for its
+     * sandwich norm); see hf_layer_name. */
+    {"ffn_norm.weight", "post_attention_layernorm.weight"},
+    {"post_attention_norm.weight", "post_attention_layernorm.weight"},
+    {"post_ffw_norm.weight", "post_feedforward_layernorm.weight"},
+};
+
+static const char *hf_layer_name(model_arch arch, const char *gguf_suffix)
+{
+    if (arch == ARCH_GEMMA3 && !strcmp(gguf_suffix, "ffn_norm.weight"))
+        return "pre_feedforward_layernorm.weight";
+    for (size_t i = 0; i < sizeof layer_names / sizeof layer_names[0]; i++)
+        if (!strcmp(layer_names[i].gguf, gguf_suffix))
+            return layer_names[i].hf;
+    return NULL;
+}
+
+/* Look a tensor up by its GGUF name; name_buf receives the name as the file
+ * spells it (also when the tensor is missing, for the message). */
+static bool find_tensor(const load_ctx *c, int layer, const char *suffix, found_tensor *out,
+                        char *name_buf, size_t name_cap)
+{
+    if (layer >= 0)
+        snprintf(name_buf, name_cap, "blk.%d.%s", layer, suffix);
+    else
+        snprintf(name_buf, name_cap, "%s", suffix);
+    if (c->src->gguf) {
+        const gguf_tensor *t = gguf_find_tensor(c->src->gguf, name_buf);
+        if (!t)
+            return false;
+        *out = (found_tensor){t->name, t->type, t->n_dims, {t->ne[0], t->ne[1], t->ne[2], t->ne[3]},
+                              t->data, t->nbytes};
+        return true;
+    }
+    char hf_name[256];
+    if (layer >= 0) {
+        const char *hs = hf_layer_name(c->m->hp.arch, suffix);
+        if (!hs)
+            return false;
+        snprintf(hf_name, sizeof hf_name, "model.layers.%d.%s", layer, hs);
+    } else {
+        const char *hs = NULL;
+        for (size_t i = 0; i < sizeof global_names / sizeof global_names[0]; i++)
+            if (!strcmp(global_names[i].gguf, suffix))
+                hs = global_names[i].hf;
+        if (!hs)
+            return false;
+        snprintf(hf_name, sizeof hf_name, "%s", hs);
+    }
+    snprintf(name_buf, name_cap, "%s", hf_name);
+    const st_tensor *t = hf_find_tensor(c->src->hf, hf_name);
+    if (!t)
+        return false;
+    *out = (found_tensor){t->name, t->type, t->n_dims, {t->ne[0], t->ne[1], t->ne[2], t->ne[3]},
+                          t->data, t->nbytes};
+    return true;
+}
+
+/* ------------------------------------------------------------------------
+ * Placement
+ * ---------------------------------------------------------------------- */
+
+/* Record an allocation for model_weights_free; on failure the caller still
+ * owns p. */
+static kiln_status own(load_ctx *c, void *p, bool device)
+{
+    owned_list *o = c->owned;
+    if (o->n == o->cap) {
+        size_t nc = o->cap ? o->cap * 2 : 64;
+        owned_item *ni = kiln_realloc(o->items, nc * sizeof *ni);
+        if (!ni)
+            return KILN_FAIL(KILN_ERR_NOMEM, "out of memory binding weights");
+        o->items = ni;
+        o->cap = nc;
+    }
+    o->items[o->n++] = (owned_item){p, device};
+    return KILN_OK;
+}
+
+static void report_progress(load_ctx *c, uint64_t bytes)
+{
+    c->bytes_done += bytes;
+    if (c->progress)
+        c->progress(c->bytes_done, c->bytes_total, c->user);
+}
+
+/* Put n bytes of host data in the backend's memory, or use them in place
+ * when the backend computes on host memory. */
+static kiln_status place(load_ctx *c, const void *host, uint64_t n, const char *what,
+                         const void **dev)
+{
+    kb_backend *be = c->m->be;
+    if (be->host_memory) {
+        *dev = host;
+        return KILN_OK;
+    }
+    void *d = be->ops->alloc(be, n, what);
+    if (!d)
+        return KILN_ERR_NOMEM;
+    kiln_status st = be->ops->upload(be, d, host, n);
+    if (st != KILN_OK) {
+        be->ops->free(be, d);
+        return st;
+    }
+    *dev = d;
+    st = own(c, d, true);
+    if (st != KILN_OK)
+        be->ops->free(be, d);
+    return st;
+}
+
+/* Bind one tensor.  rows == 0 means a vector of n_in elements. */
+static kiln_status bind(load_ctx *c, kb_weight *w, int layer, const char *suffix, int64_t n_in,
+                        int64_t rows, bool required, float add_to_vector)
+{
+    char name[256];
+    found_tensor t;
+    memset(w, 0, sizeof *w);
+    if (!find_tensor(c, layer, suffix, &t, name, sizeof name)) {
+        if (!required)
+            return KILN_OK;
+        return KILN_FAIL(KILN_ERR_FORMAT, "%s: missing tensor %s",
+                         c->src->hf ? c->src->hf->dir : c->src->gguf->path, name);
+    }
+    const char *fname = t.name;
+    bool is_vec = rows == 0;
+    uint64_t want1 = is_vec ? 1 : (uint64_t)rows;
+    uint64_t got1 = t.n_dims >= 2 ? t.ne[1] : 1;
+    bool dims_ok = t.ne[0] == (uint64_t)n_in && got1 == want1 && t.ne[2] == 1 && t.ne[3] == 1;
+    if (!dims_ok) {
+        if (is_vec)
+            return KILN_FAIL(KILN_ERR_FORMAT,
+                             "tensor %s: shape mismatch: expected [%lld], found [%llu, %llu]",
+                             fname, (long long)n_in, (unsigned long long)t.ne[0],
+                             (unsigned long long)got1);
+        return KILN_FAIL(KILN_ERR_FORMAT,
+                         "tensor %s: shape mismatch: expected [%lld, %lld] (in, out), found "
+                         "[%llu, %llu]",
+                         fname, (long long)n_in, (long long)rows, (unsigned long long)t.ne[0],
+                         (unsigned long long)got1);
+    }
+    kiln_status st = quant_check_supported(t.type, fname);
+    if (st != KILN_OK)
+        return st;
+    const quant_traits *tr = quant_get_traits(t.type);
+    w->name = fname;
+    w->ne[0] = n_in;
+    w->ne[1] = (int64_t)want1;
+    uint64_t row_bytes;
+    if ((st = quant_row_size(t.type, (uint64_t)n_in, &row_bytes, fname)))
+        return st;
+    w->row_bytes = row_bytes;
+    if (is_vec) {
+        /* Vectors become F32 (the norm and bias ops read F32). */
+        float *v = kiln_aligned_alloc(64, (size_t)n_in * sizeof(float));
+        if (!v)
+            return KILN_FAIL(KILN_ERR_NOMEM, "tensor %s: out of memory", fname);
+        tr->dequantize(t.data, v, n_in);
+        for (int64_t i = 0; i < n_in; i++)
+            v[i] += add_to_vector;
+        w->type = KILN_TYPE_F32;
+        w->row_bytes = (uint64_t)n_in * sizeof(float);
+        if (c->m->be->host_memory) {
+            if ((st = own(c, v, false)) != KILN_OK) {
+                kiln_free(v);
+                return st;
+            }
+            w->data = v;
+        } else {
+            st = place(c, v, w->row_bytes, fname, &w->data);
+            kiln_free(v);
+            if (st)
+                return st;
+        }
+    } else {
+        w->type = (kiln_type)t.type;
+        if ((st = place(c, t.data, t.nbytes, fname, &w->data)))
+            return st;
+    }
+    report_progress(c, t.nbytes);
+    return KILN_OK;
+}
+
+/* Llama 3 frequency divisors: from the GGUF rope_freqs tensor, or computed
+ * from an HF rope_scaling of type "llama3". */
+static kiln_status bind_rope_freqs(load_ctx *c)
+{
+    model *m = c->m;
+    model_hparams *hp = &m->hp;
+    int n = hp->rope.n_dims / 2;
+    kb_weight w;
+    if (c->src->gguf) {
+        kiln_status st = bind(c, &w, -1, "rope_freqs.weight", n, 0, false, 0.0f);
+        if (st)
+            return st;
+        if (kb_weight_present(&w)) {
+            m->rope_freqs = (float *)w.data;
+            hp->rope.freq_factors = m->rope_freqs;
+        }
+        return KILN_OK;
+    }
+    json_t *rs = json_object_get((json_t *)c->src->hf->config, "rope_scaling");
+    json_t *jt = rs ? json_object_get(rs, "rope_type") : NULL;
+    if (!json_is_string(jt) || strcmp(json_string_value(jt), "llama3"))
+        return KILN_OK;
+    double factor = json_number_value(json_object_get(rs, "factor"));
+    double lo = json_number_value(json_object_get(rs, "low_freq_factor"));
+    double hi = json_number_value(json_object_get(rs, "high_freq_factor"));
+    double old_ctx = json_number_value(json_object_get(rs, "original_max_position_embeddings"));
+    if (!(factor > 0) || !(lo > 0) || !(hi > lo) || !(old_ctx > 0))
+        return KILN_FAIL(KILN_ERR_FORMAT,
+                         "%s/config.json: llama3 rope_scaling needs factor, low_freq_factor < "
+                         "high_freq_factor and original_max_position_embeddings",
+                         c->src->hf->dir);
+    float *f = kiln_aligned_alloc(64, (size_t)n * sizeof(float));
+    if (!f)
+        return KILN_FAIL(KILN_ERR_NOMEM, "out of memory for rope frequencies");
+    double lo_wl = old_ctx / lo, hi_wl = old_ctx / hi;
+    for (int i = 0; i < n; i++) {
+        double freq = pow((double)hp->rope.theta, -2.0 * i / hp->rope.n_dims);
+        double wl = 2 * M_PI / freq;
+        double div;
+        if (wl < hi_wl)
+            div = 1.0;
+        else if (wl > lo_wl)
+            div = factor;
+        else {
+            double smooth = (old_ctx / wl - lo) / (hi - lo);
+            div = 1.0 / ((1 - smooth) / factor + smooth);
+        }
+        f[i] = (float)div;
+    }
+    kiln_status st;
+    if (c->m->be->host_memory) {
+        if ((st = own(c, f, false)) != KILN_OK) {
+            kiln_free(f);
+            return st;
+        }
+        m->rope_freqs = f;
+    } else {
+        const void *dev;
+        st = place(c, f, (uint64_t)n * sizeof(float), "rope_freqs", &dev);
+        kiln_free(f);
+        if (st)
+            return st;
+        m->rope_freqs = (float *)dev;
+    }
+    hp->rope.freq_factors = m->rope_freqs;
+    return KILN_OK;
+}
+
+/* Which layers use the sliding window. */
+static void mark_swa_layers(load_ctx *c)
+{
+    model *m = c->m;
+    const model_hparams *hp = &m->hp;
+    json_t *lt = c->src->hf ? json_object_get((json_t *)c->src->hf->config, "layer_types") : NULL;
+    for (int il = 0; il < hp->n_layer; il++) {
+        bool swa = false;
+        if (hp->sliding_window > 0) {
+            if (json_is_array(lt) && (size_t)il < json_array_size(lt)) {
+                const char *s = json_string_value(json_array_get(lt, (size_t)il));
+                swa = s && !strcmp(s, "sliding_attention");
+            } else if (hp->swa_pattern > 0) {
+                swa = (il + 1) % hp->swa_pattern != 0;
+            }
+        }
+        m->layers[il].is_swa = swa;
+    }
+}
+
+static uint64_t source_bytes(const model_source *src)
+{
+    uint64_t total = 0;
+    if (src->gguf) {
+        for (uint64_t i = 0; i < src->gguf->n_tensors; i++)
+            total += src->gguf->tensors[i].nbytes;
+    } else {
+        for (uint64_t i = 0; i < src->hf->n_tensors; i++)
+            total += hf_tensor_at(src->hf, i)->nbytes;
+    }
+    return total;
+}
+
+kiln_status model_weights_load(model *m, const model_source *src, kiln_progress_fn progress,
+                               void *user)
+{
+    const model_hparams *hp = &m->hp;
+    owned_list *owned = kiln_calloc(1, sizeof *owned);
+    if (!owned)
+        return KILN_FAIL(KILN_ERR_NOMEM, "out of memory binding weights");
+    m->owned = owned;
+    m->layers = kiln_calloc((size_t)hp->n_layer, sizeof *m->layers);
+    if (!m->layers)
+        return KILN_FAIL(KILN_ERR_NOMEM, "out of memory binding weights");
+    load_ctx c = {.m = m, .src = src, .owned = owned, .progress = progress, .user = user,
+                  .bytes_total = source_bytes(src)};
+    float norm_add = hp->norm_plus_one ? 1.0f : 0.0f;
+    int64_t E = hp->n_embd, V = hp->n_vocab, F = hp->n_ff;
+    int64_t QD = (int64_t)hp->n_head * hp->head_dim;
+    int64_t KD = (int64_t)hp->n_head_kv * hp->head_dim;
+    int64_t VD = (int64_t)hp->n_head_kv * hp->head_dim_v;
+    int64_t OD = (int64_t)hp->n_head * hp->head_dim_v;
+    kiln_status st;
+
+    if ((st = bind(&c, &m->tok_embd, -1, "token_embd.weight", E, V, true, 0)))
+        return st;
+    for (int il = 0; il < hp->n_layer; il++) {
+        model_layer *L = &m->layers[il];
+        if ((st = bind(&c, &L->attn_norm, il, "attn_norm.weight", E, 0, true, norm_add)) ||
+            (st = bind(&c, &L->wq, il, "attn_q.weight", E, QD, true, 0)) ||
+            (st = bind(&c, &L->wk, il, "attn_k.weight", E, KD, true, 0)) ||
+            (st = bind(&c, &L->wv, il, "attn_v.weight", E, VD, true, 0)) ||
+            (st = bind(&c, &L->wo, il, "attn_output.weight", OD, E, true, 0)) ||
+            (st = bind(&c, &L->ffn_norm, il, "ffn_norm.weight", E, 0, true, norm_add)) ||
+            (st = bind(&c, &L->w_gate, il, "ffn_gate.weight", E, F, true, 0)) ||
+            (st = bind(&c, &L->w_up, il, "ffn_up.weight", E, F, true, 0)) ||
+            (st = bind(&c, &L->w_down, il, "ffn_down.weight", F, E, true, 0)))
+            return st;
+        /* Biases: required by qwen2, accepted wherever present. */
+        if ((st = bind(&c, &L->bq, il, "attn_q.bias", QD, 0, hp->qkv_bias, 0)) ||
+            (st = bind(&c, &L->bk, il, "attn_k.bias", KD, 0, hp->qkv_bias, 0)) ||
+            (st = bind(&c, &L->bv, il, "attn_v.bias", VD, 0, hp->qkv_bias, 0)))
+            return st;
+        if (hp->qk_norm &&
+            ((st = bind(&c, &L->q_norm, il, "attn_q_norm.weight", hp->head_dim, 0, true,
+                        norm_add)) ||
+             (st = bind(&c, &L->k_norm, il, "attn_k_norm.weight", hp->head_dim, 0, true,
+                        norm_add))))
+            return st;
+        if (hp->sandwich_norm &&
+            ((st = bind(&c, &L->post_attn_norm, il, "post_attention_norm.weight", E, 0, true,
+                        norm_add)) ||
+             (st = bind(&c, &L->post_ffn_norm, il, "post_ffw_norm.weight", E, 0, true,
+                        norm_add))))
+            return st;
+    }
+    if ((st = bind(&c, &m->output_norm, -1, "output_norm.weight", E, 0, true, norm_add)))
+        return st;
+    if (hp->tied_output) {
+        m->output = m->tok_embd;
+    } else if ((st = bind(&c, &m->output, -1, "output.weight", E, V, true, 0))) {
+        return st;
+    }
+    if ((st = bind_rope_freqs(&c)))
+        return st;
+    mark_swa_layers(&c);
+    if (progress)
+        progress(c.bytes_total, c.bytes_total, user);
+    return KILN_OK;
+}
+
+void model_weights_free(model *m)
+{
+    owned_list *o = m->owned;
+    if (o) {
+        for (size_t i = 0; i < o->n; i++) {
+            if (o->items[i].device)
+                m->be->ops->free(m->be, o->items[i].p);
+            else
+                kiln_free(o->items[i].p);
+        }
+        kiln_free(o->items);
+        kiln_free(o);
+    }
+    m->owned = NULL;
+    kiln_free(m->layers);
+    m->layers = NULL;
+}

@@ -1,0 +1,158 @@
+/*
+ * model.h - architectures and the transformer forward pass.
+ *
+ * An architecture is a descriptor (model_hparams) filled from GGUF metadata
+ * or a Hugging Face config.json, plus the set of weight tensors it names.
+ * Differences between families (qkv bias, q/k norm, sandwich norms, GeGLU,
+ * embedding scale, sliding-window layers) are flags in the descriptor; the
+ * forward pass (forward.c) is written once over the backend's ops table.
+ */
+#ifndef KILN_MODEL_H
+#define KILN_MODEL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "backend/backend.h"
+#include "util/util.h"
+
+#define MODEL_MAX_LAYERS 512
+
+typedef enum model_arch {
+    ARCH_LLAMA = 0, /* Llama 2/3, SmolLM2, Mistral-style */
+    ARCH_QWEN2,     /* Llama + bias on q/k/v */
+    ARCH_QWEN3,     /* Llama + per-head RMS norm on q and k */
+    ARCH_GEMMA3,    /* see model_hparams flags */
+    ARCH_COUNT
+} model_arch;
+
+typedef struct model_hparams {
+    model_arch arch;
+    char arch_name[32];
+    int n_layer;
+    int n_embd;
+    int n_head;
+    int n_head_kv;
+    int head_dim;          /* of q and k */
+    int head_dim_v;
+    int n_ff;
+    int n_vocab;
+    int n_ctx_train;       /* the model's trained context length */
+    float rms_eps;
+    kb_rope rope;          /* global layers (freq_factors filled at load) */
+    float rope_theta_swa;  /* base of the sliding-window layers (gemma3) */
+    int sliding_window;    /* 0 = none */
+    int swa_pattern;       /* gemma3: every swa_pattern-th layer is global */
+    bool qkv_bias;
+    bool qk_norm;
+    bool sandwich_norm;    /* post-attention and post-FFN norms (gemma3) */
+    bool norm_plus_one;    /* norm weights stored as w - 1 (HF gemma): add 1 at load */
+    float embd_scale;      /* multiply embeddings by this (1 = none) */
+    float attn_scale;      /* q.k scale */
+    float attn_softcap;    /* 0 = off */
+    kb_act act;
+    bool tied_output;      /* output projection is the token embedding */
+} model_hparams;
+
+typedef struct model_layer {
+    kb_weight attn_norm;      /* (n_embd) */
+    kb_weight wq;             /* (n_head*head_dim rows, n_embd) */
+    kb_weight wk;             /* (n_head_kv*head_dim, n_embd) */
+    kb_weight wv;             /* (n_head_kv*head_dim_v, n_embd) */
+    kb_weight bq, bk, bv;     /* qwen2 biases, or absent */
+    kb_weight q_norm, k_norm; /* (head_dim), qwen3 / gemma3, or absent */
+    kb_weight wo;             /* (n_embd, n_head*head_dim_v) */
+    kb_weight post_attn_norm; /* gemma3, or absent */
+    kb_weight ffn_norm;       /* (n_embd) */
+    kb_weight w_gate;         /* (n_ff, n_embd) */
+    kb_weight w_up;           /* (n_ff, n_embd) */
+    kb_weight w_down;         /* (n_embd, n_ff) */
+    kb_weight post_ffn_norm;  /* gemma3, or absent */
+    bool is_swa;              /* sliding-window layer */
+} model_layer;
+
+/* Engine-scoped activation scratch for steps of up to max_tokens tokens and
+ * max_out logit rows, in the backend's memory. */
+typedef struct model_scratch {
+    int max_tokens;
+    int max_out;
+    float *x;      /* (max_tokens, n_embd) residual stream */
+    float *xb;     /* (max_tokens, n_embd) normed input / branch output */
+    float *q;      /* (max_tokens, n_head*head_dim) */
+    float *k;      /* (max_tokens, n_head_kv*head_dim) */
+    float *v;      /* (max_tokens, n_head_kv*head_dim_v) */
+    float *attn;   /* (max_tokens, n_head*head_dim_v) */
+    float *gate;   /* (max_tokens, n_ff) */
+    float *up;     /* (max_tokens, n_ff) */
+    float *out_x;  /* (max_out, n_embd) rows that need logits */
+    float *logits; /* (max_out, n_vocab) */
+} model_scratch;
+
+typedef struct model model;
+
+/* The weights and descriptor of a loaded model.  Owned by kiln_model. */
+struct model {
+    model_hparams hp;
+    kb_backend *be;
+    kb_weight tok_embd;     /* (n_vocab, n_embd) */
+    kb_weight output_norm;  /* (n_embd) */
+    kb_weight output;       /* (n_vocab, n_embd); == tok_embd when tied */
+    model_layer *layers;    /* (n_layer) */
+    float *rope_freqs;      /* (head_dim/2) llama3 frequency factors or NULL (device) */
+    void *owned;            /* backend allocations made for weights (converted
+                               norms etc.), freed by model_free */
+};
+
+/* A model file kiln can read: a GGUF file or a Hugging Face directory. */
+typedef struct model_source {
+    struct gguf_file *gguf;   /* exactly one of these is set */
+    struct hf_model *hf;
+} model_source;
+
+/* The public kiln_model: the source (kept open: the CPU backend computes on
+ * its mapping), the backend, the weights and the tokenizer. */
+struct kiln_model {
+    model m;
+    model_source src;
+    kb_backend *be;
+    struct kiln_tokenizer *tok;
+    char *path;
+};
+
+kiln_status model_source_open(const char *path, model_source *src);
+void model_source_close(model_source *src);
+
+/* Fill the descriptor from the source's metadata (arch.c).  An architecture
+ * kiln does not know is KILN_ERR_UNSUPPORTED naming it. */
+kiln_status model_hparams_load(const model_source *src, model_hparams *hp);
+
+/* Bind every tensor the architecture needs (load.c): checks presence, shape
+ * and type of each, converts norms/biases to F32, and places weights in the
+ * backend's memory (the CPU backend uses the mapped file directly). */
+kiln_status model_weights_load(model *m, const model_source *src,
+                               kiln_progress_fn progress, void *user);
+void model_weights_free(model *m);
+
+/* Bytes of K and V per token over all layers, for a KV element of kv_bytes. */
+uint64_t model_kv_bytes_per_token(const model_hparams *hp, size_t kv_bytes);
+
+kiln_status model_scratch_init(model *m, model_scratch *s, int max_tokens,
+                               int max_out);
+void model_scratch_free(model *m, model_scratch *s);
+
+/* Run the layers over batch b (already in the backend's memory) and leave
+ * the logits of b->out_rows in s->logits (b->n_out, n_vocab). */
+void model_forward(model *m, kb_kv *kv, model_scratch *s, const kb_batch *b);
+
+const char *model_arch_name(model_arch a);
+
+/* The tokenizer of a loaded model (tokenizer glue in model/tok.c). */
+kiln_status model_tokenizer_load(kiln_model *km);
+void model_tokenizer_free(kiln_model *km);
+/* The bytes token id adds to generated text after token prev (-1 at the
+ * start); writes at most cap bytes, returns the full length. */
+size_t model_token_text(const kiln_model *km, int32_t prev, int32_t id, char *out, size_t cap);
+/* End-of-generation token ids (eos, eot, ...); returns how many (<= max). */
+int model_eog_ids(const kiln_model *km, int32_t *ids, int max);
+
+#endif /* KILN_MODEL_H */

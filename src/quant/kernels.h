@@ -1,0 +1,99 @@
+/*
+ * kernels.h - the row kernels of each type, shared by the files of src/quant
+ * and by nothing else (everything outside reaches them through
+ * quant_get_traits).  dequant.c and quantize.c hold the conversions,
+ * vecdot.c the scalar dot products that define each vec_dot, and
+ * vecdot_x86.c the AVX2 / AVX-512 versions that kernels.c installs in the
+ * traits when the build targets those instruction sets.
+ *
+ * Every kernel takes n elements, a multiple of its type's block size.
+ */
+#ifndef KILN_QUANT_KERNELS_H
+#define KILN_QUANT_KERNELS_H
+
+#include "quant/quant.h"
+
+/* Half bits to float, exactly (a NaN keeps its payload). */
+static inline float kq_h2f(uint16_t h)
+{
+    return kiln_fp16_to_f32(h);
+}
+
+/* dequant.c: (n) elements of the type -> (n) floats, bitwise equal to
+ * gguf-py's numpy dequantization. */
+void dequant_row_f32(const void *src, float *dst, int64_t n);
+void dequant_row_f16(const void *src, float *dst, int64_t n);
+void dequant_row_bf16(const void *src, float *dst, int64_t n);
+void dequant_row_q4_0(const void *src, float *dst, int64_t n);
+void dequant_row_q4_1(const void *src, float *dst, int64_t n);
+void dequant_row_q5_0(const void *src, float *dst, int64_t n);
+void dequant_row_q5_1(const void *src, float *dst, int64_t n);
+void dequant_row_q8_0(const void *src, float *dst, int64_t n);
+void dequant_row_q8_1(const void *src, float *dst, int64_t n);
+void dequant_row_q2_K(const void *src, float *dst, int64_t n);
+void dequant_row_q3_K(const void *src, float *dst, int64_t n);
+void dequant_row_q4_K(const void *src, float *dst, int64_t n);
+void dequant_row_q5_K(const void *src, float *dst, int64_t n);
+void dequant_row_q6_K(const void *src, float *dst, int64_t n);
+void dequant_row_q8_K(const void *src, float *dst, int64_t n);
+
+/* The 6-bit scale and min of sub-block j (0..7) of a Q4_K / Q5_K block. */
+static inline void kq_scale_min_k4(int j, const uint8_t *q, uint8_t *sc,
+                                   uint8_t *m)
+{
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+/* quantize.c: activation quantizers (float row -> the vec_dot_type). */
+void quantize_row_f32(const float *src, void *dst, int64_t n);
+void quantize_row_f16(const float *src, void *dst, int64_t n);
+void quantize_row_bf16(const float *src, void *dst, int64_t n);
+void quantize_row_q8_0(const float *src, void *dst, int64_t n);
+void quantize_row_q8_1(const float *src, void *dst, int64_t n);
+void quantize_row_q8_K(const float *src, void *dst, int64_t n);
+
+/* vecdot.c: scalar dot products, *s = dot(w row, activation row). */
+void vec_dot_f32_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_f16_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_bf16_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q4_0_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q4_1_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q5_0_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q5_1_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q8_0_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q8_1_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q8_K_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q2_K_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q3_K_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q4_K_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q5_K_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q6_K_ref(int64_t n, float *s, const void *w, const void *a);
+
+/* vecdot_x86.c: the same dot products with AVX2 (+ AVX-512 / VNNI where the
+ * build targets it).  Declared only where they are compiled. */
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define KQ_HAVE_X86 1
+void vec_dot_f32_x86(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_f16_x86(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_bf16_x86(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q4_0_x86(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q4_1_x86(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q5_0_x86(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q5_1_x86(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q8_0_x86(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q2_K_x86(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q3_K_x86(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q4_K_x86(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q5_K_x86(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q6_K_x86(int64_t n, float *s, const void *w, const void *a);
+#else
+#define KQ_HAVE_X86 0
+#endif
+
+#endif /* KILN_QUANT_KERNELS_H */

@@ -111,13 +111,15 @@ refdata:
 	@mkdir -p $(BUILD)/testdata
 	$(VENV)/bin/python scripts/ref/quant_ref.py $(BUILD)/testdata
 
-# The llama.cpp reference logits behind tests/test_parity.c (committed).
+# The reference logits behind tests/test_parity.c (committed): Hugging Face
+# transformers in float32 over the dequantized GGUF weights (needs the
+# .venv-ref that `make tokenizer-ref` creates).  scripts/ref/logits_ref.py
+# writes the same format from llama.cpp for comparison.
 SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
 GEMMA3  := models/gemma-3-270m-q4_k_m.gguf
 parity-ref:
-	scripts/ref/setup-ref.sh
-	.venv-llama/bin/python scripts/ref/logits_ref.py $(SMOLLM2) tests/data/parity/smollm2-q4_1.bin
-	.venv-llama/bin/python scripts/ref/logits_ref.py $(GEMMA3) tests/data/parity/gemma3-270m-q4_k_m.bin
+	.venv-ref/bin/python scripts/ref/logits_ref_hf.py $(SMOLLM2) tests/data/parity/smollm2-q4_1.bin
+	.venv-ref/bin/python scripts/ref/logits_ref_hf.py $(GEMMA3) tests/data/parity/gemma3-270m-q4_k_m.bin
 
 test: all tests refdata
 	scripts/run-tests.sh $(BUILD)
@@ -134,7 +136,7 @@ test-asan: refdata
 	$(MAKE) test-asan-run
 
 test-asan-run:
-	$(MAKE) BUILD=build/asan SANITIZE=1 CUDA=0 tests
+	$(MAKE) BUILD=build/asan SANITIZE=1 CUDA=0 tests build/asan/kiln
 	@mkdir -p build/asan/testdata && cp -r $(BUILD)/testdata/. build/asan/testdata/
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	    scripts/run-tests.sh build/asan --summary build/asan/summary-asan.txt

@@ -1,10 +1,13 @@
 /*
- * test_parity.c - kiln's CPU logits against llama.cpp's on real models.
+ * test_parity.c - kiln's CPU logits against an independent reference on
+ * real models.
  *
- * The fixtures in tests/data/parity/ were written by scripts/ref/logits_ref.py
- * (llama.cpp through llama-cpp-python): for 20 prompts, the prompt tokens,
- * llama.cpp's 32-token greedy continuation, and at every position the
- * reference's top-40 logits with the log-sum-exp of the whole row.
+ * The fixtures in tests/data/parity/ were written by
+ * scripts/ref/logits_ref_hf.py: Hugging Face transformers loads the same GGUF
+ * file (dequantizing it) and runs its own float32 implementation.  For 20
+ * prompts a fixture holds the prompt tokens, the reference's 32-token greedy
+ * continuation, and at every position the reference's top-40 logits with
+ * the log-sum-exp of the whole row.
  *
  * For each position kiln's full logit row gives a log-softmax; the KL
  * divergence KL(ref || kiln) is taken over the reference's top-40 tokens plus

@@ -42,10 +42,14 @@ def main():
         f.write(struct.pack("<4I", len(PROMPTS), n_vocab, TOP_K, N_CONT))
         for p in PROMPTS:
             ids = tok(p, add_special_tokens=True)["input_ids"]
+            # greedy continuation with the KV cache; end-of-text is not special
             seq = list(ids)
+            out = model(torch.tensor([ids]), use_cache=True)
             for _ in range(N_CONT):
-                out = model(torch.tensor([seq]))
-                seq.append(int(torch.argmax(out.logits[0, -1])))
+                nxt = int(torch.argmax(out.logits[0, -1]))
+                seq.append(nxt)
+                out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values,
+                            use_cache=True)
             logits = model(torch.tensor([seq])).logits[0].double().numpy()
             f.write(struct.pack("<I", len(ids)))
             f.write(np.array(seq, dtype="<i4").tobytes())

@@ -120,6 +120,7 @@ GEMMA3  := models/gemma-3-270m-q4_k_m.gguf
 parity-ref:
 	.venv-ref/bin/python scripts/ref/logits_ref_hf.py $(SMOLLM2) tests/data/parity/smollm2-q4_1.bin
 	.venv-ref/bin/python scripts/ref/logits_ref_hf.py $(GEMMA3) tests/data/parity/gemma3-270m-q4_k_m.bin
+	.venv-ref/bin/python scripts/ref/logits_ref_hf.py --long $(GEMMA3) tests/data/parity/gemma3-270m-q4_k_m-long.bin
 
 test: all tests refdata
 	scripts/run-tests.sh $(BUILD)

@@ -13,7 +13,8 @@
  * divergence KL(ref || kiln) is taken over the reference's top-40 tokens plus
  * one bucket for the remaining mass (a lower bound of the full KL that is
  * tight when the tail is small).  Targets from the issue: mean KL < 1e-3 and
- * identical greedy continuations for at least 18 of 20 prompts.  The test
+ * identical greedy continuations for at least 18 of 20 prompts.  A third
+ * fixture holds one prompt longer than Gemma 3's 512-token sliding window.  The test
  * prints max |delta logit| over the compared entries and the mean KL.
  */
 #include <math.h>
@@ -29,8 +30,9 @@
 #include "model/model.h"
 
 #define KL_TARGET 1e-3
-#define MIN_GREEDY_MATCH 18
+#define GREEDY_MATCH_PERCENT 90
 #define BLOCK 16
+#define CHUNK 64 /* tokens per teacher-forced step (bounds the logits buffer) */
 
 #if defined(__SANITIZE_ADDRESS__)
 #define SANITIZED 1
@@ -96,8 +98,9 @@ typedef struct seq_runner {
     model *m;
     kb_kv *kv;
     model_scratch s;
-    int32_t *pos, *seq, *slot, *table, *out_rows; /* (cap) */
-    int cap;
+    int32_t *pos, *seq, *slot, *out_rows; /* (CHUNK) */
+    int32_t *table;                       /* (cap / BLOCK) */
+    int cap;                              /* tokens the KV cache holds */
 } seq_runner;
 
 static void runner_init(seq_runner *r, model *m, int cap)
@@ -108,12 +111,12 @@ static void runner_init(seq_runner *r, model *m, int cap)
     kb_kv_desc d = {m->hp.n_layer, n_blocks, BLOCK, m->hp.n_head_kv, m->hp.head_dim,
                     m->hp.head_dim_v, KILN_TYPE_F16};
     assert_int_equal(m->be->ops->kv_create(m->be, &d, &r->kv), KILN_OK);
-    assert_int_equal(model_scratch_init(m, &r->s, cap, cap), KILN_OK);
-    r->pos = calloc((size_t)cap, 4);
-    r->seq = calloc((size_t)cap, 4);
-    r->slot = calloc((size_t)cap, 4);
+    assert_int_equal(model_scratch_init(m, &r->s, CHUNK, CHUNK), KILN_OK);
+    r->pos = calloc(CHUNK, 4);
+    r->seq = calloc(CHUNK, 4);
+    r->slot = calloc(CHUNK, 4);
     r->table = calloc((size_t)n_blocks, 4);
-    r->out_rows = calloc((size_t)cap, 4);
+    r->out_rows = calloc(CHUNK, 4);
     /* blocks in reverse order, so paging is exercised */
     for (int i = 0; i < n_blocks; i++)
         r->table[i] = n_blocks - 1 - i;
@@ -130,11 +133,12 @@ static void runner_free(seq_runner *r)
     free(r->out_rows);
 }
 
-/* Run tokens[0..n) at positions start.. and return logits of all rows
- * (all_rows) or of the last one. */
+/* Run tokens[0..n) (n <= CHUNK) at positions start.. and return logits of
+ * all rows (all_rows) or of the last one. */
 static const float *runner_step(seq_runner *r, const int32_t *tokens, int n, int start,
                                 bool all_rows)
 {
+    assert_true(n <= CHUNK);
     for (int i = 0; i < n; i++) {
         int p = start + i;
         r->pos[i] = p;
@@ -197,17 +201,14 @@ static void run_parity(const char *model_path, const char *fixture_path, uint32_
         prompt_view pv = fixture_prompt(&fx, pi);
         seq_runner r;
         runner_init(&r, m, (int)pv.n_seq);
-        /* teacher-forced logits at every position */
-        const float *lg = runner_step(&r, pv.tokens, (int)pv.n_seq, 0, true);
-        if (getenv("KILN_PARITY_DUMP") && pi == 0) {
-            FILE *df = fopen(getenv("KILN_PARITY_DUMP"), "wb");
-            if (df) {
-                fwrite(lg, sizeof(float), (size_t)pv.n_seq * V, df);
-                fclose(df);
-            }
-        }
+        /* teacher-forced logits at every position, CHUNK tokens a step */
+        const float *lg = NULL;
         for (uint32_t t = 0; t < pv.n_seq; t++) {
-            const float *row = lg + (size_t)t * V;
+            if (t % CHUNK == 0) {
+                int n = (int)(pv.n_seq - t < CHUNK ? pv.n_seq - t : CHUNK);
+                lg = runner_step(&r, pv.tokens + t, n, (int)t, true);
+            }
+            const float *row = lg + (size_t)(t % CHUNK) * V;
             double mx = row[0];
             for (int i = 1; i < V; i++)
                 mx = row[i] > mx ? row[i] : mx;
@@ -237,21 +238,17 @@ static void run_parity(const char *model_path, const char *fixture_path, uint32_
             kl += P * log(P / Q);
             kl_sum += kl;
             max_kl = kl > max_kl ? kl : max_kl;
-            if (getenv("KILN_PARITY_DEBUG") && pi == 0) {
-                int32_t id0;
-                float l0;
-                memcpy(&id0, rr + 4, 4);
-                memcpy(&l0, rr + 4 + 4 * fx.top_k, 4);
-                fprintf(stderr, "pos %3u tok %6d kl %.5f top %6d ref %.4f kiln %.4f\n", t,
-                        pv.tokens[t], kl, id0, l0, row[id0]);
-            }
             n_pos++;
         }
         runner_free(&r);
 
         /* kiln's own greedy continuation from the prompt */
         runner_init(&r, m, (int)pv.n_seq);
-        const float *last = runner_step(&r, pv.tokens, (int)pv.n_prompt, 0, false);
+        const float *last = NULL;
+        for (uint32_t t = 0; t < pv.n_prompt; t += CHUNK) {
+            int n = (int)(pv.n_prompt - t < CHUNK ? pv.n_prompt - t : CHUNK);
+            last = runner_step(&r, pv.tokens + t, n, (int)t, false);
+        }
         bool same = true;
         int32_t tok;
         for (uint32_t k = 0; k < fx.n_cont; k++) {
@@ -274,7 +271,8 @@ static void run_parity(const char *model_path, const char *fixture_path, uint32_
     kiln_model_free(km);
     free(fx.buf);
     assert_true(mean_kl < KL_TARGET);
-    uint32_t need = n_prompts == fx.n_prompts ? MIN_GREEDY_MATCH : n_prompts - 1;
+    /* at least 18 of 20 (90 %, rounded up for smaller runs) */
+    uint32_t need = (n_prompts * GREEDY_MATCH_PERCENT + 99) / 100;
     assert_true(greedy_ok >= need);
 }
 
@@ -292,11 +290,21 @@ static void test_parity_gemma3(void **state)
                SANITIZED ? 1 : 1000);
 }
 
+static void test_parity_gemma3_long(void **state)
+{
+    (void)state;
+    if (SANITIZED)
+        skip(); /* same code paths as the short prompts; 20x the time under ASan */
+    run_parity("models/gemma-3-270m-q4_k_m.gguf",
+               "tests/data/parity/gemma3-270m-q4_k_m-long.bin", 1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_parity_smollm2),
         cmocka_unit_test(test_parity_gemma3),
+        cmocka_unit_test(test_parity_gemma3_long),
     };
     /* KILN_TEST_FILTER=test_parity_gemma3 runs one model */
     const char *filter = getenv("KILN_TEST_FILTER");

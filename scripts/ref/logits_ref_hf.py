@@ -12,7 +12,8 @@ continuation, and at every position of prompt + continuation the top-40
 logits with the log-sum-exp of the whole row, in the format described in
 scripts/ref/logits_ref.py ("KILNPAR1").
 
-Usage: .venv-ref/bin/python scripts/ref/logits_ref_hf.py MODEL.gguf OUT.bin
+Usage: .venv-ref/bin/python scripts/ref/logits_ref_hf.py [--long] MODEL.gguf OUT.bin
+(--long: the single long prompt instead of the 20 short ones)
 (`make parity-ref` regenerates the committed fixtures.)
 """
 import os
@@ -24,11 +25,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(__file__))
-from parity_prompts import N_CONT, PROMPTS, TOP_K  # noqa: E402
+from parity_prompts import LONG_PROMPT, N_CONT, PROMPTS, TOP_K  # noqa: E402
 
 
 def main():
-    model_path, out_path = sys.argv[1], sys.argv[2]
+    args = [a for a in sys.argv[1:] if a != "--long"]
+    model_path, out_path = args[0], args[1]
+    prompts = [LONG_PROMPT] if "--long" in sys.argv else PROMPTS
     d, name = os.path.split(os.path.abspath(model_path))
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -39,8 +42,8 @@ def main():
     total = 0
     with open(out_path, "wb") as f, torch.no_grad():
         f.write(b"KILNPAR1")
-        f.write(struct.pack("<4I", len(PROMPTS), n_vocab, TOP_K, N_CONT))
-        for p in PROMPTS:
+        f.write(struct.pack("<4I", len(prompts), n_vocab, TOP_K, N_CONT))
+        for p in prompts:
             ids = tok(p, add_special_tokens=True)["input_ids"]
             # greedy continuation with the KV cache; end-of-text is not special
             seq = list(ids)
@@ -63,7 +66,7 @@ def main():
             total += len(seq)
             print(f"{len(ids):4d} tokens, continuation {seq[len(ids):len(ids) + 8]}...",
                   file=sys.stderr)
-    print(f"{total} positions over {len(PROMPTS)} prompts -> {out_path}", file=sys.stderr)
+    print(f"{total} positions over {len(prompts)} prompts -> {out_path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -26,3 +26,13 @@ PROMPTS = [
     "The theory of relativity, developed by Albert Einstein, consists of two parts: special relativity and",
     "Tokyo, Osaka, Kyoto and Sapporo are cities in Japan. Seoul and Busan are cities in",
 ]
+
+
+# One long prompt (> 512 tokens, Gemma 3's sliding window) so the parity test
+# covers sliding-window layers and long-range RoPE; written to a second
+# fixture with `logits_ref_hf.py --long`.
+LONG_PROMPT = " ".join(
+    f"Section {i}: the river {['rose', 'fell', 'froze', 'flooded'][i % 4]} in year {1800 + 7 * i}, "
+    f"and the town council recorded {i * 13 % 97} complaints about the {['bridge', 'mill', 'ferry'][i % 3]}."
+    for i in range(40)
+) + " In summary, the most common complaint was about the"

@@ -59,7 +59,7 @@ TESTS     := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 EXAMPLES  := $(EX_SRC:examples/%.c=$(BUILD)/examples/%)
 
 
-.PHONY: all lib setup run check test test-asan test-asan-run refdata parity-ref fuzz fuzz-smoke fuzz-build clean tests examples
+.PHONY: all lib setup run check test test-asan test-asan-run refdata parity-ref hf-tiny-ref fuzz fuzz-smoke fuzz-build clean tests examples
 all: lib $(BUILD)/kiln examples
 lib: $(BUILD)/libkiln.a $(BUILD)/libkiln.so $(BUILD)/kiln.pc
 examples: $(EXAMPLES)
@@ -121,6 +121,11 @@ parity-ref:
 	.venv-ref/bin/python scripts/ref/logits_ref_hf.py $(SMOLLM2) tests/data/parity/smollm2-q4_1.bin
 	.venv-ref/bin/python scripts/ref/logits_ref_hf.py $(GEMMA3) tests/data/parity/gemma3-270m-q4_k_m.bin
 	.venv-ref/bin/python scripts/ref/logits_ref_hf.py --long $(GEMMA3) tests/data/parity/gemma3-270m-q4_k_m-long.bin
+
+# Tiny random Hugging Face models (llama, qwen2, qwen3, gemma3_text) and
+# transformers' logits for them, behind tests/test_hf_models.c (committed).
+hf-tiny-ref:
+	.venv-ref/bin/python scripts/ref/make_tiny_hf.py tests/data/hf-tiny
 
 test: all tests refdata
 	scripts/run-tests.sh $(BUILD)

@@ -270,12 +270,52 @@ static kiln_status hf_float(const hf_model *m, const char *key, double dflt, flo
     return KILN_OK;
 }
 
+/* The rope settings object of the global layers.  transformers < 5 writes
+ * "rope_theta" and "rope_scaling" at the top level; transformers 5 writes
+ * "rope_parameters": {"rope_type", "rope_theta", "factor", ...} instead, or,
+ * for models with two kinds of layer (gemma3), one such object per layer
+ * type: {"full_attention": {...}, "sliding_attention": {...}}.  The old
+ * "rope_scaling" wins when present; NULL when there is neither. */
+void *model_hf_rope_params(const hf_model *m)
+{
+    json_t *cfg = (json_t *)m->config;
+    json_t *rs = json_object_get(cfg, "rope_scaling");
+    if (rs && !json_is_null(rs))
+        return rs;
+    json_t *rp = json_object_get(cfg, "rope_parameters");
+    json_t *full = json_object_get(rp, "full_attention");
+    if (json_is_object(full))
+        return full;
+    return rp && !json_is_null(rp) ? rp : NULL;
+}
+
+/* The rope base of the global layers: top-level "rope_theta", else the one
+ * in "rope_parameters" (transformers 5; see model_hf_rope_params). */
+static kiln_status hf_rope_theta(const hf_model *m, model_hparams *hp)
+{
+    double v;
+    kiln_status st = hf_config_float(m, "rope_theta", &v);
+    if (st == KILN_OK)
+        hp->rope.theta = (float)v;
+    if (st != KILN_ERR_NOT_FOUND)
+        return st;
+    kiln_error_clear();
+    hp->rope.theta = DEFAULT_ROPE_THETA;
+    json_t *jt = json_object_get((json_t *)model_hf_rope_params(m), "rope_theta");
+    if (jt && !json_is_number(jt))
+        return KILN_FAIL(KILN_ERR_FORMAT, "%s/config.json: rope_parameters.rope_theta is not a "
+                         "number", m->dir);
+    if (jt)
+        hp->rope.theta = (float)json_number_value(jt);
+    return KILN_OK;
+}
+
 /* Llama 3 "rope_scaling": {"rope_type": "llama3", ...} turns into
  * per-frequency divisors, the same numbers GGUF files carry as rope_freqs. */
 static kiln_status hf_rope_scaling(const hf_model *m, model_hparams *hp)
 {
-    json_t *rs = json_object_get((json_t *)m->config, "rope_scaling");
-    if (!rs || json_is_null(rs))
+    json_t *rs = model_hf_rope_params(m);
+    if (!rs)
         return KILN_OK;
     if (!json_is_object(rs))
         return KILN_FAIL(KILN_ERR_FORMAT, "%s/config.json: \"rope_scaling\" is not an object",
@@ -339,7 +379,7 @@ static kiln_status hparams_from_hf(const hf_model *m, model_hparams *hp)
     hp->head_dim_v = hp->head_dim;
     hp->rope.n_dims = hp->head_dim;
     if ((st = hf_float(m, "rms_norm_eps", 1e-6, &hp->rms_eps)) ||
-        (st = hf_float(m, "rope_theta", DEFAULT_ROPE_THETA, &hp->rope.theta)) ||
+        (st = hf_rope_theta(m, hp)) ||
         (st = hf_rope_scaling(m, hp)))
         return st;
     bool tie = hp->arch == ARCH_GEMMA3;
@@ -365,6 +405,13 @@ static kiln_status hparams_from_hf(const hf_model *m, model_hparams *hp)
             return st;
         if (qpas > 0)
             hp->attn_scale = 1.0f / sqrtf(qpas);
+        /* transformers 5 moved rope_local_base_freq into rope_parameters */
+        json_t *swa_rp = json_object_get(json_object_get((json_t *)m->config, "rope_parameters"),
+                                         "sliding_attention");
+        json_t *swa_theta = json_object_get(swa_rp, "rope_theta");
+        if (json_is_number(swa_theta) &&
+            !json_object_get((json_t *)m->config, "rope_local_base_freq"))
+            local_base = (float)json_number_value(swa_theta);
         hp->rope_theta_swa = local_base;
         float cap = 0;
         if ((st = hf_float(m, "attn_logit_softcapping", 0, &cap)))

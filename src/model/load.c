@@ -281,7 +281,7 @@ static kiln_status bind_rope_freqs(load_ctx *c)
         }
         return KILN_OK;
     }
-    json_t *rs = json_object_get((json_t *)c->src->hf->config, "rope_scaling");
+    json_t *rs = model_hf_rope_params(c->src->hf);
     json_t *jt = rs ? json_object_get(rs, "rope_type") : NULL;
     if (!json_is_string(jt) || strcmp(json_string_value(jt), "llama3"))
         return KILN_OK;

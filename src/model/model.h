@@ -133,6 +133,11 @@ kiln_status model_weights_load(model *m, const model_source *src,
                                kiln_progress_fn progress, void *user);
 void model_weights_free(model *m);
 
+/* The json_t* rope settings of a Hugging Face config.json's global layers:
+ * "rope_scaling" (transformers < 5) or "rope_parameters" (transformers 5,
+ * its "full_attention" entry where it has one per layer type), or NULL. */
+void *model_hf_rope_params(const struct hf_model *m);
+
 /* Bytes of K and V per token over all layers, for a KV element of kv_bytes. */
 uint64_t model_kv_bytes_per_token(const model_hparams *hp, size_t kv_bytes);
 

@@ -6,9 +6,10 @@
  * is printed with every mismatch.  Outputs are poisoned with NaN before each
  * op, so an op that skips an element fails.  Each op runs on a one-thread
  * backend and on an all-cores one (and matmul on three threads too, for
- * uneven row splits).  The tolerance of each comparison is stated where it
- * is made; they bound float rounding of the op, not the format's own
- * quantization error, which the references include exactly.
+ * uneven row splits, in both activation modes: float32 by default and 8-bit
+ * with kb_cpu_set_fast_activations).  The tolerance of each comparison is
+ * stated where it is made; they bound float rounding of the op, not the
+ * format's own quantization error, which the references include exactly.
  */
 #include <math.h>
 #include <setjmp.h>
@@ -442,21 +443,54 @@ static void test_embed(void **state)
     }
 }
 
-/* Run one matmul case on backend be and check it twice: against the
- * double-precision dot of the dequantized weight with the activation as the
- * kernel sees it (quantized then dequantized), tightly, and against the
- * float activation, with a bound on the activation's quantization error. */
+/* The bytes of a block that hold quants, for the formats whose exact dot
+ * computes an offset apart from the scaled quant dot (m * sum(x), or the
+ * K-quant mins through sums of x): zeroing them leaves the offset alone. */
+static bool offset_quant_bytes(kiln_type t, int *lo, int *hi)
+{
+    switch (t) {
+    case KILN_TYPE_Q4_1: *lo = 4; *hi = 20; return true;
+    case KILN_TYPE_Q5_1: *lo = 4; *hi = 24; return true;
+    case KILN_TYPE_Q2_K: *lo = 16; *hi = 80; return true;
+    case KILN_TYPE_Q4_K: *lo = 16; *hi = 144; return true;
+    case KILN_TYPE_Q5_K: *lo = 16; *hi = 176; return true;
+    default: return false;
+    }
+}
+
+/* Run one matmul case on backend be (with its activation mode as set) and
+ * check every output.
+ *
+ * Float activations (the default): against the double-precision dot of the
+ * dequantized weight with the float activation, to 2e-6 of sum_i (|w_i| +
+ * |o_i|) |x_i| (+ 1e-6 |bias|), o_i being the offset part of w_i in the
+ * formats that sum it apart (see test_quant.c; the GEMM path of 9 or more
+ * rows has no such term and lands well inside).  Both paths only round
+ * float sums, ~1e-7 relative here.
+ *
+ * 8-bit activations (fast): twice, against the dot with the activation as
+ * the kernel sees it (quantized then dequantized), to 1e-4 of sum |w a|,
+ * and against the float activation with a bound on the activation's
+ * quantization error added. */
 static void check_matmul(kb_backend *be, kiln_type t, int n_in, int n_out, int rows,
                          bool with_bias)
 {
-    const quant_traits *tr = quant_get_traits(t), *vt = quant_get_traits(tr->vec_dot_type);
+    const bool fast = ((cpu_state *)be->impl)->fast_activations;
+    const quant_traits *tr = quant_get_traits(t), *vt = quant_get_traits(tr->fast_vec_dot_type);
     float *wdeq, *x = xmalloc((size_t)rows * n_in * 4), *out = xmalloc((size_t)rows * n_out * 4);
     float *bias = xmalloc((size_t)n_out * 4), *adeq = xmalloc((size_t)n_in * 4);
+    float *odeq = xmalloc((size_t)n_in * 4);
     uint64_t arb;
-    assert_int_equal(quant_row_size(tr->vec_dot_type, (uint64_t)n_in, &arb, "act"), KILN_OK);
-    uint8_t *aq = xmalloc(arb);
+    assert_int_equal(quant_row_size(tr->fast_vec_dot_type, (uint64_t)n_in, &arb, "act"), KILN_OK);
+    uint8_t *aq = xmalloc(arb), *w0 = xmalloc(1);
     kb_weight w = make_weight(t, n_in, n_out, &wdeq);
     kb_weight bw = f32_vector(bias, n_out, "bias");
+    int olo, ohi;
+    const bool has_offset = !fast && offset_quant_bytes(t, &olo, &ohi);
+    if (has_offset) {
+        free(w0);
+        w0 = xmalloc(w.row_bytes);
+    }
     rnd_fill(x, (size_t)rows * n_in, 1.0f);
     for (int r = 0; r < rows; r += 3) /* rows of other magnitudes */
         for (int i = 0; i < n_in; i++)
@@ -465,11 +499,11 @@ static void check_matmul(kb_backend *be, kiln_type t, int n_in, int n_out, int r
     poison(out, (size_t)rows * n_out);
     be->ops->matmul(be, out, x, &w, with_bias ? &bw : NULL, rows);
 
-    const bool conv = tr->vec_dot_type != KILN_TYPE_F32;
+    const bool conv = tr->fast_vec_dot_type != KILN_TYPE_F32;
     const int qbs = (int)vt->block_size;
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * n_in;
-        if (conv) {
+        if (fast && conv) {
             vt->quantize(xr, aq, n_in);
             vt->dequantize(aq, adeq, n_in);
         } else {
@@ -477,11 +511,33 @@ static void check_matmul(kb_backend *be, kiln_type t, int n_in, int n_out, int r
         }
         for (int o = 0; o < n_out; o++) {
             const float *wr = wdeq + (size_t)o * n_in;
-            double ref_a = 0, ref_x = 0, mag = 0, qerr = 0, s_err = 0;
+            const uint8_t *wrow = (const uint8_t *)w.data + w.row_bytes * o;
+            double ref_a = 0, ref_x = 0, mag = 0, omag = 0, qerr = 0, s_err = 0;
+            if (has_offset) { /* the row with its quants zeroed: its offsets */
+                memcpy(w0, wrow, w.row_bytes);
+                for (size_t b = 0; b < w.row_bytes / tr->type_size; b++)
+                    memset(w0 + b * tr->type_size + olo, 0, (size_t)(ohi - olo));
+                tr->dequantize(w0, odeq, n_in);
+                for (int i = 0; i < n_in; i++)
+                    omag += fabs((double)odeq[i] * xr[i]);
+            }
             for (int i = 0; i < n_in; i++) {
                 ref_a += (double)wr[i] * adeq[i];
                 ref_x += (double)wr[i] * xr[i];
                 mag += fabs((double)wr[i] * adeq[i]);
+            }
+            const double bo = with_bias ? bias[o] : 0.0;
+            const double got = out[(size_t)r * n_out + o];
+            if (!fast) {
+                const double tol = 2e-6 * (mag + omag) + 1e-6 * fabs(bo) + 1e-30;
+                if (!(fabs(got - (ref_x + bo)) <= tol)) {
+                    print_error("matmul %s %dx%d rows %d (float act): [%d,%d] got %.9g, want "
+                                "%.9g (err %.3g, tol %.3g); KILN_TEST_SEED=%llu\n",
+                                tr->name, n_out, n_in, rows, r, o, got, ref_x + bo,
+                                fabs(got - (ref_x + bo)), tol, (unsigned long long)g_seed);
+                    fail();
+                }
+                continue;
             }
             /* |x - deq(q(x))| <= amax/127 * (1/2 + 127 * 2^-11 for the half
              * rounding of d) < 0.6 amax/127 per element of a block */
@@ -495,8 +551,7 @@ static void check_matmul(kb_backend *be, kiln_type t, int n_in, int n_out, int r
             }
             /* Q8_1's s = d * sum(q) is stored as a half: the offset term
              * m * s of Q4_1 / Q5_1 carries up to 2^-11 |m s| per block */
-            if (tr->vec_dot_type == KILN_TYPE_Q8_1) {
-                const uint8_t *wrow = (const uint8_t *)w.data + w.row_bytes * o;
+            if (tr->fast_vec_dot_type == KILN_TYPE_Q8_1) {
                 for (int bi = 0; bi < n_in / 32; bi++) {
                     uint16_t mh = t == KILN_TYPE_Q4_1 ? ((const block_q4_1 *)wrow)[bi].m
                                                       : ((const block_q5_1 *)wrow)[bi].m;
@@ -504,14 +559,13 @@ static void check_matmul(kb_backend *be, kiln_type t, int n_in, int n_out, int r
                                   kiln_fp16_to_f32(((const block_q8_1 *)aq)[bi].s)) * 0x1p-11;
                 }
             }
-            const double bo = with_bias ? bias[o] : 0.0;
-            const double got = out[(size_t)r * n_out + o];
             /* float accumulation over <= 4096 terms: 1e-4 of sum |w a| */
             const double tol_a = 1e-4 * mag + s_err + 1e-6 * fabs(bo);
             const double tol_x = tol_a + qerr;
             if (!(fabs(got - (ref_a + bo)) <= tol_a) || !(fabs(got - (ref_x + bo)) <= tol_x)) {
-                print_error("matmul %s %dx%d rows %d: [%d,%d] got %.9g, want %.9g (deq act) / "
-                            "%.9g (float act), tol %.3g / %.3g; KILN_TEST_SEED=%llu\n",
+                print_error("matmul %s %dx%d rows %d (8-bit act): [%d,%d] got %.9g, want %.9g "
+                            "(deq act) / %.9g (float act), tol %.3g / %.3g; "
+                            "KILN_TEST_SEED=%llu\n",
                             tr->name, n_out, n_in, rows, r, o, got, ref_a + bo, ref_x + bo,
                             tol_a, tol_x, (unsigned long long)g_seed);
                 fail();
@@ -519,12 +573,14 @@ static void check_matmul(kb_backend *be, kiln_type t, int n_in, int n_out, int r
         }
     }
     free((void *)w.data), free(wdeq), free(x), free(out), free(bias), free(adeq), free(aq);
+    free(odeq), free(w0);
 }
 
-static void test_matmul(void **state)
+/* The matmul cases, on the backends' current activation mode.  Fewer than
+ * 9 rows stream the weight through the dot kernels, more run the GEMM (for
+ * float activations). */
+static void matmul_cases(void)
 {
-    (void)state;
-    seed_test(7);
     /* n_in multiples of 256 for the K-quants; odd n_out for uneven splits */
     static const int shapes[][3] = {{256, 33, 1}, {512, 100, 5}, {768, 67, 17}};
     for (size_t ti = 0; ti < N_WTYPES; ti++) {
@@ -544,6 +600,35 @@ static void test_matmul(void **state)
     /* fewer rows than threads: the conversion splits rows into block runs */
     check_matmul(g_be[2], KILN_TYPE_Q4_1, 576, 40, 2, true);
     check_matmul(g_be[2], KILN_TYPE_Q6_K, 512, 7, 1, false);
+    /* GEMM: several column tiles (n_in > 1024) and row tiles (a thread with
+     * more than 64 rows), and 8 / 9 rows either side of the switch */
+    check_matmul(g_be[0], KILN_TYPE_Q4_K, 2304, 150, 33, true);
+    check_matmul(g_be[1], KILN_TYPE_Q5_0, 1088, 70, 9, false);
+    check_matmul(g_be[1], KILN_TYPE_Q5_0, 1088, 70, 8, false);
+    /* float weights with rows that are not whole vectors */
+    check_matmul(g_be[2], KILN_TYPE_F16, 100, 13, 20, true);
+    check_matmul(g_be[0], KILN_TYPE_BF16, 37, 5, 12, false);
+    check_matmul(g_be[1], KILN_TYPE_F32, 19, 6, 3, true);
+}
+
+static void test_matmul(void **state)
+{
+    (void)state;
+    seed_test(7);
+    matmul_cases();
+}
+
+/* llama.cpp's 8-bit activations, switched on per backend. */
+static void test_matmul_fast(void **state)
+{
+    (void)state;
+    seed_test(9);
+    for (int i = 0; i < 3; i++)
+        kb_cpu_set_fast_activations(g_be[i], true);
+    matmul_cases();
+    for (int i = 0; i < 3; i++)
+        kb_cpu_set_fast_activations(g_be[i], false);
+    kb_cpu_set_fast_activations(NULL, true); /* a no-op */
 }
 
 /* ------------------------------------------------------------------------
@@ -789,6 +874,7 @@ int main(void)
         cmocka_unit_test(test_rope),
         cmocka_unit_test(test_embed),
         cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_matmul_fast),
         cmocka_unit_test(test_kv_create_errors),
         cmocka_unit_test(test_attention),
     };

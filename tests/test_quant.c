@@ -8,10 +8,16 @@
  *    binary (build/tests/test_quant -> build/testdata, and the ASan build's
  *    build/asan/tests/test_quant -> build/asan/testdata, where
  *    `make test-asan` copies them).  Missing files FAIL the test, with a
- *    message saying to run `make refdata`.
- *  - vec_dot, both the traits' (SIMD) kernel and the scalar reference,
- *    against dequantize-then-multiply in double of the same quantized data,
- *    on random blocks and on rows made by quant_quantize_row_ref.
+ *    message saying to run `make refdata`.  Where the build has a SIMD
+ *    dequantize it is also held bitwise to the scalar one on random blocks.
+ *  - both dot products of every type, each as the traits' (SIMD) kernel
+ *    and the scalar reference, against dequantize-then-multiply in double:
+ *    vec_dot (float activations, F32_SUMS rows) to 2e-6 of the magnitudes
+ *    summed, fast_vec_dot (8-bit activations) to 1e-5 against the
+ *    activation as quantized, on random blocks and on rows made by
+ *    quant_quantize_row_ref, for several row lengths (SIMD tails).
+ *  - the F32_SUMS preparation: the floats kept bit for bit, the block sums
+ *    those of a double sum, block ranges prepared apart.
  *  - activation quantizers and the reference weight quantizers keep their
  *    round-trip error bounds; unsupported types are refused by name.
  *
@@ -192,6 +198,36 @@ static void test_dequant(void **state)
     kiln_free(buf);
 }
 
+/* The traits' dequantize (SIMD where the build has it) against the scalar
+ * definition, bit for bit, on fresh random blocks of several lengths. */
+static void test_dequant_simd(void **state)
+{
+    const kiln_type t = *(const kiln_type *)*state;
+    const quant_traits *tr = quant_get_traits(t);
+    const quant_dequant_fn ref = quant_dequantize_ref(t);
+    assert_non_null(ref);
+    const int64_t nbs[] = {1, 3, 16, 37};
+    for (size_t k = 0; k < sizeof nbs / sizeof nbs[0]; k++) {
+        const int64_t nb = nbs[k], n = nb * tr->block_size;
+        void *q = kiln_aligned_alloc(64, (size_t)nb * tr->type_size + 64);
+        float *a = kiln_malloc((size_t)n * 4), *b = kiln_malloc((size_t)n * 4);
+        assert_true(q && a && b);
+        for (int trial = 0; trial < 4; trial++) {
+            random_blocks(t, q, nb);
+            tr->dequantize(q, a, n);
+            ref(q, b, n);
+            for (int64_t i = 0; i < n; i++)
+                if (kiln_fp32_to_bits(a[i]) != kiln_fp32_to_bits(b[i]))
+                    fail_msg("%s: element %" PRId64 " of %" PRId64 ": %s %.9g, scalar %.9g; "
+                             "seed %" PRIu64, tr->name, i, n, quant_simd_name(), a[i], b[i],
+                             g_seed);
+        }
+        kiln_free(q);
+        kiln_free(a);
+        kiln_free(b);
+    }
+}
+
 /* ------------------------------------------------------------------------
  * Traits and unsupported types
  * ---------------------------------------------------------------------- */
@@ -205,25 +241,48 @@ static void test_traits(void **state)
         assert_true(tr->supported);
         assert_non_null(tr->dequantize);
         assert_non_null(tr->vec_dot);
+        assert_non_null(tr->fast_vec_dot);
         assert_non_null(quant_vec_dot_ref(supported_types[k]));
+        assert_non_null(quant_fast_vec_dot_ref(supported_types[k]));
         const quant_traits *vt = quant_get_traits(tr->vec_dot_type);
+        const quant_traits *ft = quant_get_traits(tr->fast_vec_dot_type);
         assert_non_null(vt);
         assert_non_null(vt->quantize);
+        assert_non_null(ft);
+        assert_non_null(ft->quantize);
         assert_int_equal(quant_check_supported(supported_types[k], "t"), KILN_OK);
     }
+    /* (weight, exact activation format, fast activation format) */
     struct {
-        kiln_type w, a;
+        kiln_type w, a, f;
     } vdt[] = {
-        {KILN_TYPE_F32, KILN_TYPE_F32},   {KILN_TYPE_F16, KILN_TYPE_F32},
-        {KILN_TYPE_BF16, KILN_TYPE_F32},  {KILN_TYPE_Q4_0, KILN_TYPE_Q8_0},
-        {KILN_TYPE_Q4_1, KILN_TYPE_Q8_1}, {KILN_TYPE_Q5_0, KILN_TYPE_Q8_0},
-        {KILN_TYPE_Q5_1, KILN_TYPE_Q8_1}, {KILN_TYPE_Q8_0, KILN_TYPE_Q8_0},
-        {KILN_TYPE_Q2_K, KILN_TYPE_Q8_K}, {KILN_TYPE_Q3_K, KILN_TYPE_Q8_K},
-        {KILN_TYPE_Q4_K, KILN_TYPE_Q8_K}, {KILN_TYPE_Q5_K, KILN_TYPE_Q8_K},
-        {KILN_TYPE_Q6_K, KILN_TYPE_Q8_K},
+        {KILN_TYPE_F32, KILN_TYPE_F32, KILN_TYPE_F32},
+        {KILN_TYPE_F16, KILN_TYPE_F32, KILN_TYPE_F32},
+        {KILN_TYPE_BF16, KILN_TYPE_F32, KILN_TYPE_F32},
+        {KILN_TYPE_Q4_0, KILN_TYPE_F32_SUMS, KILN_TYPE_Q8_0},
+        {KILN_TYPE_Q4_1, KILN_TYPE_F32_SUMS, KILN_TYPE_Q8_1},
+        {KILN_TYPE_Q5_0, KILN_TYPE_F32_SUMS, KILN_TYPE_Q8_0},
+        {KILN_TYPE_Q5_1, KILN_TYPE_F32_SUMS, KILN_TYPE_Q8_1},
+        {KILN_TYPE_Q8_0, KILN_TYPE_F32_SUMS, KILN_TYPE_Q8_0},
+        {KILN_TYPE_Q2_K, KILN_TYPE_F32_SUMS, KILN_TYPE_Q8_K},
+        {KILN_TYPE_Q3_K, KILN_TYPE_F32_SUMS, KILN_TYPE_Q8_K},
+        {KILN_TYPE_Q4_K, KILN_TYPE_F32_SUMS, KILN_TYPE_Q8_K},
+        {KILN_TYPE_Q5_K, KILN_TYPE_F32_SUMS, KILN_TYPE_Q8_K},
+        {KILN_TYPE_Q6_K, KILN_TYPE_F32_SUMS, KILN_TYPE_Q8_K},
     };
-    for (size_t k = 0; k < sizeof vdt / sizeof vdt[0]; k++)
+    for (size_t k = 0; k < sizeof vdt / sizeof vdt[0]; k++) {
         assert_int_equal(quant_get_traits(vdt[k].w)->vec_dot_type, vdt[k].a);
+        assert_int_equal(quant_get_traits(vdt[k].w)->fast_vec_dot_type, vdt[k].f);
+    }
+    /* F32_SUMS: an activation format only, never a weight */
+    const quant_traits *fs = quant_get_traits(KILN_TYPE_F32_SUMS);
+    assert_non_null(fs);
+    assert_false(fs->supported);
+    assert_int_equal(fs->block_size, 32);
+    assert_int_equal(fs->type_size, 32 * 4 + 4 + 2 * 4);
+    assert_non_null(fs->quantize);
+    assert_non_null(fs->dequantize);
+    assert_int_equal(quant_check_supported(KILN_TYPE_F32_SUMS, "t"), KILN_ERR_UNSUPPORTED);
     /* every other type is refused */
     for (uint32_t t = 0; t < KILN_TYPE_COUNT; t++) {
         const quant_traits *tr = quant_get_traits(t);
@@ -233,6 +292,7 @@ static void test_traits(void **state)
         if (tr && !listed) {
             assert_false(tr->supported);
             assert_null(quant_vec_dot_ref((kiln_type)t));
+            assert_null(quant_fast_vec_dot_ref((kiln_type)t));
         }
     }
     assert_non_null(quant_simd_name());
@@ -272,16 +332,20 @@ static size_t row_bytes(kiln_type t, int64_t n)
     return (size_t)(n / tr->block_size) * tr->type_size;
 }
 
-/* The bytes of a block that hold quants, for the formats whose vec_dot
- * adds an offset term apart from the scaled integer dot: a float one
- * (m * s, or dmin * sum m * bsums) or, in the SIMD Q3_K / Q6_K, the -4 /
- * -32 paid through the bsums.  Zeroing the quants leaves a block whose
- * dequantization is that offset alone (q = 0 means -4 and -32 there). */
-static bool quant_bytes(kiln_type t, int *lo, int *hi)
+/* Which of a type's two dot products a check is about. */
+typedef enum dot_kind { DOT_EXACT, DOT_FAST } dot_kind;
+
+/* The bytes of a block that hold quants, for the formats whose dot product
+ * adds an offset term apart from the scaled quant dot: a float one (m * s
+ * or m * sum(x), dmin * sum m * bsums or sums of x) or, in the 8-bit SIMD
+ * Q3_K / Q6_K, the -4 / -32 paid through the bsums (the exact kernels use
+ * those formats' signed quants instead).  Zeroing the quants leaves a block
+ * whose dequantization is that offset alone (q = 0 means -4 and -32 there). */
+static bool quant_bytes(kiln_type t, dot_kind kind, int *lo, int *hi)
 {
     switch (t) {
-    case KILN_TYPE_Q3_K: *lo = 0; *hi = 96; return true;
-    case KILN_TYPE_Q6_K: *lo = 0; *hi = 192; return true;
+    case KILN_TYPE_Q3_K: *lo = 0; *hi = 96; return kind == DOT_FAST;
+    case KILN_TYPE_Q6_K: *lo = 0; *hi = 192; return kind == DOT_FAST;
     case KILN_TYPE_Q4_1: *lo = 4; *hi = 20; return true;
     case KILN_TYPE_Q5_1: *lo = 4; *hi = 24; return true;
     case KILN_TYPE_Q2_K: *lo = 16; *hi = 80; return true;
@@ -291,27 +355,37 @@ static bool quant_bytes(kiln_type t, int *lo, int *hi)
     }
 }
 
-/* Quantize act (n floats) to t's vec_dot_type and check both vec_dots of
- * the weight row wq against the double-precision dot of the dequantized
- * rows.  Tolerance: 1e-5 * (sum |w_i * a_i| + sum |o_i * a_i|), where o_i
- * is the offset part of w_i (m or -dmin * m) in the formats that have one.
- * The kernels' integer parts are exact, so the only differences are float
- * rounding of the per-block scale products and the accumulation order
- * (~1e-7 relative for these lengths; 1e-5 leaves room without hiding a
- * wrong element, which moves the result by ~1/n of the magnitude).  The
- * offset term is computed apart from the scaled dot, and the two can
- * cancel (a block whose weights sit near zero with a large m, or a Q6_K
- * sub-block of near-zero quants whose lanes hold (q + 32) * a), hence the
- * o_i term.  Q4_1/Q5_1 add the one documented deviation: they use the
- * activation's s = d * sum(q) rounded to half, so the bound also allows
- * |m * (s - d * sum(q))| per block, computed exactly here. */
-static void check_dot(kiln_type t, const void *wq, const float *act, int64_t n,
-                      const char *what)
+/* Convert act (n floats) to the activation format of t's dot product
+ * `kind` and check both versions of that dot (the traits' kernel and the
+ * scalar reference) of the weight row wq against the double-precision dot
+ * of the dequantized weight with the activation as converted (for
+ * DOT_EXACT, the floats themselves: checked bitwise here).
+ *
+ * Tolerance: tol * (sum |w_i * a_i| + sum |o_i * a_i|), where o_i is the
+ * offset part of w_i (m or -dmin * m) in the formats that compute one apart
+ * from the scaled quant dot; tol is 2e-6 for DOT_EXACT and 1e-5 for
+ * DOT_FAST.  Quant times activation is exact in both (integers in the fast
+ * path; small integers times a float, FMA'd, in the exact one), so what is
+ * left is float rounding of the per-block partial sums, of the scale
+ * products and of the accumulation (~1e-7 relative for these lengths; the
+ * bound leaves room without hiding a wrong element, which moves the result
+ * by ~1/n of the magnitude).  The offset term is computed apart and can
+ * cancel against the scaled dot (a block whose weights sit near zero with
+ * a large m), hence the o_i term.  The fast Q4_1 / Q5_1 add the one
+ * documented deviation: they use the activation's s = d * sum(q) rounded
+ * to half, so their bound also allows |m * (s - d * sum(q))| per block,
+ * computed exactly here. */
+static void check_dot(kiln_type t, dot_kind kind, const void *wq, const float *act,
+                      int64_t n, const char *what)
 {
     const quant_traits *tr = quant_get_traits(t);
-    const quant_traits *vt = quant_get_traits(tr->vec_dot_type);
+    const kiln_type at = kind == DOT_EXACT ? tr->vec_dot_type : tr->fast_vec_dot_type;
+    const quant_traits *vt = quant_get_traits(at);
+    const quant_vec_dot_fn dot = kind == DOT_EXACT ? tr->vec_dot : tr->fast_vec_dot;
+    const quant_vec_dot_fn dot_ref =
+        kind == DOT_EXACT ? quant_vec_dot_ref(t) : quant_fast_vec_dot_ref(t);
     const size_t wbytes = row_bytes(t, n);
-    void *aq = kiln_aligned_alloc(64, row_bytes(tr->vec_dot_type, n) + 64);
+    void *aq = kiln_aligned_alloc(64, row_bytes(at, n) + 64);
     void *w0 = kiln_aligned_alloc(64, wbytes + 64);
     float *wd = kiln_malloc((size_t)n * 4), *ad = kiln_malloc((size_t)n * 4);
     float *od = kiln_calloc((size_t)n, 4);
@@ -319,8 +393,10 @@ static void check_dot(kiln_type t, const void *wq, const float *act, int64_t n,
     vt->quantize(act, aq, n);
     tr->dequantize(wq, wd, n);
     vt->dequantize(aq, ad, n);
+    if (kind == DOT_EXACT)
+        assert_memory_equal(ad, act, (size_t)n * 4);
     int lo, hi;
-    if (quant_bytes(t, &lo, &hi)) {
+    if (quant_bytes(t, kind, &lo, &hi)) {
         memcpy(w0, wq, wbytes);
         for (size_t b = 0; b < wbytes / tr->type_size; b++)
             memset((uint8_t *)w0 + b * tr->type_size + lo, 0, (size_t)(hi - lo));
@@ -331,7 +407,7 @@ static void check_dot(kiln_type t, const void *wq, const float *act, int64_t n,
         exact += (double)wd[i] * (double)ad[i];
         mag += fabs((double)wd[i] * (double)ad[i]) + fabs((double)od[i] * (double)ad[i]);
     }
-    if (t == KILN_TYPE_Q4_1 || t == KILN_TYPE_Q5_1) {
+    if (kind == DOT_FAST && (t == KILN_TYPE_Q4_1 || t == KILN_TYPE_Q5_1)) {
         const uint8_t *wb = wq;
         const block_q8_1 *y = aq;
         for (int64_t b = 0; b < n / 32; b++) {
@@ -345,15 +421,16 @@ static void check_dot(kiln_type t, const void *wq, const float *act, int64_t n,
                           ((double)kiln_fp16_to_f32(y[b].s) - s_exact));
         }
     }
-    const double tol = 1e-5 * mag + 1.0001 * extra + 1e-30;
-    float fast = NAN, ref = NAN;
-    tr->vec_dot(n, &fast, wq, aq);
-    quant_vec_dot_ref(t)(n, &ref, wq, aq);
-    if (!(fabs(fast - exact) <= tol) || !(fabs(ref - exact) <= tol))
-        fail_msg("%s %s n=%" PRId64 ": exact %.9g, vec_dot %.9g (err %.3g), scalar "
+    const double tol = (kind == DOT_EXACT ? 2e-6 : 1e-5) * mag + 1.0001 * extra + 1e-30;
+    float simd = NAN, ref = NAN;
+    dot(n, &simd, wq, aq);
+    dot_ref(n, &ref, wq, aq);
+    if (!(fabs(simd - exact) <= tol) || !(fabs(ref - exact) <= tol))
+        fail_msg("%s %s %s n=%" PRId64 ": exact %.9g, %s %.9g (err %.3g), scalar "
                  "%.9g (err %.3g), tolerance %.3g; seed %" PRIu64,
-                 tr->name, what, n, exact, fast, fabs(fast - exact), ref,
-                 fabs(ref - exact), tol, g_seed);
+                 tr->name, kind == DOT_EXACT ? "vec_dot" : "fast_vec_dot", what, n, exact,
+                 quant_simd_name(), simd, fabs(simd - exact), ref, fabs(ref - exact), tol,
+                 g_seed);
     kiln_free(aq);
     kiln_free(w0);
     kiln_free(wd);
@@ -385,8 +462,10 @@ static void dot_lengths(kiln_type t, int64_t *len, int *nlen)
         *nlen = 7;
         memcpy(len, l, sizeof l);
     } else {
-        const int64_t l[] = {bs, 2 * bs, 7 * bs, 33 * bs};
-        *nlen = bs == QK_K ? 3 : 4;
+        /* block counts around the SIMD kernels' groups of four blocks,
+         * and SmolLM2's 576 = 18 x 32 */
+        const int64_t l[] = {bs, 2 * bs, 7 * bs, 18 * bs, 33 * bs};
+        *nlen = bs == QK_K ? 4 : 5;
         memcpy(len, l, sizeof l);
     }
 }
@@ -423,7 +502,8 @@ static void test_vec_dot(void **state)
         for (int trial = 0; trial < DOT_TRIALS; trial++) {
             random_blocks(t, w, n / quant_get_traits(t)->block_size);
             random_act(a, n, trial);
-            check_dot(t, w, a, n, "random blocks");
+            check_dot(t, DOT_EXACT, w, a, n, "random blocks");
+            check_dot(t, DOT_FAST, w, a, n, "random blocks");
         }
         for (int trial = 0; has_ref_quantizer(t) && trial < DOT_TRIALS; trial++) {
             random_act(x, n, trial + 1);
@@ -432,11 +512,93 @@ static void test_vec_dot(void **state)
                     x[i] += 0.5f * fabsf(x[0]);
             assert_int_equal(quant_quantize_row_ref(t, x, w, n), KILN_OK);
             random_act(a, n, trial);
-            check_dot(t, w, a, n, "quantized row");
+            check_dot(t, DOT_EXACT, w, a, n, "quantized row");
+            check_dot(t, DOT_FAST, w, a, n, "quantized row");
         }
         kiln_free(w);
         kiln_free(x);
         kiln_free(a);
+    }
+}
+
+/* ------------------------------------------------------------------------
+ * The F32_SUMS activation format
+ * ---------------------------------------------------------------------- */
+
+/* The sum of x[0..n) in double, sequentially, and of |x|. */
+static double dsum(const float *x, int n, double *abs_sum)
+{
+    double s = 0.0, a = 0.0;
+    for (int j = 0; j < n; j++) {
+        s += x[j];
+        a += fabs((double)x[j]);
+    }
+    *abs_sum = a;
+    return s;
+}
+
+/* A block sum as prepared: the double sum rounded once to float.  The
+ * kernels may add in another order (a tree), which moves the double sum by
+ * ~2^-50 of sum |x|, so the float may round the other way by one ulp. */
+static void check_sum(float got, const float *x, int n, const char *what, int64_t b)
+{
+    double a;
+    const double ref = dsum(x, n, &a);
+    const double tol = fabs(ref) * 0x1p-23 + a * 0x1p-48 + 1e-45;
+    if (!(fabs((double)got - ref) <= tol))
+        fail_msg("F32_SUMS %s of block %" PRId64 ": %.9g, double sum %.17g; seed %" PRIu64,
+                 what, b, got, ref, g_seed);
+}
+
+static void test_f32_sums(void **state)
+{
+    (void)state;
+    const int64_t lens[] = {32, 64, 96, 576, 4096};
+    const quant_traits *fs = quant_get_traits(KILN_TYPE_F32_SUMS);
+    for (size_t li = 0; li < sizeof lens / sizeof lens[0]; li++) {
+        const int64_t n = lens[li], nb = n / 32;
+        const size_t bytes = row_bytes(KILN_TYPE_F32_SUMS, n);
+        assert_int_equal(bytes, (size_t)n * 4 + (size_t)(n / 32) * 4 + (size_t)(n / 16) * 4);
+        float *x = kiln_malloc((size_t)n * 4), *back = kiln_malloc((size_t)n * 4);
+        float *row = kiln_aligned_alloc(64, bytes), *part = kiln_aligned_alloc(64, bytes);
+        assert_true(x && back && row && part);
+        for (int trial = 0; trial < 8; trial++) {
+            random_act(x, n, trial);
+            if (trial == 3) /* cancelling sums */
+                for (int64_t i = 1; i < n; i += 2)
+                    x[i] = -x[i - 1];
+            fs->quantize(x, row, n);
+            assert_memory_equal(row, x, (size_t)n * 4);
+            const float *s32 = quant_f32_sums_s32(row, n), *s16 = quant_f32_sums_s16(row, n);
+            assert_ptr_equal(s32, row + n);
+            assert_ptr_equal(s16, row + n + n / 32);
+            for (int64_t b = 0; b < nb; b++) {
+                check_sum(s32[b], x + 32 * b, 32, "s32", b);
+                check_sum(s16[2 * b], x + 32 * b, 16, "s16", 2 * b);
+                check_sum(s16[2 * b + 1], x + 32 * b + 16, 16, "s16", 2 * b + 1);
+            }
+            fs->dequantize(row, back, n);
+            assert_memory_equal(back, x, (size_t)n * 4);
+            /* block ranges prepared apart write their blocks only, and
+             * together make the whole row */
+            memset(part, 0xA5, bytes);
+            const int64_t cut = nb / 2;
+            quant_prepare_f32_sums(x, part, n, cut, nb);
+            for (int64_t b = 0; b < cut; b++) {
+                const uint8_t *xb = (const uint8_t *)(part + 32 * b);
+                const uint8_t *sb = (const uint8_t *)(part + n + b);
+                for (int j = 0; j < 128; j++)
+                    assert_int_equal(xb[j], 0xA5);
+                for (int j = 0; j < 4; j++)
+                    assert_int_equal(sb[j], 0xA5);
+            }
+            quant_prepare_f32_sums(x, part, n, 0, cut);
+            assert_memory_equal(part, row, bytes);
+        }
+        kiln_free(x);
+        kiln_free(back);
+        kiln_free(row);
+        kiln_free(part);
     }
 }
 
@@ -681,7 +843,7 @@ static void find_testdata(const char *argv0)
 }
 
 /* Per-type tests are named "<what> <TYPE>" so a failure names its type. */
-#define MAX_TESTS 64
+#define MAX_TESTS 80
 
 int main(int argc, char **argv)
 {
@@ -707,6 +869,8 @@ int main(int argc, char **argv)
     for (size_t k = 0; k < N_SUPPORTED; k++)
         ADD(test_dequant, "dequant", &supported_types[k]);
     for (size_t k = 0; k < N_SUPPORTED; k++)
+        ADD(test_dequant_simd, "dequant_simd", &supported_types[k]);
+    for (size_t k = 0; k < N_SUPPORTED; k++)
         ADD(test_vec_dot, "vec_dot", &supported_types[k]);
     for (size_t k = 0; k < N_REF_QUANT; k++)
         ADD(test_weight_quantizer, "quantize_ref", &ref_quant_types[k]);
@@ -714,5 +878,6 @@ int main(int argc, char **argv)
     tests[nt++] = (struct CMUnitTest)cmocka_unit_test(test_traits);
     tests[nt++] = (struct CMUnitTest)cmocka_unit_test(test_unsupported_named);
     tests[nt++] = (struct CMUnitTest)cmocka_unit_test(test_activation_quantizers);
+    tests[nt++] = (struct CMUnitTest)cmocka_unit_test(test_f32_sums);
     return _cmocka_run_group_tests("test_quant", tests, nt, NULL, NULL);
 }

@@ -173,6 +173,20 @@ struct kb_backend {
 
 /* Create the CPU backend with n_threads worker threads (<= 0: all cores). */
 kiln_status kb_cpu_create(int n_threads, kb_backend **out);
+/* Choose how a CPU backend's matmuls treat activations with quantized
+ * weights.  false (the default): the activations stay float32 and the
+ * result is the exact product with the dequantized weight up to float
+ * rounding (~1e-7 relative).  true: each activation row is quantized to 8
+ * bits per block (Q8_0 / Q8_1 / Q8_K) for integer dot products, as
+ * llama.cpp's CPU backend does, which loses bits on every matmul (on
+ * SmolLM2-135M the logits' mean KL divergence from a float64 forward rises
+ * from ~0 to 3e-3) for faster matvecs: on Zen 4 the float path runs them
+ * at ~65-100 % of the 8-bit speed for Q4_0/Q4_1/Q8_0, ~50-75 % for
+ * Q4_K/Q5_K and ~40-55 % for Q6_K (quant.h has the details), though whole-
+ * model generation speed is close between the two.  Prefill (9 or more
+ * rows) is faster with float activations, whose GEMM decodes each weight
+ * once.  A no-op for other backends and for NULL. */
+void kb_cpu_set_fast_activations(kb_backend *be, bool on);
 /* Create the CUDA backend on device `device`. */
 kiln_status kb_cuda_create(int device, kb_backend **out);
 /* Destroy any backend through its ops->destroy; kb_destroy(NULL) is a no-op. */

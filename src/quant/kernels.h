@@ -1,10 +1,13 @@
 /*
  * kernels.h - the row kernels of each type, shared by the files of src/quant
  * and by nothing else (everything outside reaches them through
- * quant_get_traits).  dequant.c and quantize.c hold the conversions,
- * vecdot.c the scalar dot products that define each vec_dot, and
- * vecdot_x86.c the AVX2 / AVX-512 versions that kernels.c installs in the
- * traits when the build targets those instruction sets.
+ * quant_get_traits).  dequant.c and quantize.c hold the conversions;
+ * vecdot.c the scalar dot products against 8-bit activations (the traits'
+ * fast_vec_dot) and vecdot_x86.c their AVX2 / AVX-512 versions;
+ * vecdot_f32.c the scalar dot products against float activations (the
+ * traits' vec_dot) and vecdot_f32_avx2.c / vecdot_f32_avx512.c theirs;
+ * dequant_avx512.c the dequantizations again with AVX-512.  kernels.c
+ * installs the fastest the build's instruction set allows.
  *
  * Every kernel takes n elements, a multiple of its type's block size.
  */
@@ -75,6 +78,23 @@ void vec_dot_q4_K_ref(int64_t n, float *s, const void *w, const void *a);
 void vec_dot_q5_K_ref(int64_t n, float *s, const void *w, const void *a);
 void vec_dot_q6_K_ref(int64_t n, float *s, const void *w, const void *a);
 
+/* vecdot_f32.c: the F32_SUMS activation format and the scalar dot
+ * products against it (see quant.h). */
+void quantize_row_f32_sums(const float *src, void *dst, int64_t n);
+void dequant_row_f32_sums(const void *src, float *dst, int64_t n);
+void vec_dot_q4_0_f32_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q4_1_f32_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q5_0_f32_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q5_1_f32_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q8_0_f32_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q8_1_f32_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q8_K_f32_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q2_K_f32_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q3_K_f32_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q4_K_f32_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q5_K_f32_ref(int64_t n, float *s, const void *w, const void *a);
+void vec_dot_q6_K_f32_ref(int64_t n, float *s, const void *w, const void *a);
+
 /* vecdot_x86.c: the same dot products with AVX2 (+ AVX-512 / VNNI where the
  * build targets it).  Declared only where they are compiled. */
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -92,8 +112,48 @@ void vec_dot_q3_K_x86(int64_t n, float *s, const void *w, const void *a);
 void vec_dot_q4_K_x86(int64_t n, float *s, const void *w, const void *a);
 void vec_dot_q5_K_x86(int64_t n, float *s, const void *w, const void *a);
 void vec_dot_q6_K_x86(int64_t n, float *s, const void *w, const void *a);
+
+/* vecdot_f32_avx512.c where the build has AVX-512 F/BW/DQ/VL, else
+ * vecdot_f32_avx2.c: the float-activation dot products and the F32_SUMS
+ * row preparation. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__)
+#define KQ_HAVE_AVX512 1
+#else
+#define KQ_HAVE_AVX512 0
+#endif
+void prepare_f32_sums_x86(const float *x, void *dst, int64_t n, int64_t b0,
+                          int64_t b1);
+#if KQ_HAVE_AVX512
+/* dequant_avx512.c: dequant.c's conversions, bitwise the same. */
+void dequant_row_q4_0_x86(const void *src, float *dst, int64_t n);
+void dequant_row_q4_1_x86(const void *src, float *dst, int64_t n);
+void dequant_row_q5_0_x86(const void *src, float *dst, int64_t n);
+void dequant_row_q5_1_x86(const void *src, float *dst, int64_t n);
+void dequant_row_q8_0_x86(const void *src, float *dst, int64_t n);
+void dequant_row_q2_K_x86(const void *src, float *dst, int64_t n);
+void dequant_row_q3_K_x86(const void *src, float *dst, int64_t n);
+void dequant_row_q4_K_x86(const void *src, float *dst, int64_t n);
+void dequant_row_q5_K_x86(const void *src, float *dst, int64_t n);
+void dequant_row_q6_K_x86(const void *src, float *dst, int64_t n);
+#endif
+#define KQ_F32_X86(t)                                                          \
+    void vec_dot_##t##_f32_x86(int64_t n, float *s, const void *w,           \
+                               const void *a);
+KQ_F32_X86(q4_0)
+KQ_F32_X86(q4_1)
+KQ_F32_X86(q5_0)
+KQ_F32_X86(q5_1)
+KQ_F32_X86(q8_0)
+KQ_F32_X86(q2_K)
+KQ_F32_X86(q3_K)
+KQ_F32_X86(q4_K)
+KQ_F32_X86(q5_K)
+KQ_F32_X86(q6_K)
+#undef KQ_F32_X86
 #else
 #define KQ_HAVE_X86 0
+#define KQ_HAVE_AVX512 0
 #endif
 
 #endif /* KILN_QUANT_KERNELS_H */

@@ -18,6 +18,9 @@
  *   Q2_K ... Q6_K  256-weight super-blocks of 16 or 32-weight sub-blocks with
  *         6/4-bit sub-block scales (see the block structs below)
  *   Q8_K  256: float d, qs[256] int8, bsums[16] int16 (activation format)
+ *   F32_SUMS  a float32 activation row prepared for the exact dots: the n
+ *         floats, then the sum of each 32 of them, then of each 16 (kiln's
+ *         own format, never in a file; see "Activation formats" below)
  */
 #ifndef KILN_QUANT_H
 #define KILN_QUANT_H
@@ -67,7 +70,9 @@ typedef enum kiln_type {
     /* safetensors dtypes with no GGML id */
     KILN_TYPE_U8 = 64,
     KILN_TYPE_F8_E4M3 = 65,
-    KILN_TYPE_COUNT = 66,
+    /* kiln's activation format for the exact dot products (no file has it) */
+    KILN_TYPE_F32_SUMS = 66,
+    KILN_TYPE_COUNT = 67,
 } kiln_type;
 
 /* Row kernels.  n is the number of elements and is a multiple of the type's
@@ -79,16 +84,44 @@ typedef void (*quant_quantize_fn)(const float *src, void *dst, int64_t n);
 typedef void (*quant_vec_dot_fn)(int64_t n, float *s, const void *w,
                                  const void *a);
 
+/* Two dot products per weight type, a choice of accuracy against speed:
+ *
+ *  - vec_dot (the default) keeps the activation in float32: the weight's
+ *    quants are decoded to exact small integers and multiplied with the
+ *    float activation by FMA, the block scales applied per (sub-)block and
+ *    the offsets (Q4_1/Q5_1 m, K-quant mins) through the activation's block
+ *    sums.  The result is the exact dot of the dequantized weight with the
+ *    float activation up to float32 rounding of the sums (~1e-7 relative).
+ *    vec_dot_type is F32 for float weights, F32_SUMS for quantized ones.
+ *  - fast_vec_dot is llama.cpp's: the activation row is quantized to 8 bits
+ *    per block (Q8_0 / Q8_1 / Q8_K, fast_vec_dot_type) and the dot product
+ *    is an exact integer one.  That rounding of the activation costs bits on
+ *    every matmul: on SmolLM2-135M (Q4_1) the mean KL divergence of the
+ *    logits from a float64 forward over the same weights is 3.1e-3 this way
+ *    (llama.cpp: 4e-3), 1.3e-4 with activations rounded to BF16, ~0 with
+ *    float32.  But it is faster wherever the vector units are the limit,
+ *    which on the Zen 4 dev machine is always, from cache or DRAM: there
+ *    the float path runs Q4_0/Q4_1/Q8_0 matvecs at ~65-100 % of the 8-bit
+ *    speed, Q4_K at ~60-75 %, Q5_K at ~50-60 %, Q6_K/Q2_K/Q3_K at ~40-55 %
+ *    (the gap is smaller on an Intel Xeon with two 512-bit FMA units).  In
+ *    the float path every weight is an FMA lane, where vpdpbusd takes four
+ *    bytes per lane.
+ *
+ * Float weights (F32, F16, BF16) have only the exact path: both pairs are
+ * the same kernels against F32; Q8_1 and Q8_K weights (rare: they are
+ * activation formats) dot a plain F32 row exactly. */
 typedef struct quant_traits {
     const char *name;       /* "Q4_K" */
     uint32_t block_size;    /* elements per block */
     uint32_t type_size;     /* bytes per block */
     bool is_quantized;
     bool supported;         /* kiln can dequantize and dot this type */
-    kiln_type vec_dot_type; /* activation format for vec_dot */
+    kiln_type vec_dot_type; /* activation format for vec_dot (exact) */
     quant_dequant_fn dequantize;
     quant_quantize_fn quantize; /* NULL for weight-only formats */
     quant_vec_dot_fn vec_dot;
+    kiln_type fast_vec_dot_type; /* activation format for fast_vec_dot */
+    quant_vec_dot_fn fast_vec_dot;
 } quant_traits;
 
 /* Traits of a type id, or NULL when the id names no type (e.g. 4 or 200). */
@@ -259,8 +292,48 @@ kiln_status quant_quantize_row_ref(kiln_type t, const float *src, void *dst,
  * it.  NULL for a type that has no vec_dot. */
 quant_vec_dot_fn quant_vec_dot_ref(kiln_type type);
 
-/* The instruction set the traits' vec_dot kernels were compiled for:
- * "avx512-vnni", "avx2" or "scalar". */
+/* The same for fast_vec_dot (against fast_vec_dot_type). */
+quant_vec_dot_fn quant_fast_vec_dot_ref(kiln_type type);
+
+/* The scalar dequantize of a type (the traits' may be a SIMD version of it,
+ * bitwise the same); NULL for a type kiln cannot dequantize. */
+quant_dequant_fn quant_dequantize_ref(kiln_type type);
+
+/* The instruction set the traits' kernels were compiled for:
+ * "avx512-vnni", "avx512" (the 8-bit kernels then use 256-bit AVX2),
+ * "avx2" or "scalar". */
 const char *quant_simd_name(void);
+
+/* ------------------------------------------------------------------------
+ * Activation formats of the exact dot products
+ *
+ * An F32_SUMS row of n elements (n a multiple of 32) is, as float32:
+ *   x[0 .. n)            the activations themselves
+ *   s32[0 .. n/32)       s32[b] = x[32b] + ... + x[32b + 31]
+ *   s16[0 .. n/16)       s16[b] = x[16b] + ... + x[16b + 15]
+ * (4.375 n bytes: block_size 32, type_size 140).  Each sum is rounded once
+ * from a double sum.  The activation row is reused by every weight row of a
+ * matmul, so its sums are made once per row here instead of once per block
+ * in every dot: they carry the offsets of Q4_1 / Q5_1 (m * s32) and the
+ * K-quant mins (dmin * m * s32, Q2_K's per 16 with s16).
+ * ---------------------------------------------------------------------- */
+
+/* Prepare blocks [b0, b1) of an F32_SUMS row of n elements: x[32 b0 .. 32
+ * b1) is copied to dst's x part and those blocks' sums are written; the
+ * rest of dst is untouched, so threads can share one row.  The traits'
+ * quantize of F32_SUMS is quant_prepare_f32_sums(x, dst, n, 0, n / 32). */
+void quant_prepare_f32_sums(const float *x, void *dst, int64_t n, int64_t b0,
+                            int64_t b1);
+
+/* The parts of an F32_SUMS row of n elements. */
+static inline const float *quant_f32_sums_s32(const void *row, int64_t n)
+{
+    return (const float *)row + n;
+}
+
+static inline const float *quant_f32_sums_s16(const void *row, int64_t n)
+{
+    return (const float *)row + n + n / 32;
+}
 
 #endif /* KILN_QUANT_H */

@@ -46,6 +46,7 @@ static quant_traits table[KILN_TYPE_COUNT] = {
     T(MXFP4, "MXFP4", 32, 17, true),
     T(U8, "U8", 1, 1, false),
     T(F8_E4M3, "F8_E4M3", 1, 1, false),
+    T(F32_SUMS, "F32_SUMS", 32, 140, false),
 };
 
 #undef T

@@ -249,6 +249,12 @@ kiln_status kb_cpu_create(int n_threads, kb_backend **out)
     return KILN_OK;
 }
 
+void kb_cpu_set_fast_activations(kb_backend *be, bool on)
+{
+    if (be && be->ops == &cpu_ops)
+        ((cpu_state *)be->impl)->fast_activations = on;
+}
+
 void kb_destroy(kb_backend *be)
 {
     if (be)

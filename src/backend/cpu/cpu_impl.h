@@ -52,11 +52,15 @@ typedef struct cpu_rope_cache {
 } cpu_rope_cache;
 
 typedef struct cpu_state {
-    /* Activation rows of a matmul quantized to the weight's vec_dot_type,
-     * (rows, act_row_stride) bytes.  Grown (never shrunk) to the largest
-     * request seen, freed with the backend. */
+    /* Matmul scratch: the activation rows converted to the weight's dot
+     * format, (rows, act_row_stride) bytes, or the per-thread weight tiles
+     * of the GEMM path.  Grown (never shrunk) to the largest request seen,
+     * freed with the backend. */
     void *scratch;
     size_t scratch_size;
+    /* kb_cpu_set_fast_activations: matmuls quantize activations to 8 bits
+     * (llama.cpp's way) instead of keeping them float32 */
+    bool fast_activations;
     cpu_rope_cache rope[CPU_ROPE_CACHE];
     uint64_t rope_clock;
 } cpu_state;

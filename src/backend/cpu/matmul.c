@@ -1,29 +1,57 @@
 /*
  * matmul.c - out = x @ w^T (+ bias) with w in its file format.
  *
- * Decode is a matrix-vector product bound by reading the weight once, so the
- * weight is never dequantized: each activation row is converted once to the
- * weight type's vec_dot_type (Q8_0 / Q8_1 / Q8_K for the quantized types,
- * nothing for F32 weights) into the backend's scratch, and every output is
- * one traits->vec_dot of a weight row against that converted row.  These are
- * the block formats and activation conversions of llama.cpp's CPU backend,
- * so results track it (to float rounding) rather than an exact float
- * product of the dequantized weight.
+ * The activations stay float32 (see quant.h on the two dot products): a
+ * quantized weight is decoded to the exact values it stands for, never the
+ * activation rounded to 8 bits, so a CPU forward tracks a float reference
+ * rather than llama.cpp's activation rounding.  Two shapes of work:
+ *
+ *  - Decode (fewer than CPU_GEMM_MIN_ROWS activation rows) is a matrix-
+ *    vector product that reads each weight byte once.  Each activation row
+ *    is prepared once into the backend's scratch as an F32_SUMS row (the
+ *    floats plus their block sums, which carry the Q4_1 offsets and the
+ *    K-quant mins), and every output is one traits->vec_dot of a weight row,
+ *    decoded block by block as it streams in, against that row.
+ *  - Prefill (more rows) would decode each weight block once per token that
+ *    way.  Instead each thread dequantizes a tile of CPU_GEMM_MC weight rows
+ *    x CPU_GEMM_KC columns into float32 (traits->dequantize, bitwise the
+ *    file's values, ~0.1 ns a weight with AVX-512) that stays in L2, and
+ *    runs a register-blocked float32 micro-kernel over every token against
+ *    it: the decoding is paid once per matmul, and a Zen 4 core does 55-75
+ *    GFLOP/s (the 8-bit path of llama.cpp's kind: 35-65).
+ *
+ * kb_cpu_set_fast_activations switches a backend to llama.cpp's way
+ * instead: each activation row quantized to the weight's fast_vec_dot_type
+ * (Q8_0 / Q8_1 / Q8_K) and integer dot products, for every row count.
  *
  * Threads split the OUTPUT rows into contiguous ranges, so each thread
  * streams its own part of the weight and writes disjoint outputs with no
- * reduction.  With several tokens, each weight row is dotted against a tile
- * of activation rows while it sits in L1, so a prefill reads the weight
- * from memory once per tile rather than once per token.
+ * reduction.  In the streaming paths, with several tokens, each weight row
+ * is dotted against a tile of activation rows while it sits in L1.
  */
 #include <math.h>
 #include <omp.h>
 
 #include "backend/cpu/cpu_impl.h"
+#include "backend/cpu/simd.h"
 
 /* Converted activation bytes one token tile may span: half of a 1 MiB L2,
  * leaving room for the weight rows streaming past. */
 #define CPU_MATMUL_TILE_BYTES (512u * 1024u)
+
+/* Activation rows from which the exact path dequantizes weight tiles and
+ * runs the float GEMM instead of streaming the weight once per row.  Up to
+ * 8 rows (decode of a few sequences) the weight is read from memory once
+ * either way; measured on Zen 4 (2048 x 2048 Q4_1 / Q4_K / Q6_K / Q8_0)
+ * the GEMM's fixed cost (dequantizing, and its 4-token micro-kernel) is
+ * repaid from ~6-8 rows, so the two are even around here. */
+#define CPU_GEMM_MIN_ROWS 9
+
+/* GEMM tile: CPU_GEMM_MC weight rows x CPU_GEMM_KC columns of float32
+ * (256 KiB) per thread, in L2 while every token passes.  KC is a multiple
+ * of 256, so a tile never splits a K-quant super-block. */
+#define CPU_GEMM_KC 1024
+#define CPU_GEMM_MC 64
 
 static void fill_nan(float *out, size_t n)
 {
@@ -46,15 +74,20 @@ static bool scratch_reserve(cpu_state *st, size_t bytes)
     return true;
 }
 
+/* ------------------------------------------------------------------------
+ * Streaming: activation rows converted to the dot's format, one vec_dot per
+ * (weight row, activation row)
+ * ---------------------------------------------------------------------- */
+
 /* Convert this thread's share of the activation blocks: the (rows, n_in /
  * block_size) blocks are split evenly in row-major order and converted in
  * runs within a row.  Splitting by block rather than by row matters at
  * decode, where one row's conversion on one thread would be a serial ~10 %
  * of a small matmul. */
-static void quantize_share(const quant_traits *vt, const float *x, uint8_t *act,
-                           int64_t n_in, size_t stride, int rows, int64_t ith,
-                           int64_t nt)
+static void convert_share(kiln_type at, const float *x, uint8_t *act, int64_t n_in,
+                          size_t stride, int rows, int64_t ith, int64_t nt)
 {
+    const quant_traits *vt = quant_get_traits(at);
     const int64_t bs = vt->block_size, nb = n_in / bs;
     const int64_t total = nb * rows;
     int64_t u = total * ith / nt;
@@ -62,35 +95,23 @@ static void quantize_share(const quant_traits *vt, const float *x, uint8_t *act,
     while (u < u1) {
         const int64_t r = u / nb, b0 = u % nb;
         const int64_t b1 = u1 - r * nb < nb ? u1 - r * nb : nb;
-        vt->quantize(x + r * n_in + b0 * bs, act + (size_t)r * stride + (size_t)b0 * vt->type_size,
-                     (b1 - b0) * bs);
+        uint8_t *dst = act + (size_t)r * stride;
+        if (at == KILN_TYPE_F32_SUMS) /* its sums sit after the floats */
+            quant_prepare_f32_sums(x + r * n_in, dst, n_in, b0, b1);
+        else
+            vt->quantize(x + r * n_in + b0 * bs, dst + (size_t)b0 * vt->type_size, (b1 - b0) * bs);
         u = r * nb + b1;
     }
 }
 
-/* Type checks happen at load time (quant_check_supported), so an op that
- * cannot fail has no error to return: a weight with no vec_dot, or a failed
- * scratch allocation, logs and yields NaN outputs that no caller can take for
- * a result. */
-void cpu_matmul(kb_backend *be, float *out, /* (rows, n_out) */
-                const float *x,             /* (rows, n_in), not aliasing out */
-                const kb_weight *w,         /* (n_out, n_in) of w->type */
-                const kb_weight *bias,      /* F32 (n_out) or NULL */
-                int rows)
+static void matmul_stream(kb_backend *be, float *out, const float *x, const kb_weight *w,
+                          const float *bias, int rows, kiln_type at, quant_vec_dot_fn dot)
 {
     const int64_t n_in = w->ne[0], n_out = w->ne[1];
-    if (rows <= 0 || n_out <= 0)
-        return;
-    const quant_traits *tr = quant_get_traits(w->type);
-    if (!tr || !tr->supported || !tr->vec_dot) {
-        KILN_LOGE("matmul: %s: weight type has no CPU kernel", w->name ? w->name : "?");
-        fill_nan(out, (size_t)rows * (size_t)n_out);
-        return;
-    }
-    const quant_traits *vt = quant_get_traits(tr->vec_dot_type);
-    const bool convert = tr->vec_dot_type != KILN_TYPE_F32;
+    const quant_traits *vt = quant_get_traits(at);
+    const bool convert = at != KILN_TYPE_F32;
 
-    /* act: (rows, stride) bytes, each row one activation row in vec_dot_type */
+    /* act: (rows, stride) bytes, each row one activation row in format at */
     const uint8_t *act = (const uint8_t *)x;
     size_t stride = (size_t)n_in * sizeof(float);
     if (convert) {
@@ -107,17 +128,15 @@ void cpu_matmul(kb_backend *be, float *out, /* (rows, n_out) */
     uint8_t *act_w = (uint8_t *)act; /* written only when convert */
 
     const uint8_t *wd = w->data;
-    const float *bd = bias && bias->data ? bias->data : NULL;
     const size_t wrow = w->row_bytes;
     const size_t tile = stride >= CPU_MATMUL_TILE_BYTES ? 1 : CPU_MATMUL_TILE_BYTES / stride;
-    const quant_vec_dot_fn dot = tr->vec_dot;
     const bool par = (uint64_t)n_out * wrow * (uint64_t)rows >= CPU_MATMUL_PAR_MIN_BYTES;
 
 #pragma omp parallel num_threads(be->n_threads) if (par)
     {
         const int64_t nt = omp_get_num_threads(), ith = omp_get_thread_num();
         if (convert) {
-            quantize_share(vt, x, act_w, n_in, stride, rows, ith, nt);
+            convert_share(at, x, act_w, n_in, stride, rows, ith, nt);
 #pragma omp barrier
         }
         const int64_t r0 = n_out * ith / nt, r1 = n_out * (ith + 1) / nt;
@@ -125,7 +144,7 @@ void cpu_matmul(kb_backend *be, float *out, /* (rows, n_out) */
             size_t t1 = t0 + tile < (size_t)rows ? t0 + tile : (size_t)rows;
             for (int64_t r = r0; r < r1; r++) {
                 const uint8_t *wr = wd + (size_t)r * wrow;
-                const float b0 = bd ? bd[r] : 0.0f;
+                const float b0 = bias ? bias[r] : 0.0f;
                 for (size_t t = t0; t < t1; t++) {
                     float s;
                     dot(n_in, &s, wr, act + t * stride);
@@ -134,4 +153,193 @@ void cpu_matmul(kb_backend *be, float *out, /* (rows, n_out) */
             }
         }
     }
+}
+
+/* ------------------------------------------------------------------------
+ * GEMM: float32 weight tiles against float32 activations.  The micro-
+ * kernel takes G_MR activation rows and G_NR weight rows and keeps their
+ * G_MR x G_NR dot products as vectors along k, reduced once at the end:
+ * both operands are read in their row-major layouts (no packing), and per
+ * G_VL columns it loads G_MR + G_NR vectors for G_MR x G_NR FMAs.
+ * ---------------------------------------------------------------------- */
+
+#if defined(CPU_SIMD_512)
+#define G_MR 4
+#define G_NR 4
+#define G_VL 16
+typedef __m512 gvec;
+static inline gvec g_zero(void) { return _mm512_setzero_ps(); }
+static inline gvec g_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline gvec g_load_part(const float *p, int n)
+{
+    return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
+}
+static inline gvec g_fma(gvec a, gvec b, gvec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float g_hsum(gvec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(CPU_SIMD_256)
+#define G_MR 3 /* 12 accumulators + 3 activation vectors + 1 weight: all 16 ymm */
+#define G_NR 4
+#define G_VL 8
+typedef __m256 gvec;
+static inline gvec g_zero(void) { return _mm256_setzero_ps(); }
+static inline gvec g_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline gvec g_load_part(const float *p, int n)
+{
+    const __m256i lane = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+}
+static inline gvec g_fma(gvec a, gvec b, gvec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float g_hsum(gvec v) { return cpu_hsum256(v); }
+#else
+#define G_MR 2
+#define G_NR 4
+#define G_VL 1
+typedef float gvec;
+static inline gvec g_zero(void) { return 0.0f; }
+static inline gvec g_load(const float *p) { return *p; }
+static inline gvec g_load_part(const float *p, int n) { return n > 0 ? *p : 0.0f; }
+static inline gvec g_fma(gvec a, gvec b, gvec c) { return a * b + c; }
+static inline float g_hsum(gvec v) { return v; }
+#endif
+
+/* res[t][r] = dot(xs[t][0..kc), ws[r][0..kc)). */
+static void gemm_micro(int64_t kc, const float *const xs[G_MR], const float *const ws[G_NR],
+                       float res[G_MR][G_NR])
+{
+    gvec acc[G_MR][G_NR];
+#pragma GCC unroll 4
+    for (int t = 0; t < G_MR; t++)
+#pragma GCC unroll 4
+        for (int r = 0; r < G_NR; r++)
+            acc[t][r] = g_zero();
+    int64_t k = 0;
+    for (; k + G_VL <= kc; k += G_VL) {
+        gvec xv[G_MR];
+#pragma GCC unroll 4
+        for (int t = 0; t < G_MR; t++)
+            xv[t] = g_load(xs[t] + k);
+#pragma GCC unroll 4
+        for (int r = 0; r < G_NR; r++) {
+            const gvec wv = g_load(ws[r] + k);
+#pragma GCC unroll 4
+            for (int t = 0; t < G_MR; t++)
+                acc[t][r] = g_fma(xv[t], wv, acc[t][r]);
+        }
+    }
+    if (k < kc) { /* only float weights have rows that are not whole vectors */
+        const int rest = (int)(kc - k);
+        gvec xv[G_MR];
+        for (int t = 0; t < G_MR; t++)
+            xv[t] = g_load_part(xs[t] + k, rest);
+        for (int r = 0; r < G_NR; r++) {
+            const gvec wv = g_load_part(ws[r] + k, rest);
+            for (int t = 0; t < G_MR; t++)
+                acc[t][r] = g_fma(xv[t], wv, acc[t][r]);
+        }
+    }
+    for (int t = 0; t < G_MR; t++)
+        for (int r = 0; r < G_NR; r++)
+            res[t][r] = g_hsum(acc[t][r]);
+}
+
+/* One thread's output rows [r0, r1) for every token.  tile: (CPU_GEMM_MC,
+ * CPU_GEMM_KC) floats of this thread's scratch.  The first column tile
+ * writes out (with the bias), later ones add to it. */
+static void gemm_rows(const quant_traits *tr, const kb_weight *w, int64_t r0, int64_t r1,
+                      const float *x, /* (rows, n_in) */
+                      int rows, float *out, const float *bias, float *tile)
+{
+    const int64_t n_in = w->ne[0], n_out = w->ne[1];
+    const uint8_t *wd = w->data;
+    const bool direct = w->type == KILN_TYPE_F32; /* read in place, no copy */
+    for (int64_t k0 = 0; k0 < n_in; k0 += CPU_GEMM_KC) {
+        const int64_t kc = n_in - k0 < CPU_GEMM_KC ? n_in - k0 : CPU_GEMM_KC;
+        const size_t kb = (size_t)(k0 / tr->block_size) * tr->type_size;
+        for (int64_t m0 = r0; m0 < r1; m0 += CPU_GEMM_MC) {
+            const int64_t mc = r1 - m0 < CPU_GEMM_MC ? r1 - m0 : CPU_GEMM_MC;
+            for (int64_t i = 0; !direct && i < mc; i++) /* tile: (mc, kc) */
+                tr->dequantize(wd + (size_t)(m0 + i) * w->row_bytes + kb, tile + i * kc, kc);
+            for (int t0 = 0; t0 < rows; t0 += G_MR) {
+                /* short tiles repeat their last row and drop its results */
+                const float *xs[G_MR];
+                for (int t = 0; t < G_MR; t++)
+                    xs[t] = x + (size_t)(t0 + t < rows ? t0 + t : rows - 1) * n_in + k0;
+                for (int64_t i0 = 0; i0 < mc; i0 += G_NR) {
+                    const float *ws[G_NR];
+                    for (int r = 0; r < G_NR; r++) {
+                        const int64_t i = i0 + r < mc ? i0 + r : mc - 1;
+                        ws[r] = direct ? (const float *)(wd + (size_t)(m0 + i) * w->row_bytes) + k0
+                                       : tile + i * kc;
+                    }
+                    float res[G_MR][G_NR];
+                    gemm_micro(kc, xs, ws, res);
+                    for (int t = 0; t < G_MR && t0 + t < rows; t++) {
+                        float *o = out + (size_t)(t0 + t) * n_out + m0 + i0;
+                        for (int r = 0; r < G_NR && i0 + r < mc; r++) {
+                            if (k0 == 0)
+                                o[r] = res[t][r] + (bias ? bias[m0 + i0 + r] : 0.0f);
+                            else
+                                o[r] += res[t][r];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+static void matmul_gemm(kb_backend *be, float *out, const float *x, const kb_weight *w,
+                        const float *bias, int rows, const quant_traits *tr)
+{
+    const int64_t n_out = w->ne[1];
+    const int nth = be->n_threads;
+    const size_t tile_bytes = (size_t)CPU_GEMM_MC * CPU_GEMM_KC * sizeof(float);
+    if (!scratch_reserve(be->impl, tile_bytes * (size_t)nth)) {
+        KILN_LOGE("matmul: %s: cannot allocate %d weight tiles", w->name ? w->name : "?", nth);
+        fill_nan(out, (size_t)rows * (size_t)n_out);
+        return;
+    }
+    float *tiles = ((cpu_state *)be->impl)->scratch;
+    /* whole micro-kernel row groups per thread, so threads never share one */
+    const int64_t groups = (n_out + G_NR - 1) / G_NR;
+#pragma omp parallel num_threads(nth)
+    {
+        const int64_t nt = omp_get_num_threads(), ith = omp_get_thread_num();
+        int64_t r0 = groups * ith / nt * G_NR, r1 = groups * (ith + 1) / nt * G_NR;
+        r1 = r1 < n_out ? r1 : n_out;
+        if (r0 < r1)
+            gemm_rows(tr, w, r0, r1, x, rows, out, bias,
+                      tiles + (size_t)ith * CPU_GEMM_MC * CPU_GEMM_KC);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+
+/* Type checks happen at load time (quant_check_supported), so an op that
+ * cannot fail has no error to return: a weight with no vec_dot, or a failed
+ * scratch allocation, logs and yields NaN outputs that no caller can take for
+ * a result. */
+void cpu_matmul(kb_backend *be, float *out, /* (rows, n_out) */
+                const float *x,             /* (rows, n_in), not aliasing out */
+                const kb_weight *w,         /* (n_out, n_in) of w->type */
+                const kb_weight *bias,      /* F32 (n_out) or NULL */
+                int rows)
+{
+    const int64_t n_out = w->ne[1];
+    if (rows <= 0 || n_out <= 0)
+        return;
+    const quant_traits *tr = quant_get_traits(w->type);
+    if (!tr || !tr->supported || !tr->vec_dot) {
+        KILN_LOGE("matmul: %s: weight type has no CPU kernel", w->name ? w->name : "?");
+        fill_nan(out, (size_t)rows * (size_t)n_out);
+        return;
+    }
+    const float *bd = bias && bias->data ? bias->data : NULL;
+    const cpu_state *st = be->impl;
+    if (st->fast_activations)
+        matmul_stream(be, out, x, w, bd, rows, tr->fast_vec_dot_type, tr->fast_vec_dot);
+    else if (rows >= CPU_GEMM_MIN_ROWS)
+        matmul_gemm(be, out, x, w, bd, rows, tr);
+    else
+        matmul_stream(be, out, x, w, bd, rows, tr->vec_dot_type, tr->vec_dot);
 }

@@ -180,7 +180,7 @@ fuzz: fuzz-build
 clean:
 	rm -rf build
 
--include $(shell find $(BUILD)/obj $(FUZZ_BUILD)/obj -name '*.d' 2>/dev/null)
+-include $(shell find $(BUILD)/obj $(BUILD)/tests $(FUZZ_BUILD)/obj -name '*.d' 2>/dev/null)
 
 # ---------------------------------------------------------------------------
 # Tokenizer reference data: the ids and chat renders tests/test_tokenizer.c

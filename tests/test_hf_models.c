@@ -12,7 +12,7 @@
  * (tests/data/hf-tiny/<arch>.bin, the KILNPAR1 format of test_parity.c).
  *
  * Each model is loaded through kiln_model_load on the CPU and run with the
- * forward directly (as test_parity.c does).  Both sides compute on exactly
+ * forward directly (tests/parity.h, shared with test_parity.c).  Both sides compute on exactly
  * the stored weight values with F32 activations; with kiln's serving F16 KV
  * cache (relative error ~5e-4 on each K and V element) the only other
  * difference is summation order, and logits of magnitude ~3 move by a few
@@ -39,10 +39,8 @@
 
 #include <cmocka.h>
 
-#include "model/model.h"
+#include "parity.h"
 
-#define BLOCK 16
-#define CHUNK 64 /* >= the fixture's 48 tokens: one teacher-forced step */
 #define DATA "tests/data/hf-tiny/"
 
 /* The serving configuration (F16 KV) with the bounds of the issue, and an
@@ -75,103 +73,6 @@ static const hf_case cases[] = {
     {"gemma3", 1000000.0f, 16, true},
 };
 
-/* ------------------------------------------------------------------------
- * Fixture (KILNPAR1 with one prompt; see scripts/ref/logits_ref.py)
- * ---------------------------------------------------------------------- */
-
-typedef struct fixture {
-    uint32_t n_prompts, n_vocab, top_k, n_cont, n_prompt, n_seq;
-    const int32_t *tokens; /* (n_seq) */
-    const uint8_t *rows;   /* n_seq records of (lse, ids[top_k], logits[top_k]) */
-    char *buf;
-} fixture;
-
-static void fixture_load(const char *path, fixture *fx)
-{
-    size_t len;
-    if (kiln_read_file(path, 16u << 20, &fx->buf, &len) != KILN_OK) {
-        fprintf(stderr, "hf: cannot read fixture %s\n", path);
-        fail();
-    }
-    assert_true(len >= 28 && !memcmp(fx->buf, "KILNPAR1", 8));
-    memcpy(&fx->n_prompts, fx->buf + 8, 4);
-    memcpy(&fx->n_vocab, fx->buf + 12, 4);
-    memcpy(&fx->top_k, fx->buf + 16, 4);
-    memcpy(&fx->n_cont, fx->buf + 20, 4);
-    memcpy(&fx->n_prompt, fx->buf + 24, 4);
-    fx->n_seq = fx->n_prompt + fx->n_cont;
-    assert_int_equal(fx->n_prompts, 1);
-    assert_true(fx->n_seq <= CHUNK);
-    fx->tokens = (const int32_t *)(fx->buf + 28);
-    fx->rows = (const uint8_t *)fx->buf + 28 + (size_t)fx->n_seq * 4;
-    assert_true(28 + (size_t)fx->n_seq * (4 + 4 + (size_t)fx->top_k * 8) <= len);
-}
-
-/* ------------------------------------------------------------------------
- * One sequence run directly on the forward (compact copy of test_parity.c)
- * ---------------------------------------------------------------------- */
-
-typedef struct seq_runner {
-    model *m;
-    kb_kv *kv;
-    model_scratch s;
-    int32_t pos[CHUNK], seq[CHUNK], slot[CHUNK], out_rows[CHUNK];
-    int32_t table[CHUNK / BLOCK];
-} seq_runner;
-
-static void runner_init(seq_runner *r, model *m, kiln_type kv_type)
-{
-    r->m = m;
-    kb_kv_desc d = {m->hp.n_layer, CHUNK / BLOCK, BLOCK, m->hp.n_head_kv, m->hp.head_dim,
-                    m->hp.head_dim_v, kv_type};
-    assert_int_equal(m->be->ops->kv_create(m->be, &d, &r->kv), KILN_OK);
-    assert_int_equal(model_scratch_init(m, &r->s, CHUNK, CHUNK), KILN_OK);
-    /* blocks in reverse order, so paging is exercised */
-    for (int i = 0; i < CHUNK / BLOCK; i++)
-        r->table[i] = CHUNK / BLOCK - 1 - i;
-}
-
-static void runner_free(seq_runner *r)
-{
-    r->m->be->ops->kv_free(r->m->be, r->kv);
-    model_scratch_free(r->m, &r->s);
-}
-
-/* Run tokens[0..n) at positions start.. and return the logits of every row
- * (all_rows) or of the last. */
-static const float *runner_step(seq_runner *r, const int32_t *tokens, int n, int start,
-                                bool all_rows)
-{
-    for (int i = 0; i < n; i++) {
-        int p = start + i;
-        r->pos[i] = p;
-        r->seq[i] = 0;
-        r->slot[i] = r->table[p / BLOCK] * BLOCK + p % BLOCK;
-        r->out_rows[i] = i;
-    }
-    if (!all_rows)
-        r->out_rows[0] = n - 1;
-    kb_batch_host b = {
-        .n_tokens = n, .n_seqs = 1, .max_blocks = CHUNK / BLOCK,
-        .tokens = tokens, .pos = r->pos, .seq = r->seq, .slot = r->slot,
-        .block_table = r->table, .n_out = all_rows ? n : 1, .out_rows = r->out_rows,
-    };
-    const kb_batch *dev;
-    assert_int_equal(r->m->be->ops->batch_upload(r->m->be, &b, &dev), KILN_OK);
-    model_forward(r->m, r->kv, &r->s, dev);
-    r->m->be->ops->sync(r->m->be);
-    return r->s.logits;
-}
-
-static int argmax(const float *x, int n)
-{
-    int best = 0;
-    for (int i = 1; i < n; i++)
-        if (x[i] > x[best])
-            best = i;
-    return best;
-}
-
 static kiln_model *load(const char *dir)
 {
     kiln_model *km = NULL;
@@ -185,75 +86,20 @@ static kiln_model *load(const char *dir)
 }
 
 /* Logits and greedy continuation of one model with one KV cache type. */
-static void compare(model *m, const fixture *fxp, const char *arch, const kv_mode *mode)
+static void compare(model *m, const parity_fixture *fx, const char *arch, const kv_mode *mode)
 {
-    const fixture fx = *fxp;
-    int V = m->hp.n_vocab;
-
-    /* teacher-forced logits at every position in one step */
-    seq_runner r;
-    runner_init(&r, m, mode->type);
-    const float *lg = runner_step(&r, fx.tokens, (int)fx.n_seq, 0, true);
-    size_t rec = 4 + (size_t)fx.top_k * 8;
-    double kl_sum = 0, max_kl = 0, max_dlogit = 0;
-    for (uint32_t t = 0; t < fx.n_seq; t++) {
-        const float *row = lg + (size_t)t * V;
-        double mx = row[0];
-        for (int i = 1; i < V; i++)
-            mx = row[i] > mx ? row[i] : mx;
-        double se = 0;
-        for (int i = 0; i < V; i++)
-            se += exp((double)row[i] - mx);
-        double lse_k = mx + log(se);
-        const uint8_t *rr = fx.rows + (size_t)t * rec;
-        float lse_r;
-        memcpy(&lse_r, rr, 4);
-        /* KL(ref || kiln) over the top-k plus one bucket for the rest */
-        double kl = 0, pr_sum = 0, q_sum = 0;
-        for (uint32_t j = 0; j < fx.top_k; j++) {
-            int32_t id;
-            float lr;
-            memcpy(&id, rr + 4 + 4 * j, 4);
-            memcpy(&lr, rr + 4 + 4 * fx.top_k + 4 * j, 4);
-            assert_true(id >= 0 && id < V);
-            double lp = (double)lr - lse_r, lq = (double)row[id] - lse_k;
-            double p = exp(lp);
-            kl += p * (lp - lq);
-            pr_sum += p;
-            q_sum += exp(lq);
-            double d = fabs((double)row[id] - lr);
-            max_dlogit = d > max_dlogit ? d : max_dlogit;
-        }
-        double P = fmax(1.0 - pr_sum, 1e-12), Q = fmax(1.0 - q_sum, 1e-12);
-        kl += P * log(P / Q);
-        kl_sum += kl;
-        max_kl = kl > max_kl ? kl : max_kl;
-    }
-    runner_free(&r);
-
-    /* kiln's own greedy continuation: prompt in one step, then one token a
-     * step through the KV cache */
-    runner_init(&r, m, mode->type);
-    const float *last = runner_step(&r, fx.tokens, (int)fx.n_prompt, 0, false);
-    uint32_t same = 0;
-    for (uint32_t k = 0; k < fx.n_cont; k++) {
-        int32_t tok = argmax(last, V);
-        if (tok != fx.tokens[fx.n_prompt + k])
-            break;
-        same++;
-        if (k + 1 < fx.n_cont)
-            last = runner_step(&r, &tok, 1, (int)(fx.n_prompt + k), false);
-    }
-    runner_free(&r);
-
-    double mean_kl = kl_sum / fx.n_seq;
+    parity_prompt pv = parity_fixture_prompt(fx, 0);
+    parity_stats st = {0};
+    parity_run_prompt(m, fx, &pv, mode->type, &st);
+    double mean_kl = st.kl_sum / (double)st.n_pos;
     fprintf(stderr,
-            "hf %-6s %s KV: %u positions: mean KL %.3g (max %.3g), max |dlogit| %.2e, greedy "
+            "hf %-6s %s KV: %ld positions: mean KL %.3g (max %.3g), max |dlogit| %.2e, greedy "
             "%u/%u identical\n",
-            arch, mode->name, fx.n_seq, mean_kl, max_kl, max_dlogit, same, fx.n_cont);
+            arch, mode->name, st.n_pos, mean_kl, st.kl_max, st.dlogit_max, st.greedy_same,
+            fx->n_cont);
     assert_true(mean_kl < mode->kl);
-    assert_true(max_dlogit < mode->dlogit);
-    assert_int_equal(same, fx.n_cont);
+    assert_true(st.dlogit_max < mode->dlogit);
+    assert_int_equal(st.greedy_same, fx->n_cont);
 }
 
 static void run_case(const hf_case *c)
@@ -261,8 +107,9 @@ static void run_case(const hf_case *c)
     char dir[256], fxp[256];
     snprintf(dir, sizeof dir, DATA "%s", c->arch);
     snprintf(fxp, sizeof fxp, DATA "%s.bin", c->arch);
-    fixture fx = {0};
-    fixture_load(fxp, &fx);
+    parity_fixture fx = {0};
+    parity_fixture_load(fxp, &fx);
+    assert_int_equal(fx.n_prompts, 1);
     kiln_model *km = load(dir);
     model *m = &km->m;
 

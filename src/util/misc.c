@@ -110,10 +110,13 @@ static void progress_draw(kiln_progress *p, uint64_t done, bool final)
     double frac = p->total ? (double)done / (double)p->total : 1.0;
     if (frac > 1.0)
         frac = 1.0;
-    double rate = el > 0 ? (double)done / el : 0.0;
+    /* a rate over a few milliseconds means nothing; show it once it settles */
+    double rate = el >= 0.05 ? (double)done / el : 0.0;
     double eta = (rate > 0 && done < p->total) ? (double)(p->total - done) / rate : 0.0;
     char rate_s[48];
-    if (p->is_bytes)
+    if (rate == 0.0)
+        snprintf(rate_s, sizeof rate_s, "-");
+    else if (p->is_bytes)
         snprintf(rate_s, sizeof rate_s, "%.2f GB/s", rate / 1e9);
     else
         snprintf(rate_s, sizeof rate_s, "%.0f/s", rate);

@@ -21,39 +21,13 @@
 #if KQ_HAVE_X86 && KQ_HAVE_AVX512
 #include <immintrin.h>
 
+#include "quant/avx512_lanes.h"
+
 #define KQ_INLINE static inline __attribute__((always_inline))
 
 static inline float h2f(uint16_t h)
 {
     return _cvtsh_ss(h);
-}
-
-static inline __m512i u8x16(const uint8_t *p)
-{
-    return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-}
-
-static inline __m512 s8x16_f(__m128i v)
-{
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
-}
-
-static inline __m512 iota_ps(float first)
-{
-    return _mm512_add_ps(_mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                         _mm512_set1_ps(first));
-}
-
-/* tbl[bits 0-3 of each lane] */
-static inline __m512 lut16(__m512i q, __m512 tbl)
-{
-    return _mm512_permutexvar_ps(q, tbl);
-}
-
-/* Bits 0-3 of a with bit 4 of b: a 5-bit table index. */
-static inline __m512i nib5(__m512i a, __m512i b)
-{
-    return _mm512_ternarylogic_epi32(a, b, _mm512_set1_epi32(0x0F), 0xE4);
 }
 
 /* ------------------------------------------------------------------------

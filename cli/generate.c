@@ -7,6 +7,7 @@
  * through the engine's callback.  Timings go to stderr so stdout holds only
  * the generated text.
  */
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +34,28 @@ void cli_opts_default(run_opts *o)
     o->device = "cpu";
 }
 
+/* Numeric options: name, short alias, range, and the int or float field of
+ * run_opts they set. */
+typedef struct num_opt {
+    const char *name, *alias;
+    double lo, hi;
+    size_t offset;
+    bool is_float;
+} num_opt;
+
+static const num_opt num_opts[] = {
+    {"--threads", "-t", 1, 1024, offsetof(run_opts, threads), false},
+    {"--ctx", "-c", 16, 1 << 24, offsetof(run_opts, ctx), false},
+    {"--max-tokens", "-n", 1, MAX_TOKENS_LIMIT, offsetof(run_opts, sampling.max_tokens), false},
+    {"--top-k", NULL, 0, 1 << 24, offsetof(run_opts, sampling.top_k), false},
+    {"--temp", NULL, 0, 100, offsetof(run_opts, sampling.temperature), true},
+    {"--top-p", NULL, 0, 1, offsetof(run_opts, sampling.top_p), true},
+    {"--min-p", NULL, 0, 1, offsetof(run_opts, sampling.min_p), true},
+    {"--repeat-penalty", NULL, 0.01, 100, offsetof(run_opts, sampling.repeat_penalty), true},
+    {"--presence-penalty", NULL, -2, 2, offsetof(run_opts, sampling.presence_penalty), true},
+    {"--frequency-penalty", NULL, -2, 2, offsetof(run_opts, sampling.frequency_penalty), true},
+};
+
 /* Options every model command takes.  Returns 1 when argv[*i] was one of
  * them (advancing *i past its value), 0 when it is not, -1 on a bad value. */
 int cli_parse_common(run_opts *o, int argc, char **argv, int *i)
@@ -48,50 +71,27 @@ int cli_parse_common(run_opts *o, int argc, char **argv, int *i)
         }                                                                      \
         argv[++*i];                                                            \
     })
+    for (size_t k = 0; k < sizeof num_opts / sizeof num_opts[0]; k++) {
+        const num_opt *n = &num_opts[k];
+        if (strcmp(a, n->name) && !(n->alias && !strcmp(a, n->alias)))
+            continue;
+        const char *text = VALUE();
+        void *field = (char *)o + n->offset;
+        if (n->is_float) {
+            if (!cli_parse_float(a, text, n->lo, n->hi, &fv))
+                return -1;
+            *(float *)field = (float)fv;
+        } else {
+            if (!cli_parse_int(a, text, (long long)n->lo, (long long)n->hi, &iv))
+                return -1;
+            *(int *)field = (int)iv;
+        }
+        return 1;
+    }
     if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
         o->model = VALUE();
     } else if (!strcmp(a, "--device")) {
         o->device = VALUE();
-    } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
-        if (!cli_parse_int(a, VALUE(), 1, 1024, &iv))
-            return -1;
-        o->threads = (int)iv;
-    } else if (!strcmp(a, "-c") || !strcmp(a, "--ctx")) {
-        if (!cli_parse_int(a, VALUE(), 16, 1 << 24, &iv))
-            return -1;
-        o->ctx = (int)iv;
-    } else if (!strcmp(a, "-n") || !strcmp(a, "--max-tokens")) {
-        if (!cli_parse_int(a, VALUE(), 1, MAX_TOKENS_LIMIT, &iv))
-            return -1;
-        o->sampling.max_tokens = (int)iv;
-    } else if (!strcmp(a, "--temp")) {
-        if (!cli_parse_float(a, VALUE(), 0, 100, &fv))
-            return -1;
-        o->sampling.temperature = (float)fv;
-    } else if (!strcmp(a, "--top-k")) {
-        if (!cli_parse_int(a, VALUE(), 0, 1 << 24, &iv))
-            return -1;
-        o->sampling.top_k = (int)iv;
-    } else if (!strcmp(a, "--top-p")) {
-        if (!cli_parse_float(a, VALUE(), 0, 1, &fv))
-            return -1;
-        o->sampling.top_p = (float)fv;
-    } else if (!strcmp(a, "--min-p")) {
-        if (!cli_parse_float(a, VALUE(), 0, 1, &fv))
-            return -1;
-        o->sampling.min_p = (float)fv;
-    } else if (!strcmp(a, "--repeat-penalty")) {
-        if (!cli_parse_float(a, VALUE(), 0.01, 100, &fv))
-            return -1;
-        o->sampling.repeat_penalty = (float)fv;
-    } else if (!strcmp(a, "--presence-penalty")) {
-        if (!cli_parse_float(a, VALUE(), -2, 2, &fv))
-            return -1;
-        o->sampling.presence_penalty = (float)fv;
-    } else if (!strcmp(a, "--frequency-penalty")) {
-        if (!cli_parse_float(a, VALUE(), -2, 2, &fv))
-            return -1;
-        o->sampling.frequency_penalty = (float)fv;
     } else if (!strcmp(a, "--seed")) {
         if (!cli_parse_int(a, VALUE(), 0, INT64_MAX, &iv))
             return -1;

@@ -9,6 +9,8 @@
 #   make test-asan    the unit tests built with ASan + UBSan (build/asan)
 #   make fuzz-smoke   each fuzz target for FUZZ_SMOKE_SECS seconds
 #   make fuzz         each fuzz target for FUZZ_SECS seconds
+#   make test-gpu     the GPU tests (tests/gpu), on a machine with a CUDA GPU;
+#                     CI builds them (CUDA=1) without running them
 #   make CUDA=0       build without the CUDA backend even when nvcc is found
 #   make DEBUG=1      -O0, file:line in error messages
 
@@ -56,14 +58,16 @@ FUZZ_SRC  := $(sort $(wildcard tests/fuzz/fuzz_*.c))
 LIB_OBJ   := $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(CU_SRC:%.cu=$(BUILD)/obj/%.o)
 CLI_OBJ   := $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
 TESTS     := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+GPU_TEST_SRC := $(sort $(wildcard tests/gpu/test_*.c))
+GPU_TESTS := $(if $(filter 1,$(CUDA)),$(GPU_TEST_SRC:tests/gpu/%.c=$(BUILD)/tests/gpu/%))
 EXAMPLES  := $(EX_SRC:examples/%.c=$(BUILD)/examples/%)
 
 
-.PHONY: all lib setup run check test test-asan test-asan-run refdata parity-ref hf-tiny-ref fuzz fuzz-smoke fuzz-build clean tests examples
+.PHONY: all lib setup run check test test-gpu test-asan test-asan-run refdata parity-ref hf-tiny-ref fuzz fuzz-smoke fuzz-build clean tests examples
 all: lib $(BUILD)/kiln examples
 lib: $(BUILD)/libkiln.a $(BUILD)/libkiln.so $(BUILD)/kiln.pc
 examples: $(EXAMPLES)
-tests: $(TESTS)
+tests: $(TESTS) $(GPU_TESTS)
 
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -91,6 +95,10 @@ $(BUILD)/kiln: $(CLI_OBJ) $(BUILD)/libkiln.a
 $(BUILD)/tests/%: tests/%.c $(BUILD)/libkiln.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libkiln.a $(LDFLAGS) $(LDLIBS) -lcmocka
+
+$(BUILD)/tests/gpu/%: tests/gpu/%.c tests/gpu/gpu_test.h $(BUILD)/libkiln.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Itests -o $@ $< $(BUILD)/libkiln.a $(LDFLAGS) $(LDLIBS) -lcmocka
 
 $(BUILD)/examples/%: examples/%.c $(BUILD)/libkiln.a
 	@mkdir -p $(dir $@)
@@ -137,6 +145,11 @@ check: setup
 	$(MAKE) test-asan-run
 	$(MAKE) fuzz-smoke
 	scripts/summarize-tests.sh $(BUILD)/summary-release.txt build/asan/summary-asan.txt
+
+# On the GPU machine: every CUDA op against the CPU op, then whole models
+# (scripts/test-gpu.sh says what each step needs).
+test-gpu: all tests
+	scripts/run-tests.sh $(BUILD)/tests/gpu/..
 
 test-asan: refdata
 	$(MAKE) test-asan-run

@@ -96,6 +96,21 @@ typedef struct kb_attn {
     float softcap;       /* attention logit soft-capping, 0 = off */
 } kb_attn;
 
+/* What the engine will ask of a backend, so that every scratch buffer an op
+ * needs is allocated once, before the first step (a request never allocates
+ * device memory).  Filled from the model and the engine parameters. */
+typedef struct kb_reserve {
+    int max_tokens;      /* tokens of one step */
+    int max_seqs;        /* sequences of one step */
+    int max_ctx;         /* tokens of one sequence */
+    int64_t max_n_in;    /* longest weight row (elements) */
+    int64_t max_n_out;   /* most weight rows */
+    int n_heads;         /* attention heads (query) */
+    int head_dim;        /* largest head dim of q/k/v */
+} kb_reserve;
+
+typedef struct kb_graph kb_graph; /* a captured sequence of ops (CUDA graph) */
+
 typedef struct kb_ops {
     const char *name; /* "cpu", "cuda" */
 
@@ -158,6 +173,23 @@ typedef struct kb_ops {
     /* out (n_rows, n) = x rows idx[0..n_rows) */
     void (*get_rows)(kb_backend *be, float *out, const float *x,
                      const int32_t *idx, int n_rows, int n);
+
+    /* --- optional: NULL where a backend has no use for them ------------- */
+    /* Allocate the scratch that ops will need for steps within r. */
+    kiln_status (*reserve)(kb_backend *be, const kb_reserve *r);
+    /* Device memory free and total, in bytes. */
+    kiln_status (*mem_info)(kb_backend *be, size_t *free_bytes, size_t *total_bytes);
+    /* The type a weight stored as `file_type` takes in the backend's memory
+     * (the loader converts; e.g. CUDA keeps F32 matrices as BF16).  NULL:
+     * every supported type as it is. */
+    kiln_type (*weight_type)(kb_backend *be, kiln_type file_type);
+    /* Record the ops issued between graph_begin and graph_end into a graph
+     * instead of running them; graph_launch replays it (same pointers, same
+     * shapes, whatever the buffers hold then). */
+    kiln_status (*graph_begin)(kb_backend *be);
+    kiln_status (*graph_end)(kb_backend *be, kb_graph **out);
+    kiln_status (*graph_launch)(kb_backend *be, kb_graph *g);
+    void (*graph_free)(kb_backend *be, kb_graph *g);
 
     /* --- lifetime -------------------------------------------------------- */
     /* Free the backend's private state and *be itself; kb_destroy calls it. */

@@ -1,16 +1,17 @@
 /*
  * select.c - backends that are not compiled in answer with a clear error.
- * The CUDA backend (src/backend/cuda/) defines KILN_HAVE_CUDA_BACKEND once its
- * ops table exists; until then, asking for a CUDA device says so.
+ * The CUDA backend (src/backend/cuda/) defines kb_cuda_create; a build
+ * without nvcc (or with CUDA=0) answers a request for a CUDA device with this.
  */
 #include "backend/backend.h"
 
-#ifndef KILN_HAVE_CUDA_BACKEND
+#ifndef KILN_HAVE_CUDA
 kiln_status kb_cuda_create(int device, kb_backend **out)
 {
     *out = NULL;
     return KILN_FAIL(KILN_ERR_UNSUPPORTED,
-                     "device cuda:%d: this build of kiln has no CUDA backend; use --device cpu",
+                     "device cuda:%d: this build of kiln has no CUDA backend (built without nvcc "
+                     "or with CUDA=0); use --device cpu",
                      device);
 }
 #endif

@@ -25,7 +25,7 @@
 
 #define ENGINE_PIECE_INIT 256 /* bytes of the token-text scratch at start */
 
-_Static_assert(sizeof(((engine_runner *)0)->eos_ids) / sizeof(int32_t) == ENGINE_MAX_EOS,
+KILN_STATIC_ASSERT(sizeof(((engine_runner *)0)->eos_ids) / sizeof(int32_t) == ENGINE_MAX_EOS,
                "ENGINE_MAX_EOS must match engine_runner.eos_ids");
 
 void kiln_engine_params_default(kiln_engine_params *p)

@@ -255,18 +255,18 @@ typedef struct block_q8_K {
     int16_t bsums[QK_K / 16]; /* sum of each 16 quants: pays the K-quant mins */
 } block_q8_K;
 
-_Static_assert(sizeof(block_q4_0) == 18, "Q4_0 block size");
-_Static_assert(sizeof(block_q4_1) == 20, "Q4_1 block size");
-_Static_assert(sizeof(block_q5_0) == 22, "Q5_0 block size");
-_Static_assert(sizeof(block_q5_1) == 24, "Q5_1 block size");
-_Static_assert(sizeof(block_q8_0) == 34, "Q8_0 block size");
-_Static_assert(sizeof(block_q8_1) == 36, "Q8_1 block size");
-_Static_assert(sizeof(block_q2_K) == 84, "Q2_K block size");
-_Static_assert(sizeof(block_q3_K) == 110, "Q3_K block size");
-_Static_assert(sizeof(block_q4_K) == 144, "Q4_K block size");
-_Static_assert(sizeof(block_q5_K) == 176, "Q5_K block size");
-_Static_assert(sizeof(block_q6_K) == 210, "Q6_K block size");
-_Static_assert(sizeof(block_q8_K) == 292, "Q8_K block size");
+KILN_STATIC_ASSERT(sizeof(block_q4_0) == 18, "Q4_0 block size");
+KILN_STATIC_ASSERT(sizeof(block_q4_1) == 20, "Q4_1 block size");
+KILN_STATIC_ASSERT(sizeof(block_q5_0) == 22, "Q5_0 block size");
+KILN_STATIC_ASSERT(sizeof(block_q5_1) == 24, "Q5_1 block size");
+KILN_STATIC_ASSERT(sizeof(block_q8_0) == 34, "Q8_0 block size");
+KILN_STATIC_ASSERT(sizeof(block_q8_1) == 36, "Q8_1 block size");
+KILN_STATIC_ASSERT(sizeof(block_q2_K) == 84, "Q2_K block size");
+KILN_STATIC_ASSERT(sizeof(block_q3_K) == 110, "Q3_K block size");
+KILN_STATIC_ASSERT(sizeof(block_q4_K) == 144, "Q4_K block size");
+KILN_STATIC_ASSERT(sizeof(block_q5_K) == 176, "Q5_K block size");
+KILN_STATIC_ASSERT(sizeof(block_q6_K) == 210, "Q6_K block size");
+KILN_STATIC_ASSERT(sizeof(block_q8_K) == 292, "Q8_K block size");
 
 /* ------------------------------------------------------------------------
  * Reference kernels, for tests, tools and as the definition the fast paths

@@ -32,6 +32,13 @@ kiln_status kiln_fail_at(kiln_status st, const char *file, int line,
                          const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
+/* A compile-time check that also reads in the CUDA (C++) sources. */
+#ifdef __cplusplus
+#define KILN_STATIC_ASSERT(c, m) static_assert(c, m)
+#else
+#define KILN_STATIC_ASSERT(c, m) _Static_assert(c, m)
+#endif
+
 #define KILN_FAIL(st, ...) kiln_fail_at((st), __FILE__, __LINE__, __VA_ARGS__)
 
 /* Prepend formatted text to the current error message. */

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# pack.sh [OUT_DIR] - build kiln and its GPU tests for the GPU machine and
+# gather what they need to run there into OUT_DIR (default .dev, ignored by
+# git): bin/ (kiln, the GPU tests, the bench programs) and lib/ (the shared
+# libraries the GPU machine's image lacks).  Built for x86-64-v3 so the
+# binaries run on any current x86 host; CUDA code for sm_90a.
+#
+#   scripts/gpu/pack.sh && device run (carry .dev):
+#       LD_LIBRARY_PATH=.dev/lib .dev/bin/test_cuda_ops
+set -euo pipefail
+out=${1:-.dev}
+build=${BUILD_DEV:-build/dev}
+make -s -j"$(nproc)" BUILD="$build" ARCH=-march=x86-64-v3 CUDA=1 all tests >/dev/null
+rm -rf "$out"
+mkdir -p "$out/bin" "$out/lib"
+cp "$build/kiln" "$out/bin/"
+for t in "$build"/tests/gpu/test_*; do [ -x "$t" ] && cp "$t" "$out/bin/"; done
+for b in "$build"/bench/*; do [ -x "$b" ] && [ -f "$b" ] && cp "$b" "$out/bin/"; done
+for lib in libjansson.so.4 libpcre2-8.so.0 libutf8proc.so.2 libxxhash.so.0 libcmocka.so.0 libgomp.so.1; do
+    p=$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ {print $NF; exit}')
+    [ -n "$p" ] && cp -L "$p" "$out/lib/"
+done
+strip --strip-debug "$out"/bin/* 2>/dev/null || true
+du -sh "$out"

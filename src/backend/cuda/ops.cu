@@ -1,0 +1,221 @@
+/*
+ * ops.cu - the row and elementwise ops: RMSNorm, GLU, add, scale, get_rows.
+ *
+ * All are memory-bound: each reads its inputs once and writes its output
+ * once, with 16-byte accesses where the row length allows.  RMSNorm takes a
+ * warp per row for rows up to 1024 elements (per-head q/k norms) and a block
+ * per row above that (the residual stream).
+ */
+#include "backend/cuda/cuda_impl.h"
+
+__device__ __forceinline__ float kcu_warp_sum(float v)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* ------------------------------------------------------------------------
+ * RMSNorm: out = x / sqrt(mean(x^2) + eps) * w
+ * ---------------------------------------------------------------------- */
+
+/* One warp per row; 8 rows per block. */
+__global__ void k_rmsnorm_warp(float *__restrict__ out, const float *__restrict__ x,
+                               const float *__restrict__ w, int rows, int n, float eps)
+{
+    int row = blockIdx.x * 8 + threadIdx.y;
+    if (row >= rows)
+        return;
+    const float *xr = x + (size_t)row * n;
+    float *orow = out + (size_t)row * n;
+    int lane = threadIdx.x;
+    float ss = 0.0f;
+    for (int i = lane; i < n; i += 32) {
+        float v = xr[i];
+        ss += v * v;
+    }
+    ss = kcu_warp_sum(ss);
+    float r = rsqrtf(ss / (float)n + eps);
+    for (int i = lane; i < n; i += 32)
+        orow[i] = xr[i] * r * w[i];
+}
+
+/* One block per row, float4 when n % 4 == 0. */
+template <bool VEC4>
+__global__ void k_rmsnorm_block(float *__restrict__ out, const float *__restrict__ x,
+                                const float *__restrict__ w, int n, float eps)
+{
+    __shared__ float part[32];
+    const float *xr = x + (size_t)blockIdx.x * n;
+    float *orow = out + (size_t)blockIdx.x * n;
+    float ss = 0.0f;
+    if (VEC4) {
+        const float4 *x4 = (const float4 *)xr;
+        for (int i = threadIdx.x; i < n / 4; i += blockDim.x) {
+            float4 v = x4[i];
+            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+    } else {
+        for (int i = threadIdx.x; i < n; i += blockDim.x)
+            ss += xr[i] * xr[i];
+    }
+    ss = kcu_warp_sum(ss);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0)
+        part[warp] = ss;
+    __syncthreads();
+    if (warp == 0) {
+        ss = lane < (int)(blockDim.x / 32) ? part[lane] : 0.0f;
+        ss = kcu_warp_sum(ss);
+        if (lane == 0)
+            part[0] = ss;
+    }
+    __syncthreads();
+    float r = rsqrtf(part[0] / (float)n + eps);
+    if (VEC4) {
+        const float4 *x4 = (const float4 *)xr;
+        const float4 *w4 = (const float4 *)w;
+        float4 *o4 = (float4 *)orow;
+        for (int i = threadIdx.x; i < n / 4; i += blockDim.x) {
+            float4 v = x4[i], g = w4[i];
+            o4[i] = make_float4(v.x * r * g.x, v.y * r * g.y, v.z * r * g.z, v.w * r * g.w);
+        }
+    } else {
+        for (int i = threadIdx.x; i < n; i += blockDim.x)
+            orow[i] = xr[i] * r * w[i];
+    }
+}
+
+void kcu_rmsnorm(kb_backend *be, float *out, const float *x, const kb_weight *w, int rows, int n,
+                 float eps)
+{
+    kcu *cu = kcu_of(be);
+    if (rows <= 0)
+        return;
+    if (w->type != KILN_TYPE_F32 || w->ne[0] != n) {
+        KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda rmsnorm: weight %s must be an F32 vector of %d",
+                w->name ? w->name : "?", n);
+        return;
+    }
+    const float *wd = (const float *)w->data;
+    if (n <= 1024) {
+        k_rmsnorm_warp<<<kcu_div_up(rows, 8), dim3(32, 8), 0, cu->stream>>>(out, x, wd, rows, n,
+                                                                            eps);
+    } else {
+        int threads = n >= 4096 ? 1024 : 256;
+        bool vec = n % 4 == 0 && ((uintptr_t)x % 16) == 0 && ((uintptr_t)out % 16) == 0 &&
+                   ((uintptr_t)wd % 16) == 0;
+        if (vec)
+            k_rmsnorm_block<true><<<rows, threads, 0, cu->stream>>>(out, x, wd, n, eps);
+        else
+            k_rmsnorm_block<false><<<rows, threads, 0, cu->stream>>>(out, x, wd, n, eps);
+    }
+    KCU_LAUNCHED(cu);
+}
+
+/* ------------------------------------------------------------------------
+ * GLU: out = act(gate) * up
+ * ---------------------------------------------------------------------- */
+
+__device__ __forceinline__ float kcu_silu(float g) { return g / (1.0f + __expf(-g)); }
+
+/* tanh GELU as g * sigmoid(2 sqrt(2/pi) (g + 0.044715 g^3)), the form the
+ * CPU backend uses: no cancellation where tanh nears -1. */
+__device__ __forceinline__ float kcu_gelu_tanh(float g)
+{
+    const float c2 = 1.5957691216057308f; /* 2 sqrt(2/pi) */
+    float z = c2 * g * (1.0f + 0.044715f * g * g);
+    return g / (1.0f + __expf(-z));
+}
+
+template <int ACT>
+__global__ void k_glu(float *__restrict__ out, const float *__restrict__ gate,
+                      const float *__restrict__ up, size_t n)
+{
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (; i < n; i += stride) {
+        float g = gate[i];
+        float a = ACT == KB_ACT_SILU ? kcu_silu(g) : kcu_gelu_tanh(g);
+        out[i] = a * up[i];
+    }
+}
+
+static int grid_for(kcu *cu, size_t n, int threads)
+{
+    size_t blocks = (n + (size_t)threads - 1) / (size_t)threads;
+    size_t cap = (size_t)cu->prop.multiProcessorCount * 16;
+    return (int)(blocks < cap ? (blocks ? blocks : 1) : cap);
+}
+
+void kcu_glu(kb_backend *be, float *out, const float *gate, const float *up, int rows, int n,
+             kb_act act)
+{
+    kcu *cu = kcu_of(be);
+    size_t total = (size_t)rows * (size_t)n;
+    if (!total)
+        return;
+    int g = grid_for(cu, total, 256);
+    if (act == KB_ACT_SILU)
+        k_glu<KB_ACT_SILU><<<g, 256, 0, cu->stream>>>(out, gate, up, total);
+    else
+        k_glu<KB_ACT_GELU_TANH><<<g, 256, 0, cu->stream>>>(out, gate, up, total);
+    KCU_LAUNCHED(cu);
+}
+
+/* ------------------------------------------------------------------------
+ * add, scale, get_rows
+ * ---------------------------------------------------------------------- */
+
+__global__ void k_add(float *out, const float *a, const float *b, size_t n)
+{
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (; i < n; i += stride)
+        out[i] = a[i] + b[i];
+}
+
+void kcu_add(kb_backend *be, float *out, const float *a, const float *b, size_t n)
+{
+    kcu *cu = kcu_of(be);
+    if (!n)
+        return;
+    k_add<<<grid_for(cu, n, 256), 256, 0, cu->stream>>>(out, a, b, n);
+    KCU_LAUNCHED(cu);
+}
+
+__global__ void k_scale(float *x, float s, size_t n)
+{
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (; i < n; i += stride)
+        x[i] *= s;
+}
+
+void kcu_scale(kb_backend *be, float *x, float s, size_t n)
+{
+    kcu *cu = kcu_of(be);
+    if (!n)
+        return;
+    k_scale<<<grid_for(cu, n, 256), 256, 0, cu->stream>>>(x, s, n);
+    KCU_LAUNCHED(cu);
+}
+
+__global__ void k_get_rows(float *__restrict__ out, const float *__restrict__ x,
+                           const int32_t *__restrict__ idx, int n)
+{
+    const float *src = x + (size_t)idx[blockIdx.x] * n;
+    float *dst = out + (size_t)blockIdx.x * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        dst[i] = src[i];
+}
+
+void kcu_get_rows(kb_backend *be, float *out, const float *x, const int32_t *idx, int n_rows,
+                  int n)
+{
+    kcu *cu = kcu_of(be);
+    if (n_rows <= 0)
+        return;
+    k_get_rows<<<n_rows, 256, 0, cu->stream>>>(out, x, idx, n);
+    KCU_LAUNCHED(cu);
+}

@@ -59,6 +59,8 @@ LIB_OBJ   := $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(CU_SRC:%.cu=$(BUILD)/obj/%.o)
 CLI_OBJ   := $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
 TESTS     := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 GPU_TEST_SRC := $(sort $(wildcard tests/gpu/test_*.c))
+GPU_BENCH_SRC := $(sort $(wildcard bench/gpu/*.c))
+GPU_BENCH := $(if $(filter 1,$(CUDA)),$(GPU_BENCH_SRC:bench/gpu/%.c=$(BUILD)/bench/%))
 GPU_TESTS := $(if $(filter 1,$(CUDA)),$(GPU_TEST_SRC:tests/gpu/%.c=$(BUILD)/tests/gpu/%))
 EXAMPLES  := $(EX_SRC:examples/%.c=$(BUILD)/examples/%)
 
@@ -67,7 +69,7 @@ EXAMPLES  := $(EX_SRC:examples/%.c=$(BUILD)/examples/%)
 all: lib $(BUILD)/kiln examples
 lib: $(BUILD)/libkiln.a $(BUILD)/libkiln.so $(BUILD)/kiln.pc
 examples: $(EXAMPLES)
-tests: $(TESTS) $(GPU_TESTS)
+tests: $(TESTS) $(GPU_TESTS) $(GPU_BENCH)
 
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -99,6 +101,10 @@ $(BUILD)/tests/%: tests/%.c $(BUILD)/libkiln.a
 $(BUILD)/tests/gpu/%: tests/gpu/%.c tests/gpu/gpu_test.h $(BUILD)/libkiln.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Itests -o $@ $< $(BUILD)/libkiln.a $(LDFLAGS) $(LDLIBS) -lcmocka
+
+$(BUILD)/bench/%: bench/gpu/%.c $(BUILD)/libkiln.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Itests -o $@ $< $(BUILD)/libkiln.a $(LDFLAGS) $(LDLIBS)
 
 $(BUILD)/examples/%: examples/%.c $(BUILD)/libkiln.a
 	@mkdir -p $(dir $@)
@@ -149,7 +155,7 @@ check: setup
 # On the GPU machine: every CUDA op against the CPU op, then whole models
 # (scripts/test-gpu.sh says what each step needs).
 test-gpu: all tests
-	scripts/run-tests.sh $(BUILD)/tests/gpu/..
+	TEST_DIR=$(BUILD)/tests/gpu scripts/run-tests.sh $(BUILD)
 
 test-asan: refdata
 	$(MAKE) test-asan-run

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # run-tests.sh BUILD_DIR [--summary FILE] - run every unit-test binary in
-# BUILD_DIR/tests, print each one's cmocka summary, and end with the totals
+# BUILD_DIR/tests (or $TEST_DIR), print each one's cmocka summary, and end with the totals
 # as "N passed, N failed".  Exits non-zero if any test failed or crashed.
 set -uo pipefail
 build=$1; shift
@@ -8,7 +8,7 @@ summary=""
 if [ "${1:-}" = --summary ]; then summary=$2; fi
 
 passed=0; failed=0; crashed=()
-for t in "$build"/tests/test_*; do
+for t in "${TEST_DIR:-$build/tests}"/test_*; do
     [ -x "$t" ] || continue
     name=$(basename "$t")
     log=$(mktemp)

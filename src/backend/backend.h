@@ -121,6 +121,8 @@ typedef struct kb_ops {
     kiln_status (*upload)(kb_backend *be, void *dst, const void *src, size_t n);
     kiln_status (*download)(kb_backend *be, void *dst, const void *src, size_t n);
     kiln_status (*sync)(kb_backend *be);
+    /* Device-to-device copy of n bytes, in stream order. */
+    void (*copy)(kb_backend *be, void *dst, const void *src, size_t n);
     /* Copy the host batch into the backend's persistent batch buffers and
      * return the device view (valid until the next batch_upload).  A
      * host-memory backend (CPU) returns `host` itself: the caller keeps it

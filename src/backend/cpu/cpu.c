@@ -45,6 +45,13 @@ static kiln_status cpu_copy(kb_backend *be, void *dst, const void *src, size_t n
     return KILN_OK;
 }
 
+static void cpu_copy_d2d(kb_backend *be, void *dst, const void *src, size_t n)
+{
+    (void)be;
+    if (n)
+        memmove(dst, src, n);
+}
+
 static kiln_status cpu_sync(kb_backend *be)
 {
     (void)be;
@@ -214,6 +221,7 @@ static const kb_ops cpu_ops = {
     .upload = cpu_copy,
     .download = cpu_copy,
     .sync = cpu_sync,
+    .copy = cpu_copy_d2d,
     .batch_upload = cpu_batch_upload,
     .kv_create = cpu_kv_create,
     .kv_free = cpu_kv_free,

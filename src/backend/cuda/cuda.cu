@@ -92,6 +92,13 @@ static kiln_status cuda_download(kb_backend *be, void *dst, const void *src, siz
     return kcu_take_error(cu);
 }
 
+static void cuda_copy_d2d(kb_backend *be, void *dst, const void *src, size_t n)
+{
+    kcu *cu = kcu_of(be);
+    if (n)
+        KCU_CHECK(cu, cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, cu->stream));
+}
+
 static kiln_status cuda_sync(kb_backend *be)
 {
     kcu *cu = kcu_of(be);
@@ -303,6 +310,7 @@ static const kb_ops cuda_ops = {
     .upload = cuda_upload,
     .download = cuda_download,
     .sync = cuda_sync,
+    .copy = cuda_copy_d2d,
     .batch_upload = cuda_batch_upload,
     .kv_create = kcu_kv_create,
     .kv_free = kcu_kv_free,

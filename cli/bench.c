@@ -4,7 +4,10 @@
  *   pp: one request with a prompt of P tokens and one generated token; the
  *       figure is P / (time of the prefill steps).
  *   tg: B requests decoding N tokens each (end-of-generation ignored) after
- *       a short prompt; the figure is B*N / (time of the decode steps).
+ *       a short prompt; the figure is B*N / (time of the decode steps), and
+ *       the bandwidth that implies (weights once per step + the K/V read)
+ *       against a device-to-device copy measured in the same run.
+ *   ttft: submission to the first token of the pp request.
  *
  * Prompts are fixed pseudo-random token ids, so runs are comparable.  Each
  * figure is the median of --reps runs after one warm-up run.
@@ -18,9 +21,11 @@
 
 #define TG_PROMPT_TOKENS 8
 #define MAX_REPS 100
+#define MAX_BATCHES 16
 
 typedef struct bench_cfg {
-    int pp, tg, batch, reps;
+    int pp, tg, reps;
+    int batch[MAX_BATCHES], n_batch;
     bool json;
 } bench_cfg;
 
@@ -36,17 +41,25 @@ static void fill_tokens(int32_t *ids, int n, int n_vocab, uint64_t seed)
     }
 }
 
-static void ignore_tokens(const kiln_token_event *ev, void *user)
+/* The first token's arrival time, for time to first token. */
+typedef struct first_token {
+    double t;
+} first_token;
+
+static void on_token(const kiln_token_event *ev, void *user)
 {
     (void)ev;
-    (void)user;
+    first_token *ft = user;
+    if (ft && ft->t == 0)
+        ft->t = kiln_now_sec();
 }
 
 /* One run: submit n_req requests of n_prompt tokens generating n_gen each;
- * returns the prompt and decode seconds from the engine's counters. */
+ * returns the prompt and decode seconds from the engine's counters and the
+ * time from submission to the first token of the first request. */
 static bool bench_run(kiln_engine *e, int n_vocab, int n_req, int n_prompt, int n_gen,
                       uint64_t seed, double *t_prompt, double *t_decode, uint64_t *n_pp,
-                      uint64_t *n_tg)
+                      uint64_t *n_tg, double *ttft)
 {
     kiln_engine_stats a, b;
     kiln_engine_get_stats(e, &a);
@@ -58,10 +71,13 @@ static bool bench_run(kiln_engine *e, int n_vocab, int n_req, int n_prompt, int 
     s.temperature = 0;
     s.max_tokens = n_gen;
     s.ignore_eos = 1;
+    first_token ft = {0};
+    double t0 = kiln_now_sec();
     for (int r = 0; r < n_req; r++) {
         fill_tokens(ids, n_prompt, n_vocab, seed + (uint64_t)r);
         uint64_t id;
-        kiln_status st = kiln_engine_submit(e, ids, (size_t)n_prompt, &s, ignore_tokens, NULL, &id);
+        kiln_status st = kiln_engine_submit(e, ids, (size_t)n_prompt, &s, on_token,
+                                            r == 0 ? &ft : NULL, &id);
         if (st != KILN_OK) {
             cli_report("bench", st);
             kiln_free(ids);
@@ -79,6 +95,7 @@ static bool bench_run(kiln_engine *e, int n_vocab, int n_req, int n_prompt, int 
     *t_decode = b.t_decode_sec - a.t_decode_sec;
     *n_pp = b.n_prompt_tokens - a.n_prompt_tokens;
     *n_tg = b.n_generated_tokens - a.n_generated_tokens;
+    *ttft = ft.t > 0 ? ft.t - t0 : 0;
     return true;
 }
 
@@ -96,36 +113,82 @@ static double median(double *v, int n)
 
 static void bench_usage(FILE *f)
 {
-    fprintf(f, "usage: kiln bench -m MODEL [--device DEV] [-t N] [-p P] [-n N] [-b B] [--reps R] [--json]\n\n"
+    fprintf(f, "usage: kiln bench -m MODEL [--device DEV] [-t N] [-p P] [-n N] [-b B[,B...]] "
+               "[--reps R] [--json]\n\n"
                "  -p P       prompt tokens for the prefill figure (default 512; 0 skips it)\n"
                "  -n N       tokens each request generates (default 128; 0 skips it)\n"
-               "  -b B       requests decoding at once (default 1)\n"
-               "  --reps R   runs per figure, median reported (default 3)\n");
+               "  -b B,...   requests decoding at once, one figure per value (default 1)\n"
+               "  --reps R   runs per figure, median reported (default 3)\n"
+               "  --json     one JSON object instead of the table\n\n"
+               "Generation also reports the bandwidth it achieved (weights once per step plus\n"
+               "the K/V read) against a device-to-device copy measured in the same run.\n");
 }
+
+/* "1,8,32" -> batches; false (message printed) on a bad list. */
+static bool parse_batches(const char *text, int *b, int *n)
+{
+    *n = 0;
+    const char *p = text;
+    while (*p) {
+        char item[32];
+        size_t len = strcspn(p, ",");
+        if (len == 0 || len >= sizeof item || *n >= MAX_BATCHES) {
+            fprintf(stderr, "kiln: bench: -b '%s': expected up to %d comma-separated counts\n",
+                    text, MAX_BATCHES);
+            return false;
+        }
+        memcpy(item, p, len);
+        item[len] = 0;
+        long long v;
+        if (!cli_parse_int("-b", item, 1, 4096, &v))
+            return false;
+        b[(*n)++] = (int)v;
+        p += len;
+        if (*p == ',')
+            p++;
+    }
+    if (*n == 0) {
+        fprintf(stderr, "kiln: bench: -b needs at least one count\n");
+        return false;
+    }
+    return true;
+}
+
+typedef struct tg_result {
+    int batch;
+    double tok_s, bytes_s;
+} tg_result;
 
 int cmd_bench(int argc, char **argv)
 {
     run_opts o;
     cli_opts_default(&o);
-    bench_cfg c = {.pp = 512, .tg = 128, .batch = 1, .reps = 3};
+    bench_cfg c = {.pp = 512, .tg = 128, .batch = {1}, .n_batch = 1, .reps = 3};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         long long v;
-        if ((!strcmp(a, "-p") || !strcmp(a, "-n") || !strcmp(a, "-b") || !strcmp(a, "--reps"))) {
+        if (!strcmp(a, "-b")) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "kiln: bench: -b needs a value\n");
+                return 2;
+            }
+            if (!parse_batches(argv[++i], c.batch, &c.n_batch))
+                return 2;
+            continue;
+        }
+        if ((!strcmp(a, "-p") || !strcmp(a, "-n") || !strcmp(a, "--reps"))) {
             if (i + 1 >= argc) {
                 fprintf(stderr, "kiln: bench: %s needs a value\n", a);
                 return 2;
             }
-            long long lo = !strcmp(a, "-b") || !strcmp(a, "--reps") ? 1 : 0;
-            long long hi = !strcmp(a, "--reps") ? MAX_REPS : (!strcmp(a, "-b") ? 1024 : 1 << 20);
+            long long lo = !strcmp(a, "--reps") ? 1 : 0;
+            long long hi = !strcmp(a, "--reps") ? MAX_REPS : 1 << 20;
             if (!cli_parse_int(a, argv[++i], lo, hi, &v))
                 return 2;
             if (!strcmp(a, "-p"))
                 c.pp = (int)v;
             else if (!strcmp(a, "-n"))
                 c.tg = (int)v;
-            else if (!strcmp(a, "-b"))
-                c.batch = (int)v;
             else
                 c.reps = (int)v;
             continue;
@@ -156,49 +219,101 @@ int cmd_bench(int argc, char **argv)
     if (!m)
         return 1;
     int n_vocab = kiln_model_n_vocab(m);
+    int max_batch = 1;
+    for (int k = 0; k < c.n_batch; k++)
+        if (c.batch[k] > max_batch)
+            max_batch = c.batch[k];
+
+    /* the ceiling, before the engine's KV pool takes the memory */
+    double copy_bps = 0;
+    kiln_status cst = kiln_model_copy_bandwidth(m, (size_t)1 << 30, &copy_bps);
+    if (cst != KILN_OK)
+        KILN_LOGW("copy bandwidth not measured: %s", kiln_last_error());
+    uint64_t w_bytes = kiln_model_decode_bytes(m);
+    uint64_t kv_tok = kiln_model_kv_bytes_per_token(m, 0);
+
     int need = (c.pp > TG_PROMPT_TOKENS ? c.pp : TG_PROMPT_TOKENS) + c.tg + 1;
     run_opts eo = o;
     eo.ctx = need;
-    kiln_engine *e = cli_make_engine(m, &eo, c.batch, need);
+    kiln_engine *e = cli_make_engine(m, &eo, max_batch, need);
     if (!e) {
         kiln_model_free(m);
         return 1;
     }
-    double pp_rate[MAX_REPS], tg_rate[MAX_REPS];
+    double rate[MAX_REPS], ttft_v[MAX_REPS];
     bool ok = true;
-    double tp, td;
+    double tp, td, ttft;
     uint64_t npp, ntg;
     /* warm-up: touch every weight page and the KV pool once */
-    ok = bench_run(e, n_vocab, 1, TG_PROMPT_TOKENS, 4, 99, &tp, &td, &npp, &ntg);
-    for (int r = 0; ok && r < c.reps; r++) {
-        pp_rate[r] = tg_rate[r] = 0;
-        if (c.pp > 0) {
-            ok = bench_run(e, n_vocab, 1, c.pp, 1, 1000 + (uint64_t)r, &tp, &td, &npp, &ntg);
-            pp_rate[r] = tp > 0 ? (double)npp / tp : 0;
+    ok = bench_run(e, n_vocab, 1, TG_PROMPT_TOKENS, 4, 99, &tp, &td, &npp, &ntg, &ttft);
+
+    double pp = 0, pp_ttft = 0, pp_flops = 0;
+    if (ok && c.pp > 0) {
+        for (int r = 0; ok && r < c.reps; r++) {
+            ok = bench_run(e, n_vocab, 1, c.pp, 1, 1000 + (uint64_t)r, &tp, &td, &npp, &ntg,
+                           &ttft);
+            rate[r] = tp > 0 ? (double)npp / tp : 0;
+            ttft_v[r] = ttft;
         }
-        if (ok && c.tg > 0) {
-            ok = bench_run(e, n_vocab, c.batch, TG_PROMPT_TOKENS, c.tg, 2000 + (uint64_t)r, &tp,
-                           &td, &npp, &ntg);
-            tg_rate[r] = td > 0 ? (double)ntg / td : 0;
+        if (ok) {
+            pp = median(rate, c.reps);
+            pp_ttft = median(ttft_v, c.reps);
+            double macs = (double)kiln_model_matrix_params(m) * c.pp;
+            for (int t = 0; t < c.pp; t++)
+                macs += (double)kiln_model_attn_macs(m, t);
+            pp_flops = pp > 0 ? 2.0 * macs / ((double)c.pp / pp) : 0;
         }
     }
+    tg_result tg[MAX_BATCHES];
+    for (int k = 0; ok && c.tg > 0 && k < c.n_batch; k++) {
+        int B = c.batch[k];
+        for (int r = 0; ok && r < c.reps; r++) {
+            ok = bench_run(e, n_vocab, B, TG_PROMPT_TOKENS, c.tg, 2000 + (uint64_t)r, &tp, &td,
+                           &npp, &ntg, &ttft);
+            rate[r] = td > 0 ? (double)ntg / td : 0;
+        }
+        if (!ok)
+            break;
+        tg[k].batch = B;
+        tg[k].tok_s = median(rate, c.reps);
+        /* a step reads the weights once and each sequence's K/V so far */
+        double ctx_avg = TG_PROMPT_TOKENS + c.tg / 2.0;
+        double step_bytes = (double)w_bytes + (double)B * ctx_avg * (double)kv_tok;
+        tg[k].bytes_s = tg[k].tok_s / B * step_bytes;
+    }
     if (ok) {
-        double pp = c.pp > 0 ? median(pp_rate, c.reps) : 0;
-        double tg = c.tg > 0 ? median(tg_rate, c.reps) : 0;
         if (c.json) {
-            printf("{\"model\": \"%s\", \"arch\": \"%s\", \"device\": \"%s\", \"threads\": %d, "
-                   "\"load_sec\": %.3f, \"pp_tokens\": %d, \"pp_tok_s\": %.2f, "
-                   "\"tg_tokens\": %d, \"batch\": %d, \"tg_tok_s\": %.2f, \"reps\": %d}\n",
-                   o.model, kiln_model_arch(m), o.device, o.threads, load_sec, c.pp, pp, c.tg,
-                   c.batch, tg, c.reps);
-        } else {
-            printf("model   %s (%s) on %s, threads %d, load %.2f s\n", o.model, kiln_model_arch(m),
-                   o.device, o.threads, load_sec);
+            printf("{\"model\": \"%s\", \"arch\": \"%s\", \"device\": \"%s\", "
+                   "\"threads\": %d, \"load_sec\": %.3f, \"decode_bytes\": %llu, "
+                   "\"copy_gb_s\": %.1f, \"reps\": %d",
+                   o.model, kiln_model_arch(m), o.device, o.threads, load_sec,
+                   (unsigned long long)w_bytes, copy_bps / 1e9, c.reps);
             if (c.pp > 0)
-                printf("pp%-5d %10.1f tok/s   (median of %d)\n", c.pp, pp, c.reps);
-            if (c.tg > 0)
-                printf("tg%-5d %10.1f tok/s   (batch %d, median of %d)\n", c.tg, tg, c.batch,
-                       c.reps);
+                printf(", \"pp_tokens\": %d, \"pp_tok_s\": %.2f, \"ttft_ms\": %.3f, "
+                       "\"pp_tflop_s\": %.2f", c.pp, pp, pp_ttft * 1e3, pp_flops / 1e12);
+            if (c.tg > 0) {
+                printf(", \"tg_tokens\": %d, \"tg\": [", c.tg);
+                for (int k = 0; k < c.n_batch; k++)
+                    printf("%s{\"batch\": %d, \"tok_s\": %.2f, \"gb_s\": %.1f, "
+                           "\"pct_of_copy\": %.1f}", k ? ", " : "", tg[k].batch, tg[k].tok_s,
+                           tg[k].bytes_s / 1e9,
+                           copy_bps > 0 ? 100.0 * tg[k].bytes_s / copy_bps : 0.0);
+                printf("]");
+            }
+            printf("}\n");
+        } else {
+            char wb[32];
+            printf("model   %s (%s) on %s, load %.2f s\n", o.model, kiln_model_arch(m), o.device,
+                   load_sec);
+            printf("weights read per decode step %s; device copy %.0f GB/s (read + write)\n",
+                   kiln_fmt_bytes(w_bytes, wb, sizeof wb), copy_bps / 1e9);
+            if (c.pp > 0)
+                printf("pp%-5d     %10.1f tok/s   ttft %.1f ms   %.1f TFLOP/s   (median of %d)\n",
+                       c.pp, pp, pp_ttft * 1e3, pp_flops / 1e12, c.reps);
+            for (int k = 0; c.tg > 0 && k < c.n_batch; k++)
+                printf("tg%-5d b%-3d %10.1f tok/s   %.0f GB/s   %.1f%% of copy   (median of %d)\n",
+                       c.tg, tg[k].batch, tg[k].tok_s, tg[k].bytes_s / 1e9,
+                       copy_bps > 0 ? 100.0 * tg[k].bytes_s / copy_bps : 0.0, c.reps);
         }
     }
     kiln_engine_free(e);

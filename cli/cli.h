@@ -25,6 +25,8 @@ typedef struct run_opts {
     const char *system;
     int threads;            /* 0 = all cores */
     int ctx;                /* 0 = default */
+    float gpu_mem_fraction; /* 0 = the engine's default */
+    int eager;              /* no CUDA graphs */
     kiln_sampling sampling;
 } run_opts;
 

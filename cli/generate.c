@@ -46,6 +46,7 @@ typedef struct num_opt {
 static const num_opt num_opts[] = {
     {"--threads", "-t", 1, 1024, offsetof(run_opts, threads), false},
     {"--ctx", "-c", 16, 1 << 24, offsetof(run_opts, ctx), false},
+    {"--gpu-mem-fraction", NULL, 0.01, 1, offsetof(run_opts, gpu_mem_fraction), true},
     {"--max-tokens", "-n", 1, MAX_TOKENS_LIMIT, offsetof(run_opts, sampling.max_tokens), false},
     {"--top-k", NULL, 0, 1 << 24, offsetof(run_opts, sampling.top_k), false},
     {"--temp", NULL, 0, 100, offsetof(run_opts, sampling.temperature), true},
@@ -103,6 +104,8 @@ int cli_parse_common(run_opts *o, int argc, char **argv, int *i)
             return -1;
         }
         o->sampling.stop[o->sampling.n_stop++] = s;
+    } else if (!strcmp(a, "--eager")) {
+        o->eager = 1;
     } else if (!strcmp(a, "--ignore-eos")) {
         o->sampling.ignore_eos = 1;
     } else if (!strcmp(a, "--chat-template")) {
@@ -159,6 +162,9 @@ kiln_engine *cli_make_engine(kiln_model *m, const run_opts *o, int max_seqs, int
     if (!o->ctx && ep.n_ctx > train)
         ep.n_ctx = train;
     ep.max_seqs = max_seqs;
+    if (o->gpu_mem_fraction > 0)
+        ep.gpu_mem_fraction = o->gpu_mem_fraction;
+    ep.eager = o->eager;
     kiln_engine *e = NULL;
     kiln_status st = kiln_engine_create(m, &ep, &e);
     if (st != KILN_OK) {
@@ -281,7 +287,10 @@ static void generate_usage(FILE *f)
             "  -c, --ctx N              context length (default: min(model, %d))\n"
             "  --truncate               drop the start of a prompt that does not fit\n"
             "  -t, --threads N          CPU threads (default: all cores)\n"
-            "  --device DEV             cpu (default), cuda, cuda:N\n",
+            "  --device DEV             cpu (default), cuda, cuda:N\n"
+            "  --gpu-mem-fraction F     GPU memory kiln may use, the KV cache taking what\n"
+            "                           weights and scratch leave (default 0.90)\n"
+            "  --eager                  GPU: no CUDA graphs for decode steps\n",
             DEFAULT_MAX_TOKENS, KILN_MAX_STOP, DEFAULT_CPU_CTX);
 }
 

@@ -85,6 +85,23 @@ int kiln_model_n_vocab(const kiln_model *m);
 int kiln_model_n_ctx_train(const kiln_model *m);
 /* Architecture name as kiln knows it ("llama", "qwen2", "qwen3", "gemma3"). */
 const char *kiln_model_arch(const kiln_model *m);
+
+/* Facts for benchmarks: the bytes of weights one decode step reads (every
+ * matrix once; the token embedding table only where it is also the output
+ * projection), the multiply-adds per token of the matrices (prefill FLOPs are
+ * twice that per token, plus attention), and the bytes of K and V one token
+ * of context takes. */
+uint64_t kiln_model_decode_bytes(const kiln_model *m);
+uint64_t kiln_model_matrix_params(const kiln_model *m);
+uint64_t kiln_model_kv_bytes_per_token(const kiln_model *m, int kv_f32);
+/* Attention multiply-adds of one token at context position `pos` (q.k and
+ * p.v over pos + 1 keys, all layers and heads). */
+uint64_t kiln_model_attn_macs(const kiln_model *m, int pos);
+/* The model's device memory bandwidth, measured by a device-to-device copy
+ * of `bytes` (bytes read plus bytes written, per second; median of a few
+ * copies).  CPU: memcpy.  Call before creating an engine (which takes most
+ * of a GPU's memory for its KV cache). */
+kiln_status kiln_model_copy_bandwidth(kiln_model *m, size_t bytes, double *bytes_per_sec);
 /* The model's tokenizer, owned by the model. */
 const struct kiln_tokenizer *kiln_model_tokenizer(const kiln_model *m);
 
@@ -105,11 +122,17 @@ typedef struct kiln_engine_params {
                               trained context, capped at 8192 on CPU */
     int block_size;        /* KV block size in tokens (default 16) */
     int n_kv_blocks;       /* KV blocks in the pool; 0 = enough for
-                              max_seqs sequences of n_ctx tokens on CPU */
+                              max_seqs sequences of n_ctx tokens on CPU,
+                              what gpu_mem_fraction leaves on a GPU */
     int max_seqs;          /* sequences running at once (default 16) */
     int max_batch_tokens;  /* tokens per step; longer prompts are prefilled
                               in chunks (default 512) */
     int kv_f32;            /* store K/V as F32 instead of F16 */
+    float gpu_mem_fraction; /* GPU: share of the device's memory kiln may
+                              use in all (weights, scratch, KV); the KV pool
+                              takes what is left of it (default 0.90) */
+    int eager;             /* GPU: run decode steps op by op instead of
+                              replaying CUDA graphs */
 } kiln_engine_params;
 
 void kiln_engine_params_default(kiln_engine_params *p);

@@ -89,6 +89,7 @@ typedef struct parity_runner {
     int32_t pos[PARITY_CHUNK], seq[PARITY_CHUNK], slot[PARITY_CHUNK], out_rows[PARITY_CHUNK];
     int32_t *table; /* (n_blocks) */
     int n_blocks;
+    float *host_logits; /* (PARITY_CHUNK, n_vocab) for a device backend */
 } parity_runner;
 
 static void parity_runner_init(parity_runner *r, model *m, int cap, kiln_type kv_type)
@@ -99,6 +100,25 @@ static void parity_runner_init(parity_runner *r, model *m, int cap, kiln_type kv
                     m->hp.head_dim_v, kv_type};
     assert_int_equal(m->be->ops->kv_create(m->be, &d, &r->kv), KILN_OK);
     assert_int_equal(model_scratch_init(m, &r->s, PARITY_CHUNK, PARITY_CHUNK), KILN_OK);
+    if (m->be->ops->reserve) {
+        int hd = m->hp.head_dim > m->hp.head_dim_v ? m->hp.head_dim : m->hp.head_dim_v;
+        int64_t n_in = m->hp.n_ff > m->hp.n_embd ? m->hp.n_ff : m->hp.n_embd;
+        int64_t o_dim = (int64_t)m->hp.n_head * m->hp.head_dim_v;
+        int64_t n_out = m->hp.n_vocab > m->hp.n_ff ? m->hp.n_vocab : m->hp.n_ff;
+        int64_t q_dim = (int64_t)m->hp.n_head * m->hp.head_dim;
+        kb_reserve rs = {.max_tokens = PARITY_CHUNK, .max_seqs = 1,
+                         .max_ctx = r->n_blocks * PARITY_BLOCK,
+                         .max_n_in = n_in > o_dim ? n_in : o_dim,
+                         .max_n_out = n_out > q_dim ? n_out : q_dim,
+                         .n_heads = m->hp.n_head, .head_dim = hd,
+                         .n_vocab = m->hp.n_vocab, .max_pen = 64};
+        assert_int_equal(m->be->ops->reserve(m->be, &rs), KILN_OK);
+    }
+    r->host_logits = NULL;
+    if (!m->be->host_memory) {
+        r->host_logits = malloc((size_t)PARITY_CHUNK * (size_t)m->hp.n_vocab * sizeof(float));
+        assert_non_null(r->host_logits);
+    }
     r->table = calloc((size_t)r->n_blocks, sizeof *r->table);
     /* blocks in reverse order, so paging is exercised */
     for (int i = 0; i < r->n_blocks; i++)
@@ -110,6 +130,7 @@ static void parity_runner_free(parity_runner *r)
     r->m->be->ops->kv_free(r->m->be, r->kv);
     model_scratch_free(r->m, &r->s);
     free(r->table);
+    free(r->host_logits);
 }
 
 /* Run tokens[0..n) (n <= PARITY_CHUNK) at positions start.. and return the
@@ -135,8 +156,16 @@ static const float *parity_runner_step(parity_runner *r, const int32_t *tokens, 
     const kb_batch *dev;
     assert_int_equal(r->m->be->ops->batch_upload(r->m->be, &b, &dev), KILN_OK);
     model_forward(r->m, r->kv, &r->s, dev);
-    r->m->be->ops->sync(r->m->be);
-    return r->s.logits;
+    kiln_status st = r->m->be->ops->sync(r->m->be);
+    if (st != KILN_OK)
+        fprintf(stderr, "parity: forward failed: %s\n", kiln_last_error());
+    assert_int_equal(st, KILN_OK);
+    if (r->m->be->host_memory)
+        return r->s.logits;
+    size_t bytes = (size_t)b.n_out * (size_t)r->m->hp.n_vocab * sizeof(float);
+    assert_int_equal(r->m->be->ops->download(r->m->be, r->host_logits, r->s.logits, bytes),
+                     KILN_OK);
+    return r->host_logits;
 }
 
 static int parity_argmax(const float *x, int n)

@@ -80,10 +80,13 @@ static int32_t fake_next(int mode, int V, const int32_t *hist, int n)
     return (int32_t)(XXH3_64bits(hist, (size_t)n * sizeof *hist) % (uint64_t)V);
 }
 
-static kiln_status fake_prepare(void *ctx, int n_blocks, int block_size,
-                                int max_tokens, int max_out, bool kv_f32)
+static kiln_status fake_prepare(void *ctx, engine_prepare *ep)
 {
     fake *f = ctx;
+    if (ep->n_blocks == 0)
+        ep->n_blocks = ep->host_blocks;
+    int n_blocks = ep->n_blocks, block_size = ep->block_size;
+    int max_tokens = ep->max_tokens, max_out = ep->max_out;
     f->n_prepare++;
     f->n_blocks = n_blocks;
     f->block_size = block_size;

@@ -10,21 +10,20 @@ independent reference for kiln's loader, descriptors and forward pass.
 For 20 fixed prompts it records the prompt, transformers' greedy 32-token
 continuation, and at every position of prompt + continuation the top-40
 logits with the log-sum-exp of the whole row, in the format described in
-scripts/ref/logits_ref.py ("KILNPAR1").
+scripts/ref/kilnpar.py ("KILNPAR1").
 
 Usage: .venv-ref/bin/python scripts/ref/logits_ref_hf.py [--long] MODEL.gguf OUT.bin
 (--long: the single long prompt instead of the 20 short ones)
 (`make parity-ref` regenerates the committed fixtures.)
 """
 import os
-import struct
 import sys
 
-import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(__file__))
+import kilnpar  # noqa: E402
 from parity_prompts import LONG_PROMPT, N_CONT, PROMPTS, TOP_K  # noqa: E402
 
 
@@ -41,8 +40,7 @@ def main():
     n_vocab = model.get_output_embeddings().weight.shape[0]
     total = 0
     with open(out_path, "wb") as f, torch.no_grad():
-        f.write(b"KILNPAR1")
-        f.write(struct.pack("<4I", len(prompts), n_vocab, TOP_K, N_CONT))
+        kilnpar.write_header(f, len(prompts), n_vocab, TOP_K, N_CONT)
         for p in prompts:
             ids = tok(p, add_special_tokens=True)["input_ids"]
             # greedy continuation with the KV cache; end-of-text is not special
@@ -54,15 +52,7 @@ def main():
                 out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values,
                             use_cache=True)
             logits = model(torch.tensor([seq])).logits[0].double().numpy()
-            f.write(struct.pack("<I", len(ids)))
-            f.write(np.array(seq, dtype="<i4").tobytes())
-            for row in logits:
-                top = np.argsort(-row, kind="stable")[:TOP_K]
-                m = row.max()
-                lse = m + np.log(np.exp(row - m).sum())
-                f.write(struct.pack("<f", lse))
-                f.write(top.astype("<i4").tobytes())
-                f.write(row[top].astype("<f4").tobytes())
+            kilnpar.write_prompt(f, len(ids), seq, logits, TOP_K)
             total += len(seq)
             print(f"{len(ids):4d} tokens, continuation {seq[len(ids):len(ids) + 8]}...",
                   file=sys.stderr)

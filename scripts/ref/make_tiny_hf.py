@@ -25,7 +25,7 @@ stay well under 300 KB each (hidden 32) so they can be committed.
 The reference is computed in float32 even for a model stored in BF16/F16:
 the saved directory is loaded back with dtype=torch.float32, so the weights
 are exactly the stored values.  The fixture is the "KILNPAR1" format of
-scripts/ref/logits_ref.py with one prompt: a fixed 40-token id sequence, then
+scripts/ref/kilnpar.py with one prompt: a fixed 40-token id sequence, then
 the reference's 8-token greedy continuation, and at all 48 positions the
 log-sum-exp and the top-40 logits.
 
@@ -35,7 +35,6 @@ tests/data/hf-tiny/).
 """
 import os
 import shutil
-import struct
 import sys
 
 import numpy as np
@@ -44,6 +43,9 @@ from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Q
                           Qwen3Config)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import kilnpar  # noqa: E402
+
 TOK_DIR = os.path.join(HERE, "..", "..", "tests", "data", "tokenizer")
 N_PROMPT = 40
 N_CONT = 8
@@ -101,11 +103,6 @@ def init_weights(model, arch):
                 p.copy_(r / np.sqrt(p.shape[1]))
 
 
-def logsumexp(v):
-    m = float(np.max(v))
-    return m + float(np.log(np.sum(np.exp(v.astype(np.float64) - m))))
-
-
 def make(outdir, arch, dtype, tok, cfg):
     torch.manual_seed(0)
     d = os.path.join(outdir, arch)
@@ -133,15 +130,8 @@ def make(outdir, arch, dtype, tok, cfg):
     V = logits.shape[1]
     assert V == cfg.vocab_size
     with open(os.path.join(outdir, arch + ".bin"), "wb") as f:
-        f.write(b"KILNPAR1")
-        f.write(struct.pack("<4I", 1, V, TOP_K, N_CONT))
-        f.write(struct.pack("<I", N_PROMPT))
-        f.write(np.array(seq, dtype="<i4").tobytes())
-        for row in logits:
-            ids = np.argsort(-row, kind="stable")[:TOP_K]
-            f.write(struct.pack("<f", logsumexp(row)))
-            f.write(ids.astype("<i4").tobytes())
-            f.write(row[ids].astype("<f4").tobytes())
+        kilnpar.write_header(f, 1, V, TOP_K, N_CONT)
+        kilnpar.write_prompt(f, N_PROMPT, seq, logits, TOP_K)
     size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
     p = torch.softmax(torch.tensor(logits), -1)
     ent = float(-(p * torch.log(p)).sum(-1).mean())

@@ -107,9 +107,31 @@ typedef struct kb_reserve {
     int64_t max_n_out;   /* most weight rows */
     int n_heads;         /* attention heads (query) */
     int head_dim;        /* largest head dim of q/k/v */
+    int64_t n_vocab;     /* logits row length (sampling) */
+    int max_pen;         /* penalty entries of one row (sampling) */
 } kb_reserve;
 
 typedef struct kb_graph kb_graph; /* a captured sequence of ops (CUDA graph) */
+
+/* Sampling on the device (kb_ops.sample).  A penalty entry changes one
+ * logit as the engine's sampler does: l = l > 0 ? l / rep : l * rep (rep = 1
+ * when the token is outside the repetition window), then l -= sub (the
+ * presence + count * frequency penalty of a generated token). */
+typedef struct kb_sample_pen {
+    int32_t id;
+    float rep;
+    float sub;
+} kb_sample_pen;
+
+typedef struct kb_sample_row {
+    float temperature;          /* 0 = greedy (argmax, ties to the lowest id) */
+    int top_k;                  /* 0 = off */
+    float top_p;                /* 1 = off */
+    float min_p;                /* 0 = off */
+    double u;                   /* the draw in [0, 1), from the request's RNG */
+    int n_pen;
+    const kb_sample_pen *pen;   /* (n_pen) host memory, distinct ids */
+} kb_sample_row;
 
 typedef struct kb_ops {
     const char *name; /* "cpu", "cuda" */
@@ -182,8 +204,9 @@ typedef struct kb_ops {
     /* Device memory free and total, in bytes. */
     kiln_status (*mem_info)(kb_backend *be, size_t *free_bytes, size_t *total_bytes);
     /* The type a weight stored as `file_type` takes in the backend's memory
-     * (the loader converts; e.g. CUDA keeps F32 matrices as BF16).  NULL:
-     * every supported type as it is. */
+     * (the loader converts; e.g. CUDA keeps F32 matrices as BF16), or
+     * KILN_TYPE_COUNT when the backend has no kernels for it.  NULL: every
+     * supported type as it is. */
     kiln_type (*weight_type)(kb_backend *be, kiln_type file_type);
     /* Record the ops issued between graph_begin and graph_end into a graph
      * instead of running them; graph_launch replays it (same pointers, same
@@ -192,6 +215,15 @@ typedef struct kb_ops {
     kiln_status (*graph_end)(kb_backend *be, kb_graph **out);
     kiln_status (*graph_launch)(kb_backend *be, kb_graph *g);
     void (*graph_free)(kb_backend *be, kb_graph *g);
+
+    /* Sample one token per row of logits (n_rows, n_vocab), device memory:
+     * penalties, temperature, top-k, top-p, min-p, then the draw rows[i].u
+     * over the survivors' renormalised probabilities (order as the engine's
+     * sampler).  Writes the ids and each one's log-probability under the
+     * penalised logits at temperature 1 to host arrays.  The logits may be
+     * overwritten.  NULL: the engine samples on the host. */
+    kiln_status (*sample)(kb_backend *be, float *logits, int n_rows, int n_vocab,
+                          const kb_sample_row *rows, int32_t *ids, float *logprobs);
 
     /* --- lifetime -------------------------------------------------------- */
     /* Free the backend's private state and *be itself; kb_destroy calls it. */

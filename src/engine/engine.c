@@ -34,6 +34,7 @@ void kiln_engine_params_default(kiln_engine_params *p)
     p->block_size = ENGINE_DEFAULT_BLOCK_SIZE;
     p->max_seqs = ENGINE_DEFAULT_MAX_SEQS;
     p->max_batch_tokens = ENGINE_DEFAULT_BATCH_TOKENS;
+    p->gpu_mem_fraction = ENGINE_DEFAULT_GPU_MEM_FRACTION;
 }
 
 /* ------------------------------------------------------------------------
@@ -54,6 +55,13 @@ static kiln_status check_runner(const engine_runner *r)
                          "engine runner: n_eos %d outside 0..%d", r->n_eos,
                          ENGINE_MAX_EOS);
     return KILN_OK;
+}
+
+/* Slot ids (block * block_size + offset) are int32. */
+static bool kv_blocks_fit_slots(size_t n_blocks, int block_size)
+{
+    size_t slots;
+    return ck_mul(n_blocks, (size_t)block_size, &slots) && slots <= INT32_MAX;
 }
 
 /* Fill the defaults of *p from the runner and check every field. */
@@ -82,22 +90,17 @@ static kiln_status resolve_params(const engine_runner *r, kiln_engine_params *p)
     if (p->n_kv_blocks < 0)
         BAD("engine params: n_kv_blocks = %d must be >= 0 (0 = enough for "
             "max_seqs full sequences)", p->n_kv_blocks);
-    size_t per_seq = ((size_t)p->n_ctx + (size_t)p->block_size - 1) /
-                     (size_t)p->block_size;
-    size_t n_blocks = (size_t)p->n_kv_blocks, slots;
-    if (n_blocks == 0 && !ck_mul(per_seq, (size_t)p->max_seqs, &n_blocks))
-        n_blocks = SIZE_MAX;
-    if (!ck_mul(n_blocks, (size_t)p->block_size, &slots) || slots > INT32_MAX)
+    if (!(p->gpu_mem_fraction > 0.0f && p->gpu_mem_fraction <= 1.0f))
+        BAD("engine params: gpu_mem_fraction = %g must be in (0, 1]",
+            (double)p->gpu_mem_fraction);
+    size_t n_blocks = (size_t)p->n_kv_blocks;
+    if (n_blocks > 0 && !kv_blocks_fit_slots(n_blocks, p->block_size))
         return KILN_FAIL(KILN_ERR_RANGE,
                          "engine params: %zu KV blocks of %d tokens exceed the "
                          "%d slots a KV slot id can name", n_blocks,
                          p->block_size, INT32_MAX);
-    p->n_kv_blocks = (int)n_blocks;
     p->kv_f32 = p->kv_f32 != 0;
-    if (n_blocks < per_seq)
-        KILN_LOGW("a KV pool of %zu blocks holds less than one sequence of n_ctx %d "
-                  "tokens (%zu blocks): longer requests will be refused",
-                  n_blocks, p->n_ctx, per_seq);
+    p->eager = p->eager != 0;
     return KILN_OK;
 #undef BAD
 }
@@ -130,7 +133,37 @@ kiln_status engine_create_with_runner(const engine_runner *r,
     e->r = *r;
     e->n_vocab = r->n_vocab;
     e->n_ctx = p.n_ctx;
+
+    /* The engine-scoped buffers first: on a device the KV pool's size
+     * follows from the memory that weights and scratch leave. */
+    size_t per_seq = ((size_t)p.n_ctx + (size_t)p.block_size - 1) / (size_t)p.block_size;
+    size_t host_blocks;
+    if (!ck_mul(per_seq, (size_t)p.max_seqs, &host_blocks) ||
+        !kv_blocks_fit_slots(host_blocks, p.block_size))
+        host_blocks = (size_t)INT32_MAX / (size_t)p.block_size;
+    engine_prepare ep = {
+        .n_blocks = p.n_kv_blocks,
+        .host_blocks = (int)host_blocks,
+        .block_size = p.block_size,
+        .n_ctx = p.n_ctx,
+        .max_tokens = p.max_batch_tokens,
+        .max_out = p.max_seqs,
+        .max_seqs = p.max_seqs,
+        .kv_f32 = p.kv_f32 != 0,
+        .eager = p.eager != 0,
+        .mem_fraction = p.gpu_mem_fraction,
+    };
+    st = r->prepare(r->ctx, &ep);
+    if (st) {
+        kiln_error_prefix("engine: ");
+        goto fail_engine;
+    }
+    p.n_kv_blocks = ep.n_blocks;
     e->n_kv_blocks = p.n_kv_blocks;
+    if ((size_t)p.n_kv_blocks < per_seq)
+        KILN_LOGW("a KV pool of %d blocks holds less than one sequence of n_ctx %d "
+                  "tokens (%zu blocks): longer requests will be refused",
+                  p.n_kv_blocks, p.n_ctx, per_seq);
     if ((st = sched_init(&e->sc, p.n_kv_blocks, p.block_size, p.n_ctx,
                          p.max_seqs, p.max_batch_tokens)) ||
         (st = sampler_init(&e->sm, r->n_vocab)))
@@ -143,13 +176,6 @@ kiln_status engine_create_with_runner(const engine_runner *r,
     }
     if ((st = textbuf_reserve(&e->text, KILN_MAX_STOP_LEN + 4 * ENGINE_PIECE_INIT)))
         goto fail_engine;
-    st = r->prepare(r->ctx, p.n_kv_blocks, p.block_size, p.max_batch_tokens,
-                    p.max_seqs, p.kv_f32 != 0);
-    if (st) {
-        kiln_error_prefix("engine: preparing %d KV blocks of %d tokens: ",
-                          p.n_kv_blocks, p.block_size);
-        goto fail_engine;
-    }
     if (pthread_mutex_init(&e->mu, NULL) != 0) {
         st = KILN_FAIL(KILN_ERR_INTERNAL, "engine: pthread_mutex_init failed");
         goto fail_engine;

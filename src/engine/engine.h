@@ -18,17 +18,31 @@
 #include "kiln.h"
 #include "util/util.h"
 
+/* What the engine asks a runner to allocate. */
+typedef struct engine_prepare {
+    int n_blocks;       /* in: KV blocks wanted; 0 = size the pool from the
+                           device's memory (host_blocks on a host backend);
+                           out: the blocks the pool holds */
+    int host_blocks;    /* max_seqs sequences of n_ctx tokens */
+    int block_size;
+    int n_ctx;          /* tokens of one sequence */
+    int max_tokens;     /* tokens of one step */
+    int max_out;        /* logit rows of one step (= max_seqs) */
+    int max_seqs;
+    bool kv_f32;
+    bool eager;         /* no CUDA graphs */
+    float mem_fraction; /* of the device's memory, for weights + scratch + KV */
+} engine_prepare;
+
 typedef struct engine_runner {
     void *ctx;
     int n_vocab;
     int n_ctx_train;
     int32_t eos_ids[8];   /* end-of-generation tokens (eos, eot, ...) */
     int n_eos;
-    /* Allocate the engine-scoped buffers: a KV pool of n_blocks blocks of
-     * block_size slots and scratch for steps of up to max_tokens tokens with
-     * up to max_out logit rows.  Called once, before any forward. */
-    kiln_status (*prepare)(void *ctx, int n_blocks, int block_size,
-                           int max_tokens, int max_out, bool kv_f32);
+    /* Allocate the engine-scoped buffers (KV pool, scratch, graphs) once,
+     * before any forward; see engine_prepare. */
+    kiln_status (*prepare)(void *ctx, engine_prepare *p);
     /* Bytes one KV block takes (all layers, K and V) - for sizing the pool. */
     uint64_t (*kv_block_bytes)(void *ctx, int block_size, bool kv_f32);
     /* Run one step.  On success *logits points at (b->n_out, n_vocab) host
@@ -77,6 +91,7 @@ kiln_status engine_runner_for_model(kiln_model *m, engine_runner *out);
 #define ENGINE_MAX_EOS 8                 /* == length of engine_runner.eos_ids */
 #define ENGINE_MAX_PIECE (64 * 1024)     /* bytes of one token's text */
 #define ENGINE_MAX_PENALTY_ABS 2.0f      /* |presence|, |frequency| (OpenAI range) */
+#define ENGINE_DEFAULT_GPU_MEM_FRACTION 0.90f
 
 /* ------------------------------------------------------------------------
  * KV block pool with prefix cache (kvpool.c)

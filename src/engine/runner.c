@@ -1,10 +1,21 @@
 /*
  * runner.c - the engine's view of a loaded model: an engine_runner that owns
- * the KV cache and activation scratch (engine-scoped, made once in prepare)
- * and runs the model's forward pass over each step's batch.
+ * the engine-scoped buffers (KV cache, activation scratch, the backend's own
+ * scratch, decode graphs; all made once in prepare) and runs the model's
+ * forward pass over each step's batch.
+ *
+ * On a device backend the KV pool takes what the memory fraction leaves
+ * after weights and scratch, and pure decode steps replay CUDA graphs
+ * captured at start-up for batch-size buckets 1, 2, 4, 8, 16, ...: a step of
+ * B sequences runs the graph of the smallest bucket >= B, its extra rows
+ * padded with a dummy token whose K/V goes to a block kept aside for it.
  */
 #include "engine/engine.h"
 #include "model/model.h"
+
+#define RUNNER_MAX_GRAPHS 16
+/* Penalty entries per row that device sampling takes (more: host sampling). */
+#define RUNNER_MAX_PEN 4096
 
 typedef struct model_runner {
     kiln_model *km;
@@ -13,6 +24,16 @@ typedef struct model_runner {
     bool scratch_ready;
     float *logits_host; /* (max_out, n_vocab) when the backend is a device */
     int max_out;
+    int block_size;
+
+    /* decode graphs */
+    int n_graphs;
+    int graph_rows[RUNNER_MAX_GRAPHS];
+    kb_graph *graphs[RUNNER_MAX_GRAPHS];
+    int pad_block;      /* KV block of the padding rows (outside the pool) */
+    int graph_blocks;   /* block-table width of graph steps */
+    kb_batch_host pad;  /* the padded batch of a graph step */
+    int32_t *pad_mem;
 } model_runner;
 
 static uint64_t runner_kv_block_bytes(void *ctx, int block_size, bool kv_f32)
@@ -21,33 +42,192 @@ static uint64_t runner_kv_block_bytes(void *ctx, int block_size, bool kv_f32)
     return (uint64_t)block_size * model_kv_bytes_per_token(&r->km->m.hp, kv_f32 ? 4 : 2);
 }
 
-static kiln_status runner_prepare(void *ctx, int n_blocks, int block_size, int max_tokens,
-                                  int max_out, bool kv_f32)
+static int max_i(int a, int b) { return a > b ? a : b; }
+
+/* The backend's scratch for the largest step (kb_reserve). */
+static kiln_status reserve_backend(model_runner *r, const engine_prepare *ep)
+{
+    model *m = &r->km->m;
+    const model_hparams *hp = &m->hp;
+    kb_backend *be = m->be;
+    if (!be->ops->reserve)
+        return KILN_OK;
+    int q_dim = hp->n_head * hp->head_dim, o_dim = hp->n_head * hp->head_dim_v;
+    kb_reserve rs = {
+        .max_tokens = max_i(ep->max_tokens, ep->max_out),
+        .max_seqs = ep->max_seqs,
+        .max_ctx = ep->n_ctx,
+        .max_n_in = max_i(max_i(hp->n_embd, o_dim), hp->n_ff),
+        .max_n_out = max_i(max_i(hp->n_vocab, hp->n_ff), max_i(q_dim, hp->n_embd)),
+        .n_heads = hp->n_head,
+        .head_dim = max_i(hp->head_dim, hp->head_dim_v),
+        .n_vocab = hp->n_vocab,
+        .max_pen = RUNNER_MAX_PEN,
+    };
+    return be->ops->reserve(be, &rs);
+}
+
+/* KV blocks for a device: what the memory fraction leaves after weights and
+ * scratch (already allocated), less one block for graph padding. */
+static kiln_status size_kv_pool(model_runner *r, engine_prepare *ep, uint64_t block_bytes)
+{
+    kb_backend *be = r->km->m.be;
+    size_t free_b = 0, total_b = 0;
+    kiln_status st = be->ops->mem_info(be, &free_b, &total_b);
+    if (st)
+        return st;
+    double keep = (1.0 - (double)ep->mem_fraction) * (double)total_b;
+    double budget = (double)free_b - keep;
+    uint64_t per_seq = ((uint64_t)ep->n_ctx + (uint64_t)ep->block_size - 1) /
+                       (uint64_t)ep->block_size;
+    double n = budget > 0 ? budget / (double)block_bytes - 1.0 : 0.0;
+    if (n < (double)per_seq) {
+        char need[32], fr[32], tot[32];
+        return KILN_FAIL(KILN_ERR_NOMEM,
+                         "KV cache: one sequence of %d tokens needs %s of device memory, but "
+                         "only %s is free after the weights and scratch within "
+                         "--gpu-mem-fraction %.2f of %s (lower --ctx, or raise the fraction)",
+                         ep->n_ctx,
+                         kiln_fmt_bytes((size_t)(per_seq + 1) * block_bytes, need, sizeof need),
+                         kiln_fmt_bytes(budget > 0 ? (size_t)budget : 0, fr, sizeof fr),
+                         (double)ep->mem_fraction, kiln_fmt_bytes(total_b, tot, sizeof tot));
+    }
+    double cap = (double)(INT32_MAX / ep->block_size) - 1.0;
+    ep->n_blocks = (int)(n < cap ? n : cap);
+    return KILN_OK;
+}
+
+static bool is_pure_decode(const kb_batch_host *b)
+{
+    if (b->n_tokens != b->n_seqs || b->n_out != b->n_tokens)
+        return false;
+    for (int i = 0; i < b->n_tokens; i++)
+        if (b->seq[i] != i || b->out_rows[i] != i)
+            return false;
+    return true;
+}
+
+/* Lay out the padded batch of `rows` rows whose first b->n_tokens rows are
+ * b's (b may be NULL: all rows padding). */
+static void pad_batch(model_runner *r, const kb_batch_host *b, int rows)
+{
+    kb_batch_host *p = &r->pad;
+    int n = b ? b->n_tokens : 0;
+    int32_t *tok = r->pad_mem, *pos = tok + rows, *seq = pos + rows, *slot = seq + rows,
+            *out = slot + rows, *table = out + rows;
+    for (int i = 0; i < rows; i++) {
+        bool real = i < n;
+        tok[i] = real ? b->tokens[i] : 0;
+        pos[i] = real ? b->pos[i] : 0;
+        seq[i] = i;
+        slot[i] = real ? b->slot[i] : r->pad_block * r->block_size;
+        out[i] = i;
+        int32_t *row = table + (size_t)i * (size_t)r->graph_blocks;
+        int used = real ? b->max_blocks : 0;
+        if (real)
+            memcpy(row, b->block_table + (size_t)i * (size_t)b->max_blocks,
+                   (size_t)used * sizeof *row);
+        for (int j = used; j < r->graph_blocks; j++)
+            row[j] = r->pad_block;
+    }
+    p->n_tokens = p->n_seqs = p->n_out = rows;
+    p->max_blocks = r->graph_blocks;
+    p->tokens = tok;
+    p->pos = pos;
+    p->seq = seq;
+    p->slot = slot;
+    p->out_rows = out;
+    p->block_table = table;
+}
+
+/* Capture one graph per decode bucket, after one eager run of each (which
+ * loads the kernels and settles the GEMM algorithm choices). */
+static kiln_status capture_graphs(model_runner *r, const engine_prepare *ep)
+{
+    model *m = &r->km->m;
+    kb_backend *be = m->be;
+    int max_rows = ep->max_seqs < ep->max_tokens ? ep->max_seqs : ep->max_tokens;
+    r->graph_blocks = (ep->n_ctx + ep->block_size - 1) / ep->block_size;
+    size_t per_row = 5 + (size_t)r->graph_blocks;
+    r->pad_mem = kiln_malloc_array((size_t)max_rows * per_row, sizeof(int32_t));
+    if (!r->pad_mem)
+        return KILN_FAIL(KILN_ERR_NOMEM, "out of memory for the decode batch");
+    for (int rows = 1; r->n_graphs < RUNNER_MAX_GRAPHS; rows *= 2) {
+        if (rows > max_rows)
+            rows = max_rows;
+        pad_batch(r, NULL, rows);
+        const kb_batch *dev;
+        kiln_status st = be->ops->batch_upload(be, &r->pad, &dev);
+        if (st)
+            return st;
+        model_forward(m, r->kv, &r->scratch, dev);
+        if ((st = be->ops->sync(be)) || (st = be->ops->graph_begin(be)))
+            return st;
+        model_forward(m, r->kv, &r->scratch, dev);
+        kb_graph *g;
+        if ((st = be->ops->graph_end(be, &g)))
+            return st;
+        r->graph_rows[r->n_graphs] = rows;
+        r->graphs[r->n_graphs++] = g;
+        if (rows == max_rows)
+            break;
+    }
+    KILN_LOGI("cuda graphs: %d decode buckets of 1..%d sequences", r->n_graphs,
+              r->graph_rows[r->n_graphs - 1]);
+    return KILN_OK;
+}
+
+static kiln_status runner_prepare(void *ctx, engine_prepare *ep)
 {
     model_runner *r = ctx;
     model *m = &r->km->m;
     kb_backend *be = m->be;
-    kb_kv_desc d = {
-        .n_layers = m->hp.n_layer,
-        .n_blocks = n_blocks,
-        .block_size = block_size,
-        .n_kv_heads = m->hp.n_head_kv,
-        .head_dim_k = m->hp.head_dim,
-        .head_dim_v = m->hp.head_dim_v,
-        .type = kv_f32 ? KILN_TYPE_F32 : KILN_TYPE_F16,
-    };
-    kiln_status st = be->ops->kv_create(be, &d, &r->kv);
-    if (st != KILN_OK)
-        return st;
-    if ((st = model_scratch_init(m, &r->scratch, max_tokens, max_out)))
+    kiln_status st;
+    r->block_size = ep->block_size;
+    if ((st = model_scratch_init(m, &r->scratch, ep->max_tokens, ep->max_out)))
         return st;
     r->scratch_ready = true;
-    r->max_out = max_out;
+    r->max_out = ep->max_out;
+    if ((st = reserve_backend(r, ep)))
+        return st;
     if (!be->host_memory) {
-        r->logits_host = kiln_malloc_array((size_t)max_out * (size_t)m->hp.n_vocab, sizeof(float));
+        r->logits_host = kiln_malloc_array((size_t)ep->max_out * (size_t)m->hp.n_vocab,
+                                           sizeof(float));
         if (!r->logits_host)
             return KILN_FAIL(KILN_ERR_NOMEM, "out of memory for host logits");
     }
+
+    uint64_t block_bytes = runner_kv_block_bytes(r, ep->block_size, ep->kv_f32);
+    bool device_sized = ep->n_blocks == 0 && !be->host_memory && be->ops->mem_info;
+    if (device_sized) {
+        if ((st = size_kv_pool(r, ep, block_bytes)))
+            return st;
+    } else if (ep->n_blocks == 0) {
+        ep->n_blocks = ep->host_blocks;
+    }
+    bool graphs = !ep->eager && !be->host_memory && be->ops->graph_begin;
+    r->pad_block = ep->n_blocks; /* one block past the pool's */
+    kb_kv_desc d = {
+        .n_layers = m->hp.n_layer,
+        .n_blocks = ep->n_blocks + (graphs ? 1 : 0),
+        .block_size = ep->block_size,
+        .n_kv_heads = m->hp.n_head_kv,
+        .head_dim_k = m->hp.head_dim,
+        .head_dim_v = m->hp.head_dim_v,
+        .type = ep->kv_f32 ? KILN_TYPE_F32 : KILN_TYPE_F16,
+    };
+    if ((st = be->ops->kv_create(be, &d, &r->kv)))
+        return st;
+    if (!be->host_memory) {
+        char sz[32];
+        uint64_t tokens = (uint64_t)ep->n_blocks * (uint64_t)ep->block_size;
+        KILN_LOGI("kv cache: %llu tokens (%d blocks of %d) in %s: %llu sequences of %d tokens",
+                  (unsigned long long)tokens, ep->n_blocks, ep->block_size,
+                  kiln_fmt_bytes((size_t)block_bytes * (size_t)ep->n_blocks, sz, sizeof sz),
+                  (unsigned long long)(tokens / (uint64_t)ep->n_ctx), ep->n_ctx);
+    }
+    if (graphs && (st = capture_graphs(r, ep)))
+        return st;
     return KILN_OK;
 }
 
@@ -57,10 +237,22 @@ static kiln_status runner_forward(void *ctx, const kb_batch_host *b, const float
     model *m = &r->km->m;
     kb_backend *be = m->be;
     const kb_batch *dev;
-    kiln_status st = be->ops->batch_upload(be, b, &dev);
-    if (st != KILN_OK)
-        return st;
-    model_forward(m, r->kv, &r->scratch, dev);
+    kiln_status st;
+    int g = -1;
+    if (r->n_graphs && is_pure_decode(b) && b->max_blocks <= r->graph_blocks)
+        for (int i = 0; i < r->n_graphs && g < 0; i++)
+            if (r->graph_rows[i] >= b->n_tokens)
+                g = i;
+    if (g >= 0) {
+        pad_batch(r, b, r->graph_rows[g]);
+        if ((st = be->ops->batch_upload(be, &r->pad, &dev)) ||
+            (st = be->ops->graph_launch(be, r->graphs[g])))
+            return st;
+    } else {
+        if ((st = be->ops->batch_upload(be, b, &dev)))
+            return st;
+        model_forward(m, r->kv, &r->scratch, dev);
+    }
     if (be->host_memory) {
         *logits = r->scratch.logits;
         return be->ops->sync(be);
@@ -93,9 +285,12 @@ static void runner_destroy(void *ctx)
     kb_backend *be = r->km->m.be;
     if (r->kv)
         be->ops->kv_free(be, r->kv);
+    for (int i = 0; i < r->n_graphs; i++)
+        be->ops->graph_free(be, r->graphs[i]);
     if (r->scratch_ready)
         model_scratch_free(&r->km->m, &r->scratch);
     kiln_free(r->logits_host);
+    kiln_free(r->pad_mem);
     kiln_free(r);
 }
 

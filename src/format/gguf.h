@@ -208,4 +208,87 @@ const char *gguf_vtype_name(uint32_t t);
 /* Name of a fault ("string length", ...), for tests and messages. */
 const char *gguf_fault_name(gguf_fault f);
 
+/* ------------------------------------------------------------------------
+ * Writer (gguf_write.c)
+ *
+ * Writes a GGUF v3 file in three phases: metadata and tensor infos are
+ * added first (they are held in memory, encoded as they come), then
+ * gguf_writer_begin_data writes the header, metadata and tensor infos, and
+ * the tensors' bytes are streamed in the order the infos were added
+ * (gguf_writer_write, any number of pieces per tensor; the padding between
+ * tensors is written by the writer).  Nothing of the tensor data is held:
+ * a model of any size is written in bounded memory.
+ *
+ * Everything goes to "<path>.tmp"; gguf_writer_close flushes it to disk and
+ * gguf_writer_commit renames it to path, so a failure at any point leaves
+ * no partial file under the final name (gguf_writer_free removes the .tmp
+ * of a writer that was not committed).  Every failure returns a status with
+ * a message naming the file, key or tensor and, for I/O, strerror(errno).
+ *
+ * A key "general.alignment" (uint32, a power of two) sets the alignment of
+ * the data section, as readers expect; the default is 32.  What the writer
+ * accepts is what gguf_open accepts back: keys and tensor names non-empty,
+ * unique, without NUL bytes and at most GGUF_MAX_STRING bytes; strings and
+ * arrays within GGUF_MAX_STRING / GGUF_MAX_ARRAY; arrays nested at most
+ * GGUF_MAX_DEPTH deep; tensors of 1..4 non-zero dimensions whose rows fill
+ * whole blocks of a known type.
+ * ---------------------------------------------------------------------- */
+
+#define GGUF_WRITE_BUFFER (1u << 20) /* bytes of stdio buffer for the file */
+
+typedef struct gguf_writer gguf_writer;
+
+/* Start a file that will be named path; creates "<path>.tmp" at once, so an
+ * unwritable location fails here.  On success *out is owned by the caller
+ * (gguf_writer_free). */
+kiln_status gguf_writer_open(const char *path, gguf_writer **out);
+
+/* Metadata.  gguf_writer_add_scalar takes a pointer to one host value of
+ * type t: uint8_t, int8_t, uint16_t, int16_t, uint32_t, int32_t, float,
+ * bool, uint64_t, int64_t or double.  gguf_writer_add_array takes n such
+ * values of type elem (a C array; not string or array).  Strings need not
+ * be NUL-terminated (len bytes).  gguf_writer_add_value copies a value read
+ * by gguf_open (any type, nested arrays included). */
+kiln_status gguf_writer_add_scalar(gguf_writer *w, const char *key, gguf_vtype t,
+                                   const void *value);
+kiln_status gguf_writer_add_u32(gguf_writer *w, const char *key, uint32_t v);
+kiln_status gguf_writer_add_f32(gguf_writer *w, const char *key, float v);
+kiln_status gguf_writer_add_bool(gguf_writer *w, const char *key, bool v);
+kiln_status gguf_writer_add_str(gguf_writer *w, const char *key, const char *s,
+                                size_t len);
+kiln_status gguf_writer_add_cstr(gguf_writer *w, const char *key, const char *s);
+kiln_status gguf_writer_add_array(gguf_writer *w, const char *key, gguf_vtype elem,
+                                  const void *data, uint64_t n);
+kiln_status gguf_writer_add_str_array(gguf_writer *w, const char *key,
+                                      const gguf_str *strs, uint64_t n);
+kiln_status gguf_writer_add_value(gguf_writer *w, const char *key,
+                                  const gguf_value *v);
+
+/* A tensor: name, GGML type and ne[0..n_dims) (ne[0] the row length).
+ * Its bytes follow in the data phase in the order tensors were added. */
+kiln_status gguf_writer_add_tensor(gguf_writer *w, const char *name, kiln_type type,
+                                   uint32_t n_dims, const uint64_t *ne);
+
+/* Write the header, metadata and tensor infos; no metadata or tensor may be
+ * added after.  *data_bytes (may be NULL) receives the size of the data
+ * section to come. */
+kiln_status gguf_writer_begin_data(gguf_writer *w, uint64_t *data_bytes);
+
+/* Append n bytes to the data of the current tensor; a piece may not run
+ * past the end of the tensor it starts in. */
+kiln_status gguf_writer_write(gguf_writer *w, const void *data, size_t n);
+
+/* After the last tensor's last byte: flush and fsync "<path>.tmp" and close
+ * it (disk-full shows here at the latest).  The file is complete under its
+ * .tmp name, which gguf_writer_tmp_path gives, until commit. */
+kiln_status gguf_writer_close(gguf_writer *w);
+const char *gguf_writer_tmp_path(const gguf_writer *w);
+
+/* Rename "<path>.tmp" to path (after gguf_writer_close). */
+kiln_status gguf_writer_commit(gguf_writer *w);
+
+/* Free the writer; the .tmp file of a writer that was not committed is
+ * closed and removed.  NULL is a no-op. */
+void gguf_writer_free(gguf_writer *w);
+
 #endif /* KILN_GGUF_H */

@@ -191,6 +191,56 @@ static kiln_status place(load_ctx *c, const void *host, uint64_t n, const char *
     return st;
 }
 
+/* Place a matrix in a type the backend asked for instead of its file type
+ * (F32 -> BF16 for CUDA), a bounded slab of rows at a time. */
+static kiln_status place_converted(load_ctx *c, kb_weight *w, const found_tensor *t,
+                                   const char *fname)
+{
+    kb_backend *be = c->m->be;
+    const quant_traits *from = quant_get_traits(t->type);
+    const quant_traits *to = quant_get_traits(w->type);
+    uint64_t in_row, out_row;
+    kiln_status st;
+    if ((st = quant_row_size(t->type, (uint64_t)w->ne[0], &in_row, fname)) ||
+        (st = quant_row_size(w->type, (uint64_t)w->ne[0], &out_row, fname)))
+        return st;
+    if (!to->quantize)
+        return KILN_FAIL(KILN_ERR_INTERNAL, "tensor %s: no conversion to %s", fname, to->name);
+    uint64_t total = out_row * (uint64_t)w->ne[1];
+    void *d = be->ops->alloc(be, total, fname);
+    if (!d)
+        return KILN_ERR_NOMEM;
+    if ((st = own(c, d, true))) {
+        be->ops->free(be, d);
+        return st;
+    }
+    int64_t slab = (int64_t)((16u << 20) / (out_row + (uint64_t)w->ne[0] * sizeof(float)));
+    if (slab < 1)
+        slab = 1;
+    float *f = kiln_malloc_array((size_t)w->ne[0], sizeof(float));
+    uint8_t *buf = kiln_malloc_array((size_t)slab, (size_t)out_row);
+    if (!f || !buf) {
+        kiln_free(f);
+        kiln_free(buf);
+        return KILN_FAIL(KILN_ERR_NOMEM, "tensor %s: out of memory converting to %s", fname,
+                         to->name);
+    }
+    for (int64_t r0 = 0; r0 < w->ne[1] && st == KILN_OK; r0 += slab) {
+        int64_t n = w->ne[1] - r0 < slab ? w->ne[1] - r0 : slab;
+        for (int64_t r = 0; r < n; r++) {
+            from->dequantize((const uint8_t *)t->data + (uint64_t)(r0 + r) * in_row, f, w->ne[0]);
+            to->quantize(f, buf + (uint64_t)r * out_row, w->ne[0]);
+        }
+        st = be->ops->upload(be, (uint8_t *)d + (uint64_t)r0 * out_row, buf,
+                             (size_t)((uint64_t)n * out_row));
+    }
+    kiln_free(f);
+    kiln_free(buf);
+    w->row_bytes = out_row;
+    w->data = d;
+    return st;
+}
+
 /* Bind one tensor.  rows == 0 means a vector of n_in elements. */
 static kiln_status bind(load_ctx *c, kb_weight *w, int layer, const char *suffix, int64_t n_in,
                         int64_t rows, bool required, float add_to_vector)
@@ -255,9 +305,21 @@ static kiln_status bind(load_ctx *c, kb_weight *w, int layer, const char *suffix
                 return st;
         }
     } else {
-        w->type = (kiln_type)t.type;
-        if ((st = place(c, t.data, t.nbytes, fname, &w->data)))
+        kb_backend *be = c->m->be;
+        kiln_type as = be->ops->weight_type ? be->ops->weight_type(be, t.type) : t.type;
+        if (as == KILN_TYPE_COUNT) {
+            char tn[16];
+            return KILN_FAIL(KILN_ERR_UNSUPPORTED,
+                             "tensor %s: type %s has no kernels in the %s backend", fname,
+                             quant_type_name(t.type, tn, sizeof tn), be->ops->name);
+        }
+        w->type = as;
+        if (as == (kiln_type)t.type) {
+            if ((st = place(c, t.data, t.nbytes, fname, &w->data)))
+                return st;
+        } else if ((st = place_converted(c, w, &t, fname))) {
             return st;
+        }
     }
     report_progress(c, t.nbytes);
     return KILN_OK;

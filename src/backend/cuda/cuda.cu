@@ -114,11 +114,14 @@ static kiln_status cuda_mem_info(kb_backend *be, size_t *free_bytes, size_t *tot
 }
 
 /* F32 matrices travel and live as BF16 (half the bytes; the tensor cores
- * and the matvec kernels read BF16); every other supported type as it is. */
+ * and the matvec kernels read BF16); every type with kernels as it is;
+ * KILN_TYPE_COUNT for a type the backend cannot compute on. */
 static kiln_type cuda_weight_type(kb_backend *be, kiln_type t)
 {
     (void)be;
-    return t == KILN_TYPE_F32 ? KILN_TYPE_BF16 : t;
+    if (t == KILN_TYPE_F32)
+        return KILN_TYPE_BF16;
+    return kcu_type_has_kernels(t) ? t : KILN_TYPE_COUNT;
 }
 
 /* ------------------------------------------------------------------------
@@ -210,8 +213,10 @@ static kiln_status cuda_reserve(kb_backend *be, const kb_reserve *r)
         return st;
     kcu_matmul_release(cu);
     kcu_attention_release(cu);
+    kcu_sample_release(cu);
     cu->res = *r;
-    if ((st = kcu_matmul_reserve(cu, r)) || (st = kcu_attention_reserve(cu, r)))
+    if ((st = kcu_matmul_reserve(cu, r)) || (st = kcu_attention_reserve(cu, r)) ||
+        (st = kcu_sample_reserve(cu, r)))
         return st;
     cu->reserved = true;
     return KILN_OK;
@@ -288,6 +293,7 @@ static void cuda_destroy(kb_backend *be)
             cudaStreamSynchronize(cu->stream);
         kcu_matmul_release(cu);
         kcu_attention_release(cu);
+        kcu_sample_release(cu);
         if (cu->bat_dev)
             cudaFree(cu->bat_dev);
         if (cu->bat_pin)
@@ -332,6 +338,7 @@ static const kb_ops cuda_ops = {
     .graph_end = cuda_graph_end,
     .graph_launch = cuda_graph_launch,
     .graph_free = cuda_graph_free,
+    .sample = kcu_sample,
     .destroy = cuda_destroy,
 };
 

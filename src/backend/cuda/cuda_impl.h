@@ -145,6 +145,12 @@ void kcu_rope(kb_backend *be, float *x, const kb_batch *b, int n_heads, int head
 kiln_status kcu_attention_reserve(kcu *cu, const kb_reserve *r);
 void kcu_attention_release(kcu *cu);
 
+/* sample.cu: sampling on the device */
+kiln_status kcu_sample(kb_backend *be, float *logits, int n_rows, int n_vocab,
+                       const kb_sample_row *rows, int32_t *ids, float *logprobs);
+kiln_status kcu_sample_reserve(kcu *cu, const kb_reserve *r);
+void kcu_sample_release(kcu *cu);
+
 /* ops.cu: elementwise and row ops */
 void kcu_rmsnorm(kb_backend *be, float *out, const float *x, const kb_weight *w, int rows,
                  int n, float eps);

@@ -152,10 +152,14 @@ check: setup
 	$(MAKE) fuzz-smoke
 	scripts/summarize-tests.sh $(BUILD)/summary-release.txt build/asan/summary-asan.txt
 
-# On the GPU machine: every CUDA op against the CPU op, then whole models
-# (scripts/test-gpu.sh says what each step needs).
+# On a machine with a CUDA GPU: every CUDA op against the CPU op, whole
+# models against transformers and the CPU backend, memcheck (scripts/gpu/
+# test.sh says what each step needs).  scripts/gpu/pack.sh builds the same
+# binaries here for a GPU machine without kiln's libraries.
 test-gpu: all tests
-	TEST_DIR=$(BUILD)/tests/gpu scripts/run-tests.sh $(BUILD)
+	@mkdir -p $(BUILD)/gpu-bin
+	cp $(BUILD)/kiln $(GPU_TESTS) $(BUILD)/gpu-bin/
+	scripts/gpu/test.sh $(BUILD)/gpu-bin
 
 test-asan: refdata
 	$(MAKE) test-asan-run

@@ -16,6 +16,7 @@ int cmd_detokenize(int argc, char **argv);
 int cmd_generate(int argc, char **argv);
 int cmd_chat(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
+int cmd_quantize(int argc, char **argv);
 
 /* Options of the commands that run a model (generate, chat, bench). */
 typedef struct run_opts {

@@ -23,6 +23,7 @@ static const command commands[] = {
     {"inspect", cmd_inspect, "show a model's architecture, tensors and sizes"},
     {"tokenize", cmd_tokenize, "show how a model's tokenizer cuts text"},
     {"detokenize", cmd_detokenize, "turn token ids back into text"},
+    {"quantize", cmd_quantize, "write a GGUF or HF model as GGUF of another type"},
 };
 
 static void usage(FILE *f)

@@ -186,6 +186,11 @@ typedef struct kb_ops {
     void (*attention)(kb_backend *be, float *out, const float *q,
                       const kb_kv *kv, int il, const kb_batch *b,
                       const kb_attn *a);
+    /* Optional fusion of add then rmsnorm (the residual update and the
+     * next norm touch the same bytes): x += y, then out = rmsnorm(x) * w.
+     * out may equal y.  NULL: the forward pass runs add and rmsnorm. */
+    void (*add_rmsnorm)(kb_backend *be, float *out, float *x, const float *y,
+                        const kb_weight *w, int rows, int n, float eps);
     /* out (rows, n) = act(gate) * up */
     void (*glu)(kb_backend *be, float *out, const float *gate, const float *up,
                 int rows, int n, kb_act act);

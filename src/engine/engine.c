@@ -64,6 +64,14 @@ static bool kv_blocks_fit_slots(size_t n_blocks, int block_size)
     return ck_mul(n_blocks, (size_t)block_size, &slots) && slots <= INT32_MAX;
 }
 
+static void engine_free_sampling(kiln_engine *e)
+{
+    kiln_free(e->dev_rows);
+    kiln_free(e->dev_pen);
+    kiln_free(e->dev_ids);
+    kiln_free(e->dev_logprobs);
+}
+
 /* Fill the defaults of *p from the runner and check every field. */
 static kiln_status resolve_params(const engine_runner *r, kiln_engine_params *p)
 {
@@ -176,6 +184,17 @@ kiln_status engine_create_with_runner(const engine_runner *r,
     }
     if ((st = textbuf_reserve(&e->text, KILN_MAX_STOP_LEN + 4 * ENGINE_PIECE_INIT)))
         goto fail_engine;
+    if (r->forward_sample && r->max_pen > 0) {
+        e->dev_rows = kiln_calloc((size_t)p.max_seqs, sizeof *e->dev_rows);
+        e->dev_pen = kiln_malloc_array((size_t)p.max_seqs * (size_t)r->max_pen,
+                                       sizeof *e->dev_pen);
+        e->dev_ids = kiln_calloc((size_t)p.max_seqs, sizeof *e->dev_ids);
+        e->dev_logprobs = kiln_calloc((size_t)p.max_seqs, sizeof *e->dev_logprobs);
+        if (!e->dev_rows || !e->dev_pen || !e->dev_ids || !e->dev_logprobs) {
+            st = KILN_FAIL(KILN_ERR_NOMEM, "engine: device sampling scratch");
+            goto fail_engine;
+        }
+    }
     if (pthread_mutex_init(&e->mu, NULL) != 0) {
         st = KILN_FAIL(KILN_ERR_INTERNAL, "engine: pthread_mutex_init failed");
         goto fail_engine;
@@ -194,6 +213,7 @@ kiln_status engine_create_with_runner(const engine_runner *r,
     return KILN_OK;
 
 fail_engine:
+    engine_free_sampling(e);
     sched_free(&e->sc);
     sampler_free(&e->sm);
     textbuf_free(&e->text);
@@ -340,11 +360,11 @@ static size_t token_piece(kiln_engine *e, int32_t prev, int32_t tok)
 }
 
 /* Sample r's next token from its logits row and report it. */
-static void on_logits(kiln_engine *e, engine_request *r, const float *row)
+/* The token a step sampled for r: append it, stream its text, and finish
+ * the request when it ends generation. */
+static void accept_token(kiln_engine *e, engine_request *r, const sampler_result *rs)
 {
-    sampler_result res;
-    sampler_sample(&e->sm, row, &r->s, r->tokens, r->n_tokens, r->n_prompt,
-                   r->rng, &res);
+    sampler_result res = *rs;
     int32_t tok = res.token;
     r->tokens[r->n_tokens++] = tok;
     r->n_generated++;
@@ -373,6 +393,56 @@ static void on_logits(kiln_engine *e, engine_request *r, const float *row)
     }
     sched_remove(&e->sc, r);
     finish(e, r, tok, &res, fin, true);
+}
+
+static void on_logits(kiln_engine *e, engine_request *r, const float *row)
+{
+    sampler_result res;
+    sampler_sample(&e->sm, row, &r->s, r->tokens, r->n_tokens, r->n_prompt,
+                   r->rng, &res);
+    accept_token(e, r, &res);
+}
+
+/* Device sampling for this step: the runner has it, no request wants top-n
+ * logprobs (those need the whole row on the host), and every request's
+ * penalties fit the runner's bound.  Fills e->dev_rows for the step's
+ * output rows, drawing each random request's u from its generator. */
+static bool prepare_device_sampling(kiln_engine *e, int nb)
+{
+    if (!e->r.forward_sample || !e->dev_rows)
+        return false;
+    sched *sc = &e->sc;
+    int row = 0;
+    for (int k = 0; k < nb; k++) {
+        if (!sc->b_out[k])
+            continue;
+        engine_request *r = sc->b_req[k];
+        if (r->s.n_logprobs > 0)
+            return false;
+        kb_sample_pen *pen = e->dev_pen + (size_t)row * (size_t)e->r.max_pen;
+        int n = sampler_penalty_entries(&e->sm, &r->s, r->tokens, r->n_tokens, r->n_prompt,
+                                        pen, e->r.max_pen);
+        if (n < 0)
+            return false;
+        e->dev_rows[row++] = (kb_sample_row){
+            .temperature = r->s.temperature,
+            .top_k = r->s.top_k,
+            .top_p = r->s.top_p,
+            .min_p = r->s.min_p,
+            .n_pen = n,
+            .pen = pen,
+        };
+    }
+    row = 0;
+    for (int k = 0; k < nb; k++) {
+        if (!sc->b_out[k])
+            continue;
+        engine_request *r = sc->b_req[k];
+        if (r->s.temperature > 0.0f && r->s.top_k != 1)
+            e->dev_rows[row].u = sampler_draw(r->rng);
+        row++;
+    }
+    return true;
 }
 
 /* ------------------------------------------------------------------------
@@ -414,7 +484,12 @@ kiln_status engine_step(kiln_engine *e, bool *progress)
         *progress = true;
         double t0 = kiln_now_sec();
         const float *logits = NULL;
-        st = e->r.forward(e->r.ctx, &e->sc.batch, &logits);
+        bool dev = prepare_device_sampling(e, nb);
+        if (dev)
+            st = e->r.forward_sample(e->r.ctx, &e->sc.batch, e->dev_rows, e->dev_ids,
+                                     e->dev_logprobs);
+        else
+            st = e->r.forward(e->r.ctx, &e->sc.batch, &logits);
         if (st) {
             kiln_error_prefix("engine step of %d tokens: ", e->sc.batch.n_tokens);
             KILN_LOGE("%s", kiln_last_error());
@@ -439,7 +514,13 @@ kiln_status engine_step(kiln_engine *e, bool *progress)
             for (int k = 0; k < nb; k++) {
                 if (!e->sc.b_out[k])
                     continue;
-                on_logits(e, e->sc.b_req[k], logits + (size_t)row * (size_t)e->n_vocab);
+                if (dev) {
+                    sampler_result res = {.token = e->dev_ids[row],
+                                          .logprob = e->dev_logprobs[row]};
+                    accept_token(e, e->sc.b_req[k], &res);
+                } else {
+                    on_logits(e, e->sc.b_req[k], logits + (size_t)row * (size_t)e->n_vocab);
+                }
                 row++;
                 n_sampled++;
             }
@@ -656,6 +737,7 @@ void kiln_engine_free(kiln_engine *e)
         e->r.destroy(e->r.ctx);
     sched_free(&e->sc);
     sampler_free(&e->sm);
+    engine_free_sampling(e);
     textbuf_free(&e->text);
     kiln_free(e->piece);
     pthread_cond_destroy(&e->cv);

@@ -49,6 +49,14 @@ typedef struct engine_runner {
      * floats, row i for token row b->out_rows[i], valid until the next call. */
     kiln_status (*forward)(void *ctx, const kb_batch_host *b,
                            const float **logits);
+    /* Optional: run one step and sample each output row on the device
+     * (rows[i] for b->out_rows[i]), handing back only ids and log-probs.
+     * max_pen bounds rows[i].n_pen; NULL / 0: the engine samples on the
+     * host from forward's logits. */
+    kiln_status (*forward_sample)(void *ctx, const kb_batch_host *b,
+                                  const kb_sample_row *rows, int32_t *ids,
+                                  float *logprobs);
+    int max_pen;
     /* Copy whole KV blocks (copy-on-write of a shared prefix block). */
     void (*copy_blocks)(void *ctx, const int32_t *src, const int32_t *dst, int n);
     /* The bytes token `id` adds to the text when it follows token `prev`
@@ -243,6 +251,13 @@ bool sampler_penalize(sampler *sm, float *logits, const kiln_sampling *s,
  * returns n >= 1.  The order is deterministic but not sorted: a draw needs
  * none, and sorting a 150k vocabulary per token is what this avoids. */
 int sampler_candidates(sampler *sm, const float *logits, const kiln_sampling *s);
+/* The penalties of s over the sequence so far as one entry per distinct
+ * token (kb_sample_pen, as device sampling applies them); returns how many,
+ * or -1 when there are more than max. */
+int sampler_penalty_entries(sampler *sm, const kiln_sampling *s, const int32_t *tokens,
+                            int n_tokens, int n_prompt, kb_sample_pen *out, int max);
+/* A uniform draw in [0, 1) from a request's generator. */
+double sampler_draw(uint64_t st[4]);
 /* Sample one token from a raw logits row.  rng advances only when the
  * sampling is random (temperature > 0). */
 void sampler_sample(sampler *sm, const float *row, const kiln_sampling *s,
@@ -354,6 +369,10 @@ struct kiln_engine {
     int n_kv_blocks;
     sched sc;                   /* stepping thread only */
     sampler sm;                 /* stepping thread only */
+    kb_sample_row *dev_rows;    /* (max_seqs) device sampling parameters */
+    kb_sample_pen *dev_pen;     /* (max_seqs, r.max_pen) their penalty entries */
+    int32_t *dev_ids;           /* (max_seqs) sampled tokens */
+    float *dev_logprobs;        /* (max_seqs) */
     textbuf text;               /* (stepping) text of the event being built */
     char *piece;                /* (piece_cap) bytes of one token's text */
     size_t piece_cap;

@@ -231,9 +231,9 @@ static kiln_status runner_prepare(void *ctx, engine_prepare *ep)
     return KILN_OK;
 }
 
-static kiln_status runner_forward(void *ctx, const kb_batch_host *b, const float **logits)
+/* Enqueue one step's forward: a decode graph where one fits, else op by op. */
+static kiln_status run_step(model_runner *r, const kb_batch_host *b)
 {
-    model_runner *r = ctx;
     model *m = &r->km->m;
     kb_backend *be = m->be;
     const kb_batch *dev;
@@ -253,6 +253,17 @@ static kiln_status runner_forward(void *ctx, const kb_batch_host *b, const float
             return st;
         model_forward(m, r->kv, &r->scratch, dev);
     }
+    return KILN_OK;
+}
+
+static kiln_status runner_forward(void *ctx, const kb_batch_host *b, const float **logits)
+{
+    model_runner *r = ctx;
+    model *m = &r->km->m;
+    kb_backend *be = m->be;
+    kiln_status st = run_step(r, b);
+    if (st)
+        return st;
     if (be->host_memory) {
         *logits = r->scratch.logits;
         return be->ops->sync(be);
@@ -262,6 +273,19 @@ static kiln_status runner_forward(void *ctx, const kb_batch_host *b, const float
         return st;
     *logits = r->logits_host;
     return KILN_OK;
+}
+
+static kiln_status runner_forward_sample(void *ctx, const kb_batch_host *b,
+                                         const kb_sample_row *rows, int32_t *ids,
+                                         float *logprobs)
+{
+    model_runner *r = ctx;
+    kb_backend *be = r->km->m.be;
+    kiln_status st = run_step(r, b);
+    if (st)
+        return st;
+    return be->ops->sample(be, r->scratch.logits, b->n_out, r->km->m.hp.n_vocab, rows, ids,
+                           logprobs);
 }
 
 static void runner_copy_blocks(void *ctx, const int32_t *src, const int32_t *dst, int n)
@@ -309,6 +333,10 @@ kiln_status engine_runner_for_model(kiln_model *km, engine_runner *out)
     out->kv_block_bytes = runner_kv_block_bytes;
     out->forward = runner_forward;
     out->copy_blocks = runner_copy_blocks;
+    if (km->m.be->ops->sample) {
+        out->forward_sample = runner_forward_sample;
+        out->max_pen = RUNNER_MAX_PEN;
+    }
     out->token_text = runner_token_text;
     out->destroy = runner_destroy;
     return KILN_OK;

@@ -141,6 +141,50 @@ bool sampler_penalize(sampler *sm, float *logits, const kiln_sampling *s,
     return changed;
 }
 
+int sampler_penalty_entries(sampler *sm, const kiln_sampling *s, const int32_t *tokens,
+                            int n_tokens, int n_prompt, kb_sample_pen *out, int max)
+{
+    /* counts[t]: generated occurrences, with IN_WINDOW set for a token of
+     * the repetition window; cleared as each distinct token is written */
+    enum { IN_WINDOW = 1 << 30 };
+    int32_t *cnt = sm->counts;
+    int nw = 0, ng = 0;
+    const int32_t *w = tokens, *g = tokens + n_prompt;
+    if (s->repeat_penalty != 1.0f && s->repeat_last_n != 0) {
+        nw = s->repeat_last_n < 0 || s->repeat_last_n > n_tokens ? n_tokens : s->repeat_last_n;
+        w = tokens + (n_tokens - nw);
+        for (int i = 0; i < nw; i++)
+            cnt[w[i]] |= IN_WINDOW;
+    }
+    if (s->presence_penalty != 0.0f || s->frequency_penalty != 0.0f) {
+        ng = n_tokens - n_prompt;
+        for (int i = 0; i < ng; i++)
+            cnt[g[i]]++;
+    }
+    int n = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        const int32_t *list = pass ? g : w;
+        int len = pass ? ng : nw;
+        for (int i = 0; i < len; i++) {
+            int32_t t = list[i], c = cnt[t];
+            if (!c)
+                continue;
+            int gen = c & ~IN_WINDOW;
+            if (n < max)
+                out[n] = (kb_sample_pen){
+                    .id = t,
+                    .rep = (c & IN_WINDOW) ? s->repeat_penalty : 1.0f,
+                    .sub = gen ? (float)gen * s->frequency_penalty + s->presence_penalty : 0.0f,
+                };
+            n++;
+            cnt[t] = 0;
+        }
+    }
+    return n > max ? -1 : n;
+}
+
+double sampler_draw(uint64_t st[4]) { return next_unit(st); }
+
 /* ------------------------------------------------------------------------
  * Candidate selection
  * ---------------------------------------------------------------------- */

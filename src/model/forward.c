@@ -62,6 +62,19 @@ void model_scratch_free(model *m, model_scratch *s)
     }
 }
 
+/* x += y, then out = rmsnorm(x) * w: fused where the backend can. */
+static void add_then_norm(kb_backend *be, float *out, float *x, const float *y,
+                          const kb_weight *w, int n, int E, float eps)
+{
+    const kb_ops *op = be->ops;
+    if (op->add_rmsnorm) {
+        op->add_rmsnorm(be, out, x, y, w, n, E, eps);
+    } else {
+        op->add(be, x, x, y, (size_t)n * E);
+        op->rmsnorm(be, out, x, w, n, E, eps);
+    }
+}
+
 void model_forward(model *m, kb_kv *kv, model_scratch *s, const kb_batch *b)
 {
     const model_hparams *hp = &m->hp;
@@ -79,12 +92,15 @@ void model_forward(model *m, kb_kv *kv, model_scratch *s, const kb_batch *b)
     if (hp->embd_scale != 1.0f)
         op->scale(be, s->x, hp->embd_scale, (size_t)n * E);
 
+    /* The residual stream x is updated in place; xb holds each block's
+     * normed input, then its output, which the next add folds into x while
+     * norming the next block's input. */
+    op->rmsnorm(be, s->xb, s->x, &m->layers[0].attn_norm, n, E, hp->rms_eps);
     for (int il = 0; il < hp->n_layer; il++) {
         const model_layer *L = &m->layers[il];
         const kb_rope *rope = L->is_swa ? &rope_swa : &hp->rope;
 
-        /* attention block */
-        op->rmsnorm(be, s->xb, s->x, &L->attn_norm, n, E, hp->rms_eps);
+        /* attention block (xb = attn_norm(x)) */
         op->matmul(be, s->q, s->xb, &L->wq, kb_weight_present(&L->bq) ? &L->bq : NULL, n);
         op->matmul(be, s->k, s->xb, &L->wk, kb_weight_present(&L->bk) ? &L->bk : NULL, n);
         op->matmul(be, s->v, s->xb, &L->wv, kb_weight_present(&L->bv) ? &L->bv : NULL, n);
@@ -109,17 +125,20 @@ void model_forward(model *m, kb_kv *kv, model_scratch *s, const kb_batch *b)
         op->matmul(be, s->xb, s->attn, &L->wo, NULL, n);
         if (hp->sandwich_norm)
             op->rmsnorm(be, s->xb, s->xb, &L->post_attn_norm, n, E, hp->rms_eps);
-        op->add(be, s->x, s->x, s->xb, (size_t)n * E);
+        add_then_norm(be, s->xb, s->x, s->xb, &L->ffn_norm, n, E, hp->rms_eps);
 
-        /* feed-forward block */
-        op->rmsnorm(be, s->xb, s->x, &L->ffn_norm, n, E, hp->rms_eps);
+        /* feed-forward block (xb = ffn_norm(x)) */
         op->matmul(be, s->gate, s->xb, &L->w_gate, NULL, n);
         op->matmul(be, s->up, s->xb, &L->w_up, NULL, n);
         op->glu(be, s->gate, s->gate, s->up, n, hp->n_ff, hp->act);
         op->matmul(be, s->xb, s->gate, &L->w_down, NULL, n);
         if (hp->sandwich_norm)
             op->rmsnorm(be, s->xb, s->xb, &L->post_ffn_norm, n, E, hp->rms_eps);
-        op->add(be, s->x, s->x, s->xb, (size_t)n * E);
+        if (il + 1 < hp->n_layer)
+            add_then_norm(be, s->xb, s->x, s->xb, &m->layers[il + 1].attn_norm, n, E,
+                          hp->rms_eps);
+        else
+            op->add(be, s->x, s->x, s->xb, (size_t)n * E);
     }
 
     /* logits for the requested rows only */

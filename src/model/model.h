@@ -160,4 +160,59 @@ size_t model_token_text(const kiln_model *km, int32_t prev, int32_t id, char *ou
 /* End-of-generation token ids (eos, eot, ...); returns how many (<= max). */
 int model_eog_ids(const kiln_model *km, int32_t *ids, int max);
 
+/* ------------------------------------------------------------------------
+ * Quantize and convert (convert.c): `kiln quantize IN OUT TYPE`
+ *
+ * IN is a GGUF file (its metadata is copied, general.file_type and
+ * general.quantization_version updated, each weight matrix requantized:
+ * dequantized to F32 rows, then quantized) or a Hugging Face directory of
+ * a llama / qwen2 / qwen3 / gemma3_text model (written as the standard GGUF
+ * llama.cpp's converter makes: arch keys, GGUF tensor names, llama q/k rows
+ * permuted for GGUF's rope layout, gemma norms stored as w + 1, tokenizer).
+ * TYPE names a quantization mix (quant.h, mix.c).  Tensors are processed
+ * one at a time, big ones in row chunks of at most QUANTIZE_CHUNK_BYTES of
+ * F32, and streamed to OUT.tmp; before OUT.tmp is renamed to OUT it is
+ * loaded back with kiln's own loader and its architecture descriptor
+ * checked against the source's, so a file kiln writes is one kiln runs as
+ * the same model.
+ * ---------------------------------------------------------------------- */
+
+#define QUANTIZE_CHUNK_BYTES (16u << 20) /* F32 bytes of rows converted at once */
+
+/* A note for the user (a tensor that fell back to another type, a
+ * tokenizer setting GGUF cannot carry); msg is valid during the call. */
+typedef void (*model_note_fn)(const char *msg, void *user);
+
+typedef struct model_quantize_params {
+    bool pure;                  /* every weight matrix the mix's base type */
+    int n_threads;              /* 0 = OpenMP's default */
+    model_note_fn note;         /* NULL: notes are dropped */
+    void *note_user;
+    kiln_progress_fn progress;  /* bytes of tensor data written / to write */
+    void *progress_user;
+} model_quantize_params;
+
+typedef struct model_quantize_stats {
+    uint64_t n_tensors;
+    uint64_t n_converted;       /* tensors whose bytes were recomputed */
+    uint64_t n_fallback;        /* tensors whose row length forced another type */
+    uint64_t bytes_in;          /* tensor bytes of the source */
+    uint64_t bytes_out;         /* tensor bytes written */
+    char arch[32];
+    const char *source_kind;    /* "GGUF" or "Hugging Face" */
+} model_quantize_stats;
+
+void model_quantize_params_default(model_quantize_params *p);
+
+/* Quantize / convert in to out as type.  On failure nothing is left at out
+ * (nor at out.tmp) and the message names the file, tensor, key or type at
+ * fault; stats (may be NULL) is filled on success. */
+kiln_status model_quantize(const char *in, const char *out, const char *type,
+                           const model_quantize_params *p, model_quantize_stats *stats);
+
+/* The GGUF name of a Hugging Face tensor of arch ("model.layers.3.mlp.
+ * down_proj.weight" -> "blk.3.ffn_down.weight") into buf; false when kiln
+ * has no GGUF name for it. */
+bool model_hf_to_gguf_name(model_arch arch, const char *hf, char *buf, size_t cap);
+
 #endif /* KILN_MODEL_H */

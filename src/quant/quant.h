@@ -336,4 +336,79 @@ static inline const float *quant_f32_sums_s16(const void *row, int64_t n)
     return (const float *)row + n + n / 32;
 }
 
+/* ------------------------------------------------------------------------
+ * Quantization mixes (mix.c): which type each tensor of a model gets when
+ * a whole model is quantized ("kiln quantize"), following llama.cpp's
+ * llama-quantize so that a kiln-made Q4_K_M has the same tensor types as
+ * llama.cpp's.  A mix has a base type (most weight matrices) and, for the
+ * K-quant mixes, per-tensor rules (attn_v / ffn_down of some layers, the
+ * output matrix get more bits); mix.c has the table.  Only 2-D weight
+ * matrices are quantized; norms and other vectors keep their type.  A row
+ * length that does not fill whole blocks of the chosen type falls back to a
+ * type whose blocks fit (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K /
+ * Q3_K -> Q4_0), else to F16.
+ * ---------------------------------------------------------------------- */
+
+/* llama.cpp's llama_ftype values: what general.file_type holds. */
+typedef enum quant_ftype {
+    QUANT_FTYPE_ALL_F32 = 0,
+    QUANT_FTYPE_F16 = 1,
+    QUANT_FTYPE_Q4_0 = 2,
+    QUANT_FTYPE_Q4_1 = 3,
+    QUANT_FTYPE_Q8_0 = 7,
+    QUANT_FTYPE_Q5_0 = 8,
+    QUANT_FTYPE_Q5_1 = 9,
+    QUANT_FTYPE_Q2_K = 10,
+    QUANT_FTYPE_Q3_K_S = 11,
+    QUANT_FTYPE_Q3_K_M = 12,
+    QUANT_FTYPE_Q3_K_L = 13,
+    QUANT_FTYPE_Q4_K_S = 14,
+    QUANT_FTYPE_Q4_K_M = 15,
+    QUANT_FTYPE_Q5_K_S = 16,
+    QUANT_FTYPE_Q5_K_M = 17,
+    QUANT_FTYPE_Q6_K = 18,
+    QUANT_FTYPE_BF16 = 32,
+} quant_ftype;
+
+typedef struct quant_mix {
+    const char *name;  /* "Q4_K_M", as the user types it (any case) */
+    quant_ftype ftype; /* general.file_type of the result */
+    kiln_type base;    /* type of the weight matrices no rule names */
+    bool pure;         /* every weight matrix gets base: no per-tensor rules */
+} quant_mix;
+
+/* What the rules need to know of the model. */
+typedef struct quant_mix_model {
+    int n_layer;
+    int n_gqa;         /* n_head / n_head_kv */
+    bool tied_output;  /* no output.weight: token_embd is also the output */
+    bool is_70b;       /* llama.cpp's 70B rule (80 layers, GQA) applies */
+} quant_mix_model;
+
+/* The choice for one tensor. */
+typedef struct quant_choice {
+    bool quantize;     /* a weight matrix: it gets `type`; false: it keeps
+                          its own type (norms, biases, other vectors) */
+    kiln_type type;    /* the type it is written in */
+    kiln_type wanted;  /* what the mix asked for, before the fallback */
+    bool fell_back;    /* the row length did not fit `wanted` */
+} quant_choice;
+
+/* The mix named name ("q4_k_m" or "Q4_K_M"), or NULL when there is none. */
+const quant_mix *quant_mix_find(const char *name);
+
+/* The names quant_mix_find knows, comma-separated, for messages. */
+const char *quant_mix_names(void);
+
+/* The i-th mix of the table (NULL past the end), for listings. */
+const quant_mix *quant_mix_at(size_t i);
+
+/* Choose the type of tensor `name` (GGUF spelling, "blk.N.attn_v.weight")
+ * with n_dims dimensions, row length ne0 and current type src_type.  pure
+ * (or a mix marked pure) skips the per-tensor rules.  Pure function: no
+ * allocation, no error; a fallback is reported through the choice. */
+quant_choice quant_mix_choose(const quant_mix *mix, bool pure, const quant_mix_model *mm,
+                              const char *name, uint32_t n_dims, uint64_t ne0,
+                              kiln_type src_type);
+
 #endif /* KILN_QUANT_H */

@@ -51,6 +51,33 @@ static void test_rmsnorm(void **state)
     }
 }
 
+/* add_rmsnorm against CPU add then rmsnorm; out aliasing y as forward.c uses it. */
+static void test_add_rmsnorm(void **state)
+{
+    (void)state;
+    const int shapes[][2] = {{1, 896}, {5, 3584}, {33, 1000}, {2, 4099}, {64, 2048}};
+    for (size_t k = 0; k < sizeof shapes / sizeof shapes[0]; k++) {
+        int rows = shapes[k][0], n = shapes[k][1];
+        size_t tot = (size_t)rows * n;
+        float *x = gt_rand(tot, -3, 3), *y = gt_rand(tot, -3, 3), *w = gt_rand(n, 0.5f, 1.5f);
+        float *xs = malloc(tot * 4), *ref = malloc(tot * 4);
+        gt.cpu->ops->add(gt.cpu, xs, x, y, tot);
+        kb_weight wc = f32_vector(w, n);
+        gt.cpu->ops->rmsnorm(gt.cpu, ref, xs, &wc, rows, n, 1e-5f);
+        float *dx = gt_up(x, tot * 4), *dy = gt_up(y, tot * 4), *dw = gt_up(w, (size_t)n * 4);
+        kb_weight wg = f32_vector(dw, n);
+        gt.gpu->ops->add_rmsnorm(gt.gpu, dy, dx, dy, &wg, rows, n, 1e-5f);
+        float *got = gt_down(dy, tot), *gx = gt_down(dx, tot);
+        char what[64];
+        snprintf(what, sizeof what, "add_rmsnorm %dx%d (norm)", rows, n);
+        gt_check(what, got, ref, tot, 1e-5);
+        snprintf(what, sizeof what, "add_rmsnorm %dx%d (sum)", rows, n);
+        gt_check(what, gx, xs, tot, 1e-7);
+        free(got), free(gx), free(x), free(y), free(w), free(xs), free(ref);
+        gt_free(dx), gt_free(dy), gt_free(dw);
+    }
+}
+
 static void test_glu(void **state)
 {
     (void)state;
@@ -172,6 +199,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_rmsnorm),
+        cmocka_unit_test(test_add_rmsnorm),
         cmocka_unit_test(test_glu),
         cmocka_unit_test(test_add_scale_rows),
         cmocka_unit_test(test_errors),

@@ -327,6 +327,7 @@ static const kb_ops cuda_ops = {
     .matmul = kcu_matmul,
     .rope = kcu_rope,
     .attention = kcu_attention,
+    .add_rmsnorm = kcu_add_rmsnorm,
     .glu = kcu_glu,
     .add = kcu_add,
     .scale = kcu_scale,

@@ -79,6 +79,25 @@ typedef struct kcu {
     size_t attn_ws_bytes;
 
     bool capturing;           /* inside graph_begin .. graph_end */
+
+    /* sample.cu: one device buffer and its pinned mirror, laid out as
+     * [row params (smp_rows)][penalty entries (smp_rows * smp_max_pen)]
+     * [results (smp_rows)], so one copy carries a call's inputs */
+    unsigned char *smp_dev;
+    unsigned char *smp_pin;
+    size_t smp_pen_off;       /* byte offset of the penalty entries */
+    size_t smp_out_off;       /* byte offset of the results */
+    int smp_rows;             /* rows one call may sample */
+    int smp_vocab;            /* logits row length reserved for (0: none) */
+    int smp_max_pen;          /* penalty entries of one row */
+
+    /* matmul.cu */
+    size_t act_bf16_elems;    /* capacity of act_bf16 */
+    size_t wtile_elems;       /* capacity of wtile (whole rows of max_n_in) */
+    float *mv_part;           /* (splits, rows, n_out) matvec split-K partial sums */
+    size_t mv_part_elems;     /* capacity of mv_part */
+    bool mv_ready;            /* matvec kernels may use all shared memory */
+    struct kcu_lt_cache *lt_cache; /* cuBLASLt descriptors and algorithm by GEMM shape */
 } kcu;
 
 static inline kcu *kcu_of(kb_backend *be) { return (kcu *)be->impl; }
@@ -154,6 +173,8 @@ void kcu_sample_release(kcu *cu);
 /* ops.cu: elementwise and row ops */
 void kcu_rmsnorm(kb_backend *be, float *out, const float *x, const kb_weight *w, int rows,
                  int n, float eps);
+void kcu_add_rmsnorm(kb_backend *be, float *out, float *x, const float *y, const kb_weight *w,
+                     int rows, int n, float eps);
 void kcu_glu(kb_backend *be, float *out, const float *gate, const float *up, int rows, int n,
              kb_act act);
 void kcu_add(kb_backend *be, float *out, const float *a, const float *b, size_t n);

@@ -1,15 +1,524 @@
-/* matmul.cu - placeholder until the matmul kernels land. */
-#include "backend/cuda/cuda_impl.h"
+/*
+ * matmul.cu - the CUDA backend's matrix products and embedding lookup.
+ *
+ * matmul: out (rows, n_out) = x (rows, n_in) @ w^T (+ bias), w in its file
+ * format.  Up to KCU_MATVEC_MAX_ROWS activation rows (decode) it is memory
+ * bound and runs the matrix-vector kernels of matvec.cu, which read every
+ * weight byte once and keep the activations float32 against exactly
+ * decoded weights.  Above that (prefill) it is compute bound and runs on
+ * the tensor cores through cuBLASLt: x is rounded to BF16 into
+ * cu->act_bf16, BF16 weights are used in place, and every other type is
+ * dequantized (exactly, then rounded to BF16) into cu->wtile a chunk of
+ * whole rows at a time, one GEMM per chunk; BF16 inputs, float32
+ * accumulation and output.  Rounding both operands to BF16 costs ~3e-3
+ * relative on each product, which the float32 sums then average down; that
+ * is the price of tensor-core prefill (the decode path has none).
+ *
+ * In cuBLASLt's column-major terms the row-major product is the TN GEMM
+ * C (n_out x rows) = W^T' (n_out x n_in) X (n_in x rows): W's rows are the
+ * columns of A stored k x m, X's rows the columns of B.  Descriptors and
+ * the heuristic's algorithm are cached per shape (creating them costs host
+ * time at every step otherwise).  Nothing here allocates, synchronises or
+ * reads device data on the host, so a step's matmuls can be captured in a
+ * CUDA graph; the scratch is reserved up front (kcu_matmul_reserve).
+ *
+ * embed: out (n_tokens, n_embd) = the rows of w picked by the batch's
+ * tokens, decoded with the same device decoders, bitwise equal to the CPU's.
+ */
+#include <string.h>
 
-void kcu_matmul(kb_backend *be, float *out, const float *x, const kb_weight *w,
-                const kb_weight *bias, int rows)
+#include "backend/cuda/dequant.cuh"
+
+/* cuBLASLt plans kept (GEMM shapes: chunk and tail of each weight, times
+ * the token counts in use). */
+#define KCU_LT_PLANS 64
+
+typedef struct kcu_lt_plan {
+    bool used;
+    int m, n, k, lda, ldc, align_a, align_c; /* the key */
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t a, b, c;
+    cublasLtMatmulAlgo_t algo;
+} kcu_lt_plan;
+
+struct kcu_lt_cache {
+    kcu_lt_plan plan[KCU_LT_PLANS];
+    int next; /* the slot replaced next once all are used */
+};
+
+bool kcu_type_has_kernels(kiln_type t)
 {
-    KCU_BAD(kcu_of(be), KILN_ERR_UNSUPPORTED, "cuda matmul: not built yet");
+    switch (t) {
+    case KILN_TYPE_F32:
+    case KILN_TYPE_F16:
+    case KILN_TYPE_BF16:
+    case KILN_TYPE_Q4_0:
+    case KILN_TYPE_Q4_1:
+    case KILN_TYPE_Q5_0:
+    case KILN_TYPE_Q5_1:
+    case KILN_TYPE_Q8_0:
+    case KILN_TYPE_Q2_K:
+    case KILN_TYPE_Q3_K:
+    case KILN_TYPE_Q4_K:
+    case KILN_TYPE_Q5_K:
+    case KILN_TYPE_Q6_K:
+        return true;
+    default:
+        return false;
+    }
 }
+
+/* ------------------------------------------------------------------------
+ * Kernels: conversions, dequantization to BF16, bias, embedding
+ * ---------------------------------------------------------------------- */
+
+__global__ void k_f32_to_bf16(const float *__restrict__ x, __nv_bfloat16 *__restrict__ y,
+                              size_t n)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        y[i] = __float2bfloat16_rn(x[i]);
+}
+
+/* Element k of a float-format row (F32, F16, BF16), 2-byte aligned data. */
+__device__ __forceinline__ float kcu_float_elem(const uint8_t *row, int type, int64_t k)
+{
+    if (type == KILN_TYPE_F32) {
+        const uint16_t *h = (const uint16_t *)(row + 4 * k);
+        return __uint_as_float((uint32_t)h[0] | (uint32_t)h[1] << 16);
+    }
+    const uint16_t h = *(const uint16_t *)(row + 2 * k);
+    return type == KILN_TYPE_BF16 ? __uint_as_float((uint32_t)h << 16) : kcu_h2f(h);
+}
+
+/* dst (rows, n_in) BF16 = rows [0, rows) of a quantized weight starting at
+ * w, one thread per 8 elements (a 16-byte store). */
+template <int T>
+__global__ void k_deq_bf16(const uint8_t *__restrict__ w, size_t row_bytes, int n_in, int rows,
+                           __nv_bfloat16 *__restrict__ dst)
+{
+    using K = kq<T>;
+    const int per_row = n_in / 8;
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (int64_t)rows * per_row)
+        return;
+    const int r = (int)(i / per_row), k = 8 * (int)(i % per_row);
+    float f[8];
+    kcu_deq8<T>(w + (size_t)r * row_bytes + (size_t)(k / K::QK) * K::BB, k % K::QK, f);
+    __align__(16) __nv_bfloat16 b[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+        b[j] = __float2bfloat16_rn(f[j]);
+    *(uint4 *)(dst + (size_t)r * n_in + k) = *(const uint4 *)b;
+}
+
+/* The same for F32 / F16 weights, one element per thread. */
+__global__ void k_float_bf16(const uint8_t *__restrict__ w, size_t row_bytes, int type,
+                             int n_in, int rows, __nv_bfloat16 *__restrict__ dst)
+{
+    const int64_t n = (int64_t)rows * n_in;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t r = i / n_in, k = i % n_in;
+        dst[i] = __float2bfloat16_rn(kcu_float_elem(w + r * row_bytes, type, k));
+    }
+}
+
+__global__ void k_add_bias(float *__restrict__ out, const float *__restrict__ bias, int64_t n,
+                           int n_out)
+{
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        out[i] += bias[i % n_out];
+}
+
+/* out row t = row tokens[t] of a quantized w, 8 elements per thread;
+ * blockIdx.y is the token.  A token outside [0, n_vocab) gives NaNs. */
+template <int T>
+__global__ void k_embed_q(float *__restrict__ out, const uint8_t *__restrict__ w,
+                          size_t row_bytes, int n_embd, int n_vocab,
+                          const int32_t *__restrict__ tokens)
+{
+    using K = kq<T>;
+    const int k = 8 * (blockIdx.x * blockDim.x + threadIdx.x);
+    if (k >= n_embd)
+        return;
+    const int tok = tokens[blockIdx.y];
+    float f[8];
+    if (tok < 0 || tok >= n_vocab) {
+        for (int j = 0; j < 8; j++)
+            f[j] = __int_as_float(0x7fc00000);
+    } else {
+        kcu_deq8<T>(w + (size_t)tok * row_bytes + (size_t)(k / K::QK) * K::BB, k % K::QK, f);
+    }
+    float *o = out + (size_t)blockIdx.y * n_embd + k;
+    for (int j = 0; j < 8; j++)
+        o[j] = f[j];
+}
+
+__global__ void k_embed_f(float *__restrict__ out, const uint8_t *__restrict__ w,
+                          size_t row_bytes, int type, int n_embd, int n_vocab,
+                          const int32_t *__restrict__ tokens)
+{
+    const int k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= n_embd)
+        return;
+    const int tok = tokens[blockIdx.y];
+    out[(size_t)blockIdx.y * n_embd + k] =
+        tok < 0 || tok >= n_vocab ? __int_as_float(0x7fc00000)
+                                  : kcu_float_elem(w + (size_t)tok * row_bytes, type, k);
+}
+
+/* ------------------------------------------------------------------------
+ * Per-type launchers of the templated kernels
+ * ---------------------------------------------------------------------- */
+
+typedef void (*deq_kernel)(const uint8_t *, size_t, int, int, __nv_bfloat16 *);
+typedef void (*embed_kernel)(float *, const uint8_t *, size_t, int, int, const int32_t *);
+
+static void quant_kernels(kiln_type t, deq_kernel *deq, embed_kernel *emb)
+{
+    *deq = NULL;
+    *emb = NULL;
+#define KCU_Q(T)                                                                \
+    case T:                                                                     \
+        *deq = k_deq_bf16<T>;                                                   \
+        *emb = k_embed_q<T>;                                                    \
+        break;
+    switch (t) {
+        KCU_Q(KILN_TYPE_Q4_0)
+        KCU_Q(KILN_TYPE_Q4_1)
+        KCU_Q(KILN_TYPE_Q5_0)
+        KCU_Q(KILN_TYPE_Q5_1)
+        KCU_Q(KILN_TYPE_Q8_0)
+        KCU_Q(KILN_TYPE_Q2_K)
+        KCU_Q(KILN_TYPE_Q3_K)
+        KCU_Q(KILN_TYPE_Q4_K)
+        KCU_Q(KILN_TYPE_Q5_K)
+        KCU_Q(KILN_TYPE_Q6_K)
+    default:
+        break;
+    }
+#undef KCU_Q
+}
+
+static bool is_float_type(kiln_type t)
+{
+    return t == KILN_TYPE_F32 || t == KILN_TYPE_F16 || t == KILN_TYPE_BF16;
+}
+
+/* Grid for a grid-stride loop over n elements. */
+static int stride_grid(const kcu *cu, int64_t n, int threads)
+{
+    int64_t blocks = (n + threads - 1) / threads;
+    const int64_t cap = (int64_t)cu->prop.multiProcessorCount * 16;
+    return (int)(blocks < 1 ? 1 : blocks < cap ? blocks : cap);
+}
+
+/* ------------------------------------------------------------------------
+ * cuBLASLt plans
+ * ---------------------------------------------------------------------- */
+
+static void lt_plan_drop(kcu_lt_plan *pl)
+{
+    if (pl->op)
+        cublasLtMatmulDescDestroy(pl->op);
+    if (pl->a)
+        cublasLtMatrixLayoutDestroy(pl->a);
+    if (pl->b)
+        cublasLtMatrixLayoutDestroy(pl->b);
+    if (pl->c)
+        cublasLtMatrixLayoutDestroy(pl->c);
+    memset(pl, 0, sizeof *pl);
+}
+
+/* Largest power of two up to 256 that divides the address. */
+static int align_of(const void *p)
+{
+    const uintptr_t v = (uintptr_t)p;
+    int a = 256;
+    while (a > 1 && v % (uintptr_t)a)
+        a >>= 1;
+    return a;
+}
+
+#define LT_TRY(call)                                                            \
+    do {                                                                        \
+        cublasStatus_t s_ = (call);                                             \
+        if (s_ != CUBLAS_STATUS_SUCCESS) {                                      \
+            st = KILN_FAIL(KILN_ERR_DEVICE, "cuda matmul %s: %s failed (cublas status %d)", \
+                           name, #call, (int)s_);                               \
+            goto fail;                                                          \
+        }                                                                       \
+    } while (0)
+
+/* The plan for C (m x n, ldc) = A^T (A: k x m, lda) B (k x n, ld k); NULL
+ * with the error recorded when cuBLASLt has none. */
+static kcu_lt_plan *lt_plan(kcu *cu, int m, int n, int k, int lda, int ldc, int align_a,
+                            int align_c, const char *name)
+{
+    kcu_lt_cache *lc = cu->lt_cache;
+    for (int i = 0; i < KCU_LT_PLANS; i++) {
+        kcu_lt_plan *pl = &lc->plan[i];
+        if (pl->used && pl->m == m && pl->n == n && pl->k == k && pl->lda == lda &&
+            pl->ldc == ldc && pl->align_a == align_a && pl->align_c == align_c)
+            return pl;
+    }
+    kcu_lt_plan *pl = &lc->plan[lc->next];
+    lc->next = (lc->next + 1) % KCU_LT_PLANS;
+    lt_plan_drop(pl);
+    kiln_status st = KILN_OK;
+    cublasLtMatmulPreference_t pref = NULL;
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    const uint64_t ws = KCU_LT_WORKSPACE;
+    const uint32_t aa = (uint32_t)align_a, ab = 256, ac = (uint32_t)align_c;
+    cublasLtMatmulHeuristicResult_t res;
+    int nres = 0;
+    LT_TRY(cublasLtMatmulDescCreate(&pl->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    LT_TRY(cublasLtMatmulDescSetAttribute(pl->op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+    LT_TRY(cublasLtMatmulDescSetAttribute(pl->op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+    LT_TRY(cublasLtMatrixLayoutCreate(&pl->a, CUDA_R_16BF, (uint64_t)k, (uint64_t)m, lda));
+    LT_TRY(cublasLtMatrixLayoutCreate(&pl->b, CUDA_R_16BF, (uint64_t)k, (uint64_t)n, k));
+    LT_TRY(cublasLtMatrixLayoutCreate(&pl->c, CUDA_R_32F, (uint64_t)m, (uint64_t)n, ldc));
+    LT_TRY(cublasLtMatmulPreferenceCreate(&pref));
+    LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                &ws, sizeof ws));
+    LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                                &aa, sizeof aa));
+    LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                                &ab, sizeof ab));
+    LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                                &ac, sizeof ac));
+    LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                                &ac, sizeof ac));
+    LT_TRY(cublasLtMatmulAlgoGetHeuristic(cu->lt, pl->op, pl->a, pl->b, pl->c, pl->c, pref, 1,
+                                          &res, &nres));
+    if (nres < 1) {
+        st = KILN_FAIL(KILN_ERR_DEVICE, "cuda matmul %s: cuBLASLt has no BF16 GEMM for m=%d "
+                       "n=%d k=%d", name, m, n, k);
+        goto fail;
+    }
+    cublasLtMatmulPreferenceDestroy(pref);
+    pl->algo = res.algo;
+    pl->m = m;
+    pl->n = n;
+    pl->k = k;
+    pl->lda = lda;
+    pl->ldc = ldc;
+    pl->align_a = align_a;
+    pl->align_c = align_c;
+    pl->used = true;
+    return pl;
+fail:
+    if (pref)
+        cublasLtMatmulPreferenceDestroy(pref);
+    lt_plan_drop(pl);
+    kcu_note(cu, st);
+    return NULL;
+}
+#undef LT_TRY
+
+/* C (m cols of out, ldc) = A (m rows of k BF16, lda) x act_bf16 (n rows of k). */
+static void lt_gemm(kcu *cu, float *c, int ldc, const __nv_bfloat16 *a, int lda, int m, int n,
+                    int k, const char *name)
+{
+    kcu_lt_plan *pl = lt_plan(cu, m, n, k, lda, ldc, align_of(a), align_of(c), name);
+    if (!pl)
+        return;
+    const float alpha = 1.0f, beta = 0.0f;
+    cublasStatus_t s = cublasLtMatmul(cu->lt, pl->op, &alpha, a, pl->a, cu->act_bf16, pl->b,
+                                      &beta, c, pl->c, c, pl->c, &pl->algo, cu->lt_ws,
+                                      KCU_LT_WORKSPACE, cu->stream);
+    if (s != CUBLAS_STATUS_SUCCESS)
+        KCU_BAD(cu, KILN_ERR_DEVICE, "cuda matmul %s: cublasLtMatmul (m=%d n=%d k=%d) failed "
+                "(cublas status %d)", name, m, n, k, (int)s);
+}
+
+/* ------------------------------------------------------------------------
+ * matmul
+ * ---------------------------------------------------------------------- */
+
+static void matmul_gemm(kcu *cu, float *out, const float *x, const kb_weight *w,
+                        const float *bias, int rows, const char *name)
+{
+    const int n_in = (int)w->ne[0], n_out = (int)w->ne[1];
+    const size_t need = (size_t)rows * (size_t)n_in;
+    if (!cu->act_bf16 || !cu->lt_cache || need > cu->act_bf16_elems) {
+        KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda matmul %s: %d rows of %d inputs need %zu elements "
+                "of activation scratch, %zu reserved", name, rows, n_in, need,
+                cu->act_bf16_elems);
+        return;
+    }
+    k_f32_to_bf16<<<stride_grid(cu, (int64_t)need, 256), 256, 0, cu->stream>>>(x, cu->act_bf16,
+                                                                               need);
+    KCU_LAUNCHED(cu);
+    if (w->type == KILN_TYPE_BF16) {
+        lt_gemm(cu, out, n_out, (const __nv_bfloat16 *)w->data, n_in, n_out, rows, n_in, name);
+    } else {
+        int64_t chunk = cu->wtile ? (int64_t)(cu->wtile_elems / (size_t)n_in) : 0;
+        if (chunk < 1) {
+            KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda matmul %s: a row of %d inputs does not fit the "
+                    "weight tile (%zu elements reserved)", name, n_in, cu->wtile_elems);
+            return;
+        }
+        if (chunk > 64)
+            chunk -= chunk % 64; /* keeps every chunk of out 256-byte aligned */
+        deq_kernel deq;
+        embed_kernel emb;
+        quant_kernels(w->type, &deq, &emb);
+        const uint8_t *wd = (const uint8_t *)w->data;
+        for (int64_t r0 = 0; r0 < n_out; r0 += chunk) {
+            const int m = (int)(n_out - r0 < chunk ? n_out - r0 : chunk);
+            const uint8_t *src = wd + (size_t)r0 * w->row_bytes;
+            if (deq) {
+                const int64_t pieces = (int64_t)m * (n_in / 8);
+                deq<<<kcu_div_up(pieces, 256), 256, 0, cu->stream>>>(src, w->row_bytes, n_in, m,
+                                                                     cu->wtile);
+            } else {
+                k_float_bf16<<<stride_grid(cu, (int64_t)m * n_in, 256), 256, 0, cu->stream>>>(
+                    src, w->row_bytes, (int)w->type, n_in, m, cu->wtile);
+            }
+            KCU_LAUNCHED(cu);
+            lt_gemm(cu, out + r0, n_out, cu->wtile, n_in, m, rows, n_in, name);
+        }
+    }
+    if (bias) {
+        const int64_t n = (int64_t)rows * n_out;
+        k_add_bias<<<stride_grid(cu, n, 256), 256, 0, cu->stream>>>(out, bias, n, n_out);
+        KCU_LAUNCHED(cu);
+    }
+}
+
+/* Shapes and types are checked here, once per call, so the kernels can
+ * trust them; a bad one is recorded and the op does nothing. */
+void kcu_matmul(kb_backend *be, float *out, /* (rows, n_out) */
+                const float *x,             /* (rows, n_in), not aliasing out */
+                const kb_weight *w,         /* (n_out, n_in) of w->type */
+                const kb_weight *bias,      /* F32 (n_out) or NULL */
+                int rows)
+{
+    kcu *cu = kcu_of(be);
+    const char *name = w->name ? w->name : "?";
+    const int64_t n_in = w->ne[0], n_out = w->ne[1];
+    if (rows <= 0 || n_out <= 0)
+        return;
+    char tb[16];
+    uint64_t rb = 0;
+    if (!kcu_type_has_kernels(w->type)) {
+        KCU_BAD(cu, KILN_ERR_UNSUPPORTED, "cuda matmul %s: no CUDA kernel for type %s", name,
+                quant_type_name(w->type, tb, sizeof tb));
+        return;
+    }
+    if (n_in <= 0 || n_in > INT32_MAX / 2 || n_out > INT32_MAX / 2 || !w->data ||
+        quant_row_size(w->type, (uint64_t)n_in, &rb, name) != KILN_OK || rb != w->row_bytes ||
+        (uintptr_t)w->data % 2 != 0) {
+        KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda matmul %s: bad weight (%lld x %lld %s, %llu bytes a "
+                "row)", name, (long long)n_out, (long long)n_in,
+                quant_type_name(w->type, tb, sizeof tb), (unsigned long long)w->row_bytes);
+        return;
+    }
+    const float *bd = NULL;
+    if (bias && bias->data) {
+        if (bias->type != KILN_TYPE_F32 || bias->ne[0] != n_out) {
+            KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda matmul %s: bias %s must be an F32 vector of "
+                    "%lld", name, bias->name ? bias->name : "?", (long long)n_out);
+            return;
+        }
+        bd = (const float *)bias->data;
+    }
+    if (rows <= KCU_MATVEC_MAX_ROWS)
+        kcu_matvec(cu, out, x, w, bd, rows);
+    else
+        matmul_gemm(cu, out, x, w, bd, rows, name);
+}
+
+/* ------------------------------------------------------------------------
+ * embed
+ * ---------------------------------------------------------------------- */
+
 void kcu_embed(kb_backend *be, float *out, const kb_weight *w, const kb_batch *b)
 {
-    KCU_BAD(kcu_of(be), KILN_ERR_UNSUPPORTED, "cuda embed: not built yet");
+    kcu *cu = kcu_of(be);
+    const char *name = w->name ? w->name : "?";
+    const int64_t n = w->ne[0], n_vocab = w->ne[1];
+    char tb[16];
+    uint64_t rb = 0;
+    if (b->n_tokens <= 0)
+        return;
+    if (!kcu_type_has_kernels(w->type) || n <= 0 || n > INT32_MAX / 2 || n_vocab > INT32_MAX ||
+        quant_row_size(w->type, (uint64_t)n, &rb, name) != KILN_OK || rb != w->row_bytes ||
+        (uintptr_t)w->data % 2 != 0) {
+        KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda embed %s: cannot embed from a %lld x %lld %s "
+                "weight", name, (long long)n_vocab, (long long)n,
+                quant_type_name(w->type, tb, sizeof tb));
+        return;
+    }
+    if (b->n_tokens > 65535) {
+        KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda embed %s: %d tokens in one call (at most 65535)",
+                name, b->n_tokens);
+        return;
+    }
+    const uint8_t *wd = (const uint8_t *)w->data;
+    if (is_float_type(w->type)) {
+        k_embed_f<<<dim3(kcu_div_up(n, 256), b->n_tokens), 256, 0, cu->stream>>>(
+            out, wd, w->row_bytes, (int)w->type, (int)n, (int)n_vocab, b->tokens);
+    } else {
+        deq_kernel deq;
+        embed_kernel emb;
+        quant_kernels(w->type, &deq, &emb);
+        emb<<<dim3(kcu_div_up(n / 8, 128), b->n_tokens), 128, 0, cu->stream>>>(
+            out, wd, w->row_bytes, (int)n, (int)n_vocab, b->tokens);
+    }
+    KCU_LAUNCHED(cu);
 }
-bool kcu_type_has_kernels(kiln_type t) { return false; }
-kiln_status kcu_matmul_reserve(kcu *cu, const kb_reserve *r) { return KILN_OK; }
-void kcu_matmul_release(kcu *cu) {}
+
+/* ------------------------------------------------------------------------
+ * Scratch
+ * ---------------------------------------------------------------------- */
+
+kiln_status kcu_matmul_reserve(kcu *cu, const kb_reserve *r)
+{
+    kcu_matmul_release(cu);
+    size_t act, wt;
+    if (!ck_mul((size_t)r->max_tokens, (size_t)r->max_n_in, &act) ||
+        !ck_mul((size_t)r->max_n_in, (size_t)r->max_n_out, &wt) ||
+        act > ((size_t)1 << 40) / sizeof(__nv_bfloat16))
+        return KILN_FAIL(KILN_ERR_INVALID_ARG, "cuda: matmul scratch for %d tokens of %lld "
+                         "inputs overflows", r->max_tokens, (long long)r->max_n_in);
+    if (wt > KCU_WTILE_ELEMS) {
+        wt = KCU_WTILE_ELEMS - KCU_WTILE_ELEMS % (size_t)r->max_n_in;
+        if (wt == 0)
+            wt = (size_t)r->max_n_in;
+    }
+    KCU_TRY(cu, cudaMalloc((void **)&cu->act_bf16, act * sizeof(__nv_bfloat16)));
+    cu->act_bf16_elems = act;
+    KCU_TRY(cu, cudaMalloc((void **)&cu->wtile, wt * sizeof(__nv_bfloat16)));
+    cu->wtile_elems = wt;
+    const size_t part = kcu_matvec_part_elems(cu, r);
+    KCU_TRY(cu, cudaMalloc((void **)&cu->mv_part, part * sizeof(float)));
+    cu->mv_part_elems = part;
+    cu->lt_cache = (kcu_lt_cache *)kiln_calloc(1, sizeof *cu->lt_cache);
+    if (!cu->lt_cache)
+        return KILN_FAIL(KILN_ERR_NOMEM, "cuda: out of memory for the cuBLASLt plan cache");
+    return kcu_matvec_setup(cu);
+}
+
+void kcu_matmul_release(kcu *cu)
+{
+    if (cu->act_bf16)
+        cudaFree(cu->act_bf16);
+    if (cu->wtile)
+        cudaFree(cu->wtile);
+    if (cu->mv_part)
+        cudaFree(cu->mv_part);
+    cu->act_bf16 = NULL;
+    cu->wtile = NULL;
+    cu->mv_part = NULL;
+    cu->act_bf16_elems = cu->wtile_elems = cu->mv_part_elems = 0;
+    if (cu->lt_cache) {
+        for (int i = 0; i < KCU_LT_PLANS; i++)
+            lt_plan_drop(&cu->lt_cache->plan[i]);
+        kiln_free(cu->lt_cache);
+        cu->lt_cache = NULL;
+    }
+}

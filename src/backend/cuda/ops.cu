@@ -113,6 +113,54 @@ void kcu_rmsnorm(kb_backend *be, float *out, const float *x, const kb_weight *w,
     KCU_LAUNCHED(cu);
 }
 
+/* x += y, then out = rmsnorm(x) * w; one block per row.  Each thread
+ * touches the same elements in both loops, so out may alias y. */
+__global__ void k_add_rmsnorm(float *out, float *__restrict__ x, const float *y,
+                              const float *__restrict__ w, int n, float eps)
+{
+    __shared__ float part[32];
+    float *xr = x + (size_t)blockIdx.x * n;
+    const float *yr = y + (size_t)blockIdx.x * n;
+    float *orow = out + (size_t)blockIdx.x * n;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = xr[i] + yr[i];
+        xr[i] = v;
+        ss += v * v;
+    }
+    ss = kcu_warp_sum(ss);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0)
+        part[warp] = ss;
+    __syncthreads();
+    if (warp == 0) {
+        ss = lane < (int)(blockDim.x / 32) ? part[lane] : 0.0f;
+        ss = kcu_warp_sum(ss);
+        if (lane == 0)
+            part[0] = ss;
+    }
+    __syncthreads();
+    float r = rsqrtf(part[0] / (float)n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        orow[i] = xr[i] * r * w[i];
+}
+
+void kcu_add_rmsnorm(kb_backend *be, float *out, float *x, const float *y, const kb_weight *w,
+                     int rows, int n, float eps)
+{
+    kcu *cu = kcu_of(be);
+    if (rows <= 0)
+        return;
+    if (w->type != KILN_TYPE_F32 || w->ne[0] != n) {
+        KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda add_rmsnorm: weight %s must be an F32 vector of %d",
+                w->name ? w->name : "?", n);
+        return;
+    }
+    int threads = n >= 4096 ? 1024 : n >= 1024 ? 512 : 256;
+    k_add_rmsnorm<<<rows, threads, 0, cu->stream>>>(out, x, y, (const float *)w->data, n, eps);
+    KCU_LAUNCHED(cu);
+}
+
 /* ------------------------------------------------------------------------
  * GLU: out = act(gate) * up
  * ---------------------------------------------------------------------- */

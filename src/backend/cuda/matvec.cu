@@ -1,0 +1,805 @@
+/*
+ * matvec.cu - out (rows, n_out) = x (rows, n_in) @ w^T for 1..8 activation
+ * rows (decode), reading every weight byte once per call for all rows.
+ *
+ * Decode is bound by memory bandwidth, so the kernels are built around the
+ * weight stream; the activations stay float32 and the weights are decoded
+ * to exact values (dequant.cuh), never rounded.
+ *
+ * Quantized weights (k_mv_q).  A row is cut into units of 256 elements (a
+ * K-quant super-block, 8 blocks of the 32-weight formats).  One lane
+ * decodes one unit of NR = 2 weight rows against the activation rows, so
+ * every activation float4 it loads from shared memory serves both rows.
+ * The lanes of a warp split into 32 / gw row sets of gw lanes, each row
+ * set over NR rows and gw consecutive units: a warp's tile is 64 / gw rows,
+ * walked gw units per step.  Each warp streams its weight bytes through
+ * its own two shared-memory stages with cp.async (16-byte chunks, the
+ * whole warp copying one contiguous run per row, coalesced), the next step
+ * loading while the current one is decoded; tiles are handed out to the
+ * warps of a CTA from a shared counter.  Where a unit is a whole number of
+ * 16-byte chunks and rows are 16-byte aligned (Q4_0, Q4_1, Q5_0, Q5_1,
+ * Q8_0, Q4_K, Q5_K with n_in % 256 == 0), a lane reads its unit as LDS.128
+ * (a unit stride that is an odd multiple of 16 bytes makes these free of
+ * bank conflicts) and decodes with offsets known at compile time; other
+ * units (Q2_K, Q3_K, Q6_K, odd shapes) are realigned word by word with a
+ * funnel shift.  With 1-2 activation rows the unit is decoded fully
+ * unrolled; with more, FMAs dominate and the loops stay rolled.
+ *
+ * F16 / BF16 weights (k_mv_h).  No staging: each lane loads 16 bytes of
+ * each of 4 rows per step straight from global memory (a warp reads 512
+ * contiguous bytes per row), 4 steps in flight.  F32 weights and rows that
+ * are not 16-byte aligned take k_mv_generic, correct and slow.
+ *
+ * Activations.  Each CTA stages its k-range of x in shared memory once, as
+ * records of 284 floats per unit: the 256 values, their sums per 32 and
+ * per 16 (which carry the Q4_1 / Q5_1 offsets and the K-quant mins) and 4
+ * floats of padding, so that lanes reading the same offset of consecutive
+ * units hit distinct banks.  When R rows of x do not fit (MV_X_BUDGET), or
+ * when there are too few row tiles to fill every SM, the k range is split
+ * over gridDim.y CTAs whose partial sums land in cu->mv_part and are added
+ * (with the bias) by k_mv_reduce.
+ */
+#include <string.h>
+
+#include "backend/cuda/dequant.cuh"
+
+#define MV_THREADS 256       /* at most 8 warps per CTA */
+#define MV_NR 2              /* weight rows per lane (quantized) */
+#define MV_HNR 4             /* weight rows per warp (F16 / BF16) */
+#define MV_HU 4              /* 16-byte loads in flight per row (F16 / BF16) */
+#define MV_XU 284            /* floats per unit record: x[256] s32[8] s16[16] pad[4] */
+#define MV_X_BUDGET (112 * 1024) /* bytes of activation records per CTA */
+#define MV_FILL_WARPS 6      /* row tiles wanted per SM before splitting k */
+#define MV_MAX_SPLITS 32
+#define MV_PART_MIN ((size_t)1 << 20) /* floats of partials at least */
+
+/* What every matvec kernel is told. */
+typedef struct mv_params {
+    const uint8_t *w;    /* weight rows */
+    const uint8_t *wend; /* one past the weight's last byte */
+    size_t row_bytes;
+    const float *x;      /* (R, n_in) */
+    float *out;          /* (R, n_out) */
+    const float *bias;   /* (n_out) or NULL */
+    float *part;         /* (ks, R, n_out) when ks > 1 */
+    int n_in, n_out;
+    int nu;              /* units per row */
+    int ks_units;        /* units per k split */
+    int ks;              /* k splits (gridDim.y) */
+    int tiles;           /* row tiles */
+    int gw_log2;         /* lanes per row set (quantized) */
+    int slot;            /* bytes of one row's run in a stage (quantized) */
+    int x_bytes;         /* bytes of the activation records */
+    int x_vec;           /* x rows may be read as float4 */
+} mv_params;
+
+/* ------------------------------------------------------------------------
+ * Shared pieces
+ * ---------------------------------------------------------------------- */
+
+__device__ __forceinline__ void mv_cp16(void *dst, const void *src, int bytes)
+{
+    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void mv_commit(void)
+{
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void mv_wait(void)
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+/* Stage units [u0, u0 + nus) of the R activation rows as records (zeros
+ * past n_in) and, with SUMS, their sums per 32 and per 16. */
+template <int R, bool SUMS>
+__device__ void mv_stage_x(const mv_params &p, float *xs, int u0, int nus)
+{
+    const int n4 = R * nus * 64;
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+        const int a = i / (nus * 64), rem = i - a * nus * 64, uu = rem >> 6, q = rem & 63;
+        const int e = (u0 + uu) * KCU_UNIT + 4 * q;
+        const float *xa = p.x + (size_t)a * p.n_in;
+        float4 v;
+        if (p.x_vec && e + 4 <= p.n_in) {
+            v = *(const float4 *)(xa + e);
+        } else {
+            v.x = e < p.n_in ? xa[e] : 0.0f;
+            v.y = e + 1 < p.n_in ? xa[e + 1] : 0.0f;
+            v.z = e + 2 < p.n_in ? xa[e + 2] : 0.0f;
+            v.w = e + 3 < p.n_in ? xa[e + 3] : 0.0f;
+        }
+        *(float4 *)(xs + ((size_t)a * nus + uu) * MV_XU + 4 * q) = v;
+    }
+    __syncthreads();
+    if (SUMS) {
+        for (int i = threadIdx.x; i < R * nus * 8; i += blockDim.x) {
+            const int a = i / (nus * 8), rem = i - a * nus * 8, uu = rem >> 3, j = rem & 7;
+            float *rec = xs + ((size_t)a * nus + uu) * MV_XU;
+            float h0 = 0.0f, h1 = 0.0f;
+            for (int k = 0; k < 16; k++) {
+                h0 += rec[32 * j + k];
+                h1 += rec[32 * j + 16 + k];
+            }
+            rec[264 + 2 * j] = h0;
+            rec[264 + 2 * j + 1] = h1;
+            rec[256 + j] = h0 + h1;
+        }
+        __syncthreads();
+    }
+}
+
+/* Store a finished sum: out (with the bias) or the split's partial. */
+__device__ __forceinline__ void mv_store(const mv_params &p, int R, int a, int row, float v)
+{
+    if (p.ks == 1)
+        p.out[(size_t)a * p.n_out + row] = v + (p.bias ? p.bias[row] : 0.0f);
+    else
+        p.part[((size_t)blockIdx.y * R + a) * p.n_out + row] = v;
+}
+
+/* This CTA's row tiles: [*t0, *t1). */
+__device__ __forceinline__ void mv_tiles(const mv_params &p, int *t0, int *t1)
+{
+    *t0 = (int)((int64_t)p.tiles * blockIdx.x / gridDim.x);
+    *t1 = (int)((int64_t)p.tiles * (blockIdx.x + 1) / gridDim.x);
+}
+
+/* The next tile for this warp from the CTA's counter. */
+__device__ __forceinline__ int mv_grab(int *next)
+{
+    int v = 0;
+    if ((threadIdx.x & 31) == 0)
+        v = atomicAdd(next, 1);
+    return __shfl_sync(0xffffffffu, v, 0);
+}
+
+/* ------------------------------------------------------------------------
+ * Quantized weights
+ * ---------------------------------------------------------------------- */
+
+/* One sub-block of block blk of a unit, NR rows against R activation rows:
+ * acc += scale * sum(q' x) - mn * sum(x). */
+template <int T, int R, int NR, class S>
+__device__ __forceinline__ void mv_sub(const S (&s)[NR], int blk, int sub, const float *xr,
+                                       int xstride, float (&acc)[NR][R])
+{
+    using K = kq<T>;
+    constexpr int NC = K::SS / 4;
+    const int bo = blk * K::BB, e0 = blk * K::QK + sub * K::SS;
+    float part[NR][R];
+#pragma unroll
+    for (int r = 0; r < NR; r++)
+#pragma unroll
+        for (int a = 0; a < R; a++)
+            part[r][a] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < NC; c++) {
+        float4 xv[R];
+#pragma unroll
+        for (int a = 0; a < R; a++)
+            xv[a] = *(const float4 *)(xr + a * xstride + e0 + 4 * c);
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            float f[4];
+            kcu_bytes_f4(K::qbytes(s[r], bo, sub, c), (float)K::QOFF, f);
+#pragma unroll
+            for (int a = 0; a < R; a++) {
+                part[r][a] = fmaf(f[0], xv[a].x, part[r][a]);
+                part[r][a] = fmaf(f[1], xv[a].y, part[r][a]);
+                part[r][a] = fmaf(f[2], xv[a].z, part[r][a]);
+                part[r][a] = fmaf(f[3], xv[a].w, part[r][a]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < NR; r++) {
+        float sc, mn;
+        K::scale(s[r], bo, sub, sc, mn);
+#pragma unroll
+        for (int a = 0; a < R; a++) {
+            acc[r][a] = fmaf(sc, part[r][a], acc[r][a]);
+            if (K::MINS == 32)
+                acc[r][a] = fmaf(-mn, xr[a * xstride + 256 + e0 / 32], acc[r][a]);
+            else if (K::MINS == 16)
+                acc[r][a] = fmaf(-mn, xr[a * xstride + 264 + e0 / 16], acc[r][a]);
+        }
+    }
+}
+
+/* Unit access modes. */
+#define MV_ALIGNED 0   /* LDS.128, offsets known at compile time, whole units */
+#define MV_REALIGN 1   /* word-by-word funnel shift, unrolled */
+#define MV_ROLLED 2    /* byte-addressed, rolled loops (3+ activation rows) */
+
+/* One unit (nbl of its blocks) of NR rows, at unit[r] in shared memory. */
+template <int T, int R, int NR, int MODE>
+__device__ __forceinline__ void mv_unit(const uint8_t *const (&unit)[NR], const float *xr,
+                                        int xstride, int nbl, float (&acc)[NR][R])
+{
+    using K = kq<T>;
+    constexpr int UBLK = KCU_UNIT / K::QK, NSUB = K::QK / K::SS;
+    if constexpr (MODE == MV_ALIGNED) {
+        kcu_src_a s[NR];
+#pragma unroll
+        for (int r = 0; r < NR; r++)
+            s[r].p = (const uint4 *)unit[r];
+#pragma unroll
+        for (int blk = 0; blk < UBLK; blk++)
+#pragma unroll
+            for (int sub = 0; sub < NSUB; sub++)
+                mv_sub<T, R, NR>(s, blk, sub, xr, xstride, acc);
+    } else if constexpr (MODE == MV_REALIGN) {
+        kcu_src_m s[NR];
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            s[r].p = (const uint32_t *)((uintptr_t)unit[r] & ~(uintptr_t)3);
+            s[r].sh = 8u * (unsigned)((uintptr_t)unit[r] & 3);
+        }
+#pragma unroll
+        for (int blk = 0; blk < UBLK; blk++) {
+            if (UBLK > 1 && blk >= nbl)
+                break;
+#pragma unroll
+            for (int sub = 0; sub < NSUB; sub++)
+                mv_sub<T, R, NR>(s, blk, sub, xr, xstride, acc);
+        }
+    } else {
+        kcu_src_b<false> s[NR];
+#pragma unroll
+        for (int r = 0; r < NR; r++)
+            s[r] = kcu_src_at<false>(unit[r]);
+#pragma unroll 1
+        for (int blk = 0; blk < nbl; blk++)
+#pragma unroll 1
+            for (int sub = 0; sub < NSUB; sub++)
+                mv_sub<T, R, NR>(s, blk, sub, xr, xstride, acc);
+    }
+}
+
+template <int T, int R, int MODE>
+__global__ void __launch_bounds__(MV_THREADS, 1) k_mv_q(const mv_params p)
+{
+    using K = kq<T>;
+    constexpr int NR = MV_NR;
+    constexpr int UBLK = KCU_UNIT / K::QK, UB = UBLK * K::BB;
+    extern __shared__ __align__(16) uint8_t mv_smem[];
+    __shared__ int s_next;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int u0 = blockIdx.y * p.ks_units;
+    const int u1 = min(u0 + p.ks_units, p.nu), nus = u1 - u0;
+    const int gwl = p.gw_log2, gw = 1 << gwl;
+    const int rpt = (32 >> gwl) * NR; /* rows per tile */
+    const int steps = (nus + gw - 1) >> gwl;
+    int t_begin, t_end;
+    mv_tiles(p, &t_begin, &t_end);
+    float *xs = (float *)mv_smem;
+    const int stage_bytes = rpt * p.slot;
+    uint8_t *stages = mv_smem + p.x_bytes + (size_t)warp * 2 * stage_bytes;
+
+    /* copy the runs of units [step*gw, +gw) of the tile's rows into stage buf */
+    auto issue = [&](int t, int step, int buf) {
+        const int ua = u0 + step * gw, ub = min(ua + gw, u1);
+        uint8_t *dst0 = stages + buf * stage_bytes;
+        for (int rr = 0; rr < rpt; rr++) {
+            const int row = min(t * rpt + rr, p.n_out - 1);
+            const uint8_t *rb = p.w + (size_t)row * p.row_bytes;
+            const uint8_t *a = rb + (size_t)ua * UB;
+            const uint8_t *e = rb + min((size_t)ub * UB, p.row_bytes);
+            const uint8_t *a16 = (const uint8_t *)((uintptr_t)a & ~(uintptr_t)15);
+            const int nch = (int)((e - a16 + 15) >> 4);
+            uint8_t *dst = dst0 + rr * p.slot;
+            for (int i = lane; i < nch; i += 32) {
+                const uint8_t *src = a16 + 16 * i;
+                const ptrdiff_t left = p.wend - src;
+                mv_cp16(dst + 16 * i, src, left >= 16 ? 16 : (int)left);
+            }
+        }
+    };
+
+    float acc[NR][R];
+#pragma unroll
+    for (int r = 0; r < NR; r++)
+#pragma unroll
+        for (int a = 0; a < R; a++)
+            acc[r][a] = 0.0f;
+
+    /* decode this lane's unit of the step in stage buf */
+    auto compute = [&](int t, int step, int buf) {
+        const int rs = lane >> gwl, g = lane & (gw - 1);
+        const int u = u0 + step * gw + g;
+        if (u >= u1)
+            return;
+        const uint8_t *st = stages + buf * stage_bytes;
+        const uint8_t *unit[NR];
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            const int rr = rs * NR + r;
+            const int row = min(t * rpt + rr, p.n_out - 1);
+            const uint8_t *a = p.w + (size_t)row * p.row_bytes + (size_t)(u0 + step * gw) * UB;
+            unit[r] = st + rr * p.slot + ((uintptr_t)a & 15) + g * UB;
+        }
+        const int nbl = UBLK == 1 ? 1 : min(UBLK, (p.n_in - u * KCU_UNIT) / K::QK);
+        mv_unit<T, R, NR, MODE>(unit, xs + (size_t)(u - u0) * MV_XU, nus * MV_XU, nbl, acc);
+    };
+
+    /* reduce the row sets' lanes, store, clear */
+    auto finish = [&](int t) {
+        const int rs = lane >> gwl, g = lane & (gw - 1);
+#pragma unroll
+        for (int r = 0; r < NR; r++)
+#pragma unroll
+            for (int a = 0; a < R; a++) {
+                float v = acc[r][a];
+                for (int o = gw >> 1; o > 0; o >>= 1)
+                    v += __shfl_xor_sync(0xffffffffu, v, o);
+                acc[r][a] = 0.0f;
+                const int row = t * rpt + rs * NR + r;
+                if (g == 0 && row < p.n_out)
+                    mv_store(p, R, a, row, v);
+            }
+    };
+
+    int tile = t_begin + warp, step = 0, buf = 0;
+    if (threadIdx.x == 0)
+        s_next = t_begin + (int)(blockDim.x >> 5);
+    if (tile < t_end)
+        issue(tile, 0, 0);
+    mv_commit();
+    mv_stage_x<R, K::MINS != 0>(p, xs, u0, nus);
+
+    while (tile < t_end) {
+        int nt = tile, ns = step + 1;
+        if (ns == steps) {
+            ns = 0;
+            nt = mv_grab(&s_next);
+        }
+        if (nt < t_end)
+            issue(nt, ns, buf ^ 1);
+        mv_commit();
+        mv_wait<1>();
+        __syncwarp();
+        compute(tile, step, buf);
+        if (step == steps - 1)
+            finish(tile);
+        __syncwarp();
+        tile = nt;
+        step = ns;
+        buf ^= 1;
+    }
+    mv_wait<0>();
+}
+
+/* ------------------------------------------------------------------------
+ * F16 / BF16 weights
+ * ---------------------------------------------------------------------- */
+
+template <int T>
+__device__ __forceinline__ void mv_h8(uint4 v, float f[8])
+{
+    const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (T == KILN_TYPE_BF16) {
+            f[2 * i] = __uint_as_float(u[i] << 16);
+            f[2 * i + 1] = __uint_as_float(u[i] & 0xFFFF0000u);
+        } else {
+            __half2 h;
+            memcpy(&h, &u[i], sizeof h);
+            const float2 g = __half22float2(h);
+            f[2 * i] = g.x;
+            f[2 * i + 1] = g.y;
+        }
+    }
+}
+
+template <int T, int R>
+__global__ void __launch_bounds__(MV_THREADS, 1) k_mv_h(const mv_params p)
+{
+    constexpr int NR = MV_HNR, U = MV_HU;
+    extern __shared__ __align__(16) uint8_t mv_smem[];
+    __shared__ int s_next;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int u0 = blockIdx.y * p.ks_units;
+    const int u1 = min(u0 + p.ks_units, p.nu), nus = u1 - u0;
+    const int xstride = nus * MV_XU;
+    int t_begin, t_end;
+    mv_tiles(p, &t_begin, &t_end);
+    float *xs = (float *)mv_smem;
+    if (threadIdx.x == 0)
+        s_next = t_begin + (int)(blockDim.x >> 5);
+    mv_stage_x<R, false>(p, xs, u0, nus);
+
+    for (int tile = t_begin + warp; tile < t_end; tile = mv_grab(&s_next)) {
+        const uint8_t *rp[NR];
+#pragma unroll
+        for (int r = 0; r < NR; r++)
+            rp[r] = p.w + (size_t)min(tile * NR + r, p.n_out - 1) * p.row_bytes;
+        float acc[NR][R];
+#pragma unroll
+        for (int r = 0; r < NR; r++)
+#pragma unroll
+            for (int a = 0; a < R; a++)
+                acc[r][a] = 0.0f;
+        for (int uu = 0; uu < nus; uu += U) {
+            uint4 wv[U][NR];
+#pragma unroll
+            for (int j = 0; j < U; j++) {
+                const int e = (u0 + uu + j) * KCU_UNIT + 8 * lane;
+                const bool ok = uu + j < nus && e < p.n_in;
+#pragma unroll
+                for (int r = 0; r < NR; r++)
+                    wv[j][r] = ok ? __ldg((const uint4 *)(rp[r] + 2 * (size_t)e))
+                                  : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int j = 0; j < U; j++) {
+                if (uu + j >= nus)
+                    break;
+                const float *xr = xs + (size_t)(uu + j) * MV_XU + 8 * lane;
+                float4 xa[R], xb[R];
+#pragma unroll
+                for (int a = 0; a < R; a++) {
+                    xa[a] = *(const float4 *)(xr + a * xstride);
+                    xb[a] = *(const float4 *)(xr + a * xstride + 4);
+                }
+#pragma unroll
+                for (int r = 0; r < NR; r++) {
+                    float f[8];
+                    mv_h8<T>(wv[j][r], f);
+#pragma unroll
+                    for (int a = 0; a < R; a++) {
+                        float s = acc[r][a];
+                        s = fmaf(f[0], xa[a].x, s);
+                        s = fmaf(f[1], xa[a].y, s);
+                        s = fmaf(f[2], xa[a].z, s);
+                        s = fmaf(f[3], xa[a].w, s);
+                        s = fmaf(f[4], xb[a].x, s);
+                        s = fmaf(f[5], xb[a].y, s);
+                        s = fmaf(f[6], xb[a].z, s);
+                        s = fmaf(f[7], xb[a].w, s);
+                        acc[r][a] = s;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < NR; r++)
+#pragma unroll
+            for (int a = 0; a < R; a++) {
+                float v = acc[r][a];
+                for (int o = 16; o > 0; o >>= 1)
+                    v += __shfl_xor_sync(0xffffffffu, v, o);
+                const int row = tile * NR + r;
+                if (lane == 0 && row < p.n_out)
+                    mv_store(p, R, a, row, v);
+            }
+    }
+}
+
+/* ------------------------------------------------------------------------
+ * Any float weight (F32, or F16 / BF16 rows that are not 16-byte aligned):
+ * one warp per row, x from global memory.
+ * ---------------------------------------------------------------------- */
+
+template <int R>
+__global__ void __launch_bounds__(256) k_mv_generic(const mv_params p, int type)
+{
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (row >= p.n_out)
+        return;
+    const uint8_t *rb = p.w + (size_t)row * p.row_bytes;
+    float acc[R];
+#pragma unroll
+    for (int a = 0; a < R; a++)
+        acc[a] = 0.0f;
+    for (int k = lane; k < p.n_in; k += 32) {
+        float v;
+        if (type == KILN_TYPE_F32) {
+            const uint8_t *q = rb + 4 * (size_t)k;
+            v = __uint_as_float((uint32_t)q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16 |
+                                (uint32_t)q[3] << 24);
+        } else {
+            const uint16_t h = *(const uint16_t *)(rb + 2 * (size_t)k);
+            v = type == KILN_TYPE_BF16 ? __uint_as_float((uint32_t)h << 16) : kcu_h2f(h);
+        }
+#pragma unroll
+        for (int a = 0; a < R; a++)
+            acc[a] = fmaf(v, p.x[(size_t)a * p.n_in + k], acc[a]);
+    }
+#pragma unroll
+    for (int a = 0; a < R; a++) {
+        float v = acc[a];
+        for (int o = 16; o > 0; o >>= 1)
+            v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0)
+            p.out[(size_t)a * p.n_out + row] = v + (p.bias ? p.bias[row] : 0.0f);
+    }
+}
+
+/* out (R, n_out) = sum over the splits of part (ks, R, n_out), + bias. */
+__global__ void k_mv_reduce(const float *__restrict__ part, int ks, int rn, int n_out,
+                            const float *__restrict__ bias, float *__restrict__ out)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rn)
+        return;
+    float s = 0.0f;
+    for (int k = 0; k < ks; k++)
+        s += part[(size_t)k * rn + i];
+    out[i] = s + (bias ? bias[i % n_out] : 0.0f);
+}
+
+/* ------------------------------------------------------------------------
+ * Kernel tables
+ * ---------------------------------------------------------------------- */
+
+typedef void (*mv_kernel)(mv_params);
+
+template <int T, int R>
+static mv_kernel mv_q_pick_mode(int mode)
+{
+    if constexpr (R <= 2) {
+        if constexpr (((KCU_UNIT / kq<T>::QK) * kq<T>::BB) % 16 == 0) {
+            if (mode == MV_ALIGNED)
+                return k_mv_q<T, R, MV_ALIGNED>;
+        }
+        return k_mv_q<T, R, MV_REALIGN>;
+    } else {
+        return k_mv_q<T, R, MV_ROLLED>;
+    }
+}
+
+template <int T>
+static mv_kernel mv_q_pick_rows(int rows, int mode)
+{
+    switch (rows) {
+    case 1: return mv_q_pick_mode<T, 1>(mode);
+    case 2: return mv_q_pick_mode<T, 2>(mode);
+    case 3: return mv_q_pick_mode<T, 3>(mode);
+    case 4: return mv_q_pick_mode<T, 4>(mode);
+    case 5: return mv_q_pick_mode<T, 5>(mode);
+    case 6: return mv_q_pick_mode<T, 6>(mode);
+    case 7: return mv_q_pick_mode<T, 7>(mode);
+    default: return mv_q_pick_mode<T, 8>(mode);
+    }
+}
+
+/* The quantized kernel for (type, rows, mode); NULL for a type without one. */
+static mv_kernel mv_q_kernel(kiln_type t, int rows, int mode)
+{
+    switch (t) {
+    case KILN_TYPE_Q4_0: return mv_q_pick_rows<KILN_TYPE_Q4_0>(rows, mode);
+    case KILN_TYPE_Q4_1: return mv_q_pick_rows<KILN_TYPE_Q4_1>(rows, mode);
+    case KILN_TYPE_Q5_0: return mv_q_pick_rows<KILN_TYPE_Q5_0>(rows, mode);
+    case KILN_TYPE_Q5_1: return mv_q_pick_rows<KILN_TYPE_Q5_1>(rows, mode);
+    case KILN_TYPE_Q8_0: return mv_q_pick_rows<KILN_TYPE_Q8_0>(rows, mode);
+    case KILN_TYPE_Q2_K: return mv_q_pick_rows<KILN_TYPE_Q2_K>(rows, mode);
+    case KILN_TYPE_Q3_K: return mv_q_pick_rows<KILN_TYPE_Q3_K>(rows, mode);
+    case KILN_TYPE_Q4_K: return mv_q_pick_rows<KILN_TYPE_Q4_K>(rows, mode);
+    case KILN_TYPE_Q5_K: return mv_q_pick_rows<KILN_TYPE_Q5_K>(rows, mode);
+    case KILN_TYPE_Q6_K: return mv_q_pick_rows<KILN_TYPE_Q6_K>(rows, mode);
+    default: return NULL;
+    }
+}
+
+template <int T>
+static mv_kernel mv_h_kernel(int rows)
+{
+    switch (rows) {
+    case 1: return k_mv_h<T, 1>;
+    case 2: return k_mv_h<T, 2>;
+    case 3: return k_mv_h<T, 3>;
+    case 4: return k_mv_h<T, 4>;
+    case 5: return k_mv_h<T, 5>;
+    case 6: return k_mv_h<T, 6>;
+    case 7: return k_mv_h<T, 7>;
+    default: return k_mv_h<T, 8>;
+    }
+}
+
+/* Bytes of one unit of a quantized type (0 for others). */
+static int mv_unit_bytes(kiln_type t)
+{
+    const quant_traits *tr = quant_get_traits(t);
+    if (!tr || !tr->is_quantized || tr->block_size == 0)
+        return 0;
+    return (int)((KCU_UNIT / tr->block_size) * tr->type_size);
+}
+
+static const kiln_type mv_qtypes[] = {KILN_TYPE_Q4_0, KILN_TYPE_Q4_1, KILN_TYPE_Q5_0,
+                                      KILN_TYPE_Q5_1, KILN_TYPE_Q8_0, KILN_TYPE_Q2_K,
+                                      KILN_TYPE_Q3_K, KILN_TYPE_Q4_K, KILN_TYPE_Q5_K,
+                                      KILN_TYPE_Q6_K};
+
+/* Shared memory one CTA may have (opt-in limit less the static part). */
+static size_t mv_smem_max(const kcu *cu)
+{
+    return (size_t)cu->prop.sharedMemPerBlockOptin - 64;
+}
+
+kiln_status kcu_matvec_setup(kcu *cu)
+{
+    if (cu->mv_ready)
+        return KILN_OK;
+    const int smem = (int)mv_smem_max(cu);
+    for (size_t i = 0; i < sizeof mv_qtypes / sizeof mv_qtypes[0]; i++)
+        for (int rows = 1; rows <= KCU_MATVEC_MAX_ROWS; rows++)
+            for (int mode = MV_ALIGNED; mode <= MV_REALIGN; mode++)
+                KCU_TRY(cu, cudaFuncSetAttribute((const void *)mv_q_kernel(mv_qtypes[i], rows, mode),
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 smem));
+    for (int rows = 1; rows <= KCU_MATVEC_MAX_ROWS; rows++) {
+        KCU_TRY(cu, cudaFuncSetAttribute((const void *)mv_h_kernel<KILN_TYPE_F16>(rows),
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        KCU_TRY(cu, cudaFuncSetAttribute((const void *)mv_h_kernel<KILN_TYPE_BF16>(rows),
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    }
+    cu->mv_ready = true;
+    return KILN_OK;
+}
+
+/* ------------------------------------------------------------------------
+ * Planning and launch
+ * ---------------------------------------------------------------------- */
+
+/* Splits of nu units that keep R rows of activation records within the
+ * budget. */
+static int mv_splits_for_x(int nu, int rows)
+{
+    const size_t per_unit = (size_t)rows * MV_XU * sizeof(float);
+    const size_t units = MV_X_BUDGET / per_unit;
+    return (int)(((size_t)nu + units - 1) / units);
+}
+
+size_t kcu_matvec_part_elems(const kcu *cu, const kb_reserve *r)
+{
+    const int nu = (int)((r->max_n_in + KCU_UNIT - 1) / KCU_UNIT);
+    const size_t ks = (size_t)mv_splits_for_x(nu, KCU_MATVEC_MAX_ROWS);
+    const size_t need = ks * KCU_MATVEC_MAX_ROWS * (size_t)r->max_n_out;
+    return need > MV_PART_MIN ? need : MV_PART_MIN;
+}
+
+/* Lanes per row set for nus units per split: the best lane use, preferring
+ * wide row sets (fewer rows per tile) within 2 %. */
+static int mv_pick_gw_log2(int nus)
+{
+    double best = 0.0;
+    double util[6] = {0};
+    for (int l = 2; l <= 5; l++) {
+        const int gw = 1 << l;
+        util[l] = (double)nus / (double)(gw * ((nus + gw - 1) / gw));
+        if (util[l] > best)
+            best = util[l];
+    }
+    for (int l = 5; l >= 2; l--)
+        if (util[l] >= best - 0.02)
+            return l;
+    return 5;
+}
+
+static size_t mv_round16(size_t n) { return (n + 15) & ~(size_t)15; }
+
+void kcu_matvec(kcu *cu, float *out, const float *x, const kb_weight *w, const float *bias,
+                int rows)
+{
+    const int n_in = (int)w->ne[0], n_out = (int)w->ne[1], sm = cu->prop.multiProcessorCount;
+    const kiln_type t = w->type;
+    const char *name = w->name ? w->name : "?";
+    mv_params p;
+    memset(&p, 0, sizeof p);
+    p.w = (const uint8_t *)w->data;
+    p.wend = p.w + (size_t)n_out * w->row_bytes;
+    p.row_bytes = (size_t)w->row_bytes;
+    p.x = x;
+    p.out = out;
+    p.bias = bias;
+    p.part = cu->mv_part;
+    p.n_in = n_in;
+    p.n_out = n_out;
+    p.nu = (n_in + KCU_UNIT - 1) / KCU_UNIT;
+    p.x_vec = n_in % 4 == 0 && (uintptr_t)x % 16 == 0;
+
+    const bool half = t == KILN_TYPE_F16 || t == KILN_TYPE_BF16;
+    if (t == KILN_TYPE_F32 ||
+        (half && (n_in % 8 != 0 || (uintptr_t)p.w % 16 != 0 || p.row_bytes % 16 != 0))) {
+        static void (*const gen[8])(mv_params, int) = {
+            k_mv_generic<1>, k_mv_generic<2>, k_mv_generic<3>, k_mv_generic<4>,
+            k_mv_generic<5>, k_mv_generic<6>, k_mv_generic<7>, k_mv_generic<8>};
+        gen[rows - 1]<<<kcu_div_up(n_out, 8), 256, 0, cu->stream>>>(p, (int)t);
+        KCU_LAUNCHED(cu);
+        return;
+    }
+    if (cu->capturing && !cu->mv_ready) {
+        KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda matmul %s: matvec kernels not set up before graph "
+                "capture (call reserve first)", name);
+        return;
+    }
+    kiln_status st = kcu_matvec_setup(cu);
+    if (st) {
+        kcu_note(cu, st);
+        return;
+    }
+    if ((uintptr_t)p.w % 2 != 0) {
+        KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda matmul %s: weight data is not 2-byte aligned", name);
+        return;
+    }
+
+    /* k splits: for the activation records, then to fill the SMs */
+    const int ub = mv_unit_bytes(t);
+    const int rpt_of_gw[6] = {0, 0, 8 * MV_NR, 4 * MV_NR, 2 * MV_NR, MV_NR};
+    int ks = mv_splits_for_x(p.nu, rows);
+    int gwl = half ? 5 : mv_pick_gw_log2((p.nu + ks - 1) / ks);
+    int rpt = half ? MV_HNR : rpt_of_gw[gwl];
+    int tiles = kcu_div_up(n_out, rpt);
+    if (tiles * ks < sm * MV_FILL_WARPS && cu->mv_part) {
+        int kf = kcu_div_up(sm * MV_FILL_WARPS, tiles);
+        const int kmax = p.nu / 4 > 1 ? p.nu / 4 : 1;
+        kf = kf < kmax ? kf : kmax;
+        kf = kf < MV_MAX_SPLITS ? kf : MV_MAX_SPLITS;
+        if (kf > ks && (size_t)kf * rows * n_out <= cu->mv_part_elems)
+            ks = kf;
+    }
+    p.ks_units = (p.nu + ks - 1) / ks;
+    ks = (p.nu + p.ks_units - 1) / p.ks_units;
+    if (!half) {
+        gwl = mv_pick_gw_log2(p.ks_units);
+        rpt = rpt_of_gw[gwl];
+        tiles = kcu_div_up(n_out, rpt);
+    }
+    if (ks > 1 && (!cu->mv_part || (size_t)ks * rows * n_out > cu->mv_part_elems)) {
+        KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda matmul %s: %d rows of %d inputs need %zu floats of "
+                "matvec scratch, %zu reserved", name, rows, n_in, (size_t)ks * rows * n_out,
+                cu->mv_part_elems);
+        return;
+    }
+    p.ks = ks;
+    p.tiles = tiles;
+    p.gw_log2 = gwl;
+    p.x_bytes = (int)mv_round16((size_t)rows * p.ks_units * MV_XU * sizeof(float));
+
+    /* shared memory, warps, CTAs */
+    const size_t smax = mv_smem_max(cu);
+    mv_kernel k;
+    int warps = MV_THREADS / 32;
+    if (half) {
+        k = t == KILN_TYPE_F16 ? mv_h_kernel<KILN_TYPE_F16>(rows)
+                               : mv_h_kernel<KILN_TYPE_BF16>(rows);
+    } else {
+        const bool aligned = ub % 16 == 0 && n_in % KCU_UNIT == 0 && (uintptr_t)p.w % 16 == 0;
+        const int mode = rows > 2 ? MV_ROLLED : aligned ? MV_ALIGNED : MV_REALIGN;
+        k = mv_q_kernel(t, rows, mode);
+        const size_t run = (size_t)ub << gwl;
+        p.slot = (int)(mode == MV_ALIGNED ? run : mv_round16(run + 32));
+        const size_t stage2 = 2 * (size_t)rpt * (size_t)p.slot;
+        const size_t fit = (smax - (size_t)p.x_bytes) / stage2;
+        warps = fit < (size_t)warps ? (int)fit : warps;
+    }
+    if (!k || warps < 1) {
+        KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda matmul %s: no matvec kernel fits %d rows of %d "
+                "inputs", name, rows, n_in);
+        return;
+    }
+    const size_t smem = (size_t)p.x_bytes +
+                        (half ? 0 : (size_t)warps * 2 * (size_t)rpt * (size_t)p.slot);
+    const size_t per_sm = (size_t)cu->prop.sharedMemPerMultiprocessor;
+    int cps = (int)(per_sm / (smem + 1024 + 64));
+    cps = cps < 1 ? 1 : cps > 2 ? 2 : cps;
+    int gx = kcu_div_up((int64_t)sm * cps, ks);
+    gx = gx < tiles ? gx : tiles;
+    k<<<dim3(gx, ks), warps * 32, smem, cu->stream>>>(p);
+    KCU_LAUNCHED(cu);
+    if (ks > 1) {
+        const int rn = rows * n_out;
+        k_mv_reduce<<<kcu_div_up(rn, 256), 256, 0, cu->stream>>>(cu->mv_part, ks, rn, n_out, bias,
+                                                                 out);
+        KCU_LAUNCHED(cu);
+    }
+}

@@ -29,7 +29,7 @@ for spec in "$@"; do
         t0=$(date +%s.%N)
         python3 "$here/bench/synth/make_synth.py" "$dir" --shape "$shape" >"$out/make-$shape.log" 2>&1 ||
             { echo "make_synth $shape failed:"; tail -5 "$out/make-$shape.log"; continue; }
-        echo "made $shape in $(echo "$(date +%s.%N) - $t0" | bc) s"
+        echo "made $shape in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}') s"
     fi
     for type in ${types//,/ }; do
         model=$dir
@@ -39,7 +39,7 @@ for spec in "$@"; do
                 t0=$(date +%s.%N)
                 "$bin/kiln" quantize "$dir" "$model" "$type" >"$out/quant-$shape-$type.log" 2>&1 ||
                     { echo "quantize $shape $type failed:"; tail -5 "$out/quant-$shape-$type.log"; continue; }
-                echo "quantized $shape to $type in $(echo "$(date +%s.%N) - $t0" | bc) s"
+                echo "quantized $shape to $type in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}') s"
             fi
         fi
         "$bin/kiln" bench -m "$model" --device cuda -p 512 -n 128 -b "$batches" --reps "$reps" \

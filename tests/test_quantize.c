@@ -1169,6 +1169,12 @@ static int teardown(void **state)
     (void)state;
     for (int i = 0; i < N_SMOL_PROMPTS; i++)
         free(smol_ref[i]);
+    /* what a failed test may have left: its subdirectories, then files */
+    char sub[TMP_PATH];
+    tmp_path(sub, sizeof sub, "gemma3");
+    remove_gemma3_copy(sub);
+    tmp_path(sub, sizeof sub, "ro");
+    rmdir(sub);
     DIR *d = opendir(tmp_dir);
     struct dirent *e;
     while (d && (e = readdir(d))) {

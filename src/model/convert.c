@@ -33,6 +33,7 @@
  * source's before it is renamed to OUT.
  */
 #include <inttypes.h>
+#include <limits.h>
 #include <math.h>
 #include <omp.h>
 #include <stdarg.h>
@@ -51,6 +52,7 @@
 #define QZ_NAME_MAX 128        /* bytes of a GGUF tensor name */
 #define QZ_MAX_FALLBACK_KINDS 32
 #define QZ_NOTE_MAX 512
+#define QZ_PAD_NAME_MAX 24      /* bytes of a "[PAD<id>]" token, NUL included */
 #define GGUF_QUANT_VERSION 2   /* general.quantization_version of GGML's blocks */
 /* What kiln's (and llama.cpp's) GGUF reader assumes for gemma3, as arch.c
  * does: no key carries these. */
@@ -654,7 +656,7 @@ static kiln_status qz_meta_tokenizer(qz_ctx *c, uint64_t n_rows)
     uint64_t n_pad = n_rows - t->n;
     toks = kiln_malloc_array((size_t)n_rows, sizeof *toks);
     types = kiln_malloc_array((size_t)n_rows, sizeof *types);
-    pads = n_pad ? kiln_malloc_array((size_t)n_pad, 24) : NULL;
+    pads = n_pad ? kiln_malloc_array((size_t)n_pad, QZ_PAD_NAME_MAX) : NULL;
     if (!toks || !types || (n_pad && !pads)) {
         st = KILN_FAIL(KILN_ERR_NOMEM, "out of memory for %" PRIu64 " tokens", n_rows);
         goto out;
@@ -666,8 +668,8 @@ static kiln_status qz_meta_tokenizer(qz_ctx *c, uint64_t n_rows)
             toks[i] = (gguf_str){s, tl};
             types[i] = t->types[i];
         } else {
-            char *p = pads + (i - t->n) * 24;
-            int pl = snprintf(p, 24, "[PAD%" PRIu64 "]", i);
+            char *p = pads + (i - t->n) * QZ_PAD_NAME_MAX;
+            int pl = snprintf(p, QZ_PAD_NAME_MAX, "[PAD%" PRIu64 "]", i);
             toks[i] = (gguf_str){p, (uint64_t)pl};
             types[i] = TOK_T_UNUSED;
         }
@@ -734,10 +736,10 @@ static kiln_status qz_meta_tokenizer(qz_ctx *c, uint64_t n_rows)
     size_t tmpl_len = tmpl ? strlen(tmpl) : 0;
     if (!tmpl) {
         /* transformers 5 saves the template beside tokenizer_config.json */
-        char path[4096];
+        char path[PATH_MAX];
         size_t tl = 0;
-        snprintf(path, sizeof path, "%s/chat_template.jinja", m->dir);
-        if (access(path, R_OK) == 0 &&
+        if (snprintf(path, sizeof path, "%s/chat_template.jinja", m->dir) < (int)sizeof path &&
+            access(path, R_OK) == 0 &&
             kiln_read_file(path, TOK_MAX_TEMPLATE, &tmpl_file, &tl) == KILN_OK) {
             tmpl = tmpl_file;
             tmpl_len = tl;

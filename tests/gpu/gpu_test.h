@@ -19,6 +19,9 @@
 
 #include "backend/backend.h"
 
+/* Each test uses some of these helpers. */
+#define GT_FN static __attribute__((unused))
+
 typedef struct gt_env {
     kb_backend *cpu;
     kb_backend *gpu;
@@ -28,7 +31,7 @@ typedef struct gt_env {
 static gt_env gt;
 
 /* xorshift64* */
-static uint64_t gt_next(void)
+GT_FN uint64_t gt_next(void)
 {
     gt.rng ^= gt.rng >> 12;
     gt.rng ^= gt.rng << 25;
@@ -36,18 +39,18 @@ static uint64_t gt_next(void)
     return gt.rng * 2685821657736338717ull;
 }
 
-static float gt_uniform(float lo, float hi)
+GT_FN float gt_uniform(float lo, float hi)
 {
     return lo + (hi - lo) * (float)((gt_next() >> 40) * (1.0 / 16777216.0));
 }
 
-static int gt_int(int lo, int hi) /* [lo, hi] */
+GT_FN int gt_int(int lo, int hi) /* [lo, hi] */
 {
     return lo + (int)(gt_next() % (uint64_t)(hi - lo + 1));
 }
 
 /* cmocka group setup: both backends, a seed from the clock (or KILN_GPU_SEED). */
-static int gt_setup(void **state)
+GT_FN int gt_setup(void **state)
 {
     (void)state;
     const char *s = getenv("KILN_GPU_SEED");
@@ -66,7 +69,7 @@ static int gt_setup(void **state)
     return 0;
 }
 
-static int gt_teardown(void **state)
+GT_FN int gt_teardown(void **state)
 {
     (void)state;
     kb_destroy(gt.gpu);
@@ -74,7 +77,7 @@ static int gt_teardown(void **state)
     return 0;
 }
 
-static float *gt_rand(size_t n, float lo, float hi)
+GT_FN float *gt_rand(size_t n, float lo, float hi)
 {
     float *p = malloc(n * sizeof(float) + 1);
     assert_non_null(p);
@@ -84,7 +87,7 @@ static float *gt_rand(size_t n, float lo, float hi)
 }
 
 /* Device copy of host bytes. */
-static void *gt_up(const void *host, size_t bytes)
+GT_FN void *gt_up(const void *host, size_t bytes)
 {
     void *d = gt.gpu->ops->alloc(gt.gpu, bytes, "test input");
     assert_non_null(d);
@@ -93,7 +96,7 @@ static void *gt_up(const void *host, size_t bytes)
 }
 
 /* A device float buffer filled with NaN. */
-static float *gt_poisoned(size_t n)
+GT_FN float *gt_poisoned(size_t n)
 {
     float *h = malloc(n * sizeof(float) + 1);
     assert_non_null(h);
@@ -104,7 +107,7 @@ static float *gt_poisoned(size_t n)
     return d;
 }
 
-static void gt_poison(float *dev, size_t n)
+GT_FN void gt_poison(float *dev, size_t n)
 {
     float *h = malloc(n * sizeof(float) + 1);
     assert_non_null(h);
@@ -115,7 +118,7 @@ static void gt_poison(float *dev, size_t n)
 }
 
 /* Host copy of n floats of device memory (after the stream's work). */
-static float *gt_down(const float *dev, size_t n)
+GT_FN float *gt_down(const float *dev, size_t n)
 {
     float *h = malloc(n * sizeof(float) + 1);
     assert_non_null(h);
@@ -124,13 +127,13 @@ static float *gt_down(const float *dev, size_t n)
     return h;
 }
 
-static void gt_free(void *dev)
+GT_FN void gt_free(void *dev)
 {
     gt.gpu->ops->free(gt.gpu, dev);
 }
 
 /* ||got - ref|| / ||ref||; a non-finite element in got makes it infinite. */
-static double gt_rel_err(const float *got, const float *ref, size_t n)
+GT_FN double gt_rel_err(const float *got, const float *ref, size_t n)
 {
     double num = 0, den = 0;
     for (size_t i = 0; i < n; i++) {
@@ -144,7 +147,7 @@ static double gt_rel_err(const float *got, const float *ref, size_t n)
 }
 
 /* Compare and report: one line per check, failing the test above tol. */
-static void gt_check(const char *what, const float *got, const float *ref, size_t n, double tol)
+GT_FN void gt_check(const char *what, const float *got, const float *ref, size_t n, double tol)
 {
     double e = gt_rel_err(got, ref, n);
     size_t first_bad = n;
@@ -163,7 +166,7 @@ static void gt_check(const char *what, const float *got, const float *ref, size_
 
 /* Upload host batch arrays through the GPU backend's batch_upload; the CPU
  * backend uses the host batch as it is. */
-static const kb_batch *gt_batch_gpu(const kb_batch_host *h)
+GT_FN const kb_batch *gt_batch_gpu(const kb_batch_host *h)
 {
     const kb_batch *d = NULL;
     assert_int_equal(gt.gpu->ops->batch_upload(gt.gpu, h, &d), KILN_OK);

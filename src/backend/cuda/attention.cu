@@ -15,15 +15,18 @@
  * each kernel reads of the batch, never by reading device data on the host
  * (steps are captured as CUDA graphs):
  *
- *  - decode (k_attn_decode): one CTA per (token, kv head, group of up to 8
- *    query heads, split of the key range).  A group of lanes reads one key
- *    row with 16-byte loads, all the group's query heads score it from
- *    registers (GQA: each K/V byte is read once per step), and each lane
- *    group keeps its own online softmax; the warps' states are merged in
- *    shared memory.  With more than one split, each CTA writes its
- *    unnormalised partial (max, sum, acc) to cu->attn_ws and k_attn_combine
- *    merges them (split-K "flash decoding"), so a single long sequence still
- *    spreads over every SM.
+ *  - decode: one CTA per (token, kv head, group of query heads, split of
+ *    the key range), four warps.  K/V stream through shared memory in
+ *    cp.async stages; each warp takes a share of every stage with its own
+ *    online softmax, and the warps' states are merged at the end.  With an
+ *    F16 cache (k_attn_decode_tc) the query heads of the kv head are the
+ *    rows of tensor-core products (S = Q K^T, O += P V, with the split below
+ *    for float accuracy), so the GQA heads share each K/V byte and a key
+ *    costs a few mma per CTA; an F32 cache (k_attn_decode) scores in float
+ *    on the SIMT cores, a group of lanes per key row.  With more than one
+ *    split, each CTA writes its unnormalised partial (max, sum, acc) to
+ *    cu->attn_ws and k_attn_combine merges them (split-K "flash decoding"),
+ *    so a single long sequence still spreads over every SM.
  *
  *  - prefill (k_attn_prefill): one CTA per (64 consecutive query rows, query
  *    head), flash-attention 2 style on tensor cores (mma.sync m16n8k16 F16,
@@ -68,9 +71,14 @@
 
 /* Decode kernel: CTAs to aim for per SM when choosing the split count, and
  * the fewest keys a split takes (below it the combine costs more than the
- * parallelism gains). */
-#define KCU_ATTN_CTAS_PER_SM 4
-#define KCU_ATTN_MIN_CHUNK 128
+ * parallelism gains).  The count is chosen for the longest context the
+ * block table can hold (the engine's decode graphs make it n_ctx wide,
+ * whatever the contexts), so it aims high: splits past a token's context
+ * end at once, and shorter contexts still spread over the SMs. */
+#define KCU_ATTN_CTAS_PER_SM 16
+#define KCU_ATTN_MIN_CHUNK 256
+/* Split sizes are multiples of this (whole stages of the decode kernels). */
+#define KCU_ATTN_CHUNK_ALIGN 64
 
 /* Block ids one kv_copy_blocks launch carries in its parameters. */
 #define KCU_KV_COPY_BATCH 256
@@ -329,6 +337,7 @@ struct attn_args {
     int n_heads, n_kv, gq;    /* gq = n_heads / n_kv */
     int n_hg;                 /* decode: CTAs per kv head (groups of up to 8 query heads) */
     int hd, hdv, bs, n_blocks;
+    int bs_shift;             /* log2(bs) when bs is a power of two, else -1 */
     float scale, softcap;
     int window;
     /* decode */
@@ -356,7 +365,7 @@ __device__ __forceinline__ bool is_single(const int32_t *seq, int n, int t)
  * or -1 where the table does not hold a block of this cache there. */
 __device__ __forceinline__ long long kv_row(const int32_t *bt, const attn_args &a, int g, int j)
 {
-    const int bi = j / a.bs;
+    const int bi = a.bs_shift >= 0 ? j >> a.bs_shift : j / a.bs;
     if (bi >= a.max_blocks)
         return -1;
     const int blk = bt[bi];
@@ -366,14 +375,15 @@ __device__ __forceinline__ long long kv_row(const int32_t *bt, const attn_args &
 }
 
 /* ------------------------------------------------------------------------
- * Decode kernel
+ * Decode kernel for F32 caches (SIMT)
  *
  * The CTA streams its key range through shared memory in stages of TK rows
  * of K and of V (16 KB per stage), DEC_STAGES deep with cp.async, so the
  * bytes in flight do not depend on registers.  Each thread loads NP rows of
  * every stage, their block-table lookups done together before any copy is
  * issued.  A group of LPR lanes then reads a row from shared memory with
- * 16-byte loads, U rows per group per stage.
+ * 16-byte loads and scores it against up to 8 query heads held in
+ * registers, U rows per group per stage.
  * ---------------------------------------------------------------------- */
 
 #define DEC_STAGES 4
@@ -475,14 +485,15 @@ __global__ void __launch_bounds__(DEC_THREADS) k_attn_decode(attn_args a)
     __shared__ float s_m[DEC_WARPS][G], s_l[DEC_WARPS][G];
 
     const int t = blockIdx.x, split = blockIdx.z;
+    /* a split past the token's keys ends here, after one load */
+    const int p = a.pos[t], lo = window_lo(p, a.window);
+    const int k0 = lo + split * a.chunk;
+    if (k0 > p)
+        return;
     if (a.only_single && !is_single(a.seq, a.n_tokens, t))
         return;
     const int sq = a.seq[t];
     if ((unsigned)sq >= (unsigned)a.n_seqs)
-        return;
-    const int p = a.pos[t], lo = window_lo(p, a.window);
-    const int k0 = lo + split * a.chunk;
-    if (k0 > p)
         return;
     const int k1 = p + 1 - k0 < a.chunk ? p + 1 : k0 + a.chunk; /* exclusive */
     const int n_tiles = (k1 - k0 + TK - 1) / TK;
@@ -938,7 +949,11 @@ __global__ void __launch_bounds__(PF_THREADS) k_attn_prefill(attn_args a)
                         }
                     }
                 }
-                /* scores, mask, online softmax; sm becomes P * P_SCALE */
+                /* scores, mask (only where the tile crosses a row's range),
+                 * online softmax; sm becomes P * P_SCALE */
+                const bool inside = in_a && in_b && kb >= lo_a && kb >= lo_b &&
+                                    kb + BN - 1 <= p_a && kb + BN - 1 <= p_b;
+                const bool masked = !__all_sync(0xffffffffu, inside);
                 float mx_a = -INFINITY, mx_b = -INFINITY;
 #pragma unroll
                 for (int i = 0; i < BN / 8; i++)
@@ -948,9 +963,9 @@ __global__ void __launch_bounds__(PF_THREADS) k_attn_prefill(attn_args a)
                         float s = sm[i][e] + sl[i][e] * (1.0f / SPLIT_SCALE);
                         if (a.softcap > 0.0f)
                             s = a.softcap * tanhf(s / a.softcap);
-                        const bool ok = e < 2 ? in_a && j >= lo_a && j <= p_a
-                                              : in_b && j >= lo_b && j <= p_b;
-                        s = ok ? s : -INFINITY;
+                        if (masked && !(e < 2 ? in_a && j >= lo_a && j <= p_a
+                                              : in_b && j >= lo_b && j <= p_b))
+                            s = -INFINITY;
                         sm[i][e] = s;
                         if (e < 2)
                             mx_a = fmaxf(mx_a, s);
@@ -967,10 +982,12 @@ __global__ void __launch_bounds__(PF_THREADS) k_attn_prefill(attn_args a)
                 const float r_b = mn_b == -INFINITY ? 1.0f : __expf(m_b - mn_b);
                 m_a = mn_a, m_b = mn_b;
                 l_a *= r_a, l_b *= r_b;
+                if (__any_sync(0xffffffffu, r_a != 1.0f || r_b != 1.0f)) {
 #pragma unroll
-                for (int i = 0; i < HDB / 8; i++) {
-                    o[i][0] *= r_a, o[i][1] *= r_a;
-                    o[i][2] *= r_b, o[i][3] *= r_b;
+                    for (int i = 0; i < HDB / 8; i++) {
+                        o[i][0] *= r_a, o[i][1] *= r_a;
+                        o[i][2] *= r_b, o[i][3] *= r_b;
+                    }
                 }
 #pragma unroll
                 for (int i = 0; i < BN / 8; i++)
@@ -1055,6 +1072,273 @@ __global__ void __launch_bounds__(PF_THREADS) k_attn_prefill(attn_args a)
 }
 
 /* ------------------------------------------------------------------------
+ * Decode kernel on tensor cores (F16 cache)
+ *
+ * The query heads of one kv head (up to 16: the mma's M) are the rows, the
+ * keys its N: S = Q K^T and O += P V with the float-accurate split of the
+ * prefill kernel, so a key costs a few mma per CTA instead of a dot product
+ * per head.  Stages of TK keys arrive by cp.async, DTC stages deep; warp w
+ * takes keys [w * KPW, (w+1) * KPW) of each stage with its own online
+ * softmax, and the warps' states are merged at the end.
+ * ---------------------------------------------------------------------- */
+
+#define DTC_ROWS 16 /* query heads per CTA */
+
+template <int HDB>
+struct dtc_cfg {
+    static constexpr int KS = HDB == 64 ? 2 : 1;         /* 16-key steps per warp per stage */
+    static constexpr int KPW = 16 * KS;                  /* keys per warp per stage */
+    static constexpr int TK = DEC_WARPS * KPW;           /* keys per stage */
+    static constexpr int LD = HDB + 8;                   /* smem row stride (halves) */
+    static constexpr int STAGES = HDB == 256 ? 2 : 3;
+    static constexpr int STAGE = 2 * TK * LD;            /* halves: K rows, then V rows */
+    static constexpr int CPR = HDB / 8;                  /* 16-byte chunks per row */
+    static constexpr int RPP = DEC_THREADS / CPR;        /* rows one pass of the CTA loads */
+    static constexpr int NP = TK / RPP;                  /* rows each thread loads per stage */
+    static constexpr size_t SMEM = (size_t)(STAGES * STAGE + 2 * DTC_ROWS * LD) * 2;
+};
+
+template <int HDB>
+__device__ __forceinline__ void dtc_load(const attn_args &a, const int32_t *bt, int g, int kt,
+                                         int k1, __half *stage)
+{
+    using C = dtc_cfg<HDB>;
+    const int c = threadIdx.x % C::CPR, r0 = threadIdx.x / C::CPR, d = c * 8;
+    long long row[C::NP];
+#pragma unroll
+    for (int m = 0; m < C::NP; m++) {
+        const int j = kt + r0 + m * C::RPP;
+        row[m] = j < k1 ? kv_row(bt, a, g, j) : -1;
+    }
+    const __half *kl = (const __half *)a.k, *vl = (const __half *)a.v;
+    __half *ks = stage, *vs = stage + C::TK * C::LD;
+#pragma unroll
+    for (int m = 0; m < C::NP; m++) {
+        const int r = r0 + m * C::RPP;
+        const bool ok = row[m] >= 0;
+        if (d < a.hd)
+            cp_async16(smem_u32(ks + r * C::LD + d), ok ? kl + row[m] * a.hd + d : kl,
+                       ok ? 16 : 0);
+        if (d < a.hdv)
+            cp_async16(smem_u32(vs + r * C::LD + d), ok ? vl + row[m] * a.hdv + d : vl,
+                       ok ? 16 : 0);
+    }
+}
+
+/* grid (n_tokens, n_kv * n_hg, n_splits), DEC_THREADS threads, dtc_cfg::SMEM
+ * bytes of dynamic shared memory. */
+template <int HDB>
+__global__ void __launch_bounds__(DEC_THREADS) k_attn_decode_tc(attn_args a)
+{
+    using C = dtc_cfg<HDB>;
+    constexpr int LD = C::LD, TK = C::TK, KPW = C::KPW, S = C::STAGES;
+    extern __shared__ __align__(16) uint8_t dtc_smem[];
+    __half *stages = (__half *)dtc_smem;              /* (STAGES, 2, TK, LD) */
+    __half *q_hi = stages + S * C::STAGE;             /* (DTC_ROWS, LD) q * scale */
+    __half *q_lo = q_hi + DTC_ROWS * LD;              /* (DTC_ROWS, LD) its residual * 2^11 */
+    __shared__ float s_m[DEC_WARPS][DTC_ROWS], s_l[DEC_WARPS][DTC_ROWS];
+
+    const int t = blockIdx.x, split = blockIdx.z;
+    /* a split past the token's keys ends here, after one load */
+    const int p = a.pos[t], lo = window_lo(p, a.window);
+    const int k0 = lo + split * a.chunk;
+    if (k0 > p)
+        return;
+    if (a.only_single && !is_single(a.seq, a.n_tokens, t))
+        return;
+    const int sq = a.seq[t];
+    if ((unsigned)sq >= (unsigned)a.n_seqs)
+        return;
+    const int k1 = p + 1 - k0 < a.chunk ? p + 1 : k0 + a.chunk; /* exclusive */
+    const int n_tiles = (k1 - k0 + TK - 1) / TK;
+    const int g = blockIdx.y / a.n_hg, hg = blockIdx.y % a.n_hg;
+    const int h0 = g * a.gq + hg * DTC_ROWS;
+    const int nh = min(DTC_ROWS, a.gq - hg * DTC_ROWS);
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int gid = lane / 4, tig = lane % 4;
+    const int32_t *bt = a.bt + (size_t)sq * a.max_blocks;
+
+#pragma unroll
+    for (int s = 0; s < S - 1; s++) {
+        if (s < n_tiles)
+            dtc_load<HDB>(a, bt, g, k0 + s * TK, k1, stages + s * C::STAGE);
+        cp_async_commit();
+    }
+    for (int i = tid; i < DTC_ROWS * HDB / 4; i += DEC_THREADS) {
+        const int r = i / (HDB / 4), d = i % (HDB / 4) * 4;
+        const float4 x = r < nh && d < a.hd
+                             ? *(const float4 *)(a.q + ((size_t)t * a.n_heads + h0 + r) * a.hd + d)
+                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        __half hi[4], lo4[4];
+        split_scaled(x.x * a.scale, hi[0], lo4[0]);
+        split_scaled(x.y * a.scale, hi[1], lo4[1]);
+        split_scaled(x.z * a.scale, hi[2], lo4[2]);
+        split_scaled(x.w * a.scale, hi[3], lo4[3]);
+        *(uint2 *)(q_hi + r * LD + d) = *(uint2 *)hi;
+        *(uint2 *)(q_lo + r * LD + d) = *(uint2 *)lo4;
+    }
+    /* K dims past hd take part in the products: zero them (loads skip them) */
+    if (a.hd < HDB)
+        for (int i = tid; i < S * TK * (HDB - a.hd); i += DEC_THREADS) {
+            const int row = i / (HDB - a.hd), d = a.hd + i % (HDB - a.hd);
+            stages[(row / TK) * C::STAGE + (row % TK) * LD + d] = __float2half_rn(0.0f);
+        }
+
+    float o[HDB / 8][4];
+#pragma unroll
+    for (int i = 0; i < HDB / 8; i++)
+        o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
+    const uint32_t qh_addr = smem_u32(q_hi + (lane % 16) * LD + (lane / 16) * 8);
+    const uint32_t ql_addr = smem_u32(q_lo + (lane % 16) * LD + (lane / 16) * 8);
+    const int k_off = ((lane % 8) + (lane / 16) * 8) * LD + ((lane / 8) % 2) * 8;
+    const int v_off = ((lane % 8) + ((lane / 8) % 2) * 8) * LD + (lane / 16) * 8;
+
+    for (int it = 0; it < n_tiles; it++) {
+        cp_async_wait<S - 2>();
+        __syncthreads(); /* tile it is in; every warp is done with tile it - 1 */
+        if (it + S - 1 < n_tiles)
+            dtc_load<HDB>(a, bt, g, k0 + (it + S - 1) * TK, k1,
+                          stages + ((it + S - 1) % S) * C::STAGE);
+        cp_async_commit();
+        const __half *kt = stages + (it % S) * C::STAGE, *vt = kt + TK * LD;
+#pragma unroll
+        for (int ks = 0; ks < C::KS; ks++) {
+            const int kr = warp * KPW + ks * 16;      /* row of the stage */
+            const int j0 = k0 + it * TK + kr;         /* its position */
+            if (j0 >= k1)
+                break;
+            float sm[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+            float sl[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+            for (int kk = 0; kk < HDB / 16; kk++) {
+                if (kk * 16 >= a.hd)
+                    break;
+                uint32_t ah[4], al[4], b[4];
+                ldsm_x4(ah, qh_addr + kk * 32);
+                ldsm_x4(al, ql_addr + kk * 32);
+                ldsm_x4(b, smem_u32(kt + kr * LD + k_off) + kk * 32);
+                mma_f16(sm[0], ah, b[0], b[1]);
+                mma_f16(sm[1], ah, b[2], b[3]);
+                mma_f16(sl[0], al, b[0], b[1]);
+                mma_f16(sl[1], al, b[2], b[3]);
+            }
+            float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    float s = sm[i][e] + sl[i][e] * (1.0f / SPLIT_SCALE);
+                    if (a.softcap > 0.0f)
+                        s = a.softcap * tanhf(s / a.softcap);
+                    if (j0 + i * 8 + 2 * tig + (e & 1) >= k1)
+                        s = -INFINITY;
+                    sm[i][e] = s;
+                    if (e < 2)
+                        mx_a = fmaxf(mx_a, s);
+                    else
+                        mx_b = fmaxf(mx_b, s);
+                }
+#pragma unroll
+            for (int off = 1; off < 4; off <<= 1) {
+                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
+                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
+            }
+            /* every row has a valid key here (j0 < k1), so the maxima are finite */
+            const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
+            const float r_a = __expf(m_a - mn_a), r_b = __expf(m_b - mn_b);
+            m_a = mn_a, m_b = mn_b;
+            l_a *= r_a, l_b *= r_b;
+            /* past the first keys the maxima seldom move: skip the no-op */
+            if (__any_sync(0xffffffffu, r_a != 1.0f || r_b != 1.0f)) {
+#pragma unroll
+                for (int i = 0; i < HDB / 8; i++) {
+                    o[i][0] *= r_a, o[i][1] *= r_a;
+                    o[i][2] *= r_b, o[i][3] *= r_b;
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const float pr = __expf(sm[i][e] - (e < 2 ? m_a : m_b));
+                    if (e < 2)
+                        l_a += pr;
+                    else
+                        l_b += pr;
+                    sm[i][e] = pr * P_SCALE;
+                }
+            uint32_t ph[4], pl[4];
+            split_pair(sm[0][0], sm[0][1], ph[0], pl[0]);
+            split_pair(sm[0][2], sm[0][3], ph[1], pl[1]);
+            split_pair(sm[1][0], sm[1][1], ph[2], pl[2]);
+            split_pair(sm[1][2], sm[1][3], ph[3], pl[3]);
+#pragma unroll
+            for (int np = 0; np < HDB / 16; np++) {
+                if (np * 16 >= a.hdv)
+                    break;
+                float pv[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+                uint32_t b[4];
+                ldsm_x4_t(b, smem_u32(vt + kr * LD + v_off) + np * 32);
+                mma_f16(pv[0], ph, b[0], b[1]);
+                mma_f16(pv[1], ph, b[2], b[3]);
+                mma_f16(pv[0], pl, b[0], b[1]);
+                mma_f16(pv[1], pl, b[2], b[3]);
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    o[2 * np][e] += pv[0][e];
+                    o[2 * np + 1][e] += pv[1][e];
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+    __syncthreads(); /* the stages become the merge area */
+
+    float(*s_o)[DTC_ROWS][HDB] = (float(*)[DTC_ROWS][HDB])dtc_smem; /* (DEC_WARPS, 16, HDB) */
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
+        l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
+    }
+    if (tig == 0) {
+        s_m[warp][gid] = m_a, s_l[warp][gid] = l_a;
+        s_m[warp][gid + 8] = m_b, s_l[warp][gid + 8] = l_b;
+    }
+#pragma unroll
+    for (int i = 0; i < HDB / 8; i++) {
+        const int d = i * 8 + 2 * tig;
+        s_o[warp][gid][d] = o[i][0], s_o[warp][gid][d + 1] = o[i][1];
+        s_o[warp][gid + 8][d] = o[i][2], s_o[warp][gid + 8][d + 1] = o[i][3];
+    }
+    __syncthreads();
+    for (int i = tid; i < nh * a.hdv; i += DEC_THREADS) {
+        const int h = i / a.hdv, d = i - h * a.hdv;
+        float M = s_m[0][h];
+#pragma unroll
+        for (int w = 1; w < DEC_WARPS; w++)
+            M = fmaxf(M, s_m[w][h]);
+        float L = 0.0f, A = 0.0f;
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; w++) {
+            const float f = s_m[w][h] == -INFINITY ? 0.0f : __expf(s_m[w][h] - M);
+            L += s_l[w][h] * f;
+            A += s_o[w][h][d] * f;
+        }
+        A *= 1.0f / P_SCALE;
+        const size_t th = (size_t)t * a.n_heads + h0 + h;
+        if (a.n_splits == 1) {
+            a.out[th * a.hdv + d] = A / L;
+        } else {
+            const size_t rec = th * a.n_splits + split;
+            a.ws_acc[rec * a.hdv + d] = A;
+            if (d == 0)
+                a.ws_ml[2 * rec] = M, a.ws_ml[2 * rec + 1] = L;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------
  * Dispatch
  * ---------------------------------------------------------------------- */
 
@@ -1063,11 +1347,20 @@ static void attn_set_smem_one(void)
 {
     cudaFuncSetAttribute(k_attn_prefill<T, HDB>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          (int)pf_cfg<T, HDB>::SMEM);
-    const int dec = (int)dec_cfg<T, HDB>::SMEM;
-    cudaFuncSetAttribute(k_attn_decode<T, HDB, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, dec);
-    cudaFuncSetAttribute(k_attn_decode<T, HDB, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, dec);
-    cudaFuncSetAttribute(k_attn_decode<T, HDB, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, dec);
-    cudaFuncSetAttribute(k_attn_decode<T, HDB, 8>, cudaFuncAttributeMaxDynamicSharedMemorySize, dec);
+    if constexpr (sizeof(T) == 4) {
+        const int dec = (int)dec_cfg<T, HDB>::SMEM;
+        cudaFuncSetAttribute(k_attn_decode<T, HDB, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             dec);
+        cudaFuncSetAttribute(k_attn_decode<T, HDB, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             dec);
+        cudaFuncSetAttribute(k_attn_decode<T, HDB, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             dec);
+        cudaFuncSetAttribute(k_attn_decode<T, HDB, 8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             dec);
+    } else {
+        cudaFuncSetAttribute(k_attn_decode_tc<HDB>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             (int)dtc_cfg<HDB>::SMEM);
+    }
 }
 
 /* Raise the kernels' dynamic shared memory limits (outside graph capture). */
@@ -1111,15 +1404,25 @@ static void launch_decode_hdb(kcu *cu, const attn_args &a, dim3 grid, int G)
     }
 }
 
-template <typename T>
-static void launch_decode(kcu *cu, const attn_args &a, dim3 grid, int G, int hdb)
+/* The decode kernel for the cache's type: tensor cores for F16 (n_hg
+ * counts groups of DTC_ROWS heads), the SIMT kernel for F32 (groups of G). */
+static void launch_decode(kcu *cu, const attn_args &a, dim3 grid, bool f16, int G, int hdb)
 {
-    if (hdb == 64)
-        launch_decode_hdb<T, 64>(cu, a, grid, G);
-    else if (hdb == 128)
-        launch_decode_hdb<T, 128>(cu, a, grid, G);
-    else
-        launch_decode_hdb<T, 256>(cu, a, grid, G);
+    if (f16) {
+        if (hdb == 64)
+            k_attn_decode_tc<64><<<grid, DEC_THREADS, dtc_cfg<64>::SMEM, cu->stream>>>(a);
+        else if (hdb == 128)
+            k_attn_decode_tc<128><<<grid, DEC_THREADS, dtc_cfg<128>::SMEM, cu->stream>>>(a);
+        else
+            k_attn_decode_tc<256><<<grid, DEC_THREADS, dtc_cfg<256>::SMEM, cu->stream>>>(a);
+    } else {
+        if (hdb == 64)
+            launch_decode_hdb<float, 64>(cu, a, grid, G);
+        else if (hdb == 128)
+            launch_decode_hdb<float, 128>(cu, a, grid, G);
+        else
+            launch_decode_hdb<float, 256>(cu, a, grid, G);
+    }
 }
 
 /* Decode CTAs the split count aims for on this device. */
@@ -1159,14 +1462,19 @@ void kcu_attention(kb_backend *be, float *out, const float *q, const kb_kv *kv, 
     a.n_tokens = b->n_tokens, a.n_seqs = b->n_seqs, a.max_blocks = b->max_blocks;
     a.n_heads = at->n_heads, a.n_kv = at->n_kv_heads, a.gq = at->n_heads / at->n_kv_heads;
     a.hd = at->head_dim, a.hdv = at->head_dim_v, a.bs = d->block_size, a.n_blocks = d->n_blocks;
+    a.bs_shift = -1;
+    for (int sh = 0; sh < 31; sh++)
+        if (d->block_size == 1 << sh)
+            a.bs_shift = sh;
     a.scale = at->scale, a.softcap = at->softcap, a.window = at->window;
 
     const int hmax = a.hd > a.hdv ? a.hd : a.hdv;
     const int hdb = hmax <= 64 ? 64 : hmax <= 128 ? 128 : 256;
-    /* query heads per decode CTA: a power of two, at most 8 */
-    const int G8 = a.gq > 4 ? 8 : a.gq > 2 ? 4 : a.gq;
-    a.n_hg = kcu_div_up(a.gq, G8);
     const bool f16 = kv->elt == 2;
+    /* query heads per decode CTA: up to DTC_ROWS on the tensor cores, else
+     * a power of two up to 8 */
+    const int G8 = a.gq > 4 ? 8 : a.gq > 2 ? 4 : a.gq;
+    a.n_hg = kcu_div_up(a.gq, f16 ? DTC_ROWS : G8);
     /* every position a token of this step can see lies in its sequence's
      * max_blocks blocks, and within the window */
     int64_t lmax = (int64_t)b->max_blocks * d->block_size;
@@ -1187,17 +1495,14 @@ void kcu_attention(kb_backend *be, float *out, const float *q, const kb_kv *kv, 
             a.chunk = (int)lmax;
         } else {
             int64_t chunk = (lmax + ns - 1) / ns;
-            chunk = (chunk + 31) / 32 * 32;
+            chunk = (chunk + KCU_ATTN_CHUNK_ALIGN - 1) / KCU_ATTN_CHUNK_ALIGN * KCU_ATTN_CHUNK_ALIGN;
             a.chunk = (int)chunk;
             a.n_splits = (int)((lmax + chunk - 1) / chunk);
             a.ws_acc = cu->attn_ws;
             a.ws_ml = cu->attn_ws + (size_t)b->n_tokens * a.n_heads * a.n_splits * a.hdv;
         }
         dim3 grid(b->n_tokens, a.n_kv * a.n_hg, a.n_splits);
-        if (f16)
-            launch_decode<__half>(cu, a, grid, G8, hdb);
-        else
-            launch_decode<float>(cu, a, grid, G8, hdb);
+        launch_decode(cu, a, grid, f16, G8, hdb);
         KCU_LAUNCHED(cu);
         if (a.n_splits > 1) {
             k_attn_combine<<<b->n_tokens * a.n_heads, 128, 0, cu->stream>>>(a);
@@ -1219,10 +1524,7 @@ void kcu_attention(kb_backend *be, float *out, const float *q, const kb_kv *kv, 
         a.n_splits = 1;
         a.chunk = (int)lmax;
         dim3 grid(b->n_tokens, a.n_kv * a.n_hg, 1);
-        if (f16)
-            launch_decode<__half>(cu, a, grid, G8, hdb);
-        else
-            launch_decode<float>(cu, a, grid, G8, hdb);
+        launch_decode(cu, a, grid, f16, G8, hdb);
         KCU_LAUNCHED(cu);
     }
 }

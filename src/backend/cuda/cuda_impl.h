@@ -98,6 +98,10 @@ typedef struct kcu {
     size_t mv_part_elems;     /* capacity of mv_part */
     bool mv_ready;            /* matvec kernels may use all shared memory */
     struct kcu_lt_cache *lt_cache; /* cuBLASLt descriptors and algorithm by GEMM shape */
+
+    /* transfer.cu */
+    cudaStream_t up_stream[KB_MAX_STREAMS]; /* upload streams 0..n_up_streams-1 */
+    int n_up_streams;
 } kcu;
 
 static inline kcu *kcu_of(kb_backend *be) { return (kcu *)be->impl; }
@@ -181,5 +185,20 @@ void kcu_add(kb_backend *be, float *out, const float *a, const float *b, size_t 
 void kcu_scale(kb_backend *be, float *x, float s, size_t n);
 void kcu_get_rows(kb_backend *be, float *out, const float *x, const int32_t *idx, int n_rows,
                   int n);
+
+/* transfer.cu: pinned staging memory, upload streams and events (the
+ * asynchronous transfer ops of backend.h); kcu_transfer_release destroys
+ * the upload streams (cuda_destroy). */
+void *kcu_host_alloc(kb_backend *be, size_t bytes, const char *what);
+void kcu_host_free(kb_backend *be, void *p);
+kiln_status kcu_upload_streams(kb_backend *be, int n);
+kiln_status kcu_upload_async(kb_backend *be, int stream, void *dst, const void *src, size_t n);
+kiln_status kcu_event_create(kb_backend *be, kb_event **out);
+void kcu_event_free(kb_backend *be, kb_event *ev);
+kiln_status kcu_event_record(kb_backend *be, kb_event *ev, int stream);
+kiln_status kcu_event_query(kb_backend *be, kb_event *ev, bool *done);
+kiln_status kcu_event_sync(kb_backend *be, kb_event *ev);
+kiln_status kcu_event_elapsed(kb_backend *be, kb_event *start, kb_event *end, float *ms);
+void kcu_transfer_release(kcu *cu);
 
 #endif /* KILN_BACKEND_CUDA_IMPL_H */

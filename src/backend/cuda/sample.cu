@@ -23,13 +23,17 @@
  *      the host's ordering does.  Digits are 12 bits (4096 bins in shared
  *      memory).  As soon as everything at or above the chosen bin fits in
  *      KS_CAP keys, one pass gathers those keys into shared memory and the
- *      rest of the work (further digits, top-p, the draw) runs there.
+ *      rest of the work (further digits, top-p, the draw) runs there; a
+ *      select over the gathered list starts its digits below the bits all
+ *      its keys share.  Top-p over the row first tries distance bins (see
+ *      ks_top_p_band): a count-only pass bounds the band of logits the cut
+ *      can fall in, a second pass sums the exact mass and gathers the band.
  *   C. the draw: survivors are the keys at or above both cuts whose
  *      probability passes min-p; the one drawn is the first in id order
  *      whose cumulative weight exceeds floor(u * total weight).  In shared
- *      memory that is one more radix select, keyed by id; otherwise a pass
- *      sums the weight of each warp's contiguous id range, and the CTA walks
- *      the one range the draw falls in.
+ *      memory that is one more radix select, keyed by id; over the row it is
+ *      a descent: each warp sums a contiguous id range, the range holding
+ *      the draw point is split again, down to 4 ids per thread.
  *
  * Weights are fixed point: q = round(p * 2^(63 - idb)), where p =
  * e^((l - max) / T) <= 1, so the sum over n_vocab < 2^idb tokens fits 64
@@ -48,7 +52,7 @@
  *     top_p * z where z was summed in float blocks, so when the cumulative
  *     mass at the cut lies within ~1e-6 of the target the two can keep one
  *     token more or less.
- *   - tokens with p < 2^-(64 - idb) (about 3e-14 at a 152k vocabulary)
+ *   - tokens with p < 2^-(64 - idb) (1.4e-14 at a 152k vocabulary)
  *     weigh 0 and are never drawn (the host would draw them with that
  *     probability).
  *   - a penalised logit that overflows to +inf counts as FLT_MAX.
@@ -61,13 +65,17 @@
 
 #include "backend/cuda/cuda_impl.h"
 
-#define KS_THREADS 1024
+#define KS_THREADS 512
 #define KS_WARPS (KS_THREADS / 32)
+#define KS_UNROLL 8                 /* float4 loads in flight per thread */
 #define KS_DIGIT 12                 /* bits of one radix digit */
 #define KS_BINS (1 << KS_DIGIT)
 #define KS_BINS_PER_THREAD (KS_BINS / KS_THREADS)
 #define KS_CAP 8192                 /* keys a CTA can hold in shared memory */
+#define KS_LIMBS 4                  /* 16-bit limbs of a weight in list histograms */
 #define KS_MAX_VOCAB (1 << 24)      /* the id part of a key is at most 24 bits */
+#define KS_BPN 128.0f               /* top-p distance bins per nat below the max */
+#define KS_BOUND_PAD 2e-5           /* relative slack of the distance bins' mass bounds */
 #define KS_LOG2E 1.44269504f
 #define KS_FULL 0xffffffffu
 
@@ -97,7 +105,14 @@ enum { KS_TGT_FIXED = 0, KS_TGT_FRAC = 1, KS_TGT_DRAW = 2 };
 
 typedef struct ks_smem {
     unsigned cnt[KS_BINS];   /* keys per bin of the current digit */
-    u64 wgt[KS_BINS];        /* their weight (mass selects) */
+    /* their weight (mass selects): over the row one 64-bit atomic per key;
+     * over the list (at most KS_CAP keys, so a limb's sum stays below 2^32)
+     * four 16-bit limbs, each added by a native 32-bit atomic (no
+     * compare-and-swap loop when many keys share a bin) */
+    union {
+        u64 wgt[KS_BINS];
+        unsigned limb[KS_LIMBS][KS_BINS];
+    };
     u64 list[KS_CAP];        /* gathered keys */
     u64 scan_w[KS_WARPS];
     unsigned scan_c[KS_WARPS];
@@ -107,6 +122,17 @@ typedef struct ks_smem {
     int red_a[KS_WARPS];
     u64 tot_w;
     unsigned tot_c;
+    u64 sum_a[KS_WARPS];
+    u64 sum_b[KS_WARPS];
+    u64 kmin[KS_WARPS];
+    u64 kmax[KS_WARPS];
+    double bnd_lo[KS_WARPS];
+    double bnd_hi[KS_WARPS];
+    unsigned bnd_c[KS_WARPS];
+    double bnd_tot_lo, bnd_tot_hi;
+    unsigned bnd_tot_c;
+    int band_first, band_last;
+    unsigned band_above, band_count;
     int sel_bin;
     u64 sel_above_w;
     unsigned sel_above_c;
@@ -226,11 +252,9 @@ __device__ __forceinline__ u64 ks_weight(const ks_row &R, float l)
     return __float2ull_rn(ks_pexp((l - R.lmax) * R.inv_t) * R.qscale);
 }
 
-/* A survivor of every filter, with its weight in *q. */
-__device__ __forceinline__ bool ks_keep(const ks_row &R, u64 comp, float l, u64 *q)
+/* Passes min-p, with its weight in *q. */
+__device__ __forceinline__ bool ks_pass_min_p(const ks_row &R, float l, u64 *q)
 {
-    if (comp < R.cthr)
-        return false;
     float x = (l - R.lmax) * R.inv_t;
     float p = ks_pexp(x);
     if (R.min_p > 0.0f && !ks_minp_ok(x, p, R.min_p))
@@ -239,13 +263,25 @@ __device__ __forceinline__ bool ks_keep(const ks_row &R, u64 comp, float l, u64 
     return true;
 }
 
+/* A survivor of every filter, with its weight in *q. */
+__device__ __forceinline__ bool ks_keep(const ks_row &R, u64 comp, float l, u64 *q)
+{
+    return comp >= R.cthr && ks_pass_min_p(R, l, q);
+}
+
+/* The same for token i of the row, its key formed only when a cut is set. */
+__device__ __forceinline__ bool ks_keep_id(const ks_row &R, int i, float l, u64 *q)
+{
+    return (R.cthr == 0 || ks_comp(R, l, i) >= R.cthr) && ks_pass_min_p(R, l, q);
+}
+
 /* ------------------------------------------------------------------------
  * Walking the row
  * ---------------------------------------------------------------------- */
 
 /* f(i, l[i]) for i in [lo, hi), thread t of nt: the elements before the
- * first 16-byte boundary, then float4s (four in flight per thread), then the
- * rest.  Each thread sees its indices in increasing order. */
+ * first 16-byte boundary, then float4s (KS_UNROLL in flight per thread),
+ * then the rest.  Each thread sees its indices in increasing order. */
 template <class F>
 __device__ __forceinline__ void ks_for_range(const float *l, int lo, int hi, int t, int nt, F &&f)
 {
@@ -257,13 +293,13 @@ __device__ __forceinline__ void ks_for_range(const float *l, int lo, int hi, int
     int a = lo + head;
     int n4 = (hi - a) >> 2;
     const float4 *p4 = (const float4 *)(l + a);
-    for (int j = t; j < n4; j += 4 * nt) {
-        float4 v[4];
+    for (int j = t; j < n4; j += KS_UNROLL * nt) {
+        float4 v[KS_UNROLL];
 #pragma unroll
-        for (int k = 0; k < 4; k++)
+        for (int k = 0; k < KS_UNROLL; k++)
             v[k] = j + k * nt < n4 ? p4[j + k * nt] : make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
+        for (int k = 0; k < KS_UNROLL; k++) {
             int jj = j + k * nt;
             if (jj < n4) {
                 int i = a + 4 * jj;
@@ -352,6 +388,13 @@ __device__ void ks_block_scan(ks_smem &S, u64 &w, unsigned &c)
  * Radix select
  * ---------------------------------------------------------------------- */
 
+/* floor(u * tot), at most tot - 1 (tot > 0). */
+__device__ __forceinline__ u64 ks_draw_point(double u, u64 tot)
+{
+    u64 T = u > 0 ? (u64)(u * (double)tot) : 0;
+    return T < tot ? T : tot - 1;
+}
+
 __device__ __forceinline__ u64 ks_target(int mode, u64 tot, double x)
 {
     if (mode == KS_TGT_FRAC) {
@@ -365,20 +408,18 @@ __device__ __forceinline__ u64 ks_target(int mode, u64 tot, double x)
     }
     if (tot == 0) /* nothing to draw from: no bin will qualify */
         return 1;
-    u64 T = x > 0 ? (u64)(x * (double)tot) : 0;
-    if (T >= tot)
-        T = tot - 1;
-    return T + 1;
+    return ks_draw_point(x, tot) + 1;
 }
 
 /* Choose the bin of the current digit, walking from the top bin down: the
  * first non-empty bin where above_w + the weight of the bins so far reaches
  * target.  On the first digit of a FRAC or DRAW select the target is set
- * from the digit's total weight.  Leaves S.sel_bin (-1: none), and the
- * weight and count above it (all digits) and its count in S.sel_*. */
+ * from the digit's total weight; limbs: the weights are in S.limb.  Leaves
+ * S.sel_bin (-1: none), and the weight and count above it (all digits) and
+ * its count in S.sel_*. */
 template <bool MASS>
-__device__ void ks_choose(ks_smem &S, u64 above_w, unsigned above_c, int mode, u64 &target,
-                          double x)
+__device__ void ks_choose(ks_smem &S, bool limbs, u64 above_w, unsigned above_c, int mode,
+                          u64 &target, double x)
 {
     const int tid = threadIdx.x;
     u64 w[KS_BINS_PER_THREAD];
@@ -389,7 +430,13 @@ __device__ void ks_choose(ks_smem &S, u64 above_w, unsigned above_c, int mode, u
     for (int k = 0; k < KS_BINS_PER_THREAD; k++) {
         int d = KS_BINS - 1 - (tid * KS_BINS_PER_THREAD + k);
         c[k] = S.cnt[d];
-        w[k] = MASS ? S.wgt[d] : (u64)c[k];
+        if (!MASS)
+            w[k] = c[k];
+        else if (!limbs)
+            w[k] = S.wgt[d];
+        else
+            w[k] = (u64)S.limb[0][d] + ((u64)S.limb[1][d] << 16) + ((u64)S.limb[2][d] << 32) +
+                   ((u64)S.limb[3][d] << 48);
         lw += w[k];
         lc += c[k];
     }
@@ -471,28 +518,67 @@ __device__ u64 ks_find(ks_smem &S, const ks_row &R, bool in_list, u64 prefix, in
  * (BYID: from the lowest id up), first reaches the target.  Keys are the
  * tokens' full keys with key >= cthr (BYID: the id part of the survivors).
  * MASS weighs a token by its q, else by 1.  hist_ready: S.cnt already holds
- * the first digit's counts.  May switch *in_list on (gathers the row). */
+ * the first digit's counts; above_w0: the weight of tokens better than all
+ * of the list (when the list is a band).  May switch *in_list on (gathers
+ * the row). */
 template <bool MASS, bool BYID>
 __device__ u64 ks_select(ks_smem &S, const ks_row &R, bool *in_list, bool hist_ready, int mode,
-                         u64 target, double x)
+                         u64 target, double x, u64 above_w0)
 {
     const int nbits = BYID ? R.idb : 32 + R.idb;
-    u64 prefix = 0, above_w = 0;
+    u64 prefix = 0, above_w = above_w0;
     unsigned above_c = 0;
     int left = nbits;
+    if (*in_list && !hist_ready) {
+        /* the listed keys share their high bits: the digits start below
+         * them, so a narrow band of logits spreads over the bins */
+        const int lane = threadIdx.x & 31, wp = threadIdx.x >> 5;
+        u64 lo = ~0ull, hi = 0;
+        const int n = min(S.nlist, KS_CAP);
+        for (int j = threadIdx.x; j < n; j += KS_THREADS) {
+            u64 comp = S.list[j], q;
+            if (BYID ? !ks_keep(R, comp, ks_comp_logit(R, comp), &q) : comp < R.cthr)
+                continue;
+            u64 key = BYID ? comp & R.idmask : comp;
+            lo = key < lo ? key : lo;
+            hi = key > hi ? key : hi;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            u64 a = __shfl_xor_sync(KS_FULL, lo, o), b = __shfl_xor_sync(KS_FULL, hi, o);
+            lo = a < lo ? a : lo;
+            hi = b > hi ? b : hi;
+        }
+        if (lane == 0) {
+            S.kmin[wp] = lo;
+            S.kmax[wp] = hi;
+        }
+        __syncthreads();
+        for (int w = 0; w < KS_WARPS; w++) {
+            lo = S.kmin[w] < lo ? S.kmin[w] : lo;
+            hi = S.kmax[w] > hi ? S.kmax[w] : hi;
+        }
+        if (hi >= lo) {
+            left = hi == lo ? 0 : 64 - __clzll((long long)(hi ^ lo));
+            prefix = hi >> left;
+        }
+    }
     for (bool first = true;; first = false) {
         /* no digit straddles the logit bits and the id bits */
         int room = (!BYID && left > R.idb) ? left - R.idb : left;
         int w = room < KS_DIGIT ? room : KS_DIGIT;
         int sh = left - w;
+        const bool il = *in_list;
         if (!(first && hist_ready)) {
             for (int d = threadIdx.x; d < KS_BINS; d += KS_THREADS) {
                 S.cnt[d] = 0;
-                if (MASS)
+                if (MASS && il)
+                    for (int k = 0; k < KS_LIMBS; k++)
+                        S.limb[k][d] = 0;
+                else if (MASS)
                     S.wgt[d] = 0;
             }
             __syncthreads();
-            const bool il = *in_list;
             ks_visit(S, R, il, [&](u64 comp, float l) {
                 u64 q = 0;
                 if (BYID) {
@@ -509,13 +595,21 @@ __device__ u64 ks_select(ks_smem &S, const ks_row &R, bool *in_list, bool hist_r
                 if (MASS) {
                     if (!BYID)
                         q = ks_weight(R, l);
-                    if (q)
+                    if (il) {
+#pragma unroll
+                        for (int k = 0; k < KS_LIMBS; k++) {
+                            unsigned v = (unsigned)(q >> (16 * k)) & 0xffffu;
+                            if (v)
+                                atomicAdd(&S.limb[k][d], v);
+                        }
+                    } else if (q) {
                         atomicAdd(&S.wgt[d], q);
+                    }
                 }
             });
             __syncthreads();
         }
-        ks_choose<MASS>(S, above_w, above_c, first ? mode : KS_TGT_FIXED, target, x);
+        ks_choose<MASS>(S, il, above_w, above_c, first ? mode : KS_TGT_FIXED, target, x);
         int b = S.sel_bin;
         if (b < 0) {
             if (threadIdx.x == 0)
@@ -538,85 +632,309 @@ __device__ u64 ks_select(ks_smem &S, const ks_row &R, bool *in_list, bool hist_r
     }
 }
 
-/* The draw over the whole row: each warp sums the weight of survivors in
- * its contiguous id range, the warp where floor(u * total) falls is found,
- * then the CTA splits that range into one contiguous piece per thread and
- * the thread holding the target walks its piece.  Returns the id, -1 when
- * nothing survives. */
-__device__ int ks_draw_row(ks_smem &S, const ks_row &R, double u)
+/* ------------------------------------------------------------------------
+ * Top-p over the row by distance bins
+ *
+ * A radix select weighted by mass over the whole row would need 64-bit
+ * shared-memory atomics for every token.  Instead one pass counts the
+ * tokens (filtered by cthr) in bins of KS_BPN per nat of (max - l) / T
+ * (32-bit atomics only); a bin's token weighs between the q of its two
+ * edges, which bounds the cumulative mass from the top and the target
+ * top_p * Z, and so the band of bins the cut can fall in.  A second pass
+ * sums the exact Z and the exact mass above the band and gathers the band
+ * (or everything down to its end when that fits); the cut is then found in
+ * shared memory.  Returns false (nothing changed) when the band does not
+ * fit; the caller then runs the select over the row.
+ * ---------------------------------------------------------------------- */
+
+/* The distance bin of a logit: round((max - l) / T * KS_BPN), or KS_BINS
+ * at KS_BINS - 1 and beyond.  Monotone in l, computed the same everywhere
+ * (no contraction). */
+__device__ __forceinline__ int ks_dbin(const ks_row &R, float x, float c)
+{
+    float d = __fmul_rn(__fsub_rn(R.lmax, x), c);
+    return d < (float)(KS_BINS - 1) ? __float_as_int(__fadd_rn(d, 8388608.0f)) - 0x4B000000
+                                    : KS_BINS;
+}
+
+/* Bounds on q of a token whose distance (in bins) is at least lo_edge
+ * (weight below) or at most hi_edge (weight above). */
+__device__ __forceinline__ double ks_qbound(const ks_row &R, float edge, bool upper)
+{
+    double p = (double)expf(-edge / KS_BPN);
+    double scale = (double)R.qscale;
+    if (upper)
+        return ceil(fmin(1.0, p * (1.0 + KS_BOUND_PAD)) * scale);
+    return floor(p * (1.0 - KS_BOUND_PAD) * scale);
+}
+
+__device__ __noinline__ bool ks_top_p_band(ks_smem &S, const ks_row &R, bool *in_list, float top_p,
+                              unsigned n_pass, u64 *cut)
 {
     const int tid = threadIdx.x, lane = tid & 31, wp = tid >> 5;
-    const int seg = ((R.V + KS_WARPS - 1) / KS_WARPS + 3) & ~3;
-    int a = min(R.V, wp * seg), b = min(R.V, a + seg);
-    u64 sum = 0;
-    ks_for_range(R.l, a, b, lane, 32, [&](int i, float raw) {
+    const float c = R.inv_t * KS_BPN;
+    if (!(c < 1e30f))
+        return false;
+    for (int d = tid; d < KS_BINS; d += KS_THREADS)
+        S.cnt[d] = 0;
+    if (tid == 0) {
+        S.band_first = KS_BINS;
+        S.band_last = KS_BINS;
+    }
+    __syncthreads();
+    ks_for_range(R.l, 0, R.V, tid, KS_THREADS, [&](int i, float raw) {
         float x = ks_clean(raw);
-        u64 q;
-        if (ks_keep(R, ks_comp(R, x, i), x, &q))
-            sum += q;
+        if (R.cthr && ks_comp(R, x, i) < R.cthr)
+            return;
+        int b = ks_dbin(R, x, c);
+        if (b < KS_BINS)
+            atomicAdd(&S.cnt[b], 1u);
     });
+    __syncthreads();
+
+    /* bounds: thread t owns bins [t * BPT, (t + 1) * BPT), best first */
+    unsigned cb[KS_BINS_PER_THREAD], lc = 0;
+    double lo[KS_BINS_PER_THREAD], hi[KS_BINS_PER_THREAD], llo = 0, lhi = 0;
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-        sum += __shfl_xor_sync(KS_FULL, sum, o);
-    if (lane == 0)
-        S.wsum[wp] = sum;
-    if (tid == 0)
-        S.tok = -1;
+    for (int k = 0; k < KS_BINS_PER_THREAD; k++) {
+        int b = tid * KS_BINS_PER_THREAD + k;
+        cb[k] = S.cnt[b];
+        lo[k] = cb[k] ? cb[k] * ks_qbound(R, (float)b + 0.5f, false) : 0.0;
+        hi[k] = cb[k] ? cb[k] * ks_qbound(R, (float)b - 0.5f, true) : 0.0;
+        lc += cb[k];
+        llo += lo[k];
+        lhi += hi[k];
+    }
+    unsigned ec = lc;
+    double elo = llo, ehi = lhi;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        unsigned tc = __shfl_up_sync(KS_FULL, ec, o);
+        double tl = __shfl_up_sync(KS_FULL, elo, o), th = __shfl_up_sync(KS_FULL, ehi, o);
+        if (lane >= o) {
+            ec += tc;
+            elo += tl;
+            ehi += th;
+        }
+    }
+    if (lane == 31) {
+        S.bnd_c[wp] = ec;
+        S.bnd_lo[wp] = elo;
+        S.bnd_hi[wp] = ehi;
+    }
     __syncthreads();
     if (wp == 0) {
-        u64 v = lane < KS_WARPS ? S.wsum[lane] : 0, inc = v;
+        unsigned y = lane < KS_WARPS ? S.bnd_c[lane] : 0;
+        double a = lane < KS_WARPS ? S.bnd_lo[lane] : 0.0, h = lane < KS_WARPS ? S.bnd_hi[lane] : 0.0;
 #pragma unroll
         for (int o = 1; o < 32; o <<= 1) {
-            u64 t = __shfl_up_sync(KS_FULL, inc, o);
-            if (lane >= o)
-                inc += t;
-        }
-        u64 tot = __shfl_sync(KS_FULL, inc, 31);
-        if (tot == 0) {
-            if (lane == 0)
-                S.draw_warp = -1;
-        } else {
-            u64 T = u > 0 ? (u64)(u * (double)tot) : 0;
-            if (T >= tot)
-                T = tot - 1;
-            unsigned hit = __ballot_sync(KS_FULL, inc > T);
-            int w0 = __ffs(hit) - 1;
-            if (lane == w0) {
-                S.draw_warp = w0;
-                S.draw_rem = T - (inc - v);
+            unsigned ty = __shfl_up_sync(KS_FULL, y, o);
+            double ta = __shfl_up_sync(KS_FULL, a, o), th = __shfl_up_sync(KS_FULL, h, o);
+            if (lane >= o) {
+                y += ty;
+                a += ta;
+                h += th;
             }
+        }
+        if (lane < KS_WARPS) {
+            S.bnd_c[lane] = y;
+            S.bnd_lo[lane] = a;
+            S.bnd_hi[lane] = h;
+        }
+        if (lane == 31) {
+            S.bnd_tot_c = y;
+            S.bnd_tot_lo = a;
+            S.bnd_tot_hi = h;
         }
     }
     __syncthreads();
-    const int w0 = S.draw_warp;
-    if (w0 < 0)
-        return -1;
-    const u64 rem = S.draw_rem;
-    a = min(R.V, w0 * seg);
-    b = min(R.V, a + seg);
-    const int per = (b - a + KS_THREADS - 1) / KS_THREADS;
-    const int lo = min(b, a + tid * per), hi = min(b, lo + per);
-    u64 mine = 0;
-    for (int i = lo; i < hi; i++) {
-        float x = ks_clean(R.l[i]);
-        u64 q;
-        if (ks_keep(R, ks_comp(R, x, i), x, &q))
-            mine += q;
+    /* exclusive prefixes of this thread's first bin */
+    unsigned xc = (wp ? S.bnd_c[wp - 1] : 0) + ec - lc;
+    double xlo = (wp ? S.bnd_lo[wp - 1] : 0.0) + elo - llo;
+    double xhi = (wp ? S.bnd_hi[wp - 1] : 0.0) + ehi - lhi;
+    unsigned n_tail = n_pass - S.bnd_tot_c;
+    double z_lo = S.bnd_tot_lo;
+    double z_hi = S.bnd_tot_hi + (double)n_tail * ks_qbound(R, (float)(KS_BINS - 1), true);
+    double t_lo = (double)top_p * z_lo * (1.0 - 1e-12), t_hi = (double)top_p * z_hi * (1.0 + 1e-12);
+    /* the cut's bin is at or after the first bin whose upper cumulative
+     * bound reaches the lowest target, and at or before the first whose
+     * lower bound reaches the highest */
+    int f = -1, l = -1;
+    double clo = xlo, chi = xhi;
+#pragma unroll
+    for (int k = 0; k < KS_BINS_PER_THREAD; k++) {
+        clo += lo[k];
+        chi += hi[k];
+        if (f < 0 && chi >= t_lo)
+            f = k;
+        if (l < 0 && clo >= t_hi)
+            l = k;
     }
+    if (f >= 0)
+        atomicMin(&S.band_first, tid * KS_BINS_PER_THREAD + f);
+    if (l >= 0)
+        atomicMin(&S.band_last, tid * KS_BINS_PER_THREAD + l);
+    __syncthreads();
+    const int bf = S.band_first, bl = S.band_last;
+    /* the counts above the band and in it */
+    if (bf < KS_BINS && bf / KS_BINS_PER_THREAD == tid) {
+        unsigned a = xc;
+        for (int k = 0; k < bf % KS_BINS_PER_THREAD; k++)
+            a += cb[k];
+        S.band_above = a;
+    }
+    if (bl < KS_BINS && bl / KS_BINS_PER_THREAD == tid) {
+        unsigned a = xc;
+        for (int k = 0; k <= bl % KS_BINS_PER_THREAD; k++)
+            a += cb[k];
+        S.band_count = a; /* through the band's end, made relative below */
+    }
+    __syncthreads();
+    if (bf >= KS_BINS || bl >= KS_BINS || bl < bf)
+        return false;
+    const unsigned above = S.band_above, band = S.band_count - above;
+    if (band > KS_CAP)
+        return false;
+    const bool all = above + band <= KS_CAP;
+
+    /* exact Z, exact mass above the band; gather */
+    if (tid == 0)
+        S.nlist = 0;
+    __syncthreads();
+    u64 z = 0, aw = 0;
+    ks_for_range(R.l, 0, R.V, tid, KS_THREADS, [&](int i, float raw) {
+        float x = ks_clean(raw);
+        u64 comp = ks_comp(R, x, i);
+        if (comp < R.cthr)
+            return;
+        int b = ks_dbin(R, x, c);
+        u64 q = ks_weight(R, x);
+        z += q;
+        if (b < bf)
+            aw += q;
+        if (b <= bl && (all || b >= bf)) {
+            int j = atomicAdd(&S.nlist, 1);
+            if (j < KS_CAP)
+                S.list[j] = comp;
+        }
+    });
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        z += __shfl_xor_sync(KS_FULL, z, o);
+        aw += __shfl_xor_sync(KS_FULL, aw, o);
+    }
+    if (lane == 0) {
+        S.sum_a[wp] = z;
+        S.sum_b[wp] = aw;
+    }
+    __syncthreads();
+    u64 zt = 0, awt = 0;
+    for (int w = 0; w < KS_WARPS; w++) {
+        zt += S.sum_a[w];
+        awt += S.sum_b[w];
+    }
+    if (tid == 0 && S.nlist > KS_CAP)
+        S.fail = 1;
+    bool listed = true;
+    *cut = ks_select<true, false>(S, R, &listed, false, KS_TGT_FIXED,
+                                  ks_target(KS_TGT_FRAC, zt, (double)top_p), 0.0, all ? 0 : awt);
+    *in_list = all;
+    return true;
+}
+
+/* The draw over the whole row, by descent: each warp sums the weight of
+ * the survivors in its contiguous part of the range (coalesced), the part
+ * where the draw point falls becomes the range, until at most 4 ids per
+ * thread remain; those are scanned in registers.  Returns the id, -1 when
+ * nothing survives. */
+__device__ __noinline__ int ks_draw_row(ks_smem &S, const ks_row &R, double u)
+{
+    const int tid = threadIdx.x, lane = tid & 31, wp = tid >> 5;
+    int a = 0, b = R.V;
+    u64 rem = 0;
+    bool first = true;
+    while (b - a > 4 * KS_THREADS) {
+        const int seg = ((b - a + KS_WARPS - 1) / KS_WARPS + 3) & ~3;
+        const int wa = min(b, a + wp * seg), wb = min(b, wa + seg);
+        u64 sum = 0;
+        ks_for_range(R.l, wa, wb, lane, 32, [&](int i, float raw) {
+            float x = ks_clean(raw);
+            u64 q;
+            if (ks_keep_id(R, i, x, &q))
+                sum += q;
+        });
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+            sum += __shfl_xor_sync(KS_FULL, sum, o);
+        if (lane == 0)
+            S.wsum[wp] = sum;
+        __syncthreads();
+        if (wp == 0) {
+            u64 v = lane < KS_WARPS ? S.wsum[lane] : 0, inc = v;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                u64 t = __shfl_up_sync(KS_FULL, inc, o);
+                if (lane >= o)
+                    inc += t;
+            }
+            u64 tot = __shfl_sync(KS_FULL, inc, 31);
+            if (first && tot == 0) {
+                if (lane == 0)
+                    S.draw_warp = -1;
+            } else {
+                u64 r = first ? ks_draw_point(u, tot) : rem;
+                unsigned hit = __ballot_sync(KS_FULL, inc > r);
+                int w0 = __ffs(hit) - 1;
+                if (lane == w0) {
+                    S.draw_warp = w0;
+                    S.draw_rem = r - (inc - v);
+                }
+            }
+        }
+        __syncthreads();
+        const int w0 = S.draw_warp;
+        if (w0 < 0)
+            return -1;
+        rem = S.draw_rem;
+        a = min(b, a + w0 * seg);
+        b = min(b, a + seg);
+        first = false;
+        __syncthreads(); /* S.wsum and S.draw_* are written again */
+    }
+    /* at most 4 ids per thread: [a + 4 t, a + 4 t + 4) */
+    const int i0 = a + 4 * tid;
+    u64 q4[4], mine = 0;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        int i = i0 + k;
+        q4[k] = 0;
+        if (i < b) {
+            float x = ks_clean(R.l[i]);
+            u64 q;
+            if (ks_keep_id(R, i, x, &q))
+                q4[k] = q;
+        }
+        mine += q4[k];
+    }
+    if (tid == 0)
+        S.tok = -1;
     u64 ex = mine;
     unsigned unused = 0;
     ks_block_scan(S, ex, unused);
+    if (first) {
+        u64 tot = S.tot_w;
+        if (tot == 0)
+            return -1;
+        rem = ks_draw_point(u, tot);
+    }
     if (mine > 0 && rem >= ex && rem < ex + mine) {
         u64 cum = ex;
-        for (int i = lo; i < hi; i++) {
-            float x = ks_clean(R.l[i]);
-            u64 q;
-            if (ks_keep(R, ks_comp(R, x, i), x, &q)) {
-                cum += q;
-                if (cum > rem) {
-                    S.tok = i;
-                    break;
-                }
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            cum += q4[k];
+            if (cum > rem) {
+                S.tok = i0 + k;
+                break;
             }
         }
     }
@@ -733,15 +1051,19 @@ k_sample(float *logits, int V, const ks_par *par, const kb_sample_pen *pen, ks_o
         bool in_list = false;
         /* B: the cuts */
         if (topk)
-            R.cthr = ks_select<false, false>(S, R, &in_list, true, KS_TGT_FIXED, (u64)P.top_k, 0.0);
+            R.cthr = ks_select<false, false>(S, R, &in_list, true, KS_TGT_FIXED, (u64)P.top_k, 0.0,
+                                             0);
         if (P.top_p < 1.0f) {
-            u64 c = ks_select<true, false>(S, R, &in_list, false, KS_TGT_FRAC, 0, (double)P.top_p);
+            u64 c = 0;
+            if (in_list || !ks_top_p_band(S, R, &in_list, P.top_p, topk ? P.top_k : V, &c))
+                c = ks_select<true, false>(S, R, &in_list, false, KS_TGT_FRAC, 0, (double)P.top_p,
+                                           0);
             if (c > R.cthr)
                 R.cthr = c;
         }
         /* C: the draw */
         if (in_list) {
-            u64 k = ks_select<true, true>(S, R, &in_list, false, KS_TGT_DRAW, 0, P.u);
+            u64 k = ks_select<true, true>(S, R, &in_list, false, KS_TGT_DRAW, 0, P.u, 0);
             tok = V - 1 - (int)k;
         } else {
             tok = ks_draw_row(S, R, P.u);

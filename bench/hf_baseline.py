@@ -20,7 +20,9 @@ torch.cuda.synchronize around every timed call):
 
 Prompts are random token ids (fixed seed).  Default bf16 weights, SDPA
 attention, transformers' default (dynamic) KV cache.  Runs with the plain
-python3 of a machine with torch + transformers.
+python3 of a machine with torch + transformers.  --json keys (read by
+scripts/gpu/summarize.py): load_sec, prompt, ttft_ms, prefill_tok_s, and
+generate: [{batch, gen, tok_s (decode), e2e_tok_s, ms_per_step, total_s}].
 """
 import argparse
 import json
@@ -104,15 +106,15 @@ def main():
     name = torch.cuda.get_device_name() if cuda else "cpu"
     res = {"model": a.model, "arch": type(model).__name__, "dtype": a.dtype, "attn": a.attn,
            "device": name, "transformers": transformers.__version__, "torch": torch.__version__,
-           "load_s": round(load_s, 3), "file_bytes": nbytes, "tg": []}
+           "load_sec": round(load_s, 3), "file_bytes": nbytes, "generate": []}
     print(f"model  {a.model} ({res['arch']}, {a.dtype}, {a.attn}) on {name}, "
           f"transformers {transformers.__version__}, torch {torch.__version__}")
     print(f"load   {load_s:.2f} s ({nbytes / 2**30:.2f} GiB, page cache warm)")
     if a.prompt > 0:
         x = ids(1, a.prompt)
         ttft = median(lambda: gen_time(x, 1))
-        res["pp"] = {"prompt": a.prompt, "ttft_ms": round(ttft * 1e3, 2),
-                     "tok_s": round(a.prompt / ttft, 1)}
+        res.update(prompt=a.prompt, ttft_ms=round(ttft * 1e3, 2),
+                   prefill_tok_s=round(a.prompt / ttft, 1))
         print(f"pp{a.prompt:<5d} {a.prompt / ttft:10.1f} tok/s   (time to first token "
               f"{ttft * 1e3:.1f} ms, median of {a.reps})")
     if a.gen > 1:
@@ -126,14 +128,14 @@ def main():
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             print(f"{'':7s} {b:6d} out of memory")
-            res["tg"].append({"batch": b, "oom": True})
+            res["generate"].append({"batch": b, "oom": True})
             continue
         dec = max(t_full - t_one, 1e-9)
-        r = {"batch": b, "gen": a.gen, "e2e_tok_s": round(b * a.gen / t_full, 1),
-             "decode_tok_s": round(b * (a.gen - 1) / dec, 1),
+        r = {"batch": b, "gen": a.gen, "tok_s": round(b * (a.gen - 1) / dec, 1),  # decode
+             "e2e_tok_s": round(b * a.gen / t_full, 1),
              "ms_per_step": round(dec / (a.gen - 1) * 1e3, 3), "total_s": round(t_full, 3)}
-        res["tg"].append(r)
-        print(f"{'':7s} {b:6d} {r['e2e_tok_s']:10.1f} {r['decode_tok_s']:13.1f} "
+        res["generate"].append(r)
+        print(f"{'':7s} {b:6d} {r['e2e_tok_s']:10.1f} {r['tok_s']:13.1f} "
               f"{r['ms_per_step']:8.2f}")
     if a.json:
         with open(a.json, "w") as f:

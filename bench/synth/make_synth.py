@@ -190,7 +190,7 @@ def write_tokenizer(out, n_vocab, arch):
                   "continuing_subword_prefix": None, "end_of_word_suffix": None,
                   "fuse_unk": False, "byte_fallback": False, "ignore_merges": llama,
                   "vocab": {t: i for i, t in enumerate(vocab)},
-                  "merges": [[a, b] for a, b in merges]},
+                  "merges": [f"{a} {b}" for a, b in merges]},  # no token holds a space
     }
     with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(tok, f, ensure_ascii=False)
@@ -202,7 +202,6 @@ def write_tokenizer(out, n_vocab, arch):
 
 
 def make_config(shape, layers, vocab):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
     arch, hp = SHAPES[shape]
     hp = dict(hp)
     if layers:
@@ -210,7 +209,8 @@ def make_config(shape, layers, vocab):
     if vocab:
         hp["vocab_size"] = vocab
     v = hp["vocab_size"]
-    cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig}[arch]
+    cls = getattr(transformers, {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+                                 "llama": "LlamaConfig"}[arch])  # Qwen3: transformers >= 4.51
     return arch, cls(bos_token_id=v - 3, eos_token_id=v - 1, pad_token_id=v - 3,
                      initializer_range=0.02, **hp)
 
@@ -257,7 +257,8 @@ def write_weights(out, tensors, dtype, stname, seed, std):
     files = ["model.safetensors"] if n == 1 else \
         [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     weight_map, total = {}, 0
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    # one thread writes tensor i while the pool generates tensor i + 1
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool, ThreadPoolExecutor(1) as writer:
         for fname, shard in zip(files, shards):
             hdr, off = {"__metadata__": {"format": "pt"}}, 0
             for name, shape, nb in shard:
@@ -268,10 +269,14 @@ def write_weights(out, tensors, dtype, stname, seed, std):
             h += b" " * (-len(h) % 8)
             with open(os.path.join(out, fname), "wb") as f:
                 f.write(struct.pack("<Q", len(h)) + h)
+                pending = None
                 for name, shape, nb in shard:
                     t = torch.empty(shape, dtype=dtype)
                     fill(t, name, seed, std, pool)
-                    f.write(t.view(-1).view(torch.uint8).numpy().data)
+                    if pending:
+                        pending.result()
+                    pending = writer.submit(f.write, t.view(-1).view(torch.uint8).numpy().data)
+                pending.result()
             total += off
     if n > 1:
         with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:

@@ -146,7 +146,7 @@ static inline int kcu_div_up(int64_t a, int64_t b) { return (int)((a + b - 1) / 
  * Entry points of the kernel files (each documented where it is defined)
  * ---------------------------------------------------------------------- */
 
-/* matmul.cu, matvec.cu, dequant.cu: quantized and float weights */
+/* matmul.cu, matvec.cu, dequant.cuh: quantized and float weights */
 void kcu_matmul(kb_backend *be, float *out, const float *x, const kb_weight *w,
                 const kb_weight *bias, int rows);
 void kcu_embed(kb_backend *be, float *out, const kb_weight *w, const kb_batch *b);

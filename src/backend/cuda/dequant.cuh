@@ -67,16 +67,25 @@ __device__ __forceinline__ uint32_t kcu_spread4(uint32_t n)
  * Accessors
  * ---------------------------------------------------------------------- */
 
-/* 32-bit word i from 16-byte chunks: shared memory known to be 16-byte
- * aligned at the unit start.  With i a compile-time constant the chunk load
- * is one LDS.128 shared by its four words. */
+/* A unit of NCH 16-byte chunks in shared memory, 16-byte aligned, loaded
+ * whole into registers first (LDS.128: were the words loaded where they are
+ * used, the compiler would narrow the loads to LDS.32, four times the
+ * shared-memory wavefronts).  Word indices must be compile-time constants. */
+template <int NCH>
 struct kcu_src_a {
-    const uint4 *p;
+    uint4 c[NCH];
+    __device__ __forceinline__ void load(const uint8_t *unit)
+    {
+        const uint4 *p = (const uint4 *)unit;
+#pragma unroll
+        for (int k = 0; k < NCH; k++)
+            c[k] = p[k];
+    }
     __device__ __forceinline__ uint32_t w(int i) const
     {
-        const uint4 c = p[i >> 2];
+        const uint4 &v = c[i >> 2];
         const int k = i & 3;
-        return k == 0 ? c.x : k == 1 ? c.y : k == 2 ? c.z : c.w;
+        return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
     }
     __device__ __forceinline__ uint32_t u32(int bo) const
     {
@@ -96,10 +105,19 @@ struct kcu_src_a {
 /* Shared memory at any alignment, realigned word by word: word i of the
  * unit is the funnel shift of the two aligned words under it.  p is the
  * aligned word at or below the unit start, sh 8 * (start & 3).  Reads the
- * word after the last one, so the buffer must have 4 bytes of slack. */
+ * word after the last one, so the buffer must have 4 bytes of slack.  (p
+ * is found by pointer arithmetic, not by masking an integer: the compiler
+ * then still knows it points to shared memory and emits LDS, not generic
+ * loads.) */
 struct kcu_src_m {
     const uint32_t *p;
     uint32_t sh;
+    __device__ __forceinline__ void load(const uint8_t *unit)
+    {
+        const int off = (int)((uintptr_t)unit & 3);
+        p = (const uint32_t *)(unit - off);
+        sh = 8u * (uint32_t)off;
+    }
     __device__ __forceinline__ uint32_t w(int i) const
     {
         return __funnelshift_r(p[i], p[i + 1], sh);
@@ -153,8 +171,9 @@ template <bool GUARD>
 __device__ __forceinline__ kcu_src_b<GUARD> kcu_src_at(const void *start)
 {
     kcu_src_b<GUARD> s;
-    s.p = (const uint32_t *)((uintptr_t)start & ~(uintptr_t)3);
-    s.off = (int)((uintptr_t)start & 3);
+    const uint8_t *b = (const uint8_t *)start;
+    s.off = (int)((uintptr_t)b & 3);
+    s.p = (const uint32_t *)(b - s.off); /* keeps the address space known */
     return s;
 }
 

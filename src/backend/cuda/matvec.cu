@@ -8,11 +8,15 @@
  *
  * Quantized weights (k_mv_q).  A row is cut into units of 256 elements (a
  * K-quant super-block, 8 blocks of the 32-weight formats).  One lane
- * decodes one unit of NR = 2 weight rows against the activation rows, so
- * every activation float4 it loads from shared memory serves both rows.
- * The lanes of a warp split into 32 / gw row sets of gw lanes, each row
- * set over NR rows and gw consecutive units: a warp's tile is 64 / gw rows,
- * walked gw units per step.  Each warp streams its weight bytes through
+ * decodes one unit of NR weight rows against the activation rows.  The
+ * decode is issue- and latency-bound, not bandwidth-bound, so what matters
+ * is warps per SM: with 1-2 activation rows NR = 1, which halves the
+ * shared memory and registers of a warp so that two CTAs of 8 warps share
+ * an SM; with more rows NR = 2, so that every activation float4 loaded from
+ * shared memory serves two weight rows.  The lanes of a warp split into
+ * 32 / gw row sets of gw lanes, each row set over NR rows and gw
+ * consecutive units: a warp's tile is 32 NR / gw rows, walked gw units per
+ * step.  Each warp streams its weight bytes through
  * its own two shared-memory stages with cp.async (16-byte chunks, the
  * whole warp copying one contiguous run per row, coalesced), the next step
  * loading while the current one is decoded; tiles are handed out to the
@@ -34,7 +38,7 @@
  * records of 284 floats per unit: the 256 values, their sums per 32 and
  * per 16 (which carry the Q4_1 / Q5_1 offsets and the K-quant mins) and 4
  * floats of padding, so that lanes reading the same offset of consecutive
- * units hit distinct banks.  When R rows of x do not fit (MV_X_BUDGET), or
+ * units hit distinct banks.  When R rows of x do not fit (mv_x_budget), or
  * when there are too few row tiles to fill every SM, the k range is split
  * over gridDim.y CTAs whose partial sums land in cu->mv_part and are added
  * (with the bias) by k_mv_reduce.
@@ -44,12 +48,13 @@
 #include "backend/cuda/dequant.cuh"
 
 #define MV_THREADS 256       /* at most 8 warps per CTA */
-#define MV_NR 2              /* weight rows per lane (quantized) */
+#define MV_NR1_MAX_ROWS 2    /* activation rows up to which a lane takes one weight
+                                row (two CTAs an SM), above that two (x reuse) */
 #define MV_HNR 4             /* weight rows per warp (F16 / BF16) */
 #define MV_HU 4              /* 16-byte loads in flight per row (F16 / BF16) */
 #define MV_XU 284            /* floats per unit record: x[256] s32[8] s16[16] pad[4] */
 #define MV_X_BUDGET (112 * 1024) /* bytes of activation records per CTA */
-#define MV_FILL_WARPS 6      /* row tiles wanted per SM before splitting k */
+#define MV_X_BUDGET_2CTA (48 * 1024) /* the same with two CTAs an SM */
 #define MV_MAX_SPLITS 32
 #define MV_PART_MIN ((size_t)1 << 20) /* floats of partials at least */
 
@@ -120,15 +125,18 @@ __device__ void mv_stage_x(const mv_params &p, float *xs, int u0, int nus)
     if (SUMS) {
         for (int i = threadIdx.x; i < R * nus * 8; i += blockDim.x) {
             const int a = i / (nus * 8), rem = i - a * nus * 8, uu = rem >> 3, j = rem & 7;
+            /* in double, rounded once, as the CPU's F32_SUMS rows are: an
+             * output where the offset term nearly cancels the rest then
+             * agrees with the CPU's to the last bits of the sums */
             float *rec = xs + ((size_t)a * nus + uu) * MV_XU;
-            float h0 = 0.0f, h1 = 0.0f;
+            double h0 = 0.0, h1 = 0.0;
             for (int k = 0; k < 16; k++) {
-                h0 += rec[32 * j + k];
-                h1 += rec[32 * j + 16 + k];
+                h0 += (double)rec[32 * j + k];
+                h1 += (double)rec[32 * j + 16 + k];
             }
-            rec[264 + 2 * j] = h0;
-            rec[264 + 2 * j + 1] = h1;
-            rec[256 + j] = h0 + h1;
+            rec[264 + 2 * j] = (float)h0;
+            rec[264 + 2 * j + 1] = (float)h1;
+            rec[256 + j] = (float)(h0 + h1);
         }
         __syncthreads();
     }
@@ -166,18 +174,23 @@ __device__ __forceinline__ int mv_grab(int *next)
 /* One sub-block of block blk of a unit, NR rows against R activation rows:
  * acc += scale * sum(q' x) - mn * sum(x). */
 template <int T, int R, int NR, class S>
-__device__ __forceinline__ void mv_sub(const S (&s)[NR], int blk, int sub, const float *xr,
-                                       int xstride, float (&acc)[NR][R])
+__device__ __forceinline__ void mv_sub(const S (&s)[NR], int bo, int blk, int sub,
+                                       const float *xr, int xstride, float (&acc)[NR][R])
 {
     using K = kq<T>;
     constexpr int NC = K::SS / 4;
-    const int bo = blk * K::BB, e0 = blk * K::QK + sub * K::SS;
-    float part[NR][R];
+    /* independent FMA chains per (row, activation row): with few rows the
+     * chains, not the issue rate, would set the pace */
+    constexpr int NP = R == 1 ? 4 : R == 2 ? 2 : 1;
+    const int e0 = blk * K::QK + sub * K::SS;
+    float part[NR][R][NP];
 #pragma unroll
     for (int r = 0; r < NR; r++)
 #pragma unroll
         for (int a = 0; a < R; a++)
-            part[r][a] = 0.0f;
+#pragma unroll
+            for (int j = 0; j < NP; j++)
+                part[r][a][j] = 0.0f;
 #pragma unroll
     for (int c = 0; c < NC; c++) {
         float4 xv[R];
@@ -190,10 +203,10 @@ __device__ __forceinline__ void mv_sub(const S (&s)[NR], int blk, int sub, const
             kcu_bytes_f4(K::qbytes(s[r], bo, sub, c), (float)K::QOFF, f);
 #pragma unroll
             for (int a = 0; a < R; a++) {
-                part[r][a] = fmaf(f[0], xv[a].x, part[r][a]);
-                part[r][a] = fmaf(f[1], xv[a].y, part[r][a]);
-                part[r][a] = fmaf(f[2], xv[a].z, part[r][a]);
-                part[r][a] = fmaf(f[3], xv[a].w, part[r][a]);
+                part[r][a][0 % NP] = fmaf(f[0], xv[a].x, part[r][a][0 % NP]);
+                part[r][a][1 % NP] = fmaf(f[1], xv[a].y, part[r][a][1 % NP]);
+                part[r][a][2 % NP] = fmaf(f[2], xv[a].z, part[r][a][2 % NP]);
+                part[r][a][3 % NP] = fmaf(f[3], xv[a].w, part[r][a][3 % NP]);
             }
         }
     }
@@ -203,7 +216,11 @@ __device__ __forceinline__ void mv_sub(const S (&s)[NR], int blk, int sub, const
         K::scale(s[r], bo, sub, sc, mn);
 #pragma unroll
         for (int a = 0; a < R; a++) {
-            acc[r][a] = fmaf(sc, part[r][a], acc[r][a]);
+            float sum = part[r][a][0];
+#pragma unroll
+            for (int j = 1; j < NP; j++)
+                sum += part[r][a][j];
+            acc[r][a] = fmaf(sc, sum, acc[r][a]);
             if (K::MINS == 32)
                 acc[r][a] = fmaf(-mn, xr[a * xstride + 256 + e0 / 32], acc[r][a]);
             else if (K::MINS == 16)
@@ -225,29 +242,27 @@ __device__ __forceinline__ void mv_unit(const uint8_t *const (&unit)[NR], const 
     using K = kq<T>;
     constexpr int UBLK = KCU_UNIT / K::QK, NSUB = K::QK / K::SS;
     if constexpr (MODE == MV_ALIGNED) {
-        kcu_src_a s[NR];
+        kcu_src_a<UBLK * K::BB / 16> s[NR];
 #pragma unroll
         for (int r = 0; r < NR; r++)
-            s[r].p = (const uint4 *)unit[r];
+            s[r].load(unit[r]);
 #pragma unroll
         for (int blk = 0; blk < UBLK; blk++)
 #pragma unroll
             for (int sub = 0; sub < NSUB; sub++)
-                mv_sub<T, R, NR>(s, blk, sub, xr, xstride, acc);
+                mv_sub<T, R, NR>(s, blk * K::BB, blk, sub, xr, xstride, acc);
     } else if constexpr (MODE == MV_REALIGN) {
         kcu_src_m s[NR];
 #pragma unroll
-        for (int r = 0; r < NR; r++) {
-            s[r].p = (const uint32_t *)((uintptr_t)unit[r] & ~(uintptr_t)3);
-            s[r].sh = 8u * (unsigned)((uintptr_t)unit[r] & 3);
-        }
+        for (int r = 0; r < NR; r++)
+            s[r].load(unit[r]);
 #pragma unroll
         for (int blk = 0; blk < UBLK; blk++) {
             if (UBLK > 1 && blk >= nbl)
                 break;
 #pragma unroll
             for (int sub = 0; sub < NSUB; sub++)
-                mv_sub<T, R, NR>(s, blk, sub, xr, xstride, acc);
+                mv_sub<T, R, NR>(s, blk * K::BB, blk, sub, xr, xstride, acc);
         }
     } else {
         kcu_src_b<false> s[NR];
@@ -258,15 +273,14 @@ __device__ __forceinline__ void mv_unit(const uint8_t *const (&unit)[NR], const 
         for (int blk = 0; blk < nbl; blk++)
 #pragma unroll 1
             for (int sub = 0; sub < NSUB; sub++)
-                mv_sub<T, R, NR>(s, blk, sub, xr, xstride, acc);
+                mv_sub<T, R, NR>(s, blk * K::BB, blk, sub, xr, xstride, acc);
     }
 }
 
-template <int T, int R, int MODE>
-__global__ void __launch_bounds__(MV_THREADS, 1) k_mv_q(const mv_params p)
+template <int T, int R, int MODE, int NR>
+__global__ void __launch_bounds__(MV_THREADS, NR == 1 ? 2 : 1) k_mv_q(const mv_params p)
 {
     using K = kq<T>;
-    constexpr int NR = MV_NR;
     constexpr int UBLK = KCU_UNIT / K::QK, UB = UBLK * K::BB;
     extern __shared__ __align__(16) uint8_t mv_smem[];
     __shared__ int s_next;
@@ -402,7 +416,7 @@ __device__ __forceinline__ void mv_h8(uint4 v, float f[8])
 template <int T, int R>
 __global__ void __launch_bounds__(MV_THREADS, 1) k_mv_h(const mv_params p)
 {
-    constexpr int NR = MV_HNR, U = MV_HU;
+    constexpr int NR = MV_HNR, U = R <= 2 ? MV_HU : MV_HU / 2;
     extern __shared__ __align__(16) uint8_t mv_smem[];
     __shared__ int s_next;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -427,17 +441,23 @@ __global__ void __launch_bounds__(MV_THREADS, 1) k_mv_h(const mv_params p)
 #pragma unroll
             for (int a = 0; a < R; a++)
                 acc[r][a] = 0.0f;
-        for (int uu = 0; uu < nus; uu += U) {
-            uint4 wv[U][NR];
+        /* the loads of the next U units are in flight while these are used */
+        uint4 wv[U][NR], nx[U][NR];
+        auto load = [&](int uu, uint4(&dst)[U][NR]) {
 #pragma unroll
             for (int j = 0; j < U; j++) {
                 const int e = (u0 + uu + j) * KCU_UNIT + 8 * lane;
                 const bool ok = uu + j < nus && e < p.n_in;
 #pragma unroll
                 for (int r = 0; r < NR; r++)
-                    wv[j][r] = ok ? __ldg((const uint4 *)(rp[r] + 2 * (size_t)e))
-                                  : make_uint4(0, 0, 0, 0);
+                    dst[j][r] = ok ? __ldg((const uint4 *)(rp[r] + 2 * (size_t)e))
+                                   : make_uint4(0, 0, 0, 0);
             }
+        };
+        load(0, wv);
+        for (int uu = 0; uu < nus; uu += U) {
+            if (uu + U < nus)
+                load(uu + U, nx);
 #pragma unroll
             for (int j = 0; j < U; j++) {
                 if (uu + j >= nus)
@@ -468,6 +488,11 @@ __global__ void __launch_bounds__(MV_THREADS, 1) k_mv_h(const mv_params p)
                     }
                 }
             }
+#pragma unroll
+            for (int j = 0; j < U; j++)
+#pragma unroll
+                for (int r = 0; r < NR; r++)
+                    wv[j][r] = nx[j][r];
         }
 #pragma unroll
         for (int r = 0; r < NR; r++)
@@ -543,49 +568,57 @@ __global__ void k_mv_reduce(const float *__restrict__ part, int ks, int rn, int 
 
 typedef void (*mv_kernel)(mv_params);
 
-template <int T, int R>
+template <int T, int R, int NR>
 static mv_kernel mv_q_pick_mode(int mode)
 {
     if constexpr (R <= 2) {
         if constexpr (((KCU_UNIT / kq<T>::QK) * kq<T>::BB) % 16 == 0) {
             if (mode == MV_ALIGNED)
-                return k_mv_q<T, R, MV_ALIGNED>;
+                return k_mv_q<T, R, MV_ALIGNED, NR>;
         }
-        return k_mv_q<T, R, MV_REALIGN>;
+        return k_mv_q<T, R, MV_REALIGN, NR>;
     } else {
-        return k_mv_q<T, R, MV_ROLLED>;
+        return k_mv_q<T, R, MV_ROLLED, NR>;
+    }
+}
+
+template <int T, int NR>
+static mv_kernel mv_q_pick_rows(int rows, int mode)
+{
+    switch (rows) {
+    case 1: return mv_q_pick_mode<T, 1, NR>(mode);
+    case 2: return mv_q_pick_mode<T, 2, NR>(mode);
+    case 3: return mv_q_pick_mode<T, 3, NR>(mode);
+    case 4: return mv_q_pick_mode<T, 4, NR>(mode);
+    case 5: return mv_q_pick_mode<T, 5, NR>(mode);
+    case 6: return mv_q_pick_mode<T, 6, NR>(mode);
+    case 7: return mv_q_pick_mode<T, 7, NR>(mode);
+    default: return mv_q_pick_mode<T, 8, NR>(mode);
     }
 }
 
 template <int T>
-static mv_kernel mv_q_pick_rows(int rows, int mode)
+static mv_kernel mv_q_pick_nr(int rows, int mode, int nr)
 {
-    switch (rows) {
-    case 1: return mv_q_pick_mode<T, 1>(mode);
-    case 2: return mv_q_pick_mode<T, 2>(mode);
-    case 3: return mv_q_pick_mode<T, 3>(mode);
-    case 4: return mv_q_pick_mode<T, 4>(mode);
-    case 5: return mv_q_pick_mode<T, 5>(mode);
-    case 6: return mv_q_pick_mode<T, 6>(mode);
-    case 7: return mv_q_pick_mode<T, 7>(mode);
-    default: return mv_q_pick_mode<T, 8>(mode);
-    }
+    return nr == 1 ? mv_q_pick_rows<T, 1>(rows, mode) : mv_q_pick_rows<T, 2>(rows, mode);
 }
 
-/* The quantized kernel for (type, rows, mode); NULL for a type without one. */
-static mv_kernel mv_q_kernel(kiln_type t, int rows, int mode)
+/* The quantized kernel for (type, rows, mode, weight rows per lane); NULL
+ * for a type without one.  Modes a type cannot use fall back to
+ * MV_REALIGN (1-2 rows) or MV_ROLLED. */
+static mv_kernel mv_q_kernel(kiln_type t, int rows, int mode, int nr)
 {
     switch (t) {
-    case KILN_TYPE_Q4_0: return mv_q_pick_rows<KILN_TYPE_Q4_0>(rows, mode);
-    case KILN_TYPE_Q4_1: return mv_q_pick_rows<KILN_TYPE_Q4_1>(rows, mode);
-    case KILN_TYPE_Q5_0: return mv_q_pick_rows<KILN_TYPE_Q5_0>(rows, mode);
-    case KILN_TYPE_Q5_1: return mv_q_pick_rows<KILN_TYPE_Q5_1>(rows, mode);
-    case KILN_TYPE_Q8_0: return mv_q_pick_rows<KILN_TYPE_Q8_0>(rows, mode);
-    case KILN_TYPE_Q2_K: return mv_q_pick_rows<KILN_TYPE_Q2_K>(rows, mode);
-    case KILN_TYPE_Q3_K: return mv_q_pick_rows<KILN_TYPE_Q3_K>(rows, mode);
-    case KILN_TYPE_Q4_K: return mv_q_pick_rows<KILN_TYPE_Q4_K>(rows, mode);
-    case KILN_TYPE_Q5_K: return mv_q_pick_rows<KILN_TYPE_Q5_K>(rows, mode);
-    case KILN_TYPE_Q6_K: return mv_q_pick_rows<KILN_TYPE_Q6_K>(rows, mode);
+    case KILN_TYPE_Q4_0: return mv_q_pick_nr<KILN_TYPE_Q4_0>(rows, mode, nr);
+    case KILN_TYPE_Q4_1: return mv_q_pick_nr<KILN_TYPE_Q4_1>(rows, mode, nr);
+    case KILN_TYPE_Q5_0: return mv_q_pick_nr<KILN_TYPE_Q5_0>(rows, mode, nr);
+    case KILN_TYPE_Q5_1: return mv_q_pick_nr<KILN_TYPE_Q5_1>(rows, mode, nr);
+    case KILN_TYPE_Q8_0: return mv_q_pick_nr<KILN_TYPE_Q8_0>(rows, mode, nr);
+    case KILN_TYPE_Q2_K: return mv_q_pick_nr<KILN_TYPE_Q2_K>(rows, mode, nr);
+    case KILN_TYPE_Q3_K: return mv_q_pick_nr<KILN_TYPE_Q3_K>(rows, mode, nr);
+    case KILN_TYPE_Q4_K: return mv_q_pick_nr<KILN_TYPE_Q4_K>(rows, mode, nr);
+    case KILN_TYPE_Q5_K: return mv_q_pick_nr<KILN_TYPE_Q5_K>(rows, mode, nr);
+    case KILN_TYPE_Q6_K: return mv_q_pick_nr<KILN_TYPE_Q6_K>(rows, mode, nr);
     default: return NULL;
     }
 }
@@ -632,10 +665,11 @@ kiln_status kcu_matvec_setup(kcu *cu)
     const int smem = (int)mv_smem_max(cu);
     for (size_t i = 0; i < sizeof mv_qtypes / sizeof mv_qtypes[0]; i++)
         for (int rows = 1; rows <= KCU_MATVEC_MAX_ROWS; rows++)
-            for (int mode = MV_ALIGNED; mode <= MV_REALIGN; mode++)
-                KCU_TRY(cu, cudaFuncSetAttribute((const void *)mv_q_kernel(mv_qtypes[i], rows, mode),
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 smem));
+            for (int mode = MV_ALIGNED; mode <= MV_ROLLED; mode++)
+                for (int nr = 1; nr <= 2; nr++)
+                    KCU_TRY(cu, cudaFuncSetAttribute(
+                                    (const void *)mv_q_kernel(mv_qtypes[i], rows, mode, nr),
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     for (int rows = 1; rows <= KCU_MATVEC_MAX_ROWS; rows++) {
         KCU_TRY(cu, cudaFuncSetAttribute((const void *)mv_h_kernel<KILN_TYPE_F16>(rows),
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -650,39 +684,89 @@ kiln_status kcu_matvec_setup(kcu *cu)
  * Planning and launch
  * ---------------------------------------------------------------------- */
 
+/* Bytes of activation records one CTA may stage: with one weight row per
+ * lane two CTAs share an SM, so each gets less. */
+static size_t mv_x_budget(bool half, int nr)
+{
+    return half || nr == 2 ? MV_X_BUDGET : MV_X_BUDGET_2CTA;
+}
+
 /* Splits of nu units that keep R rows of activation records within the
  * budget. */
-static int mv_splits_for_x(int nu, int rows)
+static int mv_splits_for_x(int nu, int rows, size_t budget)
 {
     const size_t per_unit = (size_t)rows * MV_XU * sizeof(float);
-    const size_t units = MV_X_BUDGET / per_unit;
+    const size_t units = budget / per_unit;
     return (int)(((size_t)nu + units - 1) / units);
 }
 
 size_t kcu_matvec_part_elems(const kcu *cu, const kb_reserve *r)
 {
     const int nu = (int)((r->max_n_in + KCU_UNIT - 1) / KCU_UNIT);
-    const size_t ks = (size_t)mv_splits_for_x(nu, KCU_MATVEC_MAX_ROWS);
+    const size_t ks = (size_t)mv_splits_for_x(nu, KCU_MATVEC_MAX_ROWS, MV_X_BUDGET_2CTA);
     const size_t need = ks * KCU_MATVEC_MAX_ROWS * (size_t)r->max_n_out;
     return need > MV_PART_MIN ? need : MV_PART_MIN;
 }
 
-/* Lanes per row set for nus units per split: the best lane use, preferring
- * wide row sets (fewer rows per tile) within 2 %. */
-static int mv_pick_gw_log2(int nus)
+/* How a matvec is cut: k splits and, for quantized weights, the lanes per
+ * row set (which set the rows per tile). */
+typedef struct mv_plan {
+    int ks, ks_units, gw_log2, rpt, tiles;
+} mv_plan;
+
+#define MV_WARPS_PER_SM 8     /* warps of one CTA */
+#define MV_ITEMS_PER_WARP 2   /* (tile, split) items per warp before splitting further */
+
+/* Row-set width for ku units per split: the best lane use, preferring wide
+ * sets (fewer rows per tile, so more tiles) within 3 %; 4-lane sets (16-row
+ * tiles) only for the shortest splits. */
+static int mv_pick_gw_log2(int ku)
 {
-    double best = 0.0;
-    double util[6] = {0};
-    for (int l = 2; l <= 5; l++) {
+    const int lo = ku <= 4 ? 2 : 3;
+    double util[6] = {0}, best = 0.0;
+    for (int l = lo; l <= 5; l++) {
         const int gw = 1 << l;
-        util[l] = (double)nus / (double)(gw * ((nus + gw - 1) / gw));
-        if (util[l] > best)
-            best = util[l];
+        util[l] = (double)ku / (double)(gw * ((ku + gw - 1) / gw));
+        best = util[l] > best ? util[l] : best;
     }
-    for (int l = 5; l >= 2; l--)
-        if (util[l] >= best - 0.02)
+    for (int l = 5; l >= lo; l--)
+        if (util[l] >= best - 0.03)
             return l;
     return 5;
+}
+
+/* The plan for ks splits (or the next count that splits differently). */
+static mv_plan mv_plan_for(int nu, int n_out, int ks, bool half, int nr)
+{
+    mv_plan p;
+    p.ks_units = (nu + ks - 1) / ks;
+    p.ks = (nu + p.ks_units - 1) / p.ks_units;
+    p.gw_log2 = half ? 5 : mv_pick_gw_log2(p.ks_units);
+    p.rpt = half ? MV_HNR : (32 >> p.gw_log2) * nr;
+    p.tiles = (n_out + p.rpt - 1) / p.rpt;
+    return p;
+}
+
+/* As few k splits as the activation records allow; more only while there
+ * are fewer than MV_ITEMS_PER_WARP items per warp of the device and each
+ * split keeps a full row set of units (8; 4 for F16 / BF16), since every
+ * split costs partial sums and a reduce launch. */
+static mv_plan mv_choose(const kcu *cu, int nu, int n_out, int rows, bool half, int nr)
+{
+    const int slots =
+        cu->prop.multiProcessorCount * MV_WARPS_PER_SM * (!half && nr == 1 ? 2 : 1);
+    const int min_units = half ? 4 : 8;
+    mv_plan p = mv_plan_for(nu, n_out, mv_splits_for_x(nu, rows, mv_x_budget(half, nr)), half, nr);
+    for (int c = p.ks + 1; cu->mv_part && c <= MV_MAX_SPLITS &&
+                           (int64_t)p.tiles * p.ks < (int64_t)MV_ITEMS_PER_WARP * slots;
+         c++) {
+        const mv_plan q = mv_plan_for(nu, n_out, c, half, nr);
+        if (q.ks_units < min_units || (size_t)q.ks * rows * n_out > cu->mv_part_elems)
+            break;
+        if (q.ks > p.ks)
+            p = q;
+    }
+    return p;
 }
 
 static size_t mv_round16(size_t n) { return (n + 15) & ~(size_t)15; }
@@ -732,28 +816,12 @@ void kcu_matvec(kcu *cu, float *out, const float *x, const kb_weight *w, const f
         return;
     }
 
-    /* k splits: for the activation records, then to fill the SMs */
+    /* k splits (for the activation records, then to fill the SMs), row sets */
     const int ub = mv_unit_bytes(t);
-    const int rpt_of_gw[6] = {0, 0, 8 * MV_NR, 4 * MV_NR, 2 * MV_NR, MV_NR};
-    int ks = mv_splits_for_x(p.nu, rows);
-    int gwl = half ? 5 : mv_pick_gw_log2((p.nu + ks - 1) / ks);
-    int rpt = half ? MV_HNR : rpt_of_gw[gwl];
-    int tiles = kcu_div_up(n_out, rpt);
-    if (tiles * ks < sm * MV_FILL_WARPS && cu->mv_part) {
-        int kf = kcu_div_up(sm * MV_FILL_WARPS, tiles);
-        const int kmax = p.nu / 4 > 1 ? p.nu / 4 : 1;
-        kf = kf < kmax ? kf : kmax;
-        kf = kf < MV_MAX_SPLITS ? kf : MV_MAX_SPLITS;
-        if (kf > ks && (size_t)kf * rows * n_out <= cu->mv_part_elems)
-            ks = kf;
-    }
-    p.ks_units = (p.nu + ks - 1) / ks;
-    ks = (p.nu + p.ks_units - 1) / p.ks_units;
-    if (!half) {
-        gwl = mv_pick_gw_log2(p.ks_units);
-        rpt = rpt_of_gw[gwl];
-        tiles = kcu_div_up(n_out, rpt);
-    }
+    const int nr = rows <= MV_NR1_MAX_ROWS ? 1 : 2;
+    const mv_plan pl = mv_choose(cu, p.nu, n_out, rows, half, nr);
+    const int ks = pl.ks, gwl = pl.gw_log2, rpt = pl.rpt, tiles = pl.tiles;
+    p.ks_units = pl.ks_units;
     if (ks > 1 && (!cu->mv_part || (size_t)ks * rows * n_out > cu->mv_part_elems)) {
         KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda matmul %s: %d rows of %d inputs need %zu floats of "
                 "matvec scratch, %zu reserved", name, rows, n_in, (size_t)ks * rows * n_out,
@@ -775,11 +843,17 @@ void kcu_matvec(kcu *cu, float *out, const float *x, const kb_weight *w, const f
     } else {
         const bool aligned = ub % 16 == 0 && n_in % KCU_UNIT == 0 && (uintptr_t)p.w % 16 == 0;
         const int mode = rows > 2 ? MV_ROLLED : aligned ? MV_ALIGNED : MV_REALIGN;
-        k = mv_q_kernel(t, rows, mode);
+        k = mv_q_kernel(t, rows, mode, nr);
         const size_t run = (size_t)ub << gwl;
         p.slot = (int)(mode == MV_ALIGNED ? run : mv_round16(run + 32));
         const size_t stage2 = 2 * (size_t)rpt * (size_t)p.slot;
-        const size_t fit = (smax - (size_t)p.x_bytes) / stage2;
+        /* with one weight row per lane, as many warps as let two CTAs share
+         * an SM (at least 4), else as many as one CTA may have */
+        size_t budget = smax;
+        const size_t half_sm = (size_t)cu->prop.sharedMemPerMultiprocessor / 2 - 1024 - 64;
+        if (nr == 1 && half_sm > (size_t)p.x_bytes + 4 * stage2)
+            budget = half_sm;
+        const size_t fit = (budget - (size_t)p.x_bytes) / stage2;
         warps = fit < (size_t)warps ? (int)fit : warps;
     }
     if (!k || warps < 1) {
@@ -789,8 +863,13 @@ void kcu_matvec(kcu *cu, float *out, const float *x, const kb_weight *w, const f
     }
     const size_t smem = (size_t)p.x_bytes +
                         (half ? 0 : (size_t)warps * 2 * (size_t)rpt * (size_t)p.slot);
-    const size_t per_sm = (size_t)cu->prop.sharedMemPerMultiprocessor;
-    int cps = (int)(per_sm / (smem + 1024 + 64));
+    /* CTAs that fit an SM at once (registers and shared memory), at most 2 */
+    int cps = 1;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&cps, (const void *)k, warps * 32, smem) !=
+        cudaSuccess) {
+        cudaGetLastError();
+        cps = 1;
+    }
     cps = cps < 1 ? 1 : cps > 2 ? 2 : cps;
     int gx = kcu_div_up((int64_t)sm * cps, ks);
     gx = gx < tiles ? gx : tiles;

@@ -1,0 +1,426 @@
+/*
+ * test_cuda_matmul.c - the CUDA backend's matmul and embed against the CPU
+ * backend's, for every weight type that has CUDA kernels, on fresh random
+ * weights (quantized from random floats by the CPU's reference quantizers)
+ * and activations.
+ *
+ * Tolerances, relative L2 error of the whole output against the CPU op:
+ *   matmul, rows <= 8 (matvec): 1e-5.  Both sides keep the activations
+ *     float32 and decode the weights exactly; only the order of the float32
+ *     sums differs (observed: 1e-7 to 2e-6 typically, 9.5e-6 the worst seen,
+ *     on a short row whose offset term nearly cancels).
+ *   matmul, rows > 8 (cuBLASLt GEMM): 1e-2.  Activations and weights are
+ *     rounded to BF16 (2^-9 relative each) for the tensor cores, with
+ *     float32 accumulation; ~3e-3 is typical.
+ *   embed: 0.  The device decoders must give dequant.c's values bit for bit.
+ * An output that nearly cancels (a single dot product whose terms sum to
+ * almost nothing, say) can fail a relative test on float rounding alone;
+ * such a matmul passes when its error is within a tenth of the tolerance of
+ * the magnitudes summed, || |W| |x| + |b| ||, the scale float rounding is
+ * proportional to (the CPU's own dot-product tests use 2e-6 of it).
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include "gpu/gpu_test.h"
+#include "quant/quant.h"
+
+#define TOL_MATVEC 1e-5
+#define TOL_GEMM 1e-2
+
+/* What the tests reserve.  max_n_out is kept small so that the BF16 weight
+ * tile (max_n_in * max_n_out elements) holds fewer rows than the widest test
+ * weight, which makes the GEMM path work in several chunks. */
+#define T_MAX_TOKENS 512
+#define T_MAX_N_IN 18944
+#define T_MAX_N_OUT 160
+
+/* Every type with CUDA kernels (embed; matmul has a test per type). */
+static const kiln_type types[] = {
+    KILN_TYPE_F32,  KILN_TYPE_F16,  KILN_TYPE_BF16, KILN_TYPE_Q4_0, KILN_TYPE_Q4_1,
+    KILN_TYPE_Q5_0, KILN_TYPE_Q5_1, KILN_TYPE_Q8_0, KILN_TYPE_Q2_K, KILN_TYPE_Q3_K,
+    KILN_TYPE_Q4_K, KILN_TYPE_Q5_K, KILN_TYPE_Q6_K,
+};
+#define N_TYPES (sizeof types / sizeof types[0])
+
+static const int row_counts[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 64, 512};
+#define N_ROWS (sizeof row_counts / sizeof row_counts[0])
+
+/* A weight in host memory (for the CPU backend) and its device copy. */
+typedef struct tw {
+    kb_weight host, dev;
+    void *bytes;
+} tw;
+
+/* n_out rows of n_in random floats, each row with its own scale (so block
+ * scales vary), converted to type t. */
+static void tw_make(tw *w, kiln_type t, int64_t n_in, int64_t n_out, const char *name)
+{
+    uint64_t rb = 0;
+    assert_int_equal(quant_row_size(t, (uint64_t)n_in, &rb, name), KILN_OK);
+    w->bytes = malloc((size_t)rb * (size_t)n_out + 1);
+    assert_non_null(w->bytes);
+    float *row = gt_rand((size_t)n_in, -1.0f, 1.0f);
+    for (int64_t r = 0; r < n_out; r++) {
+        const float s = gt_uniform(0.05f, 2.0f);
+        for (int64_t i = 0; i < n_in; i++)
+            row[i] = gt_uniform(-s, s);
+        assert_int_equal(quant_quantize_row_ref(t, row, (uint8_t *)w->bytes + (size_t)r * rb, n_in),
+                         KILN_OK);
+    }
+    free(row);
+    kb_weight k = {.type = t, .ne = {n_in, n_out}, .row_bytes = rb, .data = w->bytes,
+                   .name = name};
+    w->host = k;
+    w->dev = k;
+    w->dev.data = gt_up(w->bytes, (size_t)rb * (size_t)n_out);
+}
+
+static void tw_free(tw *w)
+{
+    gt_free((void *)w->dev.data);
+    free(w->bytes);
+}
+
+/* An F32 vector of n (a bias), host and device. */
+static void tw_vec(tw *w, int64_t n)
+{
+    w->bytes = gt_rand((size_t)n, -1.0f, 1.0f);
+    kb_weight k = {.type = KILN_TYPE_F32, .ne = {n, 1}, .row_bytes = (uint64_t)n * 4,
+                   .data = w->bytes, .name = "bias"};
+    w->host = k;
+    w->dev = k;
+    w->dev.data = gt_up(w->bytes, (size_t)n * sizeof(float));
+}
+
+static int setup(void **state)
+{
+    if (gt_setup(state))
+        return -1;
+    kb_reserve r = {.max_tokens = T_MAX_TOKENS, .max_seqs = 4, .max_ctx = 256,
+                    .max_n_in = T_MAX_N_IN, .max_n_out = T_MAX_N_OUT, .n_heads = 4,
+                    .head_dim = 64};
+    if (gt.gpu->ops->reserve(gt.gpu, &r) != KILN_OK) {
+        fprintf(stderr, "reserve: %s\n", kiln_last_error());
+        return -1;
+    }
+    return 0;
+}
+
+/* Every comparison is printed with KILN_GPU_VERBOSE set, else only the
+ * failures and a summary per type; a type's test fails at its end, after
+ * all its shapes have run, so one run shows every failing case. */
+static bool verbose(void)
+{
+    return getenv("KILN_GPU_VERBOSE") != NULL;
+}
+
+/* gt_check without the assertion: true when within tol. */
+static bool soft_check(const char *what, const float *got, const float *ref, size_t n, double tol)
+{
+    const double e = gt_rel_err(got, ref, n);
+    if (e <= tol && !verbose())
+        return true;
+    fprintf(stderr, "  %-48s rel err %.3e (tol %.1e)%s\n", what, e, tol,
+            e <= tol ? "" : "  <-- FAIL");
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(got[i])) {
+            fprintf(stderr, "    element %zu is %f (unwritten or non-finite)\n", i, got[i]);
+            break;
+        }
+    return e <= tol;
+}
+
+/* ||got - ref|| / || |W| |x| + |bias| || over the rows' outputs. */
+static double err_vs_magnitude(const tw *w, const tw *bias, const float *x, int rows,
+                               const float *got, const float *ref)
+{
+    const int64_t n_in = w->host.ne[0], n_out = w->host.ne[1];
+    float *wr = malloc((size_t)n_in * sizeof(float));
+    assert_non_null(wr);
+    quant_dequant_fn deq = quant_dequantize_ref(w->host.type);
+    assert_non_null(deq);
+    double num = 0, den = 0;
+    for (int64_t o = 0; o < n_out; o++) {
+        deq((const uint8_t *)w->host.data + (size_t)o * w->host.row_bytes, wr, n_in);
+        for (int t = 0; t < rows; t++) {
+            double m = bias ? fabs(((const float *)bias->host.data)[o]) : 0.0;
+            for (int64_t k = 0; k < n_in; k++)
+                m += fabs((double)wr[k] * x[(size_t)t * n_in + k]);
+            const double d = (double)got[(size_t)t * n_out + o] - ref[(size_t)t * n_out + o];
+            num += d * d;
+            den += m * m;
+        }
+    }
+    free(wr);
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* One matmul on both backends and the comparison; returns the error, or
+ * -1 when over the tolerance. */
+static double check_matmul(const tw *w, const tw *bias, int rows)
+{
+    const int64_t n_in = w->host.ne[0], n_out = w->host.ne[1];
+    const size_t nx = (size_t)rows * (size_t)n_in, ny = (size_t)rows * (size_t)n_out;
+    float *x = gt_rand(nx, -1.0f, 1.0f);
+    float *ref = malloc(ny * sizeof(float) + 1);
+    assert_non_null(ref);
+    gt.cpu->ops->matmul(gt.cpu, ref, x, &w->host, bias ? &bias->host : NULL, rows);
+
+    float *dx = gt_up(x, nx * sizeof(float));
+    float *dy = gt_poisoned(ny);
+    gt.gpu->ops->matmul(gt.gpu, dy, dx, &w->dev, bias ? &bias->dev : NULL, rows);
+
+    char what[96];
+    char tb[16];
+    snprintf(what, sizeof what, "matmul %s %lldx%lld rows %d%s",
+             quant_type_name(w->host.type, tb, sizeof tb), (long long)n_out, (long long)n_in,
+             rows, bias ? " +bias" : "");
+    /* a failure recorded by the op shows at sync: report it and go on */
+    double e = -1.0;
+    if (gt.gpu->ops->sync(gt.gpu) != KILN_OK) {
+        fprintf(stderr, "  %-48s FAIL: %s\n", what, kiln_last_error());
+    } else {
+        float *got = gt_down(dy, ny);
+        const double tol = rows <= 8 ? TOL_MATVEC : TOL_GEMM;
+        e = gt_rel_err(got, ref, ny);
+        if (!soft_check(what, got, ref, ny, tol)) {
+            const double em = isfinite(e) ? err_vs_magnitude(w, bias, x, rows, got, ref) : e;
+            fprintf(stderr, "    error / magnitudes summed: %.3e (tol %.1e)%s\n", em, tol / 10,
+                    em <= tol / 10 ? ": ill-conditioned, passes" : "");
+            if (!(em <= tol / 10))
+                e = -1.0;
+        }
+        free(got);
+    }
+    gt_free(dy);
+    gt_free(dx);
+    free(ref);
+    free(x);
+    return e;
+}
+
+/* Shapes (n_in, n_out) for a type of block size bs: the smallest row, one
+ * output, odd output counts, a partial 256-element unit, a row that is not
+ * 16-byte aligned in Q6_K / Q3_K / Q2_K (3584), a long row, and a weight
+ * wider than the GEMM's tile. */
+static int shapes_for(int64_t bs, int64_t shapes[][2])
+{
+    int n = 0;
+#define SHAPE(a, b) (shapes[n][0] = (a), shapes[n][1] = (b), n++)
+    SHAPE(bs, 1);
+    SHAPE(bs, 67);
+    if (bs == 1) {
+        SHAPE(7, 5);
+        SHAPE(264, 33);
+    } else if (bs == 32) {
+        SHAPE(96, 29);
+        SHAPE(288, 131);
+    } else {
+        SHAPE(512, 131);
+    }
+    SHAPE(3584, 97);
+    SHAPE(18944, 37);
+    SHAPE(bs > 256 ? bs : 256, 12000);
+#undef SHAPE
+    return n;
+}
+
+static void test_matmul_type(kiln_type t)
+{
+    const quant_traits *tr = quant_get_traits(t);
+    int64_t shapes[8][2];
+    const int ns = shapes_for(tr->block_size, shapes);
+    double worst_mv = 0, worst_gemm = 0;
+    int k = 0, failed = 0, checks = 0;
+    for (int s = 0; s < ns; s++) {
+        tw w, bias;
+        tw_make(&w, t, shapes[s][0], shapes[s][1], "w");
+        tw_vec(&bias, shapes[s][1]);
+        for (size_t i = 0; i < N_ROWS; i++, k++) {
+            const int rows = row_counts[i];
+            if (shapes[s][1] > 1000 && rows > 8 && rows != 64)
+                continue; /* the wide weight: one GEMM size is enough */
+            const double e = check_matmul(&w, k % 2 ? &bias : NULL, rows);
+            checks++;
+            failed += e < 0;
+            if (rows <= 8 && e > worst_mv)
+                worst_mv = e;
+            if (rows > 8 && e > worst_gemm)
+                worst_gemm = e;
+        }
+        tw_free(&bias);
+        tw_free(&w);
+    }
+    fprintf(stderr, "  == matmul %-5s %3d checks, %d failed; worst passing rel err: matvec (rows "
+            "1-8) %.2e, gemm (rows 9-512) %.2e\n", tr->name, checks, failed, worst_mv,
+            worst_gemm);
+    assert_int_equal(failed, 0);
+}
+
+#define TYPE_TEST(T, N)                                                         \
+    static void test_matmul_##N(void **state)                                   \
+    {                                                                           \
+        (void)state;                                                            \
+        test_matmul_type(T);                                                    \
+    }
+TYPE_TEST(KILN_TYPE_F32, f32)
+TYPE_TEST(KILN_TYPE_F16, f16)
+TYPE_TEST(KILN_TYPE_BF16, bf16)
+TYPE_TEST(KILN_TYPE_Q4_0, q4_0)
+TYPE_TEST(KILN_TYPE_Q4_1, q4_1)
+TYPE_TEST(KILN_TYPE_Q5_0, q5_0)
+TYPE_TEST(KILN_TYPE_Q5_1, q5_1)
+TYPE_TEST(KILN_TYPE_Q8_0, q8_0)
+TYPE_TEST(KILN_TYPE_Q2_K, q2_k)
+TYPE_TEST(KILN_TYPE_Q3_K, q3_k)
+TYPE_TEST(KILN_TYPE_Q4_K, q4_k)
+TYPE_TEST(KILN_TYPE_Q5_K, q5_k)
+TYPE_TEST(KILN_TYPE_Q6_K, q6_k)
+#undef TYPE_TEST
+
+/* ------------------------------------------------------------------------
+ * embed
+ * ---------------------------------------------------------------------- */
+
+static void test_embed_all_types(void **state)
+{
+    (void)state;
+    int failed = 0;
+    for (size_t i = 0; i < N_TYPES; i++) {
+        const kiln_type t = types[i];
+        const quant_traits *tr = quant_get_traits(t);
+        const int64_t n_embd = tr->block_size == 1 ? 7 : 768, n_vocab = 50;
+        tw w;
+        tw_make(&w, t, n_embd, n_vocab, "token_embd");
+        int32_t tok[9], pos[9], seq[9] = {0}, table[1] = {0};
+        for (int j = 0; j < 9; j++) {
+            tok[j] = gt_int(0, (int)n_vocab - 1);
+            pos[j] = j;
+        }
+        tok[0] = 0;
+        tok[8] = (int)n_vocab - 1;
+        kb_batch_host h = {.n_tokens = 9, .n_seqs = 1, .max_blocks = 1, .tokens = tok,
+                           .pos = pos, .seq = seq, .slot = pos, .block_table = table,
+                           .n_out = 0, .out_rows = NULL};
+        const size_t n = 9 * (size_t)n_embd;
+        float *ref = malloc(n * sizeof(float));
+        assert_non_null(ref);
+        gt.cpu->ops->embed(gt.cpu, ref, &w.host, &h);
+        const kb_batch *db = gt_batch_gpu(&h);
+        float *dy = gt_poisoned(n);
+        gt.gpu->ops->embed(gt.gpu, dy, &w.dev, db);
+        float *got = gt_down(dy, n);
+        char what[64];
+        snprintf(what, sizeof what, "embed %s %lldx%lld", tr->name, (long long)n_vocab,
+                 (long long)n_embd);
+        failed += !soft_check(what, got, ref, n, 0.0);
+        free(got);
+        gt_free(dy);
+        free(ref);
+        tw_free(&w);
+    }
+    fprintf(stderr, "  == embed: %zu types, %d not bitwise equal to the CPU's\n", N_TYPES, failed);
+    assert_int_equal(failed, 0);
+}
+
+/* ------------------------------------------------------------------------
+ * Graph capture, and scratch that is too small
+ * ---------------------------------------------------------------------- */
+
+/* Matvec and GEMM recorded into a graph and replayed must match the CPU op
+ * (nothing in them may allocate, synchronise or read device data on the
+ * host). */
+static void test_matmul_in_graph(void **state)
+{
+    (void)state;
+    const kiln_type ts[] = {KILN_TYPE_Q4_K, KILN_TYPE_Q6_K, KILN_TYPE_BF16};
+    for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++) {
+        tw w;
+        tw_make(&w, ts[i], 3584, 157, "w");
+        const int rows_list[] = {1, 3, 64};
+        for (int j = 0; j < 3; j++) {
+            const int rows = rows_list[j];
+            const size_t nx = (size_t)rows * 3584, ny = (size_t)rows * 157;
+            float *x = gt_rand(nx, -1.0f, 1.0f);
+            float *ref = malloc(ny * sizeof(float));
+            assert_non_null(ref);
+            gt.cpu->ops->matmul(gt.cpu, ref, x, &w.host, NULL, rows);
+            float *dx = gt_up(x, nx * sizeof(float));
+            float *dy = gt_poisoned(ny);
+            kb_graph *g = NULL;
+            assert_int_equal(gt.gpu->ops->graph_begin(gt.gpu), KILN_OK);
+            gt.gpu->ops->matmul(gt.gpu, dy, dx, &w.dev, NULL, rows);
+            assert_int_equal(gt.gpu->ops->graph_end(gt.gpu, &g), KILN_OK);
+            assert_int_equal(gt.gpu->ops->graph_launch(gt.gpu, g), KILN_OK);
+            float *got = gt_down(dy, ny);
+            char what[64];
+            snprintf(what, sizeof what, "graph matmul %s rows %d", quant_get_traits(ts[i])->name,
+                     rows);
+            gt_check(what, got, ref, ny, rows <= 8 ? TOL_MATVEC : TOL_GEMM);
+            free(got);
+            /* a replay writes the whole output again */
+            gt_poison(dy, ny);
+            assert_int_equal(gt.gpu->ops->graph_launch(gt.gpu, g), KILN_OK);
+            got = gt_down(dy, ny);
+            snprintf(what, sizeof what, "graph replay %s rows %d", quant_get_traits(ts[i])->name,
+                     rows);
+            gt_check(what, got, ref, ny, rows <= 8 ? TOL_MATVEC : TOL_GEMM);
+            gt.gpu->ops->graph_free(gt.gpu, g);
+            free(got);
+            gt_free(dy);
+            gt_free(dx);
+            free(ref);
+            free(x);
+        }
+        tw_free(&w);
+    }
+}
+
+/* More activation rows than reserve allowed for: a clear error at sync, and
+ * the output untouched. */
+static void test_matmul_scratch_too_small(void **state)
+{
+    (void)state;
+    tw w;
+    tw_make(&w, KILN_TYPE_Q4_0, T_MAX_N_IN, 3, "blk.0.ffn_down.weight");
+    const int rows = T_MAX_TOKENS + 1;
+    const size_t nx = (size_t)rows * T_MAX_N_IN, ny = (size_t)rows * 3;
+    float *x = gt_rand(nx, -1.0f, 1.0f);
+    float *dx = gt_up(x, nx * sizeof(float));
+    float *dy = gt_poisoned(ny);
+    gt.gpu->ops->matmul(gt.gpu, dy, dx, &w.dev, NULL, rows);
+    assert_int_not_equal(gt.gpu->ops->sync(gt.gpu), KILN_OK);
+    fprintf(stderr, "  expected error: %s\n", kiln_last_error());
+    assert_non_null(strstr(kiln_last_error(), "blk.0.ffn_down.weight"));
+    assert_int_equal(gt.gpu->ops->sync(gt.gpu), KILN_OK);
+    float *got = malloc(ny * sizeof(float));
+    assert_non_null(got);
+    assert_int_equal(gt.gpu->ops->download(gt.gpu, got, dy, ny * sizeof(float)), KILN_OK);
+    for (size_t i = 0; i < ny; i++)
+        assert_true(isnan(got[i]));
+    free(got);
+    gt_free(dy);
+    gt_free(dx);
+    free(x);
+    tw_free(&w);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_matmul_f32),  cmocka_unit_test(test_matmul_f16),
+        cmocka_unit_test(test_matmul_bf16), cmocka_unit_test(test_matmul_q4_0),
+        cmocka_unit_test(test_matmul_q4_1), cmocka_unit_test(test_matmul_q5_0),
+        cmocka_unit_test(test_matmul_q5_1), cmocka_unit_test(test_matmul_q8_0),
+        cmocka_unit_test(test_matmul_q2_k), cmocka_unit_test(test_matmul_q3_k),
+        cmocka_unit_test(test_matmul_q4_k), cmocka_unit_test(test_matmul_q5_k),
+        cmocka_unit_test(test_matmul_q6_k),
+        cmocka_unit_test(test_embed_all_types),
+        cmocka_unit_test(test_matmul_in_graph),
+        cmocka_unit_test(test_matmul_scratch_too_small),
+    };
+    return cmocka_run_group_tests(tests, setup, gt_teardown);
+}

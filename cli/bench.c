@@ -161,6 +161,8 @@ typedef struct tg_result {
 
 int cmd_bench(int argc, char **argv)
 {
+    if (argc > 1 && !strcmp(argv[1], "load"))
+        return cmd_bench_load(argc - 1, argv + 1);
     run_opts o;
     cli_opts_default(&o);
     bench_cfg c = {.pp = 512, .tg = 128, .batch = {1}, .n_batch = 1, .reps = 3};

@@ -16,6 +16,7 @@ int cmd_detokenize(int argc, char **argv);
 int cmd_generate(int argc, char **argv);
 int cmd_chat(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
+int cmd_bench_load(int argc, char **argv); /* `kiln bench load`, bench_load.c */
 int cmd_quantize(int argc, char **argv);
 
 /* Options of the commands that run a model (generate, chat, bench). */
@@ -29,6 +30,9 @@ typedef struct run_opts {
     float gpu_mem_fraction; /* 0 = the engine's default */
     int eager;              /* no CUDA graphs */
     kiln_sampling sampling;
+    int load_streams;       /* device loading: upload streams (0 = default) */
+    int load_ring_mib;      /* device loading: pinned staging ring (0 = default) */
+    int load_threads;       /* device loading: read / convert workers (0 = auto) */
 } run_opts;
 
 void cli_opts_default(run_opts *o);

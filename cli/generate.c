@@ -55,6 +55,9 @@ static const num_opt num_opts[] = {
     {"--repeat-penalty", NULL, 0.01, 100, offsetof(run_opts, sampling.repeat_penalty), true},
     {"--presence-penalty", NULL, -2, 2, offsetof(run_opts, sampling.presence_penalty), true},
     {"--frequency-penalty", NULL, -2, 2, offsetof(run_opts, sampling.frequency_penalty), true},
+    {"--load-streams", NULL, 1, 16, offsetof(run_opts, load_streams), false},
+    {"--load-ring", NULL, 1, 1 << 20, offsetof(run_opts, load_ring_mib), false},
+    {"--load-threads", NULL, 1, 64, offsetof(run_opts, load_threads), false},
 };
 
 /* Options every model command takes.  Returns 1 when argv[*i] was one of
@@ -137,6 +140,9 @@ kiln_model *cli_load_model(const run_opts *o, double *load_sec)
     kiln_model_params_default(&mp);
     mp.device = o->device;
     mp.n_threads = o->threads;
+    mp.load_streams = o->load_streams;
+    mp.load_ring_bytes = (uint64_t)o->load_ring_mib << 20;
+    mp.load_threads = o->load_threads;
     kiln_progress bar = {0};
     mp.progress = progress_cb;
     mp.progress_user = &bar;
@@ -290,7 +296,12 @@ static void generate_usage(FILE *f)
             "  --device DEV             cpu (default), cuda, cuda:N\n"
             "  --gpu-mem-fraction F     GPU memory kiln may use, the KV cache taking what\n"
             "                           weights and scratch leave (default 0.90)\n"
-            "  --eager                  GPU: no CUDA graphs for decode steps\n",
+            "  --eager                  GPU: no CUDA graphs for decode steps\n"
+            "  --load-streams N         GPU loading: upload streams (default 4)\n"
+            "  --load-ring MIB          GPU loading: bound on the pinned staging memory\n"
+            "                           (default 512; 80 are used at the defaults)\n"
+            "  --load-threads N         GPU loading: read / convert threads (default:\n"
+            "                           min(cores, 12))\n",
             DEFAULT_MAX_TOKENS, KILN_MAX_STOP, DEFAULT_CPU_CTX);
 }
 

@@ -69,6 +69,17 @@ typedef struct kiln_model_params {
     int n_threads;            /* CPU worker threads; 0 = one per core */
     kiln_progress_fn progress;
     void *progress_user;
+    /* Loading onto a device (ignored by the CPU, which computes on the
+     * mapped file in place); see "Asynchronous loading" below. */
+    int load_streams;         /* upload streams, 1..16; 0 = 4 */
+    uint64_t load_ring_bytes; /* bound on the pinned staging memory (the
+                                 loader pins only what keeps its workers
+                                 and streams busy: 80 MiB by default);
+                                 0 = 512 MiB */
+    int load_threads;         /* read / convert workers; 0 = min(cores, 12) */
+    int load_io;              /* a kiln_load_io; 0 = KILN_LOAD_IO_PREAD */
+    int load_check;           /* refuse weights holding NaN / Inf values
+                                 (or block scales), naming the tensor */
 } kiln_model_params;
 
 void kiln_model_params_default(kiln_model_params *p);
@@ -104,6 +115,70 @@ uint64_t kiln_model_attn_macs(const kiln_model *m, int pos);
 kiln_status kiln_model_copy_bandwidth(kiln_model *m, size_t bytes, double *bytes_per_sec);
 /* The model's tokenizer, owned by the model. */
 const struct kiln_tokenizer *kiln_model_tokenizer(const kiln_model *m);
+
+/* ------------------------------------------------------------------------
+ * Asynchronous loading
+ *
+ * Onto a device, weights travel through a pipeline: worker threads read
+ * tensor bytes from the files (pread, or memcpy from the mapping, or
+ * O_DIRECT reads that bypass the page cache), convert the few that the
+ * device keeps in another type (F32 -> BF16 on CUDA), into a bounded ring of
+ * pinned staging buffers, which are copied to the device on several
+ * streams, each buffer reused once its copy has completed.  Quantized
+ * weights travel as they are.  Host memory stays within the ring, whatever
+ * the model's size.  Tensors load in the order the forward pass needs them
+ * (embeddings, then layer by layer).  docs/loading.md has the details.
+ *
+ * kiln_model_load does the whole load on the calling thread.  The async
+ * form runs it on a thread of its own: ask it for progress, cancel it, wait
+ * for the model.  A cancelled or failed load
+ * frees everything it took (device memory, pinned memory, threads, files)
+ * before wait returns; the message names the tensor at fault (short read,
+ * corrupt data with load_check, device out of memory).
+ * ---------------------------------------------------------------------- */
+
+/* How the loader reads tensor bytes onto a device. */
+typedef enum kiln_load_io {
+    KILN_LOAD_IO_PREAD = 0,  /* pread(2) into the staging memory (default) */
+    KILN_LOAD_IO_MMAP = 1,   /* memcpy from the file's mapping */
+    KILN_LOAD_IO_DIRECT = 2, /* O_DIRECT reads, past the page cache (falls
+                                back to pread where the filesystem refuses) */
+} kiln_load_io;
+
+typedef struct kiln_model_loader kiln_model_loader;
+
+typedef enum kiln_load_state {
+    KILN_LOAD_RUNNING = 0,
+    KILN_LOAD_DONE,          /* the model is ready for kiln_model_load_wait */
+    KILN_LOAD_FAILED,        /* failed or cancelled; wait says why */
+} kiln_load_state;
+
+typedef struct kiln_load_progress {
+    uint64_t bytes_done;     /* tensor bytes on the device (or bound) */
+    uint64_t bytes_total;    /* 0 until the files have been opened */
+    uint32_t tensors_done;
+    uint32_t tensors_total;
+    kiln_load_state state;
+} kiln_load_progress;
+
+/* Start loading path with p (NULL: defaults; copied, device string too) on
+ * a new thread.  *out is owned by the caller: kiln_model_loader_free.  The
+ * progress callback of p, if any, is called on the loading thread. */
+kiln_status kiln_model_load_async(const char *path, const kiln_model_params *p,
+                                  kiln_model_loader **out);
+/* A snapshot of the load's progress; any thread, any time. */
+void kiln_model_load_progress(const kiln_model_loader *l, kiln_load_progress *out);
+/* Ask the load to stop; any thread, any number of times.  Once the load
+ * has finished it has no effect. */
+void kiln_model_load_cancel(kiln_model_loader *l);
+/* Wait for the load to end.  On success *out is the model, owned by the
+ * caller (kiln_model_free); on failure or cancellation (KILN_ERR_CANCELLED)
+ * *out is NULL and kiln_last_error() says why.  Only the first call hands
+ * the model over; later calls return the same status and NULL. */
+kiln_status kiln_model_load_wait(kiln_model_loader *l, kiln_model **out);
+/* Cancel if still running, wait, free a model never handed over, free l.
+ * NULL is a no-op. */
+void kiln_model_loader_free(kiln_model_loader *l);
 
 /* ------------------------------------------------------------------------
  * Engine and requests

@@ -5,8 +5,11 @@
 # libraries the GPU machine's image lacks).  Built for x86-64-v3 so the
 # binaries run on any current x86 host; CUDA code for sm_90a.
 #
+# Each binary carries the CUDA kernels (~12 MB), so OUT_DIR/kiln-bin.tar.xz
+# holds bin/ and lib/ compressed (~15 MB) for the trip:
 #   scripts/gpu/pack.sh && device run (carry .dev):
-#       LD_LIBRARY_PATH=.dev/lib .dev/bin/test_cuda_ops
+#       python3 -c "import tarfile; tarfile.open('.dev/kiln-bin.tar.xz').extractall('/tmp/kb')"
+#       LD_LIBRARY_PATH=/tmp/kb/lib /tmp/kb/bin/test_cuda_ops
 set -euo pipefail
 out=${1:-.dev}
 build=${BUILD_DEV:-build/dev}
@@ -17,8 +20,10 @@ cp "$build/kiln" "$out/bin/"
 for t in "$build"/tests/gpu/test_*; do [ -x "$t" ] && cp "$t" "$out/bin/"; done
 for b in "$build"/bench/*; do [ -x "$b" ] && [ -f "$b" ] && cp "$b" "$out/bin/"; done
 for lib in libjansson.so.4 libpcre2-8.so.0 libutf8proc.so.2 libxxhash.so.0 libcmocka.so.0 libgomp.so.1; do
-    p=$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ {print $NF; exit}')
+    p=$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ && !p {p = $NF} END {print p}')
     [ -n "$p" ] && cp -L "$p" "$out/lib/"
 done
 strip --strip-debug "$out"/bin/* 2>/dev/null || true
+tar -C "$out" -cf - bin lib | xz -6 -T0 > "$out/kiln-bin.tar.xz"
+rm -rf "$out/bin" "$out/lib"
 du -sh "$out"

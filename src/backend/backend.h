@@ -28,6 +28,7 @@
 #include "util/util.h"
 
 typedef struct kb_backend kb_backend;
+typedef struct kb_event kb_event; /* see "Asynchronous transfers and events" */
 
 /* A weight matrix or vector in its storage format. */
 typedef struct kb_weight {
@@ -230,6 +231,31 @@ typedef struct kb_ops {
     kiln_status (*sample)(kb_backend *be, float *logits, int n_rows, int n_vocab,
                           const kb_sample_row *rows, int32_t *ids, float *logprobs);
 
+    /* --- asynchronous transfers and events (section at the end) --------- */
+    /* Host memory the device copies from at full speed (pinned on CUDA);
+     * NULL with the error set on failure.  host_free(NULL) is a no-op. */
+    void *(*host_alloc)(kb_backend *be, size_t bytes, const char *what);
+    void (*host_free)(kb_backend *be, void *p);
+    /* Make upload streams 0..n-1 exist (n <= KB_MAX_STREAMS); idempotent,
+     * never shrinks.  Not thread-safe: call before the streams are used. */
+    kiln_status (*upload_streams)(kb_backend *be, int n);
+    /* Enqueue a copy of n host bytes to device memory on `stream` and
+     * return.  src must stay unchanged until an event recorded after this
+     * call on the same stream has completed.  Any thread may call it. */
+    kiln_status (*upload_async)(kb_backend *be, int stream, void *dst, const void *src,
+                                size_t n);
+    kiln_status (*event_create)(kb_backend *be, kb_event **out);
+    void (*event_free)(kb_backend *be, kb_event *ev); /* NULL is a no-op */
+    /* Mark the point after everything enqueued so far on `stream`. */
+    kiln_status (*event_record)(kb_backend *be, kb_event *ev, int stream);
+    /* *done = whether the recorded point has been reached (true for an
+     * event never recorded). */
+    kiln_status (*event_query)(kb_backend *be, kb_event *ev, bool *done);
+    /* Block the calling thread until the recorded point is reached. */
+    kiln_status (*event_sync)(kb_backend *be, kb_event *ev);
+    /* Milliseconds from start to end (both recorded and completed). */
+    kiln_status (*event_elapsed)(kb_backend *be, kb_event *start, kb_event *end, float *ms);
+
     /* --- lifetime -------------------------------------------------------- */
     /* Free the backend's private state and *be itself; kb_destroy calls it. */
     void (*destroy)(kb_backend *be);
@@ -262,5 +288,47 @@ void kb_cpu_set_fast_activations(kb_backend *be, bool on);
 kiln_status kb_cuda_create(int device, kb_backend **out);
 /* Destroy any backend through its ops->destroy; kb_destroy(NULL) is a no-op. */
 void kb_destroy(kb_backend *be);
+
+/* ------------------------------------------------------------------------
+ * Asynchronous transfers and events
+ *
+ * What the load pipeline (src/load) and `kiln bench load` use to keep the
+ * copy engines busy: pinned host staging memory, copies enqueued on one of
+ * several upload streams, and events that say when a stream has reached a
+ * point (so a staging buffer can be reused) and how long the work between
+ * two points took.  On CUDA a stream is a cudaStream_t and an event a
+ * cudaEvent_t (blocking sync, timing on); the CPU backend, whose "device"
+ * is host memory, copies at once and its events are timestamps.
+ *
+ * Streams are small integers: 0..n-1 the upload streams made by
+ * upload_streams, KB_STREAM_COMPUTE the stream the ops run on.  Every op
+ * of this section may be called from any thread; one event must not be
+ * recorded and queried by two threads at once.
+ * ---------------------------------------------------------------------- */
+
+#define KB_STREAM_COMPUTE (-1)
+#define KB_MAX_STREAMS 16
+
+/* True when be has every op of this section. */
+static inline bool kb_has_async(const kb_backend *be)
+{
+    const kb_ops *o = be->ops;
+    return o->host_alloc && o->host_free && o->upload_streams && o->upload_async &&
+           o->event_create && o->event_free && o->event_record && o->event_query &&
+           o->event_sync && o->event_elapsed;
+}
+
+/* The CPU backend's side (cpu/transfer.c), for its ops table. */
+void *kb_cpu_host_alloc(kb_backend *be, size_t bytes, const char *what);
+void kb_cpu_host_free(kb_backend *be, void *p);
+kiln_status kb_cpu_upload_streams(kb_backend *be, int n);
+kiln_status kb_cpu_upload_async(kb_backend *be, int stream, void *dst, const void *src,
+                                size_t n);
+kiln_status kb_cpu_event_create(kb_backend *be, kb_event **out);
+void kb_cpu_event_free(kb_backend *be, kb_event *ev);
+kiln_status kb_cpu_event_record(kb_backend *be, kb_event *ev, int stream);
+kiln_status kb_cpu_event_query(kb_backend *be, kb_event *ev, bool *done);
+kiln_status kb_cpu_event_sync(kb_backend *be, kb_event *ev);
+kiln_status kb_cpu_event_elapsed(kb_backend *be, kb_event *start, kb_event *end, float *ms);
 
 #endif /* KILN_BACKEND_H */

@@ -1,13 +1,17 @@
 /*
  * kmodel.c - the public model object: open the file, choose the backend,
- * read the architecture, bind the weights, load the tokenizer.
+ * read the architecture, bind the weights, load the tokenizer; and the
+ * asynchronous form of the same, on a thread of its own, with progress and
+ * cancellation.
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "format/gguf.h"
 #include "format/safetensors.h"
+#include "load/load.h"
 #include "model/model.h"
 
 void kiln_model_params_default(kiln_model_params *p)
@@ -39,17 +43,52 @@ static kiln_status backend_for_device(const char *dev, int n_threads, kb_backend
     return KILN_FAIL(KILN_ERR_INVALID_ARG, "device '%s': expected cpu, cuda or cuda:N", dev);
 }
 
-kiln_status kiln_model_load(const char *path, const kiln_model_params *p, kiln_model **out)
+/* The tokenizer, loaded on its own thread while the weights travel. */
+typedef struct tok_task {
+    kiln_model *km;
+    kiln_status st;
+    double sec;
+    char err[KILN_ERROR_MAX];
+} tok_task;
+
+static void *tok_main(void *arg)
+{
+    tok_task *t = arg;
+    double t0 = kiln_now_sec();
+    t->st = model_tokenizer_load(t->km);
+    if (t->st)
+        snprintf(t->err, sizeof t->err, "%s", kiln_last_error());
+    t->sec = kiln_now_sec() - t0;
+    return NULL;
+}
+
+static bool load_cancelled(const ld_model_opts *o)
+{
+    return o->pipe.mon && atomic_load(&o->pipe.mon->cancel);
+}
+
+kiln_status model_load_ex(const char *path, const kiln_model_params *p, kb_backend *be,
+                          const ld_model_opts *o, kiln_model **out)
 {
     kiln_model_params defaults;
     if (!p) {
         kiln_model_params_default(&defaults);
         p = &defaults;
     }
+    ld_model_opts od;
+    if (!o) {
+        model_load_opts_from(p, &od);
+        o = &od;
+    }
+    ld_times tm = {0};
+    double t0 = kiln_now_sec(), t;
     *out = NULL;
     kiln_model *km = kiln_calloc(1, sizeof *km);
-    if (!km)
+    if (!km) {
+        kb_destroy(be);
         return KILN_FAIL(KILN_ERR_NOMEM, "out of memory");
+    }
+    km->be = km->m.be = be;
     kiln_status st;
     if (!(km->path = kiln_strdup(path))) {
         st = KILN_FAIL(KILN_ERR_NOMEM, "out of memory");
@@ -59,18 +98,52 @@ kiln_status kiln_model_load(const char *path, const kiln_model_params *p, kiln_m
         goto fail;
     if ((st = model_hparams_load(&km->src, &km->m.hp)))
         goto fail;
-    if ((st = backend_for_device(p->device, p->n_threads, &km->be)))
-        goto fail;
+    tm.open_sec = kiln_now_sec() - t0;
+    /* On a device the tokenizer loads on its own thread meanwhile: while
+     * the device context comes up, then alongside the weights. */
+    tok_task tt = {.km = km};
+    pthread_t tok_thread;
+    bool on_device = km->be ? !km->be->host_memory
+                            : p->device && *p->device && strcmp(p->device, "cpu") != 0;
+    bool tok_async = on_device && pthread_create(&tok_thread, NULL, tok_main, &tt) == 0;
+    t = kiln_now_sec();
+    if (!km->be)
+        st = backend_for_device(p->device, p->n_threads, &km->be);
     km->m.be = km->be;
-    if ((st = model_weights_load(&km->m, &km->src, p->progress, p->progress_user)))
+    tm.backend_sec = kiln_now_sec() - t;
+    if (st == KILN_OK && load_cancelled(o))
+        st = KILN_FAIL(KILN_ERR_CANCELLED, "%s: loading cancelled before the weights", path);
+    t = kiln_now_sec();
+    if (st == KILN_OK)
+        st = model_weights_load_ex(&km->m, &km->src, o);
+    tm.weights_sec = kiln_now_sec() - t;
+    if (tok_async)
+        pthread_join(tok_thread, NULL);
+    else if (st == KILN_OK)
+        tok_main(&tt);
+    tm.tokenizer_sec = tt.sec;
+    if (st)
         goto fail;
-    if ((st = model_tokenizer_load(km)))
+    if (tt.st) {
+        st = KILN_FAIL(tt.st, "%s", tt.err);
         goto fail;
+    }
+    tm.total_sec = kiln_now_sec() - t0;
+    if (o->times)
+        *o->times = tm;
     *out = km;
     return KILN_OK;
 fail:
+    tm.total_sec = kiln_now_sec() - t0;
+    if (o->times)
+        *o->times = tm;
     kiln_model_free(km);
     return st;
+}
+
+kiln_status kiln_model_load(const char *path, const kiln_model_params *p, kiln_model **out)
+{
+    return model_load_ex(path, p, NULL, NULL, out);
 }
 
 void kiln_model_free(kiln_model *km)
@@ -85,6 +158,128 @@ void kiln_model_free(kiln_model *km)
     model_source_close(&km->src);
     kiln_free(km->path);
     kiln_free(km);
+}
+
+/* ------------------------------------------------------------------------
+ * Asynchronous loading
+ * ---------------------------------------------------------------------- */
+
+struct kiln_model_loader {
+    char *path;
+    char *device;              /* copy of p.device */
+    kiln_model_params p;
+    ld_monitor mon;            /* progress and the cancel flag */
+    pthread_t thread;
+    pthread_mutex_t mu;        /* joined, handed */
+    bool joined, handed;
+    _Atomic int state;         /* kiln_load_state */
+    kiln_status st;            /* once state != RUNNING */
+    char err[KILN_ERROR_MAX];  /* the loading thread's message */
+    kiln_model *model;         /* until handed over */
+};
+
+static void *loader_main(void *arg)
+{
+    kiln_model_loader *l = arg;
+    ld_model_opts o;
+    model_load_opts_from(&l->p, &o);
+    o.pipe.mon = &l->mon;
+    l->st = model_load_ex(l->path, &l->p, NULL, &o, &l->model);
+    if (l->st)
+        snprintf(l->err, sizeof l->err, "%s", kiln_last_error());
+    else
+        atomic_store(&l->mon.bytes_done, atomic_load(&l->mon.bytes_total));
+    atomic_store(&l->state, l->st ? KILN_LOAD_FAILED : KILN_LOAD_DONE);
+    return NULL;
+}
+
+static void loader_release(kiln_model_loader *l)
+{
+    kiln_free(l->path);
+    kiln_free(l->device);
+    kiln_free(l);
+}
+
+kiln_status kiln_model_load_async(const char *path, const kiln_model_params *p,
+                                  kiln_model_loader **out)
+{
+    *out = NULL;
+    kiln_model_loader *l = kiln_calloc(1, sizeof *l);
+    if (!l)
+        return KILN_FAIL(KILN_ERR_NOMEM, "out of memory");
+    if (p)
+        l->p = *p;
+    else
+        kiln_model_params_default(&l->p);
+    l->path = kiln_strdup(path);
+    l->device = l->p.device ? kiln_strdup(l->p.device) : NULL;
+    if (!l->path || (l->p.device && !l->device)) {
+        loader_release(l);
+        return KILN_FAIL(KILN_ERR_NOMEM, "out of memory");
+    }
+    l->p.device = l->device;
+    if (pthread_mutex_init(&l->mu, NULL) != 0) {
+        loader_release(l);
+        return KILN_FAIL(KILN_ERR_INTERNAL, "%s: cannot create a mutex", path);
+    }
+    if (pthread_create(&l->thread, NULL, loader_main, l) != 0) {
+        pthread_mutex_destroy(&l->mu);
+        loader_release(l);
+        return KILN_FAIL(KILN_ERR_INTERNAL, "%s: cannot start the loading thread", path);
+    }
+    *out = l;
+    return KILN_OK;
+}
+
+void kiln_model_load_progress(const kiln_model_loader *l, kiln_load_progress *out)
+{
+    out->state = (kiln_load_state)atomic_load(&l->state);
+    out->bytes_done = atomic_load(&l->mon.bytes_done);
+    out->bytes_total = atomic_load(&l->mon.bytes_total);
+    out->tensors_done = atomic_load(&l->mon.tensors_done);
+    out->tensors_total = atomic_load(&l->mon.tensors_total);
+}
+
+void kiln_model_load_cancel(kiln_model_loader *l)
+{
+    if (l)
+        atomic_store(&l->mon.cancel, true);
+}
+
+kiln_status kiln_model_load_wait(kiln_model_loader *l, kiln_model **out)
+{
+    *out = NULL;
+    pthread_mutex_lock(&l->mu);
+    if (!l->joined) {
+        pthread_join(l->thread, NULL);
+        l->joined = true;
+    }
+    kiln_status st = l->st;
+    if (st == KILN_OK && !l->handed) {
+        *out = l->model;
+        l->model = NULL;
+        l->handed = true;
+    }
+    pthread_mutex_unlock(&l->mu);
+    if (st)
+        return KILN_FAIL(st, "%s", l->err);
+    return KILN_OK;
+}
+
+void kiln_model_loader_free(kiln_model_loader *l)
+{
+    if (!l)
+        return;
+    kiln_model_load_cancel(l);
+    pthread_mutex_lock(&l->mu);
+    if (!l->joined) {
+        pthread_join(l->thread, NULL);
+        l->joined = true;
+    }
+    pthread_mutex_unlock(&l->mu);
+    kiln_model_free(l->model);
+    pthread_mutex_destroy(&l->mu);
+    loader_release(l);
 }
 
 int kiln_model_n_vocab(const kiln_model *km) { return km->m.hp.n_vocab; }

@@ -1,13 +1,22 @@
 /*
- * load.c - bind a model's tensors to the architecture's weight slots.
+ * load.c - bind a model's tensors to the architecture's weight slots and
+ * place them in the backend's memory.
  *
  * Every tensor the descriptor calls for is looked up by its GGUF name
  * (Hugging Face names are translated), checked for presence, shape and a
- * type kiln can compute on, and placed in the backend's memory.  Matrices
- * stay in their file format: on the CPU backend they are used straight from
- * the read-only mapping, so loading copies nothing.  Norm weights and biases
- * are small and are converted to F32 (adding 1 where Hugging Face Gemma
- * stores w - 1) into memory the model owns.
+ * type kiln can compute on.  Norm weights and biases are small and are
+ * converted to F32 (adding 1 where Hugging Face Gemma stores w - 1) on the
+ * host.  Then, by backend:
+ *
+ *  - host memory (CPU): matrices are used straight from the read-only
+ *    mapping, so loading copies nothing;
+ *  - a device with asynchronous transfers (CUDA): binding only records a
+ *    job per tensor (where its bytes are, its type in the file and on the
+ *    device); then one device allocation (the arena) takes every tensor at
+ *    LD_DEVICE_ALIGN offsets in binding order, which is the order the
+ *    forward pass reads them, and the load pipeline (src/load) fills it;
+ *  - otherwise, or when asked (ld_model_opts.sync, the tests' reference):
+ *    one allocation and one blocking upload per tensor.
  */
 #include <math.h>
 #include <stdio.h>
@@ -17,6 +26,7 @@
 
 #include "format/gguf.h"
 #include "format/safetensors.h"
+#include "load/load.h"
 #include "model/model.h"
 
 /* A tensor as found in either format. */
@@ -27,6 +37,8 @@ typedef struct found_tensor {
     uint64_t ne[4];
     const void *data;
     uint64_t nbytes;
+    int file;        /* index of its file in the source (shard), -1: no file */
+    uint64_t offset; /* of data in that file */
 } found_tensor;
 
 /* Allocations the model owns (converted vectors, uploaded weights), freed
@@ -41,13 +53,31 @@ typedef struct owned_list {
     size_t n, cap;
 } owned_list;
 
+/* Where the device address of a deferred tensor goes once the arena
+ * exists, and host bytes to free once it has been loaded. */
+typedef struct deferred {
+    kb_weight *w;   /* its data, or NULL */
+    float **f;      /* or this */
+    void *host;     /* converted on the host (kiln_free), or NULL */
+} deferred;
+
 typedef struct load_ctx {
     model *m;
     const model_source *src;
     owned_list *owned;
+    const ld_model_opts *o;
     kiln_progress_fn progress;
     void *user;
+    ld_monitor *mon;
     uint64_t bytes_done, bytes_total;
+    /* device pipeline: tensors become jobs, placed together at the end */
+    bool defer;
+    ld_job *jobs;        /* (n_jobs) in binding order */
+    deferred *dfr;       /* (n_jobs) */
+    size_t n_jobs, cap_jobs;
+    ld_file *files;      /* (n_files) the source's files */
+    int n_files;
+    kb_weight rope_w;    /* GGUF rope_freqs, bound like any vector */
 } load_ctx;
 
 /* ------------------------------------------------------------------------
@@ -107,11 +137,16 @@ static bool find_tensor(const load_ctx *c, int layer, const char *suffix, found_
     else
         snprintf(name_buf, name_cap, "%s", suffix);
     if (c->src->gguf) {
-        const gguf_tensor *t = gguf_find_tensor(c->src->gguf, name_buf);
+        const gguf_file *g = c->src->gguf;
+        const gguf_tensor *t = gguf_find_tensor(g, name_buf);
         if (!t)
             return false;
         *out = (found_tensor){t->name, t->type, t->n_dims, {t->ne[0], t->ne[1], t->ne[2], t->ne[3]},
-                              t->data, t->nbytes};
+                              t->data, t->nbytes, -1, 0};
+        if (g->map.data) {
+            out->file = 0;
+            out->offset = (uint64_t)(t->data - g->base);
+        }
         return true;
     }
     char hf_name[256];
@@ -130,16 +165,22 @@ static bool find_tensor(const load_ctx *c, int layer, const char *suffix, found_
         snprintf(hf_name, sizeof hf_name, "%s", hs);
     }
     snprintf(name_buf, name_cap, "%s", hf_name);
-    const st_tensor *t = hf_find_tensor(c->src->hf, hf_name);
+    const hf_model *hf = c->src->hf;
+    const st_tensor *t = hf_find_tensor(hf, hf_name);
     if (!t)
         return false;
     *out = (found_tensor){t->name, t->type, t->n_dims, {t->ne[0], t->ne[1], t->ne[2], t->ne[3]},
-                          t->data, t->nbytes};
+                          t->data, t->nbytes, -1, 0};
+    int shard = (int)(kiln_strmap_get(&hf->index, hf_name, strlen(hf_name)) >> 32);
+    if (shard >= 0 && (uint32_t)shard < hf->n_shards && hf->shards[shard]->map.data) {
+        out->file = shard;
+        out->offset = (uint64_t)(t->data - hf->shards[shard]->base);
+    }
     return true;
 }
 
 /* ------------------------------------------------------------------------
- * Placement
+ * Placement, one tensor at a time (host memory; the synchronous path)
  * ---------------------------------------------------------------------- */
 
 /* Record an allocation for model_weights_free; on failure the caller still
@@ -159,9 +200,12 @@ static kiln_status own(load_ctx *c, void *p, bool device)
     return KILN_OK;
 }
 
+/* A tensor bound in place (no pipeline): count it. */
 static void report_progress(load_ctx *c, uint64_t bytes)
 {
     c->bytes_done += bytes;
+    atomic_store(&c->mon->bytes_done, c->bytes_done);
+    atomic_fetch_add(&c->mon->tensors_done, 1);
     if (c->progress)
         c->progress(c->bytes_done, c->bytes_total, c->user);
 }
@@ -219,16 +263,21 @@ static kiln_status place_converted(load_ctx *c, kb_weight *w, const found_tensor
         slab = 1;
     float *f = kiln_malloc_array((size_t)w->ne[0], sizeof(float));
     uint8_t *buf = kiln_malloc_array((size_t)slab, (size_t)out_row);
-    if (!f || !buf) {
+    uint8_t *row = kiln_malloc((size_t)in_row);
+    if (!f || !buf || !row) {
         kiln_free(f);
         kiln_free(buf);
+        kiln_free(row);
         return KILN_FAIL(KILN_ERR_NOMEM, "tensor %s: out of memory converting to %s", fname,
                          to->name);
     }
     for (int64_t r0 = 0; r0 < w->ne[1] && st == KILN_OK; r0 += slab) {
         int64_t n = w->ne[1] - r0 < slab ? w->ne[1] - r0 : slab;
         for (int64_t r = 0; r < n; r++) {
-            from->dequantize((const uint8_t *)t->data + (uint64_t)(r0 + r) * in_row, f, w->ne[0]);
+            /* a copy first: the row kernels read whole elements, and a
+             * safetensors tensor may start at any byte */
+            memcpy(row, (const uint8_t *)t->data + (uint64_t)(r0 + r) * in_row, in_row);
+            from->dequantize(row, f, w->ne[0]);
             to->quantize(f, buf + (uint64_t)r * out_row, w->ne[0]);
         }
         st = be->ops->upload(be, (uint8_t *)d + (uint64_t)r0 * out_row, buf,
@@ -236,10 +285,150 @@ static kiln_status place_converted(load_ctx *c, kb_weight *w, const found_tensor
     }
     kiln_free(f);
     kiln_free(buf);
+    kiln_free(row);
     w->row_bytes = out_row;
     w->data = d;
     return st;
 }
+
+/* ------------------------------------------------------------------------
+ * Deferred placement: jobs for the load pipeline
+ * ---------------------------------------------------------------------- */
+
+/* Record a job; its device address goes to target->data or *f later.  On
+ * failure host (if any) is freed. */
+static kiln_status defer_job(load_ctx *c, const ld_job *j, kb_weight *w, float **f, void *host)
+{
+    if (c->n_jobs == c->cap_jobs) {
+        size_t nc = c->cap_jobs ? c->cap_jobs * 2 : 256;
+        ld_job *nj = kiln_realloc(c->jobs, nc * sizeof *nj);
+        if (nj)
+            c->jobs = nj;
+        deferred *nd = nj ? kiln_realloc(c->dfr, nc * sizeof *nd) : NULL;
+        if (!nd) {
+            kiln_free(host);
+            return KILN_FAIL(KILN_ERR_NOMEM, "out of memory binding weights");
+        }
+        c->dfr = nd;
+        c->cap_jobs = nc;
+    }
+    c->jobs[c->n_jobs] = *j;
+    c->dfr[c->n_jobs++] = (deferred){w, f, host};
+    return KILN_OK;
+}
+
+/* A job for a tensor as stored in the file (or for host bytes when the
+ * source has no file behind it). */
+static ld_job file_job(const found_tensor *t, kiln_type as, int64_t n_in, uint64_t dst_bytes)
+{
+    return (ld_job){.name = t->name, .file = t->file, .offset = t->offset,
+                    .host = t->file < 0 ? t->data : NULL, .src_bytes = t->nbytes,
+                    .src_type = (kiln_type)t->type, .dst_type = as, .row_elems = n_in,
+                    .dst_bytes = dst_bytes};
+}
+
+/* A job for host bytes (converted vectors), which the job list then owns. */
+static kiln_status defer_host(load_ctx *c, const char *name, void *host, uint64_t n,
+                              kb_weight *w, float **f)
+{
+    ld_job j = {.name = name, .file = -1, .host = host, .src_bytes = n,
+                .src_type = KILN_TYPE_F32, .dst_type = KILN_TYPE_F32,
+                .row_elems = (int64_t)(n / sizeof(float)), .dst_bytes = n};
+    return defer_job(c, &j, w, f, host);
+}
+
+/* The files of the source, as the pipeline reads them. */
+static kiln_status collect_files(load_ctx *c)
+{
+    const model_source *src = c->src;
+    int n = src->gguf ? 1 : (int)src->hf->n_shards;
+    c->files = kiln_calloc((size_t)(n ? n : 1), sizeof *c->files);
+    if (!c->files)
+        return KILN_FAIL(KILN_ERR_NOMEM, "out of memory binding weights");
+    c->n_files = n;
+    if (src->gguf) {
+        c->files[0] = (ld_file){src->gguf->path, src->gguf->base, src->gguf->size};
+    } else {
+        for (int i = 0; i < n; i++) {
+            const st_file *f = src->hf->shards[i];
+            c->files[i] = (ld_file){f->path, f->base, f->size};
+        }
+    }
+    return KILN_OK;
+}
+
+/* The arena could not be had: say which tensor is the first beyond the
+ * device's free memory. */
+static kiln_status arena_failed(load_ctx *c, const uint64_t *offs, uint64_t total)
+{
+    char why[KILN_ERROR_MAX], a[32], b[32];
+    snprintf(why, sizeof why, "%s", kiln_last_error());
+    kb_backend *be = c->m->be;
+    size_t fr = 0, tot = 0;
+    if (be->ops->mem_info && be->ops->mem_info(be, &fr, &tot) == KILN_OK) {
+        for (size_t i = 0; i < c->n_jobs; i++) {
+            if (offs[i] + c->jobs[i].dst_bytes > fr)
+                return KILN_FAIL(KILN_ERR_NOMEM,
+                                 "%s; the weights need %s in %zu tensors, and tensor %s is the "
+                                 "first beyond the %s free", why,
+                                 kiln_fmt_bytes(total, a, sizeof a), c->n_jobs, c->jobs[i].name,
+                                 kiln_fmt_bytes(fr, b, sizeof b));
+        }
+    }
+    return KILN_FAIL(KILN_ERR_NOMEM, "%s (the weights need %s in %zu tensors)", why,
+                     kiln_fmt_bytes(total, a, sizeof a), c->n_jobs);
+}
+
+/* Give every job its place in one device allocation and run the pipeline. */
+static kiln_status place_deferred(load_ctx *c)
+{
+    kb_backend *be = c->m->be;
+    if (c->n_jobs == 0)
+        return KILN_OK;
+    uint64_t *offs = kiln_malloc_array(c->n_jobs, sizeof *offs);
+    if (!offs)
+        return KILN_FAIL(KILN_ERR_NOMEM, "out of memory placing weights");
+    uint64_t total = 0;
+    for (size_t i = 0; i < c->n_jobs; i++) {
+        uint64_t at = (total + LD_DEVICE_ALIGN - 1) / LD_DEVICE_ALIGN * LD_DEVICE_ALIGN;
+        if (at < total || !ck_add_u64(at, c->jobs[i].dst_bytes, &total)) {
+            kiln_free(offs);
+            return KILN_FAIL(KILN_ERR_RANGE, "tensor %s: the weights overflow 64 bits",
+                             c->jobs[i].name);
+        }
+        offs[i] = at;
+    }
+    uint8_t *arena = total <= SIZE_MAX ? be->ops->alloc(be, (size_t)total, "model weights")
+                                       : NULL;
+    kiln_status st;
+    if (!arena) {
+        st = arena_failed(c, offs, total);
+        kiln_free(offs);
+        return st;
+    }
+    if ((st = own(c, arena, true))) {
+        be->ops->free(be, arena);
+        kiln_free(offs);
+        return st;
+    }
+    for (size_t i = 0; i < c->n_jobs; i++) {
+        c->jobs[i].dst = arena + offs[i];
+        if (c->dfr[i].w)
+            c->dfr[i].w->data = arena + offs[i];
+        if (c->dfr[i].f)
+            *c->dfr[i].f = (float *)(arena + offs[i]);
+    }
+    kiln_free(offs);
+    ld_params p = c->o->pipe;
+    p.mon = c->mon;
+    p.progress = c->progress;
+    p.progress_user = c->user;
+    return ld_run(be, c->files, c->n_files, c->jobs, c->n_jobs, &p, c->o->stats);
+}
+
+/* ------------------------------------------------------------------------
+ * Binding
+ * ---------------------------------------------------------------------- */
 
 /* Bind one tensor.  rows == 0 means a vector of n_in elements. */
 static kiln_status bind(load_ctx *c, kb_weight *w, int layer, const char *suffix, int64_t n_in,
@@ -255,6 +444,8 @@ static kiln_status bind(load_ctx *c, kb_weight *w, int layer, const char *suffix
                          c->src->hf ? c->src->hf->dir : c->src->gguf->path, name);
     }
     const char *fname = t.name;
+    if (atomic_load(&c->mon->cancel))
+        return KILN_FAIL(KILN_ERR_CANCELLED, "loading cancelled at tensor %s", fname);
     bool is_vec = rows == 0;
     uint64_t want1 = is_vec ? 1 : (uint64_t)rows;
     uint64_t got1 = t.n_dims >= 2 ? t.ne[1] : 1;
@@ -287,11 +478,28 @@ static kiln_status bind(load_ctx *c, kb_weight *w, int layer, const char *suffix
         float *v = kiln_aligned_alloc(64, (size_t)n_in * sizeof(float));
         if (!v)
             return KILN_FAIL(KILN_ERR_NOMEM, "tensor %s: out of memory", fname);
-        tr->dequantize(t.data, v, n_in);
+        if ((uintptr_t)t.data % 4 == 0) {
+            tr->dequantize(t.data, v, n_in);
+        } else {
+            /* an odd safetensors offset: the row kernels read whole elements */
+            void *tmp = kiln_malloc((size_t)t.nbytes);
+            if (!tmp) {
+                kiln_free(v);
+                return KILN_FAIL(KILN_ERR_NOMEM, "tensor %s: out of memory", fname);
+            }
+            memcpy(tmp, t.data, t.nbytes);
+            tr->dequantize(tmp, v, n_in);
+            kiln_free(tmp);
+        }
         for (int64_t i = 0; i < n_in; i++)
             v[i] += add_to_vector;
         w->type = KILN_TYPE_F32;
         w->row_bytes = (uint64_t)n_in * sizeof(float);
+        if (c->defer) {
+            if ((st = defer_host(c, fname, v, w->row_bytes, w, NULL)))
+                return st;
+            return KILN_OK; /* counted by the pipeline */
+        }
         if (c->m->be->host_memory) {
             if ((st = own(c, v, false)) != KILN_OK) {
                 kiln_free(v);
@@ -314,6 +522,15 @@ static kiln_status bind(load_ctx *c, kb_weight *w, int layer, const char *suffix
                              quant_type_name(t.type, tn, sizeof tn), be->ops->name);
         }
         w->type = as;
+        if (c->defer) {
+            uint64_t out_row = row_bytes;
+            if (as != (kiln_type)t.type &&
+                (st = quant_row_size(as, (uint64_t)n_in, &out_row, fname)))
+                return st;
+            w->row_bytes = out_row;
+            ld_job j = file_job(&t, as, n_in, out_row * want1);
+            return defer_job(c, &j, w, NULL, NULL);
+        }
         if (as == (kiln_type)t.type) {
             if ((st = place(c, t.data, t.nbytes, fname, &w->data)))
                 return st;
@@ -332,17 +549,8 @@ static kiln_status bind_rope_freqs(load_ctx *c)
     model *m = c->m;
     model_hparams *hp = &m->hp;
     int n = hp->rope.n_dims / 2;
-    kb_weight w;
-    if (c->src->gguf) {
-        kiln_status st = bind(c, &w, -1, "rope_freqs.weight", n, 0, false, 0.0f);
-        if (st)
-            return st;
-        if (kb_weight_present(&w)) {
-            m->rope_freqs = (float *)w.data;
-            hp->rope.freq_factors = m->rope_freqs;
-        }
-        return KILN_OK;
-    }
+    if (c->src->gguf)
+        return bind(c, &c->rope_w, -1, "rope_freqs.weight", n, 0, false, 0.0f);
     json_t *rs = model_hf_rope_params(c->src->hf);
     json_t *jt = rs ? json_object_get(rs, "rope_type") : NULL;
     if (!json_is_string(jt) || strcmp(json_string_value(jt), "llama3"))
@@ -375,6 +583,9 @@ static kiln_status bind_rope_freqs(load_ctx *c)
         f[i] = (float)div;
     }
     kiln_status st;
+    if (c->defer)
+        return defer_host(c, "rope_freqs", f, (uint64_t)n * sizeof(float), NULL,
+                          &m->rope_freqs);
     if (c->m->be->host_memory) {
         if ((st = own(c, f, false)) != KILN_OK) {
             kiln_free(f);
@@ -389,7 +600,6 @@ static kiln_status bind_rope_freqs(load_ctx *c)
             return st;
         m->rope_freqs = (float *)dev;
     }
-    hp->rope.freq_factors = m->rope_freqs;
     return KILN_OK;
 }
 
@@ -413,32 +623,27 @@ static void mark_swa_layers(load_ctx *c)
     }
 }
 
-static uint64_t source_bytes(const model_source *src)
+static uint64_t source_bytes(const model_source *src, uint32_t *n_tensors)
 {
     uint64_t total = 0;
     if (src->gguf) {
+        *n_tensors = (uint32_t)src->gguf->n_tensors;
         for (uint64_t i = 0; i < src->gguf->n_tensors; i++)
             total += src->gguf->tensors[i].nbytes;
     } else {
+        *n_tensors = (uint32_t)src->hf->n_tensors;
         for (uint64_t i = 0; i < src->hf->n_tensors; i++)
             total += hf_tensor_at(src->hf, i)->nbytes;
     }
     return total;
 }
 
-kiln_status model_weights_load(model *m, const model_source *src, kiln_progress_fn progress,
-                               void *user)
+/* Every tensor of the architecture, in the order the forward pass reads
+ * them: embeddings, each layer, output. */
+static kiln_status bind_all(load_ctx *c)
 {
+    model *m = c->m;
     const model_hparams *hp = &m->hp;
-    owned_list *owned = kiln_calloc(1, sizeof *owned);
-    if (!owned)
-        return KILN_FAIL(KILN_ERR_NOMEM, "out of memory binding weights");
-    m->owned = owned;
-    m->layers = kiln_calloc((size_t)hp->n_layer, sizeof *m->layers);
-    if (!m->layers)
-        return KILN_FAIL(KILN_ERR_NOMEM, "out of memory binding weights");
-    load_ctx c = {.m = m, .src = src, .owned = owned, .progress = progress, .user = user,
-                  .bytes_total = source_bytes(src)};
     float norm_add = hp->norm_plus_one ? 1.0f : 0.0f;
     int64_t E = hp->n_embd, V = hp->n_vocab, F = hp->n_ff;
     int64_t QD = (int64_t)hp->n_head * hp->head_dim;
@@ -447,51 +652,120 @@ kiln_status model_weights_load(model *m, const model_source *src, kiln_progress_
     int64_t OD = (int64_t)hp->n_head * hp->head_dim_v;
     kiln_status st;
 
-    if ((st = bind(&c, &m->tok_embd, -1, "token_embd.weight", E, V, true, 0)))
+    if ((st = bind(c, &m->tok_embd, -1, "token_embd.weight", E, V, true, 0)))
         return st;
     for (int il = 0; il < hp->n_layer; il++) {
         model_layer *L = &m->layers[il];
-        if ((st = bind(&c, &L->attn_norm, il, "attn_norm.weight", E, 0, true, norm_add)) ||
-            (st = bind(&c, &L->wq, il, "attn_q.weight", E, QD, true, 0)) ||
-            (st = bind(&c, &L->wk, il, "attn_k.weight", E, KD, true, 0)) ||
-            (st = bind(&c, &L->wv, il, "attn_v.weight", E, VD, true, 0)) ||
-            (st = bind(&c, &L->wo, il, "attn_output.weight", OD, E, true, 0)) ||
-            (st = bind(&c, &L->ffn_norm, il, "ffn_norm.weight", E, 0, true, norm_add)) ||
-            (st = bind(&c, &L->w_gate, il, "ffn_gate.weight", E, F, true, 0)) ||
-            (st = bind(&c, &L->w_up, il, "ffn_up.weight", E, F, true, 0)) ||
-            (st = bind(&c, &L->w_down, il, "ffn_down.weight", F, E, true, 0)))
+        if ((st = bind(c, &L->attn_norm, il, "attn_norm.weight", E, 0, true, norm_add)) ||
+            (st = bind(c, &L->wq, il, "attn_q.weight", E, QD, true, 0)) ||
+            (st = bind(c, &L->wk, il, "attn_k.weight", E, KD, true, 0)) ||
+            (st = bind(c, &L->wv, il, "attn_v.weight", E, VD, true, 0)) ||
+            (st = bind(c, &L->wo, il, "attn_output.weight", OD, E, true, 0)) ||
+            (st = bind(c, &L->ffn_norm, il, "ffn_norm.weight", E, 0, true, norm_add)) ||
+            (st = bind(c, &L->w_gate, il, "ffn_gate.weight", E, F, true, 0)) ||
+            (st = bind(c, &L->w_up, il, "ffn_up.weight", E, F, true, 0)) ||
+            (st = bind(c, &L->w_down, il, "ffn_down.weight", F, E, true, 0)))
             return st;
         /* Biases: required by qwen2, accepted wherever present. */
-        if ((st = bind(&c, &L->bq, il, "attn_q.bias", QD, 0, hp->qkv_bias, 0)) ||
-            (st = bind(&c, &L->bk, il, "attn_k.bias", KD, 0, hp->qkv_bias, 0)) ||
-            (st = bind(&c, &L->bv, il, "attn_v.bias", VD, 0, hp->qkv_bias, 0)))
+        if ((st = bind(c, &L->bq, il, "attn_q.bias", QD, 0, hp->qkv_bias, 0)) ||
+            (st = bind(c, &L->bk, il, "attn_k.bias", KD, 0, hp->qkv_bias, 0)) ||
+            (st = bind(c, &L->bv, il, "attn_v.bias", VD, 0, hp->qkv_bias, 0)))
             return st;
         if (hp->qk_norm &&
-            ((st = bind(&c, &L->q_norm, il, "attn_q_norm.weight", hp->head_dim, 0, true,
+            ((st = bind(c, &L->q_norm, il, "attn_q_norm.weight", hp->head_dim, 0, true,
                         norm_add)) ||
-             (st = bind(&c, &L->k_norm, il, "attn_k_norm.weight", hp->head_dim, 0, true,
+             (st = bind(c, &L->k_norm, il, "attn_k_norm.weight", hp->head_dim, 0, true,
                         norm_add))))
             return st;
         if (hp->sandwich_norm &&
-            ((st = bind(&c, &L->post_attn_norm, il, "post_attention_norm.weight", E, 0, true,
+            ((st = bind(c, &L->post_attn_norm, il, "post_attention_norm.weight", E, 0, true,
                         norm_add)) ||
-             (st = bind(&c, &L->post_ffn_norm, il, "post_ffw_norm.weight", E, 0, true,
+             (st = bind(c, &L->post_ffn_norm, il, "post_ffw_norm.weight", E, 0, true,
                         norm_add))))
             return st;
     }
-    if ((st = bind(&c, &m->output_norm, -1, "output_norm.weight", E, 0, true, norm_add)))
+    if ((st = bind(c, &m->output_norm, -1, "output_norm.weight", E, 0, true, norm_add)))
         return st;
-    if (hp->tied_output) {
-        m->output = m->tok_embd;
-    } else if ((st = bind(&c, &m->output, -1, "output.weight", E, V, true, 0))) {
+    if (!hp->tied_output && (st = bind(c, &m->output, -1, "output.weight", E, V, true, 0)))
         return st;
+    return bind_rope_freqs(c);
+}
+
+void model_load_opts_from(const kiln_model_params *p, ld_model_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    ld_params_default(&o->pipe);
+    if (!p)
+        return;
+    o->pipe.n_streams = p->load_streams;
+    o->pipe.n_threads = p->load_threads;
+    o->pipe.ring_bytes = p->load_ring_bytes;
+    o->pipe.io = (kiln_load_io)p->load_io;
+    o->pipe.check = p->load_check != 0;
+    o->pipe.progress = p->progress;
+    o->pipe.progress_user = p->progress_user;
+}
+
+kiln_status model_weights_load_ex(model *m, const model_source *src, const ld_model_opts *o)
+{
+    const model_hparams *hp = &m->hp;
+    ld_model_opts defaults;
+    if (!o) {
+        model_load_opts_from(NULL, &defaults);
+        o = &defaults;
     }
-    if ((st = bind_rope_freqs(&c)))
+    owned_list *owned = kiln_calloc(1, sizeof *owned);
+    if (!owned)
+        return KILN_FAIL(KILN_ERR_NOMEM, "out of memory binding weights");
+    m->owned = owned;
+    m->layers = kiln_calloc((size_t)hp->n_layer, sizeof *m->layers);
+    if (!m->layers)
+        return KILN_FAIL(KILN_ERR_NOMEM, "out of memory binding weights");
+    ld_monitor own_mon = {0};
+    uint32_t n_src = 0;
+    load_ctx c = {.m = m, .src = src, .owned = owned, .o = o, .progress = o->pipe.progress,
+                  .user = o->pipe.progress_user, .mon = o->pipe.mon ? o->pipe.mon : &own_mon,
+                  .bytes_total = source_bytes(src, &n_src)};
+    c.defer = !m->be->host_memory && !o->sync && kb_has_async(m->be);
+    if (!c.defer) {
+        atomic_store(&c.mon->bytes_total, c.bytes_total);
+        atomic_store(&c.mon->tensors_total, n_src);
+    }
+    kiln_status st = c.defer ? collect_files(&c) : KILN_OK;
+    if (st == KILN_OK)
+        st = bind_all(&c);
+    if (st == KILN_OK && c.defer)
+        st = place_deferred(&c);
+    for (size_t i = 0; i < c.n_jobs; i++)
+        kiln_free(c.dfr[i].host);
+    kiln_free(c.jobs);
+    kiln_free(c.dfr);
+    kiln_free(c.files);
+    if (st)
         return st;
+    if (hp->tied_output)
+        m->output = m->tok_embd;
+    if (kb_weight_present(&c.rope_w))
+        m->rope_freqs = (float *)c.rope_w.data;
+    m->hp.rope.freq_factors = m->rope_freqs;
     mark_swa_layers(&c);
-    if (progress)
-        progress(c.bytes_total, c.bytes_total, user);
+    if (!c.defer) {
+        atomic_store(&c.mon->tensors_total, atomic_load(&c.mon->tensors_done));
+        atomic_store(&c.mon->bytes_done, c.bytes_total);
+        if (c.progress)
+            c.progress(c.bytes_total, c.bytes_total, c.user);
+    }
     return KILN_OK;
+}
+
+kiln_status model_weights_load(model *m, const model_source *src, kiln_progress_fn progress,
+                               void *user)
+{
+    ld_model_opts o;
+    model_load_opts_from(NULL, &o);
+    o.pipe.progress = progress;
+    o.pipe.progress_user = user;
+    return model_weights_load_ex(m, src, &o);
 }
 
 void model_weights_free(model *m)

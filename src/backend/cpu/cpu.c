@@ -236,6 +236,16 @@ static const kb_ops cpu_ops = {
     .add = cpu_add,
     .scale = cpu_scale,
     .get_rows = cpu_get_rows,
+    .host_alloc = kb_cpu_host_alloc,
+    .host_free = kb_cpu_host_free,
+    .upload_streams = kb_cpu_upload_streams,
+    .upload_async = kb_cpu_upload_async,
+    .event_create = kb_cpu_event_create,
+    .event_free = kb_cpu_event_free,
+    .event_record = kb_cpu_event_record,
+    .event_query = kb_cpu_event_query,
+    .event_sync = kb_cpu_event_sync,
+    .event_elapsed = kb_cpu_event_elapsed,
     .destroy = cpu_destroy,
 };
 

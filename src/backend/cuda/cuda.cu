@@ -294,6 +294,7 @@ static void cuda_destroy(kb_backend *be)
         kcu_matmul_release(cu);
         kcu_attention_release(cu);
         kcu_sample_release(cu);
+        kcu_transfer_release(cu);
         if (cu->bat_dev)
             cudaFree(cu->bat_dev);
         if (cu->bat_pin)
@@ -340,6 +341,16 @@ static const kb_ops cuda_ops = {
     .graph_launch = cuda_graph_launch,
     .graph_free = cuda_graph_free,
     .sample = kcu_sample,
+    .host_alloc = kcu_host_alloc,
+    .host_free = kcu_host_free,
+    .upload_streams = kcu_upload_streams,
+    .upload_async = kcu_upload_async,
+    .event_create = kcu_event_create,
+    .event_free = kcu_event_free,
+    .event_record = kcu_event_record,
+    .event_query = kcu_event_query,
+    .event_sync = kcu_event_sync,
+    .event_elapsed = kcu_event_elapsed,
     .destroy = cuda_destroy,
 };
 

@@ -98,6 +98,7 @@ typedef struct kcu {
     size_t mv_part_elems;     /* capacity of mv_part */
     bool mv_ready;            /* matvec kernels may use all shared memory */
     struct kcu_lt_cache *lt_cache; /* cuBLASLt descriptors and algorithm by GEMM shape */
+    bool gemm_split;          /* activations as BF16 hi + lo: two GEMMs (default) */
 
     /* transfer.cu */
     cudaStream_t up_stream[KB_MAX_STREAMS]; /* upload streams 0..n_up_streams-1 */

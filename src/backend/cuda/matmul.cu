@@ -80,6 +80,20 @@ __global__ void k_f32_to_bf16(const float *__restrict__ x, __nv_bfloat16 *__rest
         y[i] = __float2bfloat16_rn(x[i]);
 }
 
+/* x as hi + lo, two BF16 rows whose sum carries ~16 of x's 24 mantissa bits
+ * (hi at y, lo at y + n): two accumulating GEMMs against the same weight
+ * then round the activations ~2^-17 instead of ~2^-9 relative. */
+__global__ void k_f32_to_bf16_split(const float *__restrict__ x, __nv_bfloat16 *__restrict__ y,
+                                    size_t n)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        __nv_bfloat16 hi = __float2bfloat16_rn(x[i]);
+        y[i] = hi;
+        y[n + i] = __float2bfloat16_rn(x[i] - __bfloat162float(hi));
+    }
+}
+
 /* Element k of a float-format row (F32, F16, BF16), 2-byte aligned data. */
 __device__ __forceinline__ float kcu_float_elem(const uint8_t *row, int type, int64_t k)
 {
@@ -318,20 +332,28 @@ fail:
 }
 #undef LT_TRY
 
-/* C (m cols of out, ldc) = A (m rows of k BF16, lda) x act_bf16 (n rows of k). */
+/* C (m cols of out, ldc) = A (m rows of k BF16, lda) x act_bf16 (n rows of
+ * k); with split activations, C = A x hi + A x lo (the second accumulates). */
 static void lt_gemm(kcu *cu, float *c, int ldc, const __nv_bfloat16 *a, int lda, int m, int n,
                     int k, const char *name)
 {
     kcu_lt_plan *pl = lt_plan(cu, m, n, k, lda, ldc, align_of(a), align_of(c), name);
     if (!pl)
         return;
-    const float alpha = 1.0f, beta = 0.0f;
-    cublasStatus_t s = cublasLtMatmul(cu->lt, pl->op, &alpha, a, pl->a, cu->act_bf16, pl->b,
-                                      &beta, c, pl->c, c, pl->c, &pl->algo, cu->lt_ws,
-                                      KCU_LT_WORKSPACE, cu->stream);
-    if (s != CUBLAS_STATUS_SUCCESS)
-        KCU_BAD(cu, KILN_ERR_DEVICE, "cuda matmul %s: cublasLtMatmul (m=%d n=%d k=%d) failed "
-                "(cublas status %d)", name, m, n, k, (int)s);
+    const float alpha = 1.0f;
+    const size_t lo_off = (size_t)n * (size_t)k;
+    for (int part = 0; part < (cu->gemm_split ? 2 : 1); part++) {
+        const float beta = part ? 1.0f : 0.0f;
+        const __nv_bfloat16 *b = cu->act_bf16 + (part ? lo_off : 0);
+        cublasStatus_t s = cublasLtMatmul(cu->lt, pl->op, &alpha, a, pl->a, b, pl->b, &beta, c,
+                                          pl->c, c, pl->c, &pl->algo, cu->lt_ws,
+                                          KCU_LT_WORKSPACE, cu->stream);
+        if (s != CUBLAS_STATUS_SUCCESS) {
+            KCU_BAD(cu, KILN_ERR_DEVICE, "cuda matmul %s: cublasLtMatmul (m=%d n=%d k=%d) "
+                    "failed (cublas status %d)", name, m, n, k, (int)s);
+            return;
+        }
+    }
 }
 
 /* ------------------------------------------------------------------------
@@ -349,8 +371,12 @@ static void matmul_gemm(kcu *cu, float *out, const float *x, const kb_weight *w,
                 cu->act_bf16_elems);
         return;
     }
-    k_f32_to_bf16<<<stride_grid(cu, (int64_t)need, 256), 256, 0, cu->stream>>>(x, cu->act_bf16,
-                                                                               need);
+    if (cu->gemm_split)
+        k_f32_to_bf16_split<<<stride_grid(cu, (int64_t)need, 256), 256, 0, cu->stream>>>(
+            x, cu->act_bf16, need);
+    else
+        k_f32_to_bf16<<<stride_grid(cu, (int64_t)need, 256), 256, 0, cu->stream>>>(
+            x, cu->act_bf16, need);
     KCU_LAUNCHED(cu);
     if (w->type == KILN_TYPE_BF16) {
         lt_gemm(cu, out, n_out, (const __nv_bfloat16 *)w->data, n_in, n_out, rows, n_in, name);
@@ -490,7 +516,12 @@ kiln_status kcu_matmul_reserve(kcu *cu, const kb_reserve *r)
         if (wt == 0)
             wt = (size_t)r->max_n_in;
     }
-    KCU_TRY(cu, cudaMalloc((void **)&cu->act_bf16, act * sizeof(__nv_bfloat16)));
+    /* Split activations (the default) keep the GEMM's inputs to ~2^-17
+     * relative, as the CPU backend's float32 activations nearly are, at twice
+     * the tensor-core work; KILN_CUDA_GEMM=bf16 rounds them to BF16 once. */
+    const char *mode = getenv("KILN_CUDA_GEMM");
+    cu->gemm_split = !(mode && !strcmp(mode, "bf16"));
+    KCU_TRY(cu, cudaMalloc((void **)&cu->act_bf16, 2 * act * sizeof(__nv_bfloat16)));
     cu->act_bf16_elems = act;
     KCU_TRY(cu, cudaMalloc((void **)&cu->wtile, wt * sizeof(__nv_bfloat16)));
     cu->wtile_elems = wt;

@@ -15,6 +15,25 @@ __device__ __forceinline__ float kcu_warp_sum(float v)
     return v;
 }
 
+/* The sum of v over the block (blockDim.x a multiple of 32), in every thread. */
+static __device__ float kcu_block_sum(float v)
+{
+    __shared__ float part[32];
+    v = kcu_warp_sum(v);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0)
+        part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (int)(blockDim.x / 32) ? part[lane] : 0.0f;
+        v = kcu_warp_sum(v);
+        if (lane == 0)
+            part[0] = v;
+    }
+    __syncthreads();
+    return part[0];
+}
+
 /* ------------------------------------------------------------------------
  * RMSNorm: out = x / sqrt(mean(x^2) + eps) * w
  * ---------------------------------------------------------------------- */
@@ -45,7 +64,6 @@ template <bool VEC4>
 __global__ void k_rmsnorm_block(float *__restrict__ out, const float *__restrict__ x,
                                 const float *__restrict__ w, int n, float eps)
 {
-    __shared__ float part[32];
     const float *xr = x + (size_t)blockIdx.x * n;
     float *orow = out + (size_t)blockIdx.x * n;
     float ss = 0.0f;
@@ -59,19 +77,7 @@ __global__ void k_rmsnorm_block(float *__restrict__ out, const float *__restrict
         for (int i = threadIdx.x; i < n; i += blockDim.x)
             ss += xr[i] * xr[i];
     }
-    ss = kcu_warp_sum(ss);
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (lane == 0)
-        part[warp] = ss;
-    __syncthreads();
-    if (warp == 0) {
-        ss = lane < (int)(blockDim.x / 32) ? part[lane] : 0.0f;
-        ss = kcu_warp_sum(ss);
-        if (lane == 0)
-            part[0] = ss;
-    }
-    __syncthreads();
-    float r = rsqrtf(part[0] / (float)n + eps);
+    float r = rsqrtf(kcu_block_sum(ss) / (float)n + eps);
     if (VEC4) {
         const float4 *x4 = (const float4 *)xr;
         const float4 *w4 = (const float4 *)w;
@@ -118,7 +124,6 @@ void kcu_rmsnorm(kb_backend *be, float *out, const float *x, const kb_weight *w,
 __global__ void k_add_rmsnorm(float *out, float *__restrict__ x, const float *y,
                               const float *__restrict__ w, int n, float eps)
 {
-    __shared__ float part[32];
     float *xr = x + (size_t)blockIdx.x * n;
     const float *yr = y + (size_t)blockIdx.x * n;
     float *orow = out + (size_t)blockIdx.x * n;
@@ -128,19 +133,7 @@ __global__ void k_add_rmsnorm(float *out, float *__restrict__ x, const float *y,
         xr[i] = v;
         ss += v * v;
     }
-    ss = kcu_warp_sum(ss);
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (lane == 0)
-        part[warp] = ss;
-    __syncthreads();
-    if (warp == 0) {
-        ss = lane < (int)(blockDim.x / 32) ? part[lane] : 0.0f;
-        ss = kcu_warp_sum(ss);
-        if (lane == 0)
-            part[0] = ss;
-    }
-    __syncthreads();
-    float r = rsqrtf(part[0] / (float)n + eps);
+    float r = rsqrtf(kcu_block_sum(ss) / (float)n + eps);
     for (int i = threadIdx.x; i < n; i += blockDim.x)
         orow[i] = xr[i] * r * w[i];
 }

@@ -26,77 +26,16 @@
 #include <cmocka.h>
 #include <jansson.h>
 
+#include "cli_run.h"
+
 #define SMOLLM2 "models/SmolLM2-135M-Instruct.Q4_1.gguf"
-#define OUT_MAX (1u << 20)
 
 static char kiln_bin[PATH_MAX + 16];
 
-typedef struct run_result {
-    int status;   /* exit code, or 128 + signal */
-    char *out;    /* stdout (NUL-terminated) */
-    char *err;    /* stderr */
-} run_result;
-
-static char *slurp_fd(int fd)
-{
-    size_t cap = 4096, len = 0;
-    char *buf = malloc(cap);
-    ssize_t got;
-    while ((got = read(fd, buf + len, cap - len - 1)) > 0) {
-        len += (size_t)got;
-        if (len + 1 == cap && cap < OUT_MAX) {
-            cap *= 2;
-            buf = realloc(buf, cap);
-        } else if (len + 1 == cap) {
-            break;
-        }
-    }
-    buf[len] = '\0';
-    return buf;
-}
-
-/* Run kiln with argv (NULL-terminated, argv[0] ignored); stdin from
- * /dev/null.  Reads stdout fully, then stderr (outputs here are small). */
+/* Run kiln with argv (NULL-terminated, argv[0] ignored). */
 static run_result run_kiln(const char *const *args)
 {
-    int po[2], pe[2];
-    assert_int_equal(pipe(po), 0);
-    assert_int_equal(pipe(pe), 0);
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        int devnull = open("/dev/null", O_RDONLY);
-        dup2(devnull, 0);
-        dup2(po[1], 1);
-        dup2(pe[1], 2);
-        close(po[0]);
-        close(pe[0]);
-        char *argv[32];
-        int n = 0;
-        argv[n++] = kiln_bin;
-        for (int i = 1; args[i] && n < 31; i++)
-            argv[n++] = (char *)args[i];
-        argv[n] = NULL;
-        execv(kiln_bin, argv);
-        _exit(127);
-    }
-    close(po[1]);
-    close(pe[1]);
-    run_result r;
-    r.out = slurp_fd(po[0]);
-    r.err = slurp_fd(pe[0]);
-    close(po[0]);
-    close(pe[0]);
-    int st;
-    waitpid(pid, &st, 0);
-    r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-    return r;
-}
-
-static void run_free(run_result *r)
-{
-    free(r->out);
-    free(r->err);
+    return cli_run(kiln_bin, args, 0);
 }
 
 static int count_lines(const char *s)

@@ -53,6 +53,7 @@
 #include <jansson.h>
 #include <utf8proc.h>
 
+#include "cli_run.h"
 #include "parity.h"
 
 #include "format/gguf.h"
@@ -65,7 +66,6 @@
 #define GEMMA3_Q4KM "models/gemma-3-270m-q4_k_m.gguf"
 #define HF_DIR "tests/data/hf-tiny/"
 #define N_SMOL_PROMPTS 3
-#define OUT_MAX (1u << 20)
 #define TMP_PATH 256 /* bytes of a path inside tmp_dir */
 
 static char tmp_dir[64];
@@ -999,72 +999,9 @@ static void test_hf_gemma3(void **state)
  * The CLI
  * ---------------------------------------------------------------------- */
 
-typedef struct run_result {
-    int status;
-    char *out, *err;
-} run_result;
-
-static char *slurp_fd(int fd)
-{
-    size_t cap = 4096, len = 0;
-    char *buf = malloc(cap);
-    ssize_t got;
-    while ((got = read(fd, buf + len, cap - len - 1)) > 0) {
-        len += (size_t)got;
-        if (len + 1 == cap && cap < OUT_MAX) {
-            cap *= 2;
-            buf = realloc(buf, cap);
-        } else if (len + 1 == cap) {
-            break;
-        }
-    }
-    buf[len] = '\0';
-    return buf;
-}
-
-/* Run kiln with args (NULL-terminated, args[0] ignored); a non-zero
- * fsize_limit caps the size of files it may write (RLIMIT_FSIZE, with
- * SIGXFSZ ignored so that the write fails with EFBIG: a full disk as far
- * as the writer can tell). */
 static run_result run_kiln(const char *const *args, rlim_t fsize_limit)
 {
-    int po[2], pe[2];
-    assert_int_equal(pipe(po), 0);
-    assert_int_equal(pipe(pe), 0);
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        int devnull = open("/dev/null", O_RDONLY);
-        dup2(devnull, 0);
-        dup2(po[1], 1);
-        dup2(pe[1], 2);
-        close(po[0]);
-        close(pe[0]);
-        if (fsize_limit) {
-            signal(SIGXFSZ, SIG_IGN);
-            struct rlimit rl = {fsize_limit, fsize_limit};
-            setrlimit(RLIMIT_FSIZE, &rl);
-        }
-        char *argv[32];
-        int n = 0;
-        argv[n++] = kiln_bin;
-        for (int i = 1; args[i] && n < 31; i++)
-            argv[n++] = (char *)args[i];
-        argv[n] = NULL;
-        execv(kiln_bin, argv);
-        _exit(127);
-    }
-    close(po[1]);
-    close(pe[1]);
-    run_result r;
-    r.out = slurp_fd(po[0]);
-    r.err = slurp_fd(pe[0]);
-    close(po[0]);
-    close(pe[0]);
-    int st;
-    waitpid(pid, &st, 0);
-    r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-    return r;
+    return cli_run(kiln_bin, args, fsize_limit);
 }
 
 static int count_lines(const char *s)

@@ -5,7 +5,8 @@
  *    below 1e-3 over every position (greedy agreement reported);
  *  - against the CPU backend on the same file: mean KL of the CUDA logits
  *    from the CPU logits along prompt + continuation, and the greedy
- *    64-token continuation identical for BF16 models (reported for others);
+ *    64-token continuation identical for BF16 models (reported for others),
+ *    except where the CPU's two best logits are within TIE_GAP;
  *  - through the engine: CUDA graphs on and off give the same tokens for a
  *    batch of sequences of different lengths (so padded buckets run).
  *
@@ -23,6 +24,9 @@
 #include "parity.h"
 
 #define KL_TARGET 1e-3
+/* Top-2 logit gap (CPU) below which a greedy turn may go either way: the
+ * backends sum in different orders and their logits differ by ~1e-3. */
+#define TIE_GAP 0.01f
 #define N_CONT 64
 #define MAX_MODELS 16
 
@@ -148,8 +152,14 @@ static void backend_parity(kiln_model *gpu, kiln_model *cpu, const char *path)
             int n = np - t < PARITY_CHUNK ? np - t : PARITY_CHUNK;
             last = parity_runner_step(&rc, toks + t, n, t, false);
         }
+        float gap[N_CONT]; /* the CPU's top-1 minus top-2 logit at each step */
         for (int k = 0; k < N_CONT; k++) {
             toks[np + k] = parity_argmax(last, V);
+            float second = -INFINITY;
+            for (int i = 0; i < V; i++)
+                if (i != toks[np + k] && last[i] > second)
+                    second = last[i];
+            gap[k] = last[toks[np + k]] - second;
             if (k + 1 < N_CONT)
                 last = parity_runner_step(&rc, &toks[np + k], 1, np + k, false);
         }
@@ -189,15 +199,20 @@ static void backend_parity(kiln_model *gpu, kiln_model *cpu, const char *path)
                 last = parity_runner_step(&rg, &tok, 1, np + k, false);
         }
         parity_runner_free(&rg);
-        fprintf(stderr, "  prompt of %d tokens: greedy %d/%d tokens as the CPU\n", np, same,
-                N_CONT);
-        greedy_same_all += same == N_CONT;
+        /* A turn where the CPU's two best logits are closer than the two
+         * backends' rounding can separate is a tie, not a difference. */
+        bool tie = same < N_CONT && gap[same] < TIE_GAP;
+        fprintf(stderr, "  prompt of %d tokens: greedy %d/%d tokens as the CPU%s\n", np, same,
+                N_CONT, same == N_CONT ? "" : tie ? " (then a tie)" : "");
+        if (same < N_CONT)
+            fprintf(stderr, "    the CPU's top-2 logit gap there: %.5f\n", (double)gap[same]);
+        greedy_same_all += same == N_CONT || tie;
         free(toks);
     }
     double mean = kl_sum / (double)n_pos;
     fprintf(stderr,
             "cuda vs cpu %s (%s): %ld positions: mean KL %.3g (max %.3g), greedy %d/%d "
-            "continuations identical\n",
+            "continuations identical up to ties\n",
             path, bf16 ? "BF16" : "quantized", n_pos, mean, kl_max, greedy_same_all, n_prompts);
     assert_true(mean < KL_TARGET);
     if (bf16)

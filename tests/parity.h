@@ -100,20 +100,8 @@ static void parity_runner_init(parity_runner *r, model *m, int cap, kiln_type kv
                     m->hp.head_dim_v, kv_type};
     assert_int_equal(m->be->ops->kv_create(m->be, &d, &r->kv), KILN_OK);
     assert_int_equal(model_scratch_init(m, &r->s, PARITY_CHUNK, PARITY_CHUNK), KILN_OK);
-    if (m->be->ops->reserve) {
-        int hd = m->hp.head_dim > m->hp.head_dim_v ? m->hp.head_dim : m->hp.head_dim_v;
-        int64_t n_in = m->hp.n_ff > m->hp.n_embd ? m->hp.n_ff : m->hp.n_embd;
-        int64_t o_dim = (int64_t)m->hp.n_head * m->hp.head_dim_v;
-        int64_t n_out = m->hp.n_vocab > m->hp.n_ff ? m->hp.n_vocab : m->hp.n_ff;
-        int64_t q_dim = (int64_t)m->hp.n_head * m->hp.head_dim;
-        kb_reserve rs = {.max_tokens = PARITY_CHUNK, .max_seqs = 1,
-                         .max_ctx = r->n_blocks * PARITY_BLOCK,
-                         .max_n_in = n_in > o_dim ? n_in : o_dim,
-                         .max_n_out = n_out > q_dim ? n_out : q_dim,
-                         .n_heads = m->hp.n_head, .head_dim = hd,
-                         .n_vocab = m->hp.n_vocab, .max_pen = 64};
-        assert_int_equal(m->be->ops->reserve(m->be, &rs), KILN_OK);
-    }
+    assert_int_equal(model_backend_reserve(m, PARITY_CHUNK, 1, r->n_blocks * PARITY_BLOCK, 64),
+                     KILN_OK);
     r->host_logits = NULL;
     if (!m->be->host_memory) {
         r->host_logits = malloc((size_t)PARITY_CHUNK * (size_t)m->hp.n_vocab * sizeof(float));

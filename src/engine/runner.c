@@ -42,31 +42,6 @@ static uint64_t runner_kv_block_bytes(void *ctx, int block_size, bool kv_f32)
     return (uint64_t)block_size * model_kv_bytes_per_token(&r->km->m.hp, kv_f32 ? 4 : 2);
 }
 
-static int max_i(int a, int b) { return a > b ? a : b; }
-
-/* The backend's scratch for the largest step (kb_reserve). */
-static kiln_status reserve_backend(model_runner *r, const engine_prepare *ep)
-{
-    model *m = &r->km->m;
-    const model_hparams *hp = &m->hp;
-    kb_backend *be = m->be;
-    if (!be->ops->reserve)
-        return KILN_OK;
-    int q_dim = hp->n_head * hp->head_dim, o_dim = hp->n_head * hp->head_dim_v;
-    kb_reserve rs = {
-        .max_tokens = max_i(ep->max_tokens, ep->max_out),
-        .max_seqs = ep->max_seqs,
-        .max_ctx = ep->n_ctx,
-        .max_n_in = max_i(max_i(hp->n_embd, o_dim), hp->n_ff),
-        .max_n_out = max_i(max_i(hp->n_vocab, hp->n_ff), max_i(q_dim, hp->n_embd)),
-        .n_heads = hp->n_head,
-        .head_dim = max_i(hp->head_dim, hp->head_dim_v),
-        .n_vocab = hp->n_vocab,
-        .max_pen = RUNNER_MAX_PEN,
-    };
-    return be->ops->reserve(be, &rs);
-}
-
 /* KV blocks for a device: what the memory fraction leaves after weights and
  * scratch (already allocated), less one block for graph padding. */
 static kiln_status size_kv_pool(model_runner *r, engine_prepare *ep, uint64_t block_bytes)
@@ -188,7 +163,8 @@ static kiln_status runner_prepare(void *ctx, engine_prepare *ep)
         return st;
     r->scratch_ready = true;
     r->max_out = ep->max_out;
-    if ((st = reserve_backend(r, ep)))
+    int max_rows = ep->max_tokens > ep->max_out ? ep->max_tokens : ep->max_out;
+    if ((st = model_backend_reserve(m, max_rows, ep->max_seqs, ep->n_ctx, RUNNER_MAX_PEN)))
         return st;
     if (!be->host_memory) {
         r->logits_host = kiln_malloc_array((size_t)ep->max_out * (size_t)m->hp.n_vocab,

@@ -75,6 +75,30 @@ static void add_then_norm(kb_backend *be, float *out, float *x, const float *y,
     }
 }
 
+static int max_i(int a, int b) { return a > b ? a : b; }
+
+kiln_status model_backend_reserve(model *m, int max_tokens, int max_seqs, int max_ctx,
+                                  int max_pen)
+{
+    const model_hparams *hp = &m->hp;
+    kb_backend *be = m->be;
+    if (!be->ops->reserve)
+        return KILN_OK;
+    int q_dim = hp->n_head * hp->head_dim, o_dim = hp->n_head * hp->head_dim_v;
+    kb_reserve rs = {
+        .max_tokens = max_tokens,
+        .max_seqs = max_seqs,
+        .max_ctx = max_ctx,
+        .max_n_in = max_i(max_i(hp->n_embd, o_dim), hp->n_ff),
+        .max_n_out = max_i(max_i(hp->n_vocab, hp->n_ff), max_i(q_dim, hp->n_embd)),
+        .n_heads = hp->n_head,
+        .head_dim = max_i(hp->head_dim, hp->head_dim_v),
+        .n_vocab = hp->n_vocab,
+        .max_pen = max_pen,
+    };
+    return be->ops->reserve(be, &rs);
+}
+
 void model_forward(model *m, kb_kv *kv, model_scratch *s, const kb_batch *b)
 {
     const model_hparams *hp = &m->hp;

@@ -412,13 +412,3 @@ fail:
     cuda_destroy(be);
     return st;
 }
-
-extern "C" int kiln_cuda_device_count(void)
-{
-    int n = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess) {
-        cudaGetLastError();
-        return 0;
-    }
-    return n;
-}

@@ -224,6 +224,7 @@ typedef struct sampler {
     int32_t *ids;    /* (n_vocab) candidate ids */
     int32_t *counts; /* (n_vocab) zero between calls; penalty counters */
     uint8_t *bucket; /* (n_vocab) top-p histogram bucket of each candidate */
+    kb_sample_pen *pen; /* (n_vocab) penalty entries of the row being sampled */
 } sampler;
 
 typedef struct sampler_result {

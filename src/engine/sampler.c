@@ -44,7 +44,8 @@ kiln_status sampler_init(sampler *sm, int n_vocab)
     sm->ids = kiln_malloc_array((size_t)n_vocab, sizeof(int32_t));
     sm->counts = kiln_calloc((size_t)n_vocab, sizeof(int32_t));
     sm->bucket = kiln_malloc((size_t)n_vocab);
-    if (!sm->logits || !sm->probs || !sm->ids || !sm->counts || !sm->bucket) {
+    sm->pen = kiln_malloc_array((size_t)n_vocab, sizeof *sm->pen);
+    if (!sm->logits || !sm->probs || !sm->ids || !sm->counts || !sm->bucket || !sm->pen) {
         sampler_free(sm);
         return KILN_FAIL(KILN_ERR_NOMEM, "sampler scratch for %d tokens",
                          n_vocab);
@@ -59,6 +60,7 @@ void sampler_free(sampler *sm)
     kiln_free(sm->ids);
     kiln_free(sm->counts);
     kiln_free(sm->bucket);
+    kiln_free(sm->pen);
     memset(sm, 0, sizeof *sm);
 }
 
@@ -105,42 +107,6 @@ static double next_unit(uint64_t st[4])
  * Penalties
  * ---------------------------------------------------------------------- */
 
-bool sampler_penalize(sampler *sm, float *logits, const kiln_sampling *s,
-                      const int32_t *tokens, int n_tokens, int n_prompt)
-{
-    int32_t *cnt = sm->counts;
-    bool changed = false;
-    if (s->repeat_penalty != 1.0f && s->repeat_last_n != 0) {
-        int n = s->repeat_last_n < 0 || s->repeat_last_n > n_tokens
-                    ? n_tokens : s->repeat_last_n;
-        const int32_t *w = tokens + (n_tokens - n);
-        for (int i = 0; i < n; i++) {
-            if (cnt[w[i]]++ == 0) {
-                float *l = &logits[w[i]];
-                *l = *l > 0 ? *l / s->repeat_penalty : *l * s->repeat_penalty;
-            }
-        }
-        for (int i = 0; i < n; i++)
-            cnt[w[i]] = 0;
-        changed = n > 0;
-    }
-    if (s->presence_penalty != 0.0f || s->frequency_penalty != 0.0f) {
-        const int32_t *g = tokens + n_prompt;
-        int n = n_tokens - n_prompt;
-        for (int i = 0; i < n; i++)
-            cnt[g[i]]++;
-        for (int i = 0; i < n; i++) {
-            int c = cnt[g[i]];
-            if (c > 0) { /* once per distinct token */
-                logits[g[i]] -= (float)c * s->frequency_penalty + s->presence_penalty;
-                cnt[g[i]] = 0;
-            }
-        }
-        changed = changed || n > 0;
-    }
-    return changed;
-}
-
 int sampler_penalty_entries(sampler *sm, const kiln_sampling *s, const int32_t *tokens,
                             int n_tokens, int n_prompt, kb_sample_pen *out, int max)
 {
@@ -181,6 +147,21 @@ int sampler_penalty_entries(sampler *sm, const kiln_sampling *s, const int32_t *
         }
     }
     return n > max ? -1 : n;
+}
+
+/* The host applies the same entries the device does: one per distinct
+ * token, so a repeated token is penalised once. */
+bool sampler_penalize(sampler *sm, float *logits, const kiln_sampling *s,
+                      const int32_t *tokens, int n_tokens, int n_prompt)
+{
+    int n = sampler_penalty_entries(sm, s, tokens, n_tokens, n_prompt, sm->pen, sm->n_vocab);
+    for (int i = 0; i < n; i++) {
+        float *l = &logits[sm->pen[i].id];
+        if (sm->pen[i].rep != 1.0f)
+            *l = *l > 0 ? *l / sm->pen[i].rep : *l * sm->pen[i].rep;
+        *l -= sm->pen[i].sub;
+    }
+    return n > 0;
 }
 
 double sampler_draw(uint64_t st[4]) { return next_unit(st); }

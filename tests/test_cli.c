@@ -171,6 +171,14 @@ static void test_bad_flags(void **state)
          1, "nope"},
         {{"kiln", "generate", "-m", SMOLLM2, "-p", "hi", "--wat", NULL}, 2, "'--wat'"},
         {{"kiln", "bench", "-m", SMOLLM2, "-b", "0", NULL}, 2, "out of range"},
+        {{"kiln", "bench", "-m", SMOLLM2, "-b", "1,,8", NULL}, 2, "comma-separated"},
+        {{"kiln", "bench", "-m", SMOLLM2, "-b", "1,x", NULL}, 2, "not an integer"},
+        {{"kiln", "generate", "-m", SMOLLM2, "-p", "hi", "--gpu-mem-fraction", "2", NULL}, 2,
+         "out of range"},
+        {{"kiln", "generate", "-m", SMOLLM2, "-p", "hi", "--device", "cuda:x", NULL}, 1,
+         "device 'cuda:x'"},
+        {{"kiln", "generate", "-m", SMOLLM2, "-p", "hi", "--device", "cuda:99", NULL}, 1,
+         "cuda:99"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         run_result r = run_kiln(cases[i].args);

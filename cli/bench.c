@@ -114,7 +114,8 @@ static double median(double *v, int n)
 static void bench_usage(FILE *f)
 {
     fprintf(f, "usage: kiln bench -m MODEL [--device DEV] [-t N] [-p P] [-n N] [-b B[,B...]] "
-               "[--reps R] [--json]\n\n"
+               "[--reps R] [--json]\n"
+               "                  [--fast-activations] [generate's model options]\n\n"
                "  -p P       prompt tokens for the prefill figure (default 512; 0 skips it)\n"
                "  -n N       tokens each request generates (default 128; 0 skips it)\n"
                "  -b B,...   requests decoding at once, one figure per value (default 1)\n"

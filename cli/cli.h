@@ -29,6 +29,7 @@ typedef struct run_opts {
     int ctx;                /* 0 = default */
     float gpu_mem_fraction; /* 0 = the engine's default */
     int eager;              /* no CUDA graphs */
+    int fast_activations;   /* 8-bit activations in quantized matmuls */
     kiln_sampling sampling;
     int load_streams;       /* device loading: upload streams (0 = default) */
     int load_ring_mib;      /* device loading: pinned staging ring (0 = default) */

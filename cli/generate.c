@@ -109,6 +109,8 @@ int cli_parse_common(run_opts *o, int argc, char **argv, int *i)
         o->sampling.stop[o->sampling.n_stop++] = s;
     } else if (!strcmp(a, "--eager")) {
         o->eager = 1;
+    } else if (!strcmp(a, "--fast-activations")) {
+        o->fast_activations = 1;
     } else if (!strcmp(a, "--ignore-eos")) {
         o->sampling.ignore_eos = 1;
     } else if (!strcmp(a, "--chat-template")) {
@@ -143,6 +145,7 @@ kiln_model *cli_load_model(const run_opts *o, double *load_sec)
     mp.load_streams = o->load_streams;
     mp.load_ring_bytes = (uint64_t)o->load_ring_mib << 20;
     mp.load_threads = o->load_threads;
+    mp.fast_activations = o->fast_activations;
     kiln_progress bar = {0};
     mp.progress = progress_cb;
     mp.progress_user = &bar;
@@ -297,6 +300,9 @@ static void generate_usage(FILE *f)
             "  --gpu-mem-fraction F     GPU memory kiln may use, the KV cache taking what\n"
             "                           weights and scratch leave (default 0.90)\n"
             "  --eager                  GPU: no CUDA graphs for decode steps\n"
+            "  --fast-activations       quantized matmuls round activations to 8 bits per\n"
+            "                           block (llama.cpp's way): faster on GPUs, slightly\n"
+            "                           less accurate (default: exact float32)\n"
             "  --load-streams N         GPU loading: upload streams (default 4)\n"
             "  --load-ring MIB          GPU loading: bound on the pinned staging memory\n"
             "                           (default 512; 80 are used at the defaults)\n"

@@ -80,6 +80,10 @@ typedef struct kiln_model_params {
     int load_io;              /* a kiln_load_io; 0 = KILN_LOAD_IO_PREAD */
     int load_check;           /* refuse weights holding NaN / Inf values
                                  (or block scales), naming the tensor */
+    int fast_activations;     /* quantized matmuls round activations to 8 bits
+                                 per block, llama.cpp's way: faster on GPUs,
+                                 slightly less accurate; default off = exact
+                                 float32 */
 } kiln_model_params;
 
 void kiln_model_params_default(kiln_model_params *p);

@@ -6,9 +6,10 @@
  * exit non-zero with exactly one line on stderr naming the fault; bad flags
  * and values get a clear message and exit code 2; `kiln inspect --json` of
  * the default model is valid JSON with the expected figures; `kiln generate`
- * refuses a prompt longer than the context unless --truncate is given.  The
- * binary is the one built beside this test (BUILD/kiln), so the ASan build
- * checks the sanitized binary.
+ * refuses a prompt longer than the context unless --truncate is given, and
+ * answers a factual question greedily, with float32 activations and with
+ * --fast-activations (8-bit).  The binary is the one built beside this test
+ * (BUILD/kiln), so the ASan build checks the sanitized binary.
  */
 #include <dirent.h>
 #include <fcntl.h>
@@ -222,6 +223,14 @@ static void test_generate_greedy(void **state)
     assert_int_equal(r.status, 0);
     assert_non_null(strstr(r.out, "Paris"));
     assert_non_null(strstr(r.err, "generation"));
+    run_free(&r);
+    /* the same with 8-bit activations (llama.cpp's rounding) */
+    const char *fast[] = {"kiln", "generate", "-m", SMOLLM2, "--chat", "--temp", "0", "-n", "24",
+                          "--fast-activations", "-p",
+                          "What is the capital of France? Answer in one sentence.", NULL};
+    r = run_kiln(fast);
+    assert_int_equal(r.status, 0);
+    assert_non_null(strstr(r.out, "Paris"));
     run_free(&r);
 }
 

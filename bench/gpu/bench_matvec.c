@@ -5,7 +5,12 @@
  * rows, the weight bytes read per second and their share of the rate of a
  * device-to-device copy measured in the same run (bytes read + written).
  *
- *   bench_matvec [type ...]      e.g. bench_matvec q4_k bf16 (default: all)
+ *   bench_matvec [--fast] [type ...]   e.g. bench_matvec q4_k bf16 (default: all)
+ *
+ * --fast measures the fast-activation path (kb_cuda_set_fast_activations:
+ * activations rounded to 8 bits per block, dp4a; the figure includes the
+ * rounding of x) for the quantized types; float types run the exact path
+ * either way.
  *
  * Each timed unit is a CUDA graph of BENCH_CALLS matmuls (the engine
  * replays its steps as graphs, so launch gaps are what a step sees), over
@@ -160,14 +165,16 @@ static double matmul_seconds(kb_backend *be, kb_weight *w, int copies, const flo
 
 static bool wanted(kiln_type t, int argc, char **argv)
 {
-    if (argc < 2)
-        return true;
+    bool any = false;
     for (int i = 1; i < argc; i++) {
         kiln_type u;
+        if (argv[i][0] == '-')
+            continue;
+        any = true;
         if (quant_type_from_name(argv[i], &u) && u == t)
             return true;
     }
-    return false;
+    return !any;
 }
 
 int main(int argc, char **argv)
@@ -177,6 +184,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "bench: %s\n", kiln_last_error());
         return 1;
     }
+    bool fast = false;
+    for (int i = 1; i < argc; i++)
+        fast = fast || !strcmp(argv[i], "--fast");
+    kb_cuda_set_fast_activations(be, fast);
     kb_reserve r = {.max_tokens = 8, .max_seqs = 1, .max_ctx = 16, .max_n_in = 18944,
                     .max_n_out = 152064, .n_heads = 28, .head_dim = 128};
     if (be->ops->reserve(be, &r) != KILN_OK) {
@@ -189,8 +200,8 @@ int main(int argc, char **argv)
     strftime(date, sizeof date, "%Y-%m-%d %H:%M", gmtime(&now_t));
     printf("bench_matvec  %s UTC  cuda:0  d2d copy ceiling %.0f GB/s (read + write, %zu MiB)\n",
            date, ceil_gbs, BENCH_COPY_BYTES >> 20);
-    printf("weight GB/s (%% of ceiling), CUDA graph of %d calls, median of %d\n", BENCH_CALLS,
-           BENCH_REPS);
+    printf("%s activations; weight GB/s (%% of ceiling), CUDA graph of %d calls, median of %d\n",
+           fast ? "fast (8-bit)" : "exact (float32)", BENCH_CALLS, BENCH_REPS);
     printf("%-5s %-14s %8s", "type", "n_out x n_in", "MB");
     for (size_t i = 0; i < N_BROWS; i++)
         printf("   rows=%d      ", bench_rows[i]);

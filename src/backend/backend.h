@@ -134,6 +134,14 @@ typedef struct kb_sample_row {
     const kb_sample_pen *pen;   /* (n_pen) host memory, distinct ids */
 } kb_sample_row;
 
+/* One product of a matmul_group. */
+#define KB_MM_GROUP_MAX 3
+typedef struct kb_mm {
+    float *out;             /* (rows, w->ne[1]) */
+    const kb_weight *w;     /* (n_out, n_in) */
+    const kb_weight *bias;  /* F32 (n_out) or NULL */
+} kb_mm;
+
 typedef struct kb_ops {
     const char *name; /* "cpu", "cuda" */
 
@@ -192,6 +200,22 @@ typedef struct kb_ops {
      * out may equal y.  NULL: the forward pass runs add and rmsnorm. */
     void (*add_rmsnorm)(kb_backend *be, float *out, float *x, const float *y,
                         const kb_weight *w, int rows, int n, float eps);
+    /* Optional: several products of one input, out[i] = x @ w[i]^T (+ bias[i])
+     * for i < n (n <= KB_MM_GROUP_MAX), e.g. q/k/v or gate/up; a backend may
+     * run them as one pass.  Each out[i] must not alias x.  NULL: the forward
+     * pass calls matmul once each. */
+    void (*matmul_group)(kb_backend *be, const kb_mm *mm, int n, const float *x, int rows);
+    /* Optional fusion of the two ops before attention that touch q and k:
+     * rope(q), rope(k) (k left rotated), then kv_store(k, v).  NULL: the
+     * forward pass calls rope twice and kv_store. */
+    void (*rope_kv_store)(kb_backend *be, float *q, float *k, const float *v, kb_kv *kv,
+                          int il, const kb_batch *b, int n_heads, int n_kv_heads,
+                          int head_dim, const kb_rope *r);
+    /* Optional fusion of glu and the down projection: out (rows, n_out) =
+     * (act(gate) * up) @ w^T, gate and up (rows, n_in); gate may be
+     * overwritten.  NULL: glu into gate, then matmul. */
+    void (*matmul_glu)(kb_backend *be, float *out, const float *gate, const float *up,
+                       const kb_weight *w, int rows, kb_act act);
     /* out (rows, n) = act(gate) * up */
     void (*glu)(kb_backend *be, float *out, const float *gate, const float *up,
                 int rows, int n, kb_act act);
@@ -284,6 +308,14 @@ kiln_status kb_cpu_create(int n_threads, kb_backend **out);
  * rows) is faster with float activations, whose GEMM decodes each weight
  * once.  A no-op for other backends and for NULL. */
 void kb_cpu_set_fast_activations(kb_backend *be, bool on);
+/* The same choice for a CUDA backend's decode matmuls (1-8 activation rows
+ * with quantized weights): true rounds each activation row to the weight's
+ * 8-bit format exactly as the CPU's fast path does and runs dp4a integer
+ * dot products: on an H100, 0.9-1.35x the exact path's speed with one
+ * activation row and 1.5-5x with 4-8 rows (docs/cuda.md); prefill (GEMM)
+ * is unaffected.  A no-op for other backends, for NULL and in a build
+ * without CUDA. */
+void kb_cuda_set_fast_activations(kb_backend *be, bool on);
 /* Create the CUDA backend on device `device`. */
 kiln_status kb_cuda_create(int device, kb_backend **out);
 /* Destroy any backend through its ops->destroy; kb_destroy(NULL) is a no-op. */

@@ -75,6 +75,19 @@ static void add_then_norm(kb_backend *be, float *out, float *x, const float *y,
     }
 }
 
+/* out[i] = x @ w[i]^T (+ bias[i]): one pass where the backend can. */
+static void matmul_group(kb_backend *be, const kb_mm *mm, int n, const float *x, int rows)
+{
+    if (be->ops->matmul_group) {
+        be->ops->matmul_group(be, mm, n, x, rows);
+        return;
+    }
+    for (int i = 0; i < n; i++)
+        be->ops->matmul(be, mm[i].out, x, mm[i].w, mm[i].bias, rows);
+}
+
+static const kb_weight *bias_of(const kb_weight *b) { return kb_weight_present(b) ? b : NULL; }
+
 static int max_i(int a, int b) { return a > b ? a : b; }
 
 kiln_status model_backend_reserve(model *m, int max_tokens, int max_seqs, int max_ctx,
@@ -125,17 +138,23 @@ void model_forward(model *m, kb_kv *kv, model_scratch *s, const kb_batch *b)
         const kb_rope *rope = L->is_swa ? &rope_swa : &hp->rope;
 
         /* attention block (xb = attn_norm(x)) */
-        op->matmul(be, s->q, s->xb, &L->wq, kb_weight_present(&L->bq) ? &L->bq : NULL, n);
-        op->matmul(be, s->k, s->xb, &L->wk, kb_weight_present(&L->bk) ? &L->bk : NULL, n);
-        op->matmul(be, s->v, s->xb, &L->wv, kb_weight_present(&L->bv) ? &L->bv : NULL, n);
+        const kb_mm qkv[3] = {{s->q, &L->wq, bias_of(&L->bq)},
+                              {s->k, &L->wk, bias_of(&L->bk)},
+                              {s->v, &L->wv, bias_of(&L->bv)}};
+        matmul_group(be, qkv, 3, s->xb, n);
         if (hp->qk_norm) {
             op->rmsnorm(be, s->q, s->q, &L->q_norm, n * hp->n_head, hp->head_dim, hp->rms_eps);
             op->rmsnorm(be, s->k, s->k, &L->k_norm, n * hp->n_head_kv, hp->head_dim,
                         hp->rms_eps);
         }
-        op->rope(be, s->q, b, hp->n_head, hp->head_dim, rope);
-        op->rope(be, s->k, b, hp->n_head_kv, hp->head_dim, rope);
-        op->kv_store(be, kv, il, b, s->k, s->v);
+        if (op->rope_kv_store) {
+            op->rope_kv_store(be, s->q, s->k, s->v, kv, il, b, hp->n_head, hp->n_head_kv,
+                              hp->head_dim, rope);
+        } else {
+            op->rope(be, s->q, b, hp->n_head, hp->head_dim, rope);
+            op->rope(be, s->k, b, hp->n_head_kv, hp->head_dim, rope);
+            op->kv_store(be, kv, il, b, s->k, s->v);
+        }
         kb_attn a = {
             .n_heads = hp->n_head,
             .n_kv_heads = hp->n_head_kv,
@@ -152,10 +171,14 @@ void model_forward(model *m, kb_kv *kv, model_scratch *s, const kb_batch *b)
         add_then_norm(be, s->xb, s->x, s->xb, &L->ffn_norm, n, E, hp->rms_eps);
 
         /* feed-forward block (xb = ffn_norm(x)) */
-        op->matmul(be, s->gate, s->xb, &L->w_gate, NULL, n);
-        op->matmul(be, s->up, s->xb, &L->w_up, NULL, n);
-        op->glu(be, s->gate, s->gate, s->up, n, hp->n_ff, hp->act);
-        op->matmul(be, s->xb, s->gate, &L->w_down, NULL, n);
+        const kb_mm gate_up[2] = {{s->gate, &L->w_gate, NULL}, {s->up, &L->w_up, NULL}};
+        matmul_group(be, gate_up, 2, s->xb, n);
+        if (op->matmul_glu) {
+            op->matmul_glu(be, s->xb, s->gate, s->up, &L->w_down, n, hp->act);
+        } else {
+            op->glu(be, s->gate, s->gate, s->up, n, hp->n_ff, hp->act);
+            op->matmul(be, s->xb, s->gate, &L->w_down, NULL, n);
+        }
         if (hp->sandwich_norm)
             op->rmsnorm(be, s->xb, s->xb, &L->post_ffn_norm, n, E, hp->rms_eps);
         if (il + 1 < hp->n_layer)

@@ -110,6 +110,11 @@ kiln_status model_load_ex(const char *path, const kiln_model_params *p, kb_backe
     if (!km->be)
         st = backend_for_device(p->device, p->n_threads, &km->be);
     km->m.be = km->be;
+    if (st == KILN_OK && p->fast_activations) {
+        /* each a no-op for the other backend */
+        kb_cpu_set_fast_activations(km->be, true);
+        kb_cuda_set_fast_activations(km->be, true);
+    }
     tm.backend_sec = kiln_now_sec() - t;
     if (st == KILN_OK && load_cancelled(o))
         st = KILN_FAIL(KILN_ERR_CANCELLED, "%s: loading cancelled before the weights", path);

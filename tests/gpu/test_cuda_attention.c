@@ -460,11 +460,61 @@ static void test_rope(void **state)
     }
 }
 
+/* rope_kv_store (q and k rotated, k and v stored, one launch) against the
+ * CPU's rope, rope, kv_store: the rotated rows within ROPE_TOL, and
+ * attention over the cache afterwards as check_batch requires (a k or v
+ * row stored in the wrong slot, or unrotated, fails it). */
+static void test_rope_kv_store(void **state)
+{
+    (void)state;
+    const kb_rope_style styles[] = {KB_ROPE_NEOX, KB_ROPE_NORM};
+    const kiln_type types[] = {KILN_TYPE_F16, KILN_TYPE_F32};
+    for (int si = 0; si < 2; si++) {
+        const attn_cfg c = {.n_heads = 8, .n_kv = 2, .hd = 64, .hv = 64, .bs = 16,
+                            .q_amp = 1.0f, .type = types[si]};
+        world w;
+        world_init(&w, &c, 0);
+        qbatch qb;
+        memset(&qb, 0, sizeof qb);
+        qb_add(&qb, 2, 100, 64); /* inside the 300-token sequence */
+        qb_add(&qb, 1, 0, 17);   /* a whole sequence */
+        const int n = qb.n, qw = c.n_heads * c.hd, kw = c.n_kv * c.hd, vw = c.n_kv * c.hv;
+        int32_t *slot = xmalloc((size_t)n * 4), *tok = calloc((size_t)n, 4);
+        for (int i = 0; i < n; i++)
+            slot[i] = w.bt[qb.seq[i] * w.max_blocks + qb.pos[i] / c.bs] * c.bs +
+                      qb.pos[i] % c.bs;
+        kb_batch_host hb = {.n_tokens = n, .n_seqs = MAX_SEQS, .max_blocks = w.max_blocks,
+                            .tokens = tok, .pos = qb.pos, .seq = qb.seq, .slot = slot,
+                            .block_table = w.bt};
+        float *q = gt_rand((size_t)n * qw, -2.0f, 2.0f), *k = gt_rand((size_t)n * kw, -2.0f, 2.0f);
+        float *v = gt_rand((size_t)n * vw, -1.0f, 1.0f);
+        float *dq = gt_up(q, (size_t)n * qw * 4), *dk = gt_up(k, (size_t)n * kw * 4);
+        float *dv = gt_up(v, (size_t)n * vw * 4);
+        const kb_rope r = {.style = styles[si], .n_dims = c.hd, .theta = 10000.0f,
+                           .freq_scale = 1.0f};
+        gt.gpu->ops->rope_kv_store(gt.gpu, dq, dk, dv, w.kg, 1, gt_batch_gpu(&hb), c.n_heads,
+                                   c.n_kv, c.hd, &r);
+        assert_int_equal(gt.gpu->ops->sync(gt.gpu), KILN_OK);
+        gt.cpu->ops->rope(gt.cpu, q, &hb, c.n_heads, c.hd, &r);
+        gt.cpu->ops->rope(gt.cpu, k, &hb, c.n_kv, c.hd, &r);
+        gt.cpu->ops->kv_store(gt.cpu, w.kc, 1, &hb, k, v);
+        float *gq = gt_down(dq, (size_t)n * qw), *gk = gt_down(dk, (size_t)n * kw);
+        gt_check(si ? "rope_kv_store q (norm, f32 cache)" : "rope_kv_store q (neox, f16 cache)",
+                 gq, q, (size_t)n * qw, ROPE_TOL);
+        gt_check("rope_kv_store k", gk, k, (size_t)n * kw, ROPE_TOL);
+        free(check_batch(&w, "attention after rope_kv_store", &qb, 1, false));
+        gt_free(dq), gt_free(dk), gt_free(dv);
+        free(q), free(k), free(v), free(gq), free(gk), free(slot), free(tok);
+        world_free(&w);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_kv_create_errors),
         cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_rope_kv_store),
         cmocka_unit_test(test_attention),
         cmocka_unit_test(test_kv_copy_blocks),
     };

@@ -327,6 +327,144 @@ static void test_embed_all_types(void **state)
 }
 
 /* ------------------------------------------------------------------------
+ * matmul_group: several weights against one input (q/k/v, gate/up)
+ * ---------------------------------------------------------------------- */
+
+/* One group on the GPU against one CPU matmul per weight; ws[i] of n_out[i]
+ * rows (types[i]), biases where bias[i]. */
+static bool check_group(const kiln_type *ty, int n, int64_t n_in, const int64_t *n_out,
+                        const bool *with_bias, int rows)
+{
+    tw w[KB_MM_GROUP_MAX], b[KB_MM_GROUP_MAX];
+    kb_mm mm[KB_MM_GROUP_MAX];
+    float *ref[KB_MM_GROUP_MAX];
+    const size_t nx = (size_t)rows * (size_t)n_in;
+    float *x = gt_rand(nx, -1.0f, 1.0f);
+    float *dx = gt_up(x, nx * sizeof(float));
+    for (int i = 0; i < n; i++) {
+        tw_make(&w[i], ty[i], n_in, n_out[i], "w");
+        if (with_bias[i])
+            tw_vec(&b[i], n_out[i]);
+        const size_t ny = (size_t)rows * (size_t)n_out[i];
+        ref[i] = malloc(ny * sizeof(float));
+        assert_non_null(ref[i]);
+        gt.cpu->ops->matmul(gt.cpu, ref[i], x, &w[i].host, with_bias[i] ? &b[i].host : NULL,
+                            rows);
+        mm[i] = (kb_mm){gt_poisoned(ny), &w[i].dev, with_bias[i] ? &b[i].dev : NULL};
+    }
+    gt.gpu->ops->matmul_group(gt.gpu, mm, n, dx, rows);
+    bool ok = gt.gpu->ops->sync(gt.gpu) == KILN_OK;
+    if (!ok)
+        fprintf(stderr, "  group FAIL: %s\n", kiln_last_error());
+    for (int i = 0; i < n; i++) {
+        const size_t ny = (size_t)rows * (size_t)n_out[i];
+        if (ok) {
+            float *got = gt_down(mm[i].out, ny);
+            char what[96], tb[16];
+            snprintf(what, sizeof what, "group %d/%d %s %lldx%lld rows %d%s", i + 1, n,
+                     quant_type_name(ty[i], tb, sizeof tb), (long long)n_out[i],
+                     (long long)n_in, rows, with_bias[i] ? " +bias" : "");
+            const double tol = rows <= 8 ? TOL_MATVEC : TOL_GEMM;
+            if (!soft_check(what, got, ref[i], ny, tol)) {
+                /* as check_matmul: a near-cancelling output passes on the
+                 * magnitudes summed */
+                const double em = err_vs_magnitude(&w[i], with_bias[i] ? &b[i] : NULL, x, rows,
+                                                   got, ref[i]);
+                fprintf(stderr, "    error / magnitudes summed: %.3e (tol %.1e)%s\n", em,
+                        tol / 10, em <= tol / 10 ? ": ill-conditioned, passes" : "");
+                ok = ok && em <= tol / 10;
+            }
+            free(got);
+        }
+        gt_free(mm[i].out);
+        free(ref[i]);
+        tw_free(&w[i]);
+        if (with_bias[i])
+            tw_free(&b[i]);
+    }
+    gt_free(dx);
+    free(x);
+    return ok;
+}
+
+/* Groups of 2 and 3 weights with unequal row counts (a tile of one weight
+ * must never take rows of the next), biases on some, shapes that split k
+ * (long rows) and that do not, for float and quantized types; rows past 8
+ * and mixed types take the one-by-one path and must agree as well. */
+static void test_matmul_group(void **state)
+{
+    (void)state;
+    const kiln_type ts[] = {KILN_TYPE_BF16, KILN_TYPE_F16, KILN_TYPE_Q4_K, KILN_TYPE_Q6_K,
+                            KILN_TYPE_Q8_0, KILN_TYPE_Q4_1, KILN_TYPE_Q3_K};
+    const int rows_list[] = {1, 2, 3, 8, 9};
+    int fails = 0, runs = 0;
+    for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++) {
+        const kiln_type t3[3] = {ts[i], ts[i], ts[i]};
+        for (size_t r = 0; r < sizeof rows_list / sizeof rows_list[0]; r++) {
+            const int rows = rows_list[r];
+            const int64_t qkv[3] = {157, 23, 23}, gu[2] = {96, 96}, big[3] = {1, 300, 5};
+            const bool b3[3] = {true, false, true}, b0[3] = {false, false, false};
+            fails += !check_group(t3, 3, 3584, qkv, b3, rows);
+            fails += !check_group(t3, 2, 1024, gu, b0, rows);
+            fails += !check_group(t3, 3, 8960, big, b3, rows);
+            runs += 3;
+        }
+    }
+    /* weights of different types cannot share a launch */
+    const kiln_type mixed[3] = {KILN_TYPE_Q4_K, KILN_TYPE_Q6_K, KILN_TYPE_BF16};
+    const int64_t n3[3] = {64, 32, 32};
+    const bool b3[3] = {false, true, false};
+    fails += !check_group(mixed, 3, 2048, n3, b3, 1);
+    runs++;
+    fprintf(stderr, "matmul_group: %d of %d groups within tolerance\n", runs - fails, runs);
+    assert_int_equal(fails, 0);
+}
+
+/* matmul_glu against the CPU's glu then matmul: decode rows (the GLU read
+ * with the activations), prefill rows (glu, then the GEMM), both
+ * activations, float and quantized weights, the generic kernel (F32). */
+static void test_matmul_glu(void **state)
+{
+    (void)state;
+    const kiln_type ts[] = {KILN_TYPE_BF16, KILN_TYPE_Q4_K, KILN_TYPE_Q6_K, KILN_TYPE_Q8_0,
+                            KILN_TYPE_F32};
+    const int rows_list[] = {1, 2, 4, 5, 8, 17};
+    int fails = 0, runs = 0;
+    for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++)
+        for (int act = 0; act < 2; act++)
+            for (size_t r = 0; r < sizeof rows_list / sizeof rows_list[0]; r++) {
+                const int rows = rows_list[r], n_in = 4864, n_out = 67;
+                const size_t nx = (size_t)rows * n_in, ny = (size_t)rows * n_out;
+                tw w;
+                tw_make(&w, ts[i], n_in, n_out, "ffn_down");
+                float *g = gt_rand(nx, -4.0f, 4.0f), *u = gt_rand(nx, -1.0f, 1.0f);
+                float *dg = gt_up(g, nx * 4), *du = gt_up(u, nx * 4), *dy = gt_poisoned(ny);
+                float *ref = malloc(ny * sizeof(float));
+                assert_non_null(ref);
+                gt.cpu->ops->glu(gt.cpu, g, g, u, rows, n_in, (kb_act)act);
+                gt.cpu->ops->matmul(gt.cpu, ref, g, &w.host, NULL, rows);
+                gt.gpu->ops->matmul_glu(gt.gpu, dy, dg, du, &w.dev, rows, (kb_act)act);
+                char what[96], tb[16];
+                snprintf(what, sizeof what, "matmul_glu %s %s rows %d",
+                         quant_type_name(ts[i], tb, sizeof tb), act ? "gelu" : "silu", rows);
+                if (gt.gpu->ops->sync(gt.gpu) != KILN_OK) {
+                    fprintf(stderr, "  %s FAIL: %s\n", what, kiln_last_error());
+                    fails++;
+                } else {
+                    float *got = gt_down(dy, ny);
+                    fails += !soft_check(what, got, ref, ny, rows <= 8 ? TOL_MATVEC : TOL_GEMM);
+                    free(got);
+                }
+                runs++;
+                gt_free(dg), gt_free(du), gt_free(dy);
+                free(g), free(u), free(ref);
+                tw_free(&w);
+            }
+    fprintf(stderr, "matmul_glu: %d of %d within tolerance\n", runs - fails, runs);
+    assert_int_equal(fails, 0);
+}
+
+/* ------------------------------------------------------------------------
  * Graph capture, and scratch that is too small
  * ---------------------------------------------------------------------- */
 
@@ -419,6 +557,8 @@ int main(void)
         cmocka_unit_test(test_matmul_q4_k), cmocka_unit_test(test_matmul_q5_k),
         cmocka_unit_test(test_matmul_q6_k),
         cmocka_unit_test(test_embed_all_types),
+        cmocka_unit_test(test_matmul_group),
+        cmocka_unit_test(test_matmul_glu),
         cmocka_unit_test(test_matmul_in_graph),
         cmocka_unit_test(test_matmul_scratch_too_small),
     };

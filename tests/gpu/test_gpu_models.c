@@ -6,7 +6,8 @@
  *  - against the CPU backend on the same file: mean KL of the CUDA logits
  *    from the CPU logits along prompt + continuation, and the greedy
  *    64-token continuation identical for BF16 models (reported for others),
- *    except where the CPU's two best logits are within TIE_GAP;
+ *    except at a tie: the CPU's two best logits closer than the backends
+ *    typically disagree (TIE_GAP, TIE_MEDIANS below);
  *  - through the engine: CUDA graphs on and off give the same tokens for a
  *    batch of sequences of different lengths (so padded buckets run).
  *
@@ -24,9 +25,19 @@
 #include "parity.h"
 
 #define KL_TARGET 1e-3
-/* Top-2 logit gap (CPU) below which a greedy turn may go either way: the
- * backends sum in different orders and their logits differ by ~1e-3. */
+/* When the backends' greedy continuations part, the turn is a tie (not a
+ * difference) if the CPU's top-2 logit gap there is below TIE_GAP or below
+ * TIE_MEDIANS times the median disagreement of the two backends about that
+ * gap over every teacher-forced position of the prompt.  The median is
+ * robust to the one position where they part, so this stays a test: a turn
+ * at a gap several times what the backends typically disagree by fails.
+ * The disagreement comes from the prefill GEMM on the tensor cores, whose
+ * products are accumulated with less than float32's precision (~5e-5 mean
+ * KL on a 16-layer std-0.1 random model, against ~5e-6 when every matmul
+ * takes the exact decode kernels: KILN_GPU_CHUNK=8), so on random-weight
+ * models whose top logits are often close a turn is expected now and then. */
 #define TIE_GAP 0.01f
+#define TIE_MEDIANS 8.0
 #define N_CONT 64
 #define MAX_MODELS 16
 
@@ -104,6 +115,27 @@ static void fixture_parity(kiln_model *km, const model_entry *e)
     (void)greedy_ok;
 }
 
+static int cmp_float(const void *a, const void *b)
+{
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+/* |CPU's top-2 gap - CUDA's gap between the same two tokens| */
+static float gap_disagreement(const float *c, const float *g, int V)
+{
+    int a = 0, b = -1;
+    for (int i = 1; i < V; i++) {
+        if (c[i] > c[a]) {
+            b = a;
+            a = i;
+        } else if (b < 0 || c[i] > c[b]) {
+            b = i;
+        }
+    }
+    return fabsf((c[a] - c[b]) - (g[a] - g[b]));
+}
+
 static double row_kl(const float *p_logits, const float *q_logits, int V)
 {
     double mp = p_logits[0], mq = q_logits[0];
@@ -137,6 +169,11 @@ static void backend_parity(kiln_model *gpu, kiln_model *cpu, const char *path)
     long n_pos = 0;
     int greedy_same_all = 0, n_prompts = (int)(sizeof lens / sizeof lens[0]);
     uint64_t rng = 12345;
+    /* tokens per step (KILN_GPU_CHUNK, 1..PARITY_CHUNK): at 8 or fewer every
+     * matmul takes the decode kernels, which isolates the prefill GEMM */
+    const char *ce = getenv("KILN_GPU_CHUNK");
+    int chunk = ce ? atoi(ce) : PARITY_CHUNK;
+    chunk = chunk < 1 ? 1 : chunk > PARITY_CHUNK ? PARITY_CHUNK : chunk;
     for (int pi = 0; pi < n_prompts; pi++) {
         int np = lens[pi], ns = np + N_CONT;
         int32_t *toks = malloc((size_t)ns * sizeof *toks);
@@ -148,8 +185,8 @@ static void backend_parity(kiln_model *gpu, kiln_model *cpu, const char *path)
         parity_runner rc;
         parity_runner_init(&rc, mc, ns, KILN_TYPE_F16);
         const float *last = NULL;
-        for (int t = 0; t < np; t += PARITY_CHUNK) {
-            int n = np - t < PARITY_CHUNK ? np - t : PARITY_CHUNK;
+        for (int t = 0; t < np; t += chunk) {
+            int n = np - t < chunk ? np - t : chunk;
             last = parity_runner_step(&rc, toks + t, n, t, false);
         }
         float gap[N_CONT]; /* the CPU's top-1 minus top-2 logit at each step */
@@ -169,12 +206,16 @@ static void backend_parity(kiln_model *gpu, kiln_model *cpu, const char *path)
         parity_runner rg;
         parity_runner_init(&rg, mg, ns, KILN_TYPE_F16);
         float *cl = malloc((size_t)PARITY_CHUNK * V * sizeof *cl);
-        for (int t = 0; t < ns; t += PARITY_CHUNK) {
-            int n = ns - t < PARITY_CHUNK ? ns - t : PARITY_CHUNK;
+        float *dis = malloc((size_t)ns * sizeof *dis);
+        assert_non_null(cl);
+        assert_non_null(dis);
+        for (int t = 0; t < ns; t += chunk) {
+            int n = ns - t < chunk ? ns - t : chunk;
             memcpy(cl, parity_runner_step(&rc, toks + t, n, t, true), (size_t)n * V * sizeof *cl);
             const float *gl = parity_runner_step(&rg, toks + t, n, t, true);
             for (int i = 0; i < n; i++) {
                 double kl = row_kl(cl + (size_t)i * V, gl + (size_t)i * V, V);
+                dis[t + i] = gap_disagreement(cl + (size_t)i * V, gl + (size_t)i * V, V);
                 kl_sum += kl;
                 kl_max = kl > kl_max ? kl : kl_max;
                 n_pos++;
@@ -185,8 +226,8 @@ static void backend_parity(kiln_model *gpu, kiln_model *cpu, const char *path)
         parity_runner_free(&rg);
         /* CUDA greedy continuation */
         parity_runner_init(&rg, mg, ns, KILN_TYPE_F16);
-        for (int t = 0; t < np; t += PARITY_CHUNK) {
-            int n = np - t < PARITY_CHUNK ? np - t : PARITY_CHUNK;
+        for (int t = 0; t < np; t += chunk) {
+            int n = np - t < chunk ? np - t : chunk;
             last = parity_runner_step(&rg, toks + t, n, t, false);
         }
         int same = 0;
@@ -200,12 +241,18 @@ static void backend_parity(kiln_model *gpu, kiln_model *cpu, const char *path)
         }
         parity_runner_free(&rg);
         /* A turn where the CPU's two best logits are closer than the two
-         * backends' rounding can separate is a tie, not a difference. */
-        bool tie = same < N_CONT && gap[same] < TIE_GAP;
+         * backends typically disagree is a tie, not a difference. */
+        qsort(dis, (size_t)ns, sizeof *dis, cmp_float);
+        const double med = dis[ns / 2];
+        const double tie_gap = TIE_MEDIANS * med > TIE_GAP ? TIE_MEDIANS * med : TIE_GAP;
+        bool tie = same < N_CONT && gap[same] < tie_gap;
         fprintf(stderr, "  prompt of %d tokens: greedy %d/%d tokens as the CPU%s\n", np, same,
                 N_CONT, same == N_CONT ? "" : tie ? " (then a tie)" : "");
         if (same < N_CONT)
-            fprintf(stderr, "    the CPU's top-2 logit gap there: %.5f\n", (double)gap[same]);
+            fprintf(stderr, "    the CPU's top-2 logit gap there: %.5f; ties below %.5f (the "
+                    "backends' median top-2 gap disagreement %.5f)\n", (double)gap[same],
+                    tie_gap, med);
+        free(dis);
         greedy_same_all += same == N_CONT || tie;
         free(toks);
     }

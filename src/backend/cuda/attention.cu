@@ -212,6 +212,27 @@ void kcu_kv_free(kb_backend *be, kb_kv *kv)
 __device__ __forceinline__ void kv_put(__half *p, float x) { *p = __float2half_rn(x); }
 __device__ __forceinline__ void kv_put(float *p, float x) { *p = x; }
 
+/* Token t's k row (n_kv * hk) and v row (n_kv * hv) into cache slot s, by
+ * the block's threads; a slot outside the cache is skipped. */
+template <typename T>
+__device__ __forceinline__ void kv_store_row(T *__restrict__ kl, T *__restrict__ vl,
+                                             const float *kt, const float *vt, int s,
+                                             int n_slots, int n_kv, int bs, int hk, int hv)
+{
+    if (s < 0 || s >= n_slots) /* not a slot of this cache: nothing to write */
+        return;
+    const size_t blk = (size_t)(s / bs), off = (size_t)(s % bs);
+    const int nk = n_kv * hk, nv = n_kv * hv;
+    for (int i = threadIdx.x; i < nk; i += blockDim.x) {
+        const int h = i / hk, d = i - h * hk;
+        kv_put(kl + ((blk * n_kv + h) * bs + off) * hk + d, kt[i]);
+    }
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+        const int h = i / hv, d = i - h * hv;
+        kv_put(vl + ((blk * n_kv + h) * bs + off) * hv + d, vt[i]);
+    }
+}
+
 template <typename T>
 __global__ void k_kv_store(T *__restrict__ kl, T *__restrict__ vl,
                            const float *__restrict__ k, /* (n_tokens, n_kv * hk) */
@@ -219,20 +240,40 @@ __global__ void k_kv_store(T *__restrict__ kl, T *__restrict__ vl,
                            const int32_t *__restrict__ slot, int n_slots, int n_kv, int bs,
                            int hk, int hv)
 {
+    kcu_pdl_wait();
+    kcu_pdl_trigger();
     const int t = blockIdx.x;
-    const int s = slot[t];
-    if (s < 0 || s >= n_slots) /* not a slot of this cache: nothing to write */
-        return;
-    const size_t blk = (size_t)(s / bs), off = (size_t)(s % bs);
-    const int nk = n_kv * hk, nv = n_kv * hv;
-    for (int i = threadIdx.x; i < nk; i += blockDim.x) {
-        const int h = i / hk, d = i - h * hk;
-        kv_put(kl + ((blk * n_kv + h) * bs + off) * hk + d, k[(size_t)t * nk + i]);
-    }
-    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-        const int h = i / hv, d = i - h * hv;
-        kv_put(vl + ((blk * n_kv + h) * bs + off) * hv + d, v[(size_t)t * nv + i]);
-    }
+    kv_store_row(kl, vl, k + (size_t)t * n_kv * hk, v + (size_t)t * n_kv * hv, slot[t], n_slots,
+                 n_kv, bs, hk, hv);
+}
+
+/* rope_kv_store: one CTA per token rotates its q and k heads (rope.cu's
+ * table and expressions) and stores k and v into the cache. */
+typedef struct rope_kv_args {
+    float *q, *k;
+    const float *v;
+    void *kl, *vl;
+    const int32_t *pos, *slot;
+    int n_slots, n_heads, n_kv, hd, hv, bs, n_dims;
+    double theta, freq_scale;
+    const float *factors;
+} rope_kv_args;
+
+template <typename T, bool NEOX>
+__global__ void __launch_bounds__(128) k_rope_kv_store(const rope_kv_args a)
+{
+    __shared__ float cs[KCU_MAX_HEAD_DIM];
+    const int t = blockIdx.x;
+    kcu_rope_table(cs, a.pos[t], a.n_dims, a.theta, a.freq_scale, a.factors);
+    kcu_pdl_wait();
+    kcu_pdl_trigger();
+    __syncthreads();
+    float *kt = a.k + (size_t)t * a.n_kv * a.hd;
+    kcu_rope_rotate<NEOX>(a.q + (size_t)t * a.n_heads * a.hd, a.n_heads, a.hd, a.n_dims, cs);
+    kcu_rope_rotate<NEOX>(kt, a.n_kv, a.hd, a.n_dims, cs);
+    __syncthreads(); /* the rotated k, written by other threads of the block */
+    kv_store_row((T *)a.kl, (T *)a.vl, kt, a.v + (size_t)t * a.n_kv * a.hv, a.slot[t], a.n_slots,
+                 a.n_kv, a.bs, a.hd, a.hv);
 }
 
 /* Store k and v of the batch's tokens (layer il) into slot[t]; a slot
@@ -251,16 +292,49 @@ void kcu_kv_store(kb_backend *be, kb_kv *kv, int il, const kb_batch *b, const fl
     const kb_kv_desc *d = &kv->d;
     const int n_slots = d->n_blocks * d->block_size;
     if (kv->elt == 2)
-        k_kv_store<__half><<<b->n_tokens, 128, 0, cu->stream>>>(
+        kcu_launch(cu, k_kv_store<__half>, dim3(b->n_tokens), dim3(128), 0,
             (__half *)(kv->k + (size_t)il * kv->k_layer_bytes),
             (__half *)(kv->v + (size_t)il * kv->v_layer_bytes), k, v, b->slot, n_slots,
             d->n_kv_heads, d->block_size, d->head_dim_k, d->head_dim_v);
     else
-        k_kv_store<float><<<b->n_tokens, 128, 0, cu->stream>>>(
+        kcu_launch(cu, k_kv_store<float>, dim3(b->n_tokens), dim3(128), 0,
             (float *)(kv->k + (size_t)il * kv->k_layer_bytes),
             (float *)(kv->v + (size_t)il * kv->v_layer_bytes), k, v, b->slot, n_slots,
             d->n_kv_heads, d->block_size, d->head_dim_k, d->head_dim_v);
-    KCU_LAUNCHED(cu);
+}
+
+/* rope(q), rope(k), kv_store(k, v) in one launch: the same results as the
+ * three ops (k is left rotated, as rope leaves it). */
+void kcu_rope_kv_store(kb_backend *be, float *q, float *k, const float *v, kb_kv *kv, int il,
+                       const kb_batch *b, int n_heads, int n_kv_heads, int head_dim,
+                       const kb_rope *r)
+{
+    kcu *cu = kcu_of(be);
+    const kb_kv_desc *d = &kv->d;
+    if (b->n_tokens <= 0)
+        return;
+    if (il < 0 || il >= d->n_layers || n_kv_heads != d->n_kv_heads || head_dim != d->head_dim_k ||
+        r->n_dims <= 0 || r->n_dims > head_dim || head_dim > KCU_MAX_HEAD_DIM) {
+        KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda rope_kv_store: layer %d, %d kv heads of %d dims "
+                "(%d rotated) for a cache of %d layers, %d kv heads of %d dims", il, n_kv_heads,
+                head_dim, r->n_dims, d->n_layers, d->n_kv_heads, d->head_dim_k);
+        return;
+    }
+    rope_kv_args a;
+    a.q = q, a.k = k, a.v = v;
+    a.kl = kv->k + (size_t)il * kv->k_layer_bytes;
+    a.vl = kv->v + (size_t)il * kv->v_layer_bytes;
+    a.pos = b->pos, a.slot = b->slot;
+    a.n_slots = d->n_blocks * d->block_size;
+    a.n_heads = n_heads, a.n_kv = n_kv_heads, a.hd = head_dim, a.hv = d->head_dim_v;
+    a.bs = d->block_size, a.n_dims = r->n_dims;
+    a.theta = (double)r->theta, a.freq_scale = (double)r->freq_scale, a.factors = r->freq_factors;
+    const bool neox = r->style == KB_ROPE_NEOX;
+    void (*k_)(rope_kv_args) = kv->elt == 2 ? (neox ? k_rope_kv_store<__half, true>
+                                                    : k_rope_kv_store<__half, false>)
+                                            : (neox ? k_rope_kv_store<float, true>
+                                                    : k_rope_kv_store<float, false>);
+    kcu_launch(cu, k_, dim3(b->n_tokens), dim3(128), 0, a);
 }
 
 /* ------------------------------------------------------------------------
@@ -478,6 +552,8 @@ __device__ __forceinline__ void dec_load(const attn_args &a, const int32_t *bt, 
 template <typename T, int HDB, int G>
 __global__ void __launch_bounds__(DEC_THREADS) k_attn_decode(attn_args a)
 {
+    kcu_pdl_wait();
+    kcu_pdl_trigger();
     using C = dec_cfg<T, HDB>;
     constexpr int VEC = C::VEC, LPR = C::LPR, NLD = C::NLD, DPL = C::DPL, RPW = C::RPW,
                   U = C::U, TK = C::TK;
@@ -679,6 +755,8 @@ __global__ void __launch_bounds__(DEC_THREADS) k_attn_decode(attn_args a)
 /* Merge the splits of each (token, head): grid n_tokens * n_heads. */
 __global__ void k_attn_combine(attn_args a)
 {
+    kcu_pdl_wait();
+    kcu_pdl_trigger();
     const int t = blockIdx.x / a.n_heads;
     if ((unsigned)a.seq[t] >= (unsigned)a.n_seqs)
         return;
@@ -1130,6 +1208,8 @@ __device__ __forceinline__ void dtc_load(const attn_args &a, const int32_t *bt, 
 template <int HDB>
 __global__ void __launch_bounds__(DEC_THREADS) k_attn_decode_tc(attn_args a)
 {
+    kcu_pdl_wait();
+    kcu_pdl_trigger();
     using C = dtc_cfg<HDB>;
     constexpr int LD = C::LD, TK = C::TK, KPW = C::KPW, S = C::STAGES;
     extern __shared__ __align__(16) uint8_t dtc_smem[];
@@ -1397,10 +1477,10 @@ static void launch_decode_hdb(kcu *cu, const attn_args &a, dim3 grid, int G)
 {
     const size_t sm = dec_cfg<T, HDB>::SMEM;
     switch (G) {
-    case 1: k_attn_decode<T, HDB, 1><<<grid, DEC_THREADS, sm, cu->stream>>>(a); break;
-    case 2: k_attn_decode<T, HDB, 2><<<grid, DEC_THREADS, sm, cu->stream>>>(a); break;
-    case 4: k_attn_decode<T, HDB, 4><<<grid, DEC_THREADS, sm, cu->stream>>>(a); break;
-    default: k_attn_decode<T, HDB, 8><<<grid, DEC_THREADS, sm, cu->stream>>>(a); break;
+    case 1: kcu_launch(cu, k_attn_decode<T, HDB, 1>, grid, dim3(DEC_THREADS), sm, a); break;
+    case 2: kcu_launch(cu, k_attn_decode<T, HDB, 2>, grid, dim3(DEC_THREADS), sm, a); break;
+    case 4: kcu_launch(cu, k_attn_decode<T, HDB, 4>, grid, dim3(DEC_THREADS), sm, a); break;
+    default: kcu_launch(cu, k_attn_decode<T, HDB, 8>, grid, dim3(DEC_THREADS), sm, a); break;
     }
 }
 
@@ -1410,11 +1490,11 @@ static void launch_decode(kcu *cu, const attn_args &a, dim3 grid, bool f16, int 
 {
     if (f16) {
         if (hdb == 64)
-            k_attn_decode_tc<64><<<grid, DEC_THREADS, dtc_cfg<64>::SMEM, cu->stream>>>(a);
+            kcu_launch(cu, k_attn_decode_tc<64>, grid, dim3(DEC_THREADS), dtc_cfg<64>::SMEM, a);
         else if (hdb == 128)
-            k_attn_decode_tc<128><<<grid, DEC_THREADS, dtc_cfg<128>::SMEM, cu->stream>>>(a);
+            kcu_launch(cu, k_attn_decode_tc<128>, grid, dim3(DEC_THREADS), dtc_cfg<128>::SMEM, a);
         else
-            k_attn_decode_tc<256><<<grid, DEC_THREADS, dtc_cfg<256>::SMEM, cu->stream>>>(a);
+            kcu_launch(cu, k_attn_decode_tc<256>, grid, dim3(DEC_THREADS), dtc_cfg<256>::SMEM, a);
     } else {
         if (hdb == 64)
             launch_decode_hdb<float, 64>(cu, a, grid, G);
@@ -1505,8 +1585,7 @@ void kcu_attention(kb_backend *be, float *out, const float *q, const kb_kv *kv, 
         launch_decode(cu, a, grid, f16, G8, hdb);
         KCU_LAUNCHED(cu);
         if (a.n_splits > 1) {
-            k_attn_combine<<<b->n_tokens * a.n_heads, 128, 0, cu->stream>>>(a);
-            KCU_LAUNCHED(cu);
+            kcu_launch(cu, k_attn_combine, dim3(b->n_tokens * a.n_heads), dim3(128), 0, a);
         }
         return;
     }

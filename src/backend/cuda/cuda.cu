@@ -6,6 +6,7 @@
  * files (matmul.cu, attention.cu, kv.cu, rope.cu, ops.cu).
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "backend/cuda/cuda_impl.h"
@@ -329,6 +330,9 @@ static const kb_ops cuda_ops = {
     .rope = kcu_rope,
     .attention = kcu_attention,
     .add_rmsnorm = kcu_add_rmsnorm,
+    .matmul_group = kcu_matmul_group,
+    .rope_kv_store = kcu_rope_kv_store,
+    .matmul_glu = kcu_matmul_glu,
     .glu = kcu_glu,
     .add = kcu_add,
     .scale = kcu_scale,
@@ -398,6 +402,13 @@ extern "C" kiln_status kb_cuda_create(int device, kb_backend **out)
         goto fail;
     }
     STEP(cudaStreamCreateWithFlags(&cu->stream, cudaStreamNonBlocking));
+    {
+        /* programmatic dependent launch: Hopper and newer */
+        const char *pdl = getenv("KILN_CUDA_PDL");
+        cu->pdl = cu->prop.major >= 9 && !(pdl && !strcmp(pdl, "0"));
+        const char *hs = getenv("KILN_CUDA_MV_HS");
+        cu->mv_stream = !(hs && !strcmp(hs, "0"));
+    }
     bs = cublasLtCreate(&cu->lt);
     if (bs != CUBLAS_STATUS_SUCCESS) {
         st = KILN_FAIL(KILN_ERR_DEVICE, "cuda:%d: cublasLtCreate failed (status %d)", device,

@@ -79,6 +79,10 @@ typedef struct kcu {
     size_t attn_ws_bytes;
 
     bool capturing;           /* inside graph_begin .. graph_end */
+    bool pdl;                 /* kcu_launch lets a kernel start before the
+                                 previous one ends (KILN_CUDA_PDL=0: off) */
+    bool mv_stream;           /* F16/BF16 decode of 1-4 rows on k_mv_hs
+                                 (KILN_CUDA_MV_HS=0: the staged kernel) */
 
     /* sample.cu: one device buffer and its pinned mirror, laid out as
      * [row params (smp_rows)][penalty entries (smp_rows * smp_max_pen)]
@@ -95,14 +99,27 @@ typedef struct kcu {
     size_t act_bf16_elems;    /* capacity of act_bf16 */
     size_t wtile_elems;       /* capacity of wtile (whole rows of max_n_in) */
     float *mv_part;           /* (splits, rows, n_out) matvec split-K partial sums */
+    int *mv_count;            /* per CTA column: splits done (the last one reduces) */
     size_t mv_part_elems;     /* capacity of mv_part */
     bool mv_ready;            /* matvec kernels may use all shared memory */
     struct kcu_lt_cache *lt_cache; /* cuBLASLt descriptors and algorithm by GEMM shape */
-    bool gemm_split;          /* activations as BF16 hi + lo: two GEMMs (default) */
+    int gemm_parts;           /* BF16 parts the GEMM's activations are split into:
+                                 2 (hi + lo, default), 1 or 3 (KILN_CUDA_GEMM) */
 
     /* transfer.cu */
     cudaStream_t up_stream[KB_MAX_STREAMS]; /* upload streams 0..n_up_streams-1 */
     int n_up_streams;
+
+    /* matvec_q8.cu: the opt-in 8-bit activation decode path
+     * (kb_cuda_set_fast_activations); q8_act holds the quantized activation
+     * rows of one matvec, reserved with the matmul scratch */
+    bool fast_act;            /* quantized matvecs round activations to 8 bits */
+    void *q8_act;             /* KCU_MATVEC_MAX_ROWS rows of activation records */
+    size_t q8_act_bytes;      /* capacity of q8_act */
+    float *q8_part;           /* (splits, rows, n_out) partial sums of k splits */
+    size_t q8_part_elems;     /* capacity of q8_part */
+    int *q8_count;            /* per CTA column: splits done (the last one reduces) */
+    bool q8_ready;            /* the kernels may use all shared memory */
 } kcu;
 
 static inline kcu *kcu_of(kb_backend *be) { return (kcu *)be->impl; }
@@ -144,12 +161,124 @@ void kcu_note(kcu *cu, kiln_status st);
 static inline int kcu_div_up(int64_t a, int64_t b) { return (int)((a + b - 1) / b); }
 
 /* ------------------------------------------------------------------------
+ * Programmatic dependent launch
+ *
+ * A decode step is ~15 small kernels a layer, and between two kernels the
+ * GPU would sit idle while the second one launches and ramps up (several
+ * microseconds, as long as a small matvec's whole run).  Kernels launched
+ * through kcu_launch may instead be scheduled while their predecessor is
+ * still running: each such kernel first does only what depends on nothing
+ * the previous kernels write (its weights stream in, its shared memory is
+ * set up), then kcu_pdl_wait() blocks until every earlier kernel of the
+ * stream has finished and its writes are visible, and only then reads
+ * activations or writes anything.  kcu_pdl_trigger() lets the next kernel
+ * be scheduled.  The rule every kernel launched with kcu_launch keeps: call
+ * kcu_pdl_wait() in every thread before the first global read of data a
+ * previous kernel may write and before the first global write (an earlier
+ * kernel may still read what it overwrites).  Both are no-ops in a kernel
+ * launched the ordinary way, so kernels stay safe to launch either way.
+ * ---------------------------------------------------------------------- */
+
+__device__ __forceinline__ void kcu_pdl_wait(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void kcu_pdl_trigger(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+/* ------------------------------------------------------------------------
+ * Device helpers shared by kernel files
+ * ---------------------------------------------------------------------- */
+
+/* RoPE angles of one position into cs: cos of pair i at cs[i], sin at
+ * cs[n_dims/2 + i], for i < n_dims/2, by the block's threads.  The CPU
+ * backend's angles to the bit where double rounding allows (rope.cu). */
+__device__ __forceinline__ void kcu_rope_table(float *cs, int pos, int n_dims, double theta,
+                                               double freq_scale, const float *factors)
+{
+    const int half = n_dims / 2;
+    const double p = (double)pos * freq_scale;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        double inv = pow(theta, -2.0 * i / (double)n_dims);
+        if (factors)
+            inv /= (double)factors[i];
+        double s, c;
+        sincos(p * inv, &s, &c);
+        cs[i] = (float)c;
+        cs[half + i] = (float)s;
+    }
+}
+
+/* Rotate the n_heads heads of one token's row xt in place with the table,
+ * by the block's threads: NEOX pairs (x[i], x[i + n_dims/2]), else
+ * (x[2i], x[2i+1]); the CPU's expressions, unfused, for the same roundings. */
+template <bool NEOX>
+__device__ __forceinline__ void kcu_rope_rotate(float *xt, int n_heads, int head_dim, int n_dims,
+                                                const float *cs)
+{
+    const int half = n_dims / 2;
+    for (int j = threadIdx.x; j < n_heads * half; j += blockDim.x) {
+        const int h = j / half, i = j - h * half;
+        float *xh = xt + (size_t)h * head_dim;
+        const int i0 = NEOX ? i : 2 * i, i1 = NEOX ? i + half : 2 * i + 1;
+        const float x0 = xh[i0], x1 = xh[i1], c = cs[i], s = cs[half + i];
+        xh[i0] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+        xh[i1] = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
+    }
+}
+
+/* The GLU activations (ops.cu's glu; the fused down projection in matvec.cu
+ * applies the same expressions, so both give the same bits). */
+__device__ __forceinline__ float kcu_silu(float g) { return g / (1.0f + __expf(-g)); }
+
+/* tanh GELU as g * sigmoid(2 sqrt(2/pi) (g + 0.044715 g^3)), the form the
+ * CPU backend uses: no cancellation where tanh nears -1. */
+__device__ __forceinline__ float kcu_gelu_tanh(float g)
+{
+    const float c2 = 1.5957691216057308f; /* 2 sqrt(2/pi) */
+    float z = c2 * g * (1.0f + 0.044715f * g * g);
+    return g / (1.0f + __expf(-z));
+}
+
+__device__ __forceinline__ float kcu_act(int act, float g)
+{
+    return act == KB_ACT_SILU ? kcu_silu(g) : kcu_gelu_tanh(g);
+}
+
+/* Launch k<<<grid, block, smem, cu->stream>>>(args...), allowed to overlap
+ * the previous kernel when cu->pdl; a launch error is recorded. */
+template <typename... KArgs, typename... Args>
+static inline void kcu_launch(kcu *cu, void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                              Args... args)
+{
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = cu->stream;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = cu->pdl ? 1 : 0;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    KCU_CHECK(cu, cudaLaunchKernelEx(&cfg, k, ((KArgs)args)...));
+}
+
+/* ------------------------------------------------------------------------
  * Entry points of the kernel files (each documented where it is defined)
  * ---------------------------------------------------------------------- */
 
 /* matmul.cu, matvec.cu, dequant.cuh: quantized and float weights */
 void kcu_matmul(kb_backend *be, float *out, const float *x, const kb_weight *w,
                 const kb_weight *bias, int rows);
+void kcu_matmul_group(kb_backend *be, const kb_mm *mm, int n, const float *x, int rows);
 void kcu_embed(kb_backend *be, float *out, const kb_weight *w, const kb_batch *b);
 bool kcu_type_has_kernels(kiln_type t);
 kiln_status kcu_matmul_reserve(kcu *cu, const kb_reserve *r);
@@ -166,6 +295,9 @@ void kcu_attention(kb_backend *be, float *out, const float *q, const kb_kv *kv, 
                    const kb_batch *b, const kb_attn *a);
 void kcu_rope(kb_backend *be, float *x, const kb_batch *b, int n_heads, int head_dim,
               const kb_rope *r);
+void kcu_rope_kv_store(kb_backend *be, float *q, float *k, const float *v, kb_kv *kv, int il,
+                       const kb_batch *b, int n_heads, int n_kv_heads, int head_dim,
+                       const kb_rope *r);
 kiln_status kcu_attention_reserve(kcu *cu, const kb_reserve *r);
 void kcu_attention_release(kcu *cu);
 
@@ -182,6 +314,8 @@ void kcu_add_rmsnorm(kb_backend *be, float *out, float *x, const float *y, const
                      int rows, int n, float eps);
 void kcu_glu(kb_backend *be, float *out, const float *gate, const float *up, int rows, int n,
              kb_act act);
+void kcu_matmul_glu(kb_backend *be, float *out, const float *gate, const float *up,
+                    const kb_weight *w, int rows, kb_act act);
 void kcu_add(kb_backend *be, float *out, const float *a, const float *b, size_t n);
 void kcu_scale(kb_backend *be, float *x, float s, size_t n);
 void kcu_get_rows(kb_backend *be, float *out, const float *x, const int32_t *idx, int n_rows,
@@ -201,5 +335,32 @@ kiln_status kcu_event_query(kb_backend *be, kb_event *ev, bool *done);
 kiln_status kcu_event_sync(kb_backend *be, kb_event *ev);
 kiln_status kcu_event_elapsed(kb_backend *be, kb_event *start, kb_event *end, float *ms);
 void kcu_transfer_release(kcu *cu);
+
+/* ------------------------------------------------------------------------
+ * matvec_q8.cu: fast (8-bit) activations for quantized decode matvecs
+ * ---------------------------------------------------------------------- */
+
+/* out (rows, n_out) = x (rows, n_in) @ w^T (+ bias) for rows <= 8 with the
+ * activations rounded to w's fast_vec_dot_type (Q8_0 / Q8_1 / Q8_K) as the
+ * CPU's fast path does; true when enqueued, false (nothing enqueued) for a
+ * type or shape it does not handle: the caller then runs kcu_matvec. */
+bool kcu_matvec_q8(kcu *cu, float *out, const float *x, const kb_weight *w, const float *bias,
+                   int rows);
+/* The same for n (<= KB_MM_GROUP_MAX) weights of one activation format and
+ * row length against one x (matmul_group), x quantized once; false, having
+ * enqueued nothing, where any of them is not taken. */
+bool kcu_matvec_q8_group(kcu *cu, const kb_weight *const *w, float *const *out,
+                         const float *const *bias, int n, const float *x, int rows);
+/* Whether the fast path is on and takes w for `rows` rows (callers that
+ * would otherwise bypass kcu_matmul, e.g. a fused GLU + matvec). */
+bool kcu_matvec_q8_takes(const kcu *cu, const kb_weight *w, int rows);
+/* The activation records for r (kcu_matmul_reserve), and their release. */
+kiln_status kcu_matvec_q8_reserve(kcu *cu, const kb_reserve *r);
+void kcu_matvec_q8_release(kcu *cu);
+/* For tests: quantize `rows` rows of n_in device floats as the fast path
+ * does for a weight of type wtype and download them as the CPU's blocks
+ * (block_q8_0 / q8_1 / q8_K, rows x n_in / block size) into host_out. */
+extern "C" kiln_status kb_cuda_q8_quantize_for_test(kb_backend *be, const float *x, int rows,
+                                                    int n_in, kiln_type wtype, void *host_out);
 
 #endif /* KILN_BACKEND_CUDA_IMPL_H */

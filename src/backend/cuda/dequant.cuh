@@ -419,10 +419,23 @@ __device__ __forceinline__ void kcu_deq8(const uint8_t *blk, int e, float out[8]
  * backend's stream; matvec.cu.  bias: (n_out) device floats or NULL. */
 void kcu_matvec(kcu *cu, float *out, const float *x, const kb_weight *w, const float *bias,
                 int rows);
+/* out = (act(gate) * up) @ w^T for rows <= 8, the GLU applied as the
+ * activations are read (the same floats kcu_glu would write). */
+void kcu_matvec_glu(kcu *cu, float *out, const float *gate, const float *up, int act,
+                    const kb_weight *w, int rows);
+/* The same for n (<= KB_MM_GROUP_MAX) weights of one type and input length
+ * in one launch; false, having done nothing, where they cannot share one
+ * (the caller runs kcu_matvec for each). */
+bool kcu_matvec_group(kcu *cu, const kb_weight *const *w, float *const *out,
+                      const float *const *bias, int n, const float *x, int rows);
 /* Let the matvec kernels use all of an SM's shared memory (once). */
 kiln_status kcu_matvec_setup(kcu *cu);
 /* Floats of split-K partial sums the matvec kernels may need for weights
- * within r (reserve sizes cu->mv_part from it). */
+ * within r. */
 size_t kcu_matvec_part_elems(const kcu *cu, const kb_reserve *r);
+/* The matvec scratch for steps within r (split-K partial sums and counts),
+ * and its release. */
+kiln_status kcu_matvec_reserve(kcu *cu, const kb_reserve *r);
+void kcu_matvec_release(kcu *cu);
 
 #endif /* KILN_BACKEND_CUDA_DEQUANT_CUH */

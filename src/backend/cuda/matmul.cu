@@ -83,14 +83,19 @@ __global__ void k_f32_to_bf16(const float *__restrict__ x, __nv_bfloat16 *__rest
 /* x as hi + lo, two BF16 rows whose sum carries ~16 of x's 24 mantissa bits
  * (hi at y, lo at y + n): two accumulating GEMMs against the same weight
  * then round the activations ~2^-17 instead of ~2^-9 relative. */
+template <int PARTS>
 __global__ void k_f32_to_bf16_split(const float *__restrict__ x, __nv_bfloat16 *__restrict__ y,
                                     size_t n)
 {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
-        __nv_bfloat16 hi = __float2bfloat16_rn(x[i]);
-        y[i] = hi;
-        y[n + i] = __float2bfloat16_rn(x[i] - __bfloat162float(hi));
+        float r = x[i];
+#pragma unroll
+        for (int p = 0; p < PARTS; p++) {
+            const __nv_bfloat16 h = __float2bfloat16_rn(r);
+            y[(size_t)p * n + i] = h;
+            r -= __bfloat162float(h);
+        }
     }
 }
 
@@ -333,7 +338,8 @@ fail:
 #undef LT_TRY
 
 /* C (m cols of out, ldc) = A (m rows of k BF16, lda) x act_bf16 (n rows of
- * k); with split activations, C = A x hi + A x lo (the second accumulates). */
+ * k); with split activations, C = A x hi + A x lo (+ A x lo2), each after the
+ * first accumulating. */
 static void lt_gemm(kcu *cu, float *c, int ldc, const __nv_bfloat16 *a, int lda, int m, int n,
                     int k, const char *name)
 {
@@ -342,9 +348,9 @@ static void lt_gemm(kcu *cu, float *c, int ldc, const __nv_bfloat16 *a, int lda,
         return;
     const float alpha = 1.0f;
     const size_t lo_off = (size_t)n * (size_t)k;
-    for (int part = 0; part < (cu->gemm_split ? 2 : 1); part++) {
+    for (int part = 0; part < cu->gemm_parts; part++) {
         const float beta = part ? 1.0f : 0.0f;
-        const __nv_bfloat16 *b = cu->act_bf16 + (part ? lo_off : 0);
+        const __nv_bfloat16 *b = cu->act_bf16 + (size_t)part * lo_off;
         cublasStatus_t s = cublasLtMatmul(cu->lt, pl->op, &alpha, a, pl->a, b, pl->b, &beta, c,
                                           pl->c, c, pl->c, &pl->algo, cu->lt_ws,
                                           KCU_LT_WORKSPACE, cu->stream);
@@ -371,8 +377,11 @@ static void matmul_gemm(kcu *cu, float *out, const float *x, const kb_weight *w,
                 cu->act_bf16_elems);
         return;
     }
-    if (cu->gemm_split)
-        k_f32_to_bf16_split<<<stride_grid(cu, (int64_t)need, 256), 256, 0, cu->stream>>>(
+    if (cu->gemm_parts == 3)
+        k_f32_to_bf16_split<3><<<stride_grid(cu, (int64_t)need, 256), 256, 0, cu->stream>>>(
+            x, cu->act_bf16, need);
+    else if (cu->gemm_parts == 2)
+        k_f32_to_bf16_split<2><<<stride_grid(cu, (int64_t)need, 256), 256, 0, cu->stream>>>(
             x, cu->act_bf16, need);
     else
         k_f32_to_bf16<<<stride_grid(cu, (int64_t)need, 256), 256, 0, cu->stream>>>(
@@ -416,24 +425,18 @@ static void matmul_gemm(kcu *cu, float *out, const float *x, const kb_weight *w,
 }
 
 /* Shapes and types are checked here, once per call, so the kernels can
- * trust them; a bad one is recorded and the op does nothing. */
-void kcu_matmul(kb_backend *be, float *out, /* (rows, n_out) */
-                const float *x,             /* (rows, n_in), not aliasing out */
-                const kb_weight *w,         /* (n_out, n_in) of w->type */
-                const kb_weight *bias,      /* F32 (n_out) or NULL */
-                int rows)
+ * trust them: false (recorded as the op's error) for a bad weight or bias;
+ * *bd is the bias's data or NULL. */
+static bool matmul_args_ok(kcu *cu, const kb_weight *w, const kb_weight *bias, const float **bd)
 {
-    kcu *cu = kcu_of(be);
     const char *name = w->name ? w->name : "?";
     const int64_t n_in = w->ne[0], n_out = w->ne[1];
-    if (rows <= 0 || n_out <= 0)
-        return;
     char tb[16];
     uint64_t rb = 0;
     if (!kcu_type_has_kernels(w->type)) {
         KCU_BAD(cu, KILN_ERR_UNSUPPORTED, "cuda matmul %s: no CUDA kernel for type %s", name,
                 quant_type_name(w->type, tb, sizeof tb));
-        return;
+        return false;
     }
     if (n_in <= 0 || n_in > INT32_MAX / 2 || n_out > INT32_MAX / 2 || !w->data ||
         quant_row_size(w->type, (uint64_t)n_in, &rb, name) != KILN_OK || rb != w->row_bytes ||
@@ -441,21 +444,78 @@ void kcu_matmul(kb_backend *be, float *out, /* (rows, n_out) */
         KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda matmul %s: bad weight (%lld x %lld %s, %llu bytes a "
                 "row)", name, (long long)n_out, (long long)n_in,
                 quant_type_name(w->type, tb, sizeof tb), (unsigned long long)w->row_bytes);
-        return;
+        return false;
     }
-    const float *bd = NULL;
+    *bd = NULL;
     if (bias && bias->data) {
         if (bias->type != KILN_TYPE_F32 || bias->ne[0] != n_out) {
             KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda matmul %s: bias %s must be an F32 vector of "
                     "%lld", name, bias->name ? bias->name : "?", (long long)n_out);
-            return;
+            return false;
         }
-        bd = (const float *)bias->data;
+        *bd = (const float *)bias->data;
     }
+    return true;
+}
+
+void kcu_matmul(kb_backend *be, float *out, /* (rows, n_out) */
+                const float *x,             /* (rows, n_in), not aliasing out */
+                const kb_weight *w,         /* (n_out, n_in) of w->type */
+                const kb_weight *bias,      /* F32 (n_out) or NULL */
+                int rows)
+{
+    kcu *cu = kcu_of(be);
+    const float *bd;
+    if (rows <= 0 || w->ne[1] <= 0 || !matmul_args_ok(cu, w, bias, &bd))
+        return;
+    if (cu->fast_act && rows <= KCU_MATVEC_MAX_ROWS && kcu_matvec_q8(cu, out, x, w, bd, rows))
+        return; /* 8-bit activations (matvec_q8.cu), opted into */
     if (rows <= KCU_MATVEC_MAX_ROWS)
         kcu_matvec(cu, out, x, w, bd, rows);
     else
-        matmul_gemm(cu, out, x, w, bd, rows, name);
+        matmul_gemm(cu, out, x, w, bd, rows, w->name ? w->name : "?");
+}
+
+/* Decode rows read act(gate) * up as they go (no glu launch, no write and
+ * read back of its output); prefill runs glu into gate, then the GEMM. */
+void kcu_matmul_glu(kb_backend *be, float *out, const float *gate, const float *up,
+                    const kb_weight *w, int rows, kb_act act)
+{
+    kcu *cu = kcu_of(be);
+    const float *bd;
+    if (rows <= 0 || w->ne[1] <= 0)
+        return;
+    /* with 8-bit activations opted into (matvec_q8.cu), glu then matmul */
+    if (rows <= KCU_MATVEC_MAX_ROWS && !kcu_matvec_q8_takes(cu, w, rows)) {
+        if (matmul_args_ok(cu, w, NULL, &bd))
+            kcu_matvec_glu(cu, out, gate, up, (int)act, w, rows);
+        return;
+    }
+    kcu_glu(be, (float *)gate, gate, up, rows, (int)w->ne[0], act);
+    kcu_matmul(be, out, gate, w, NULL, rows);
+}
+
+/* Decode rows of weights that can share a launch go as one (one pass over
+ * the activations, one kernel's fixed cost instead of n); anything else,
+ * one matmul each. */
+void kcu_matmul_group(kb_backend *be, const kb_mm *mm, int n, const float *x, int rows)
+{
+    kcu *cu = kcu_of(be);
+    const kb_weight *w[KB_MM_GROUP_MAX];
+    float *out[KB_MM_GROUP_MAX];
+    const float *bd[KB_MM_GROUP_MAX];
+    bool ok = rows > 0 && rows <= KCU_MATVEC_MAX_ROWS && n > 0 && n <= KB_MM_GROUP_MAX;
+    for (int i = 0; ok && i < n; i++) {
+        w[i] = mm[i].w;
+        out[i] = mm[i].out;
+        ok = w[i]->ne[1] > 0 && matmul_args_ok(cu, w[i], mm[i].bias, &bd[i]);
+    }
+    if (ok && cu->fast_act && kcu_matvec_q8_group(cu, w, out, bd, n, x, rows))
+        return; /* 8-bit activations (matvec_q8.cu), opted into: x quantized once */
+    if (ok && kcu_matvec_group(cu, w, out, bd, n, x, rows))
+        return;
+    for (int i = 0; i < n; i++)
+        kcu_matmul(be, mm[i].out, x, mm[i].w, mm[i].bias, rows);
 }
 
 /* ------------------------------------------------------------------------
@@ -518,34 +578,35 @@ kiln_status kcu_matmul_reserve(kcu *cu, const kb_reserve *r)
     }
     /* Split activations (the default) keep the GEMM's inputs to ~2^-17
      * relative, as the CPU backend's float32 activations nearly are, at twice
-     * the tensor-core work; KILN_CUDA_GEMM=bf16 rounds them to BF16 once. */
+     * the tensor-core work; KILN_CUDA_GEMM=bf16 rounds them to BF16 once,
+     * KILN_CUDA_GEMM=split3 carries all 24 bits in three parts. */
     const char *mode = getenv("KILN_CUDA_GEMM");
-    cu->gemm_split = !(mode && !strcmp(mode, "bf16"));
-    KCU_TRY(cu, cudaMalloc((void **)&cu->act_bf16, 2 * act * sizeof(__nv_bfloat16)));
+    cu->gemm_parts = mode && !strcmp(mode, "bf16") ? 1 : mode && !strcmp(mode, "split3") ? 3 : 2;
+    KCU_TRY(cu, cudaMalloc((void **)&cu->act_bf16,
+                           (size_t)cu->gemm_parts * act * sizeof(__nv_bfloat16)));
     cu->act_bf16_elems = act;
     KCU_TRY(cu, cudaMalloc((void **)&cu->wtile, wt * sizeof(__nv_bfloat16)));
     cu->wtile_elems = wt;
-    const size_t part = kcu_matvec_part_elems(cu, r);
-    KCU_TRY(cu, cudaMalloc((void **)&cu->mv_part, part * sizeof(float)));
-    cu->mv_part_elems = part;
+    kiln_status st = kcu_matvec_reserve(cu, r);
+    if (st || (st = kcu_matvec_q8_reserve(cu, r)))
+        return st;
     cu->lt_cache = (kcu_lt_cache *)kiln_calloc(1, sizeof *cu->lt_cache);
     if (!cu->lt_cache)
         return KILN_FAIL(KILN_ERR_NOMEM, "cuda: out of memory for the cuBLASLt plan cache");
-    return kcu_matvec_setup(cu);
+    return KILN_OK;
 }
 
 void kcu_matmul_release(kcu *cu)
 {
+    kcu_matvec_q8_release(cu);
     if (cu->act_bf16)
         cudaFree(cu->act_bf16);
     if (cu->wtile)
         cudaFree(cu->wtile);
-    if (cu->mv_part)
-        cudaFree(cu->mv_part);
+    kcu_matvec_release(cu);
     cu->act_bf16 = NULL;
     cu->wtile = NULL;
-    cu->mv_part = NULL;
-    cu->act_bf16_elems = cu->wtile_elems = cu->mv_part_elems = 0;
+    cu->act_bf16_elems = cu->wtile_elems = 0;
     if (cu->lt_cache) {
         for (int i = 0; i < KCU_LT_PLANS; i++)
             lt_plan_drop(&cu->lt_cache->plan[i]);

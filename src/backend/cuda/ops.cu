@@ -4,7 +4,8 @@
  * All are memory-bound: each reads its inputs once and writes its output
  * once, with 16-byte accesses where the row length allows.  RMSNorm takes a
  * warp per row for rows up to 1024 elements (per-head q/k norms) and a block
- * per row above that (the residual stream).
+ * per row above that (the residual stream).  All are launched with
+ * kcu_launch and wait for their predecessor first thing (cuda_impl.h).
  */
 #include "backend/cuda/cuda_impl.h"
 
@@ -42,6 +43,8 @@ static __device__ float kcu_block_sum(float v)
 __global__ void k_rmsnorm_warp(float *__restrict__ out, const float *__restrict__ x,
                                const float *__restrict__ w, int rows, int n, float eps)
 {
+    kcu_pdl_wait();
+    kcu_pdl_trigger();
     int row = blockIdx.x * 8 + threadIdx.y;
     if (row >= rows)
         return;
@@ -64,6 +67,8 @@ template <bool VEC4>
 __global__ void k_rmsnorm_block(float *__restrict__ out, const float *__restrict__ x,
                                 const float *__restrict__ w, int n, float eps)
 {
+    kcu_pdl_wait();
+    kcu_pdl_trigger();
     const float *xr = x + (size_t)blockIdx.x * n;
     float *orow = out + (size_t)blockIdx.x * n;
     float ss = 0.0f;
@@ -105,18 +110,18 @@ void kcu_rmsnorm(kb_backend *be, float *out, const float *x, const kb_weight *w,
     }
     const float *wd = (const float *)w->data;
     if (n <= 1024) {
-        k_rmsnorm_warp<<<kcu_div_up(rows, 8), dim3(32, 8), 0, cu->stream>>>(out, x, wd, rows, n,
-                                                                            eps);
+        kcu_launch(cu, k_rmsnorm_warp, dim3(kcu_div_up(rows, 8)), dim3(32, 8), 0, out, x, wd,
+                   rows, n, eps);
     } else {
         int threads = n >= 4096 ? 1024 : 256;
         bool vec = n % 4 == 0 && ((uintptr_t)x % 16) == 0 && ((uintptr_t)out % 16) == 0 &&
                    ((uintptr_t)wd % 16) == 0;
         if (vec)
-            k_rmsnorm_block<true><<<rows, threads, 0, cu->stream>>>(out, x, wd, n, eps);
+            kcu_launch(cu, k_rmsnorm_block<true>, dim3(rows), dim3(threads), 0, out, x, wd, n, eps);
         else
-            k_rmsnorm_block<false><<<rows, threads, 0, cu->stream>>>(out, x, wd, n, eps);
+            kcu_launch(cu, k_rmsnorm_block<false>, dim3(rows), dim3(threads), 0, out, x, wd, n,
+                       eps);
     }
-    KCU_LAUNCHED(cu);
 }
 
 /* x += y, then out = rmsnorm(x) * w; one block per row.  Each thread
@@ -124,6 +129,8 @@ void kcu_rmsnorm(kb_backend *be, float *out, const float *x, const kb_weight *w,
 __global__ void k_add_rmsnorm(float *out, float *__restrict__ x, const float *y,
                               const float *__restrict__ w, int n, float eps)
 {
+    kcu_pdl_wait();
+    kcu_pdl_trigger();
     float *xr = x + (size_t)blockIdx.x * n;
     const float *yr = y + (size_t)blockIdx.x * n;
     float *orow = out + (size_t)blockIdx.x * n;
@@ -150,29 +157,20 @@ void kcu_add_rmsnorm(kb_backend *be, float *out, float *x, const float *y, const
         return;
     }
     int threads = n >= 4096 ? 1024 : n >= 1024 ? 512 : 256;
-    k_add_rmsnorm<<<rows, threads, 0, cu->stream>>>(out, x, y, (const float *)w->data, n, eps);
-    KCU_LAUNCHED(cu);
+    kcu_launch(cu, k_add_rmsnorm, dim3(rows), dim3(threads), 0, out, x, y,
+               (const float *)w->data, n, eps);
 }
 
 /* ------------------------------------------------------------------------
  * GLU: out = act(gate) * up
  * ---------------------------------------------------------------------- */
 
-__device__ __forceinline__ float kcu_silu(float g) { return g / (1.0f + __expf(-g)); }
-
-/* tanh GELU as g * sigmoid(2 sqrt(2/pi) (g + 0.044715 g^3)), the form the
- * CPU backend uses: no cancellation where tanh nears -1. */
-__device__ __forceinline__ float kcu_gelu_tanh(float g)
-{
-    const float c2 = 1.5957691216057308f; /* 2 sqrt(2/pi) */
-    float z = c2 * g * (1.0f + 0.044715f * g * g);
-    return g / (1.0f + __expf(-z));
-}
-
 template <int ACT>
 __global__ void k_glu(float *__restrict__ out, const float *__restrict__ gate,
                       const float *__restrict__ up, size_t n)
 {
+    kcu_pdl_wait();
+    kcu_pdl_trigger();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     size_t stride = (size_t)gridDim.x * blockDim.x;
     for (; i < n; i += stride) {
@@ -198,10 +196,9 @@ void kcu_glu(kb_backend *be, float *out, const float *gate, const float *up, int
         return;
     int g = grid_for(cu, total, 256);
     if (act == KB_ACT_SILU)
-        k_glu<KB_ACT_SILU><<<g, 256, 0, cu->stream>>>(out, gate, up, total);
+        kcu_launch(cu, k_glu<KB_ACT_SILU>, dim3(g), dim3(256), 0, out, gate, up, total);
     else
-        k_glu<KB_ACT_GELU_TANH><<<g, 256, 0, cu->stream>>>(out, gate, up, total);
-    KCU_LAUNCHED(cu);
+        kcu_launch(cu, k_glu<KB_ACT_GELU_TANH>, dim3(g), dim3(256), 0, out, gate, up, total);
 }
 
 /* ------------------------------------------------------------------------
@@ -210,6 +207,8 @@ void kcu_glu(kb_backend *be, float *out, const float *gate, const float *up, int
 
 __global__ void k_add(float *out, const float *a, const float *b, size_t n)
 {
+    kcu_pdl_wait();
+    kcu_pdl_trigger();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     size_t stride = (size_t)gridDim.x * blockDim.x;
     for (; i < n; i += stride)
@@ -221,12 +220,13 @@ void kcu_add(kb_backend *be, float *out, const float *a, const float *b, size_t 
     kcu *cu = kcu_of(be);
     if (!n)
         return;
-    k_add<<<grid_for(cu, n, 256), 256, 0, cu->stream>>>(out, a, b, n);
-    KCU_LAUNCHED(cu);
+    kcu_launch(cu, k_add, dim3(grid_for(cu, n, 256)), dim3(256), 0, out, a, b, n);
 }
 
 __global__ void k_scale(float *x, float s, size_t n)
 {
+    kcu_pdl_wait();
+    kcu_pdl_trigger();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     size_t stride = (size_t)gridDim.x * blockDim.x;
     for (; i < n; i += stride)
@@ -238,13 +238,14 @@ void kcu_scale(kb_backend *be, float *x, float s, size_t n)
     kcu *cu = kcu_of(be);
     if (!n)
         return;
-    k_scale<<<grid_for(cu, n, 256), 256, 0, cu->stream>>>(x, s, n);
-    KCU_LAUNCHED(cu);
+    kcu_launch(cu, k_scale, dim3(grid_for(cu, n, 256)), dim3(256), 0, x, s, n);
 }
 
 __global__ void k_get_rows(float *__restrict__ out, const float *__restrict__ x,
                            const int32_t *__restrict__ idx, int n)
 {
+    kcu_pdl_wait();
+    kcu_pdl_trigger();
     const float *src = x + (size_t)idx[blockIdx.x] * n;
     float *dst = out + (size_t)blockIdx.x * n;
     for (int i = threadIdx.x; i < n; i += blockDim.x)
@@ -257,6 +258,5 @@ void kcu_get_rows(kb_backend *be, float *out, const float *x, const int32_t *idx
     kcu *cu = kcu_of(be);
     if (n_rows <= 0)
         return;
-    k_get_rows<<<n_rows, 256, 0, cu->stream>>>(out, x, idx, n);
-    KCU_LAUNCHED(cu);
+    kcu_launch(cu, k_get_rows, dim3(n_rows), dim3(256), 0, out, x, idx, n);
 }

@@ -24,28 +24,14 @@ __global__ void __launch_bounds__(ROPE_THREADS)
            const float *__restrict__ factors) /* (n_dims/2) or NULL */
 {
     __shared__ float cs[KCU_MAX_HEAD_DIM]; /* cos of each pair, then sin */
-    const int half = n_dims / 2;
-    const double p = (double)pos[blockIdx.x] * freq_scale;
-    for (int i = threadIdx.x; i < half; i += ROPE_THREADS) {
-        double inv = pow(theta, -2.0 * i / (double)n_dims);
-        if (factors)
-            inv /= (double)factors[i];
-        double s, c;
-        sincos(p * inv, &s, &c);
-        cs[i] = (float)c;
-        cs[half + i] = (float)s;
-    }
+    kcu_rope_table(cs, pos[blockIdx.x], n_dims, theta, freq_scale, factors);
+    /* the angles depend on the batch alone (uploaded before the step), so
+     * they are computed while the previous kernel finishes */
+    kcu_pdl_wait();
+    kcu_pdl_trigger();
     __syncthreads();
-    float *xt = x + (size_t)blockIdx.x * n_heads * head_dim;
-    for (int j = threadIdx.x; j < n_heads * half; j += ROPE_THREADS) {
-        const int h = j / half, i = j - h * half;
-        float *xh = xt + (size_t)h * head_dim;
-        const int i0 = NEOX ? i : 2 * i, i1 = NEOX ? i + half : 2 * i + 1;
-        const float x0 = xh[i0], x1 = xh[i1], c = cs[i], s = cs[half + i];
-        /* the CPU's expressions, unfused, for the same roundings */
-        xh[i0] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
-        xh[i1] = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
-    }
+    kcu_rope_rotate<NEOX>(x + (size_t)blockIdx.x * n_heads * head_dim, n_heads, head_dim, n_dims,
+                          cs);
 }
 
 void kcu_rope(kb_backend *be, float *x, const kb_batch *b, int n_heads, int head_dim,
@@ -61,12 +47,11 @@ void kcu_rope(kb_backend *be, float *x, const kb_batch *b, int n_heads, int head
         return;
     }
     if (r->style == KB_ROPE_NEOX)
-        k_rope<true><<<b->n_tokens, ROPE_THREADS, 0, cu->stream>>>(
-            x, b->pos, n_heads, head_dim, r->n_dims, (double)r->theta, (double)r->freq_scale,
-            r->freq_factors);
+        kcu_launch(cu, k_rope<true>, dim3(b->n_tokens), dim3(ROPE_THREADS), 0, x, b->pos, n_heads,
+                   head_dim, r->n_dims, (double)r->theta, (double)r->freq_scale,
+                   r->freq_factors);
     else
-        k_rope<false><<<b->n_tokens, ROPE_THREADS, 0, cu->stream>>>(
-            x, b->pos, n_heads, head_dim, r->n_dims, (double)r->theta, (double)r->freq_scale,
-            r->freq_factors);
-    KCU_LAUNCHED(cu);
+        kcu_launch(cu, k_rope<false>, dim3(b->n_tokens), dim3(ROPE_THREADS), 0, x, b->pos,
+                   n_heads, head_dim, r->n_dims, (double)r->theta, (double)r->freq_scale,
+                   r->freq_factors);
 }

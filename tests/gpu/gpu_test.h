@@ -18,6 +18,7 @@
 #include <time.h>
 
 #include "backend/backend.h"
+#include "quant/quant.h"
 
 /* Each test uses some of these helpers. */
 #define GT_FN static __attribute__((unused))
@@ -162,6 +163,54 @@ GT_FN void gt_check(const char *what, const float *got, const float *ref, size_t
         fprintf(stderr, "    element %zu is %f (unwritten or non-finite)\n", first_bad,
                 got[first_bad]);
     assert_true(e <= tol);
+}
+
+/* A weight in host memory (for the CPU backend) and its device copy. */
+typedef struct gt_weight {
+    kb_weight host, dev;
+    void *bytes;
+} gt_weight;
+
+/* n_out rows of n_in random floats, each row with its own scale (so block
+ * scales vary), converted to type t. */
+GT_FN void gt_weight_make(gt_weight *w, kiln_type t, int64_t n_in, int64_t n_out,
+                          const char *name)
+{
+    uint64_t rb = 0;
+    assert_int_equal(quant_row_size(t, (uint64_t)n_in, &rb, name), KILN_OK);
+    w->bytes = malloc((size_t)rb * (size_t)n_out + 1);
+    assert_non_null(w->bytes);
+    float *row = gt_rand((size_t)n_in, -1.0f, 1.0f);
+    for (int64_t r = 0; r < n_out; r++) {
+        const float s = gt_uniform(0.05f, 2.0f);
+        for (int64_t i = 0; i < n_in; i++)
+            row[i] = gt_uniform(-s, s);
+        assert_int_equal(quant_quantize_row_ref(t, row, (uint8_t *)w->bytes + (size_t)r * rb, n_in),
+                         KILN_OK);
+    }
+    free(row);
+    kb_weight k = {.type = t, .ne = {n_in, n_out}, .row_bytes = rb, .data = w->bytes,
+                   .name = name};
+    w->host = k;
+    w->dev = k;
+    w->dev.data = gt_up(w->bytes, (size_t)rb * (size_t)n_out);
+}
+
+GT_FN void gt_weight_free(gt_weight *w)
+{
+    gt_free((void *)w->dev.data);
+    free(w->bytes);
+}
+
+/* An F32 vector of n (a bias), host and device. */
+GT_FN void gt_weight_vec(gt_weight *w, int64_t n)
+{
+    w->bytes = gt_rand((size_t)n, -1.0f, 1.0f);
+    kb_weight k = {.type = KILN_TYPE_F32, .ne = {n, 1}, .row_bytes = (uint64_t)n * 4,
+                   .data = w->bytes, .name = "bias"};
+    w->host = k;
+    w->dev = k;
+    w->dev.data = gt_up(w->bytes, (size_t)n * sizeof(float));
 }
 
 /* Upload host batch arrays through the GPU backend's batch_upload; the CPU

@@ -48,53 +48,6 @@ static const kiln_type types[] = {
 static const int row_counts[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 64, 512};
 #define N_ROWS (sizeof row_counts / sizeof row_counts[0])
 
-/* A weight in host memory (for the CPU backend) and its device copy. */
-typedef struct tw {
-    kb_weight host, dev;
-    void *bytes;
-} tw;
-
-/* n_out rows of n_in random floats, each row with its own scale (so block
- * scales vary), converted to type t. */
-static void tw_make(tw *w, kiln_type t, int64_t n_in, int64_t n_out, const char *name)
-{
-    uint64_t rb = 0;
-    assert_int_equal(quant_row_size(t, (uint64_t)n_in, &rb, name), KILN_OK);
-    w->bytes = malloc((size_t)rb * (size_t)n_out + 1);
-    assert_non_null(w->bytes);
-    float *row = gt_rand((size_t)n_in, -1.0f, 1.0f);
-    for (int64_t r = 0; r < n_out; r++) {
-        const float s = gt_uniform(0.05f, 2.0f);
-        for (int64_t i = 0; i < n_in; i++)
-            row[i] = gt_uniform(-s, s);
-        assert_int_equal(quant_quantize_row_ref(t, row, (uint8_t *)w->bytes + (size_t)r * rb, n_in),
-                         KILN_OK);
-    }
-    free(row);
-    kb_weight k = {.type = t, .ne = {n_in, n_out}, .row_bytes = rb, .data = w->bytes,
-                   .name = name};
-    w->host = k;
-    w->dev = k;
-    w->dev.data = gt_up(w->bytes, (size_t)rb * (size_t)n_out);
-}
-
-static void tw_free(tw *w)
-{
-    gt_free((void *)w->dev.data);
-    free(w->bytes);
-}
-
-/* An F32 vector of n (a bias), host and device. */
-static void tw_vec(tw *w, int64_t n)
-{
-    w->bytes = gt_rand((size_t)n, -1.0f, 1.0f);
-    kb_weight k = {.type = KILN_TYPE_F32, .ne = {n, 1}, .row_bytes = (uint64_t)n * 4,
-                   .data = w->bytes, .name = "bias"};
-    w->host = k;
-    w->dev = k;
-    w->dev.data = gt_up(w->bytes, (size_t)n * sizeof(float));
-}
-
 static int setup(void **state)
 {
     if (gt_setup(state))
@@ -134,7 +87,7 @@ static bool soft_check(const char *what, const float *got, const float *ref, siz
 }
 
 /* ||got - ref|| / || |W| |x| + |bias| || over the rows' outputs. */
-static double err_vs_magnitude(const tw *w, const tw *bias, const float *x, int rows,
+static double err_vs_magnitude(const gt_weight *w, const gt_weight *bias, const float *x, int rows,
                                const float *got, const float *ref)
 {
     const int64_t n_in = w->host.ne[0], n_out = w->host.ne[1];
@@ -160,7 +113,7 @@ static double err_vs_magnitude(const tw *w, const tw *bias, const float *x, int 
 
 /* One matmul on both backends and the comparison; returns the error, or
  * -1 when over the tolerance. */
-static double check_matmul(const tw *w, const tw *bias, int rows)
+static double check_matmul(const gt_weight *w, const gt_weight *bias, int rows)
 {
     const int64_t n_in = w->host.ne[0], n_out = w->host.ne[1];
     const size_t nx = (size_t)rows * (size_t)n_in, ny = (size_t)rows * (size_t)n_out;
@@ -236,9 +189,9 @@ static void test_matmul_type(kiln_type t)
     double worst_mv = 0, worst_gemm = 0;
     int k = 0, failed = 0, checks = 0;
     for (int s = 0; s < ns; s++) {
-        tw w, bias;
-        tw_make(&w, t, shapes[s][0], shapes[s][1], "w");
-        tw_vec(&bias, shapes[s][1]);
+        gt_weight w, bias;
+        gt_weight_make(&w, t, shapes[s][0], shapes[s][1], "w");
+        gt_weight_vec(&bias, shapes[s][1]);
         for (size_t i = 0; i < N_ROWS; i++, k++) {
             const int rows = row_counts[i];
             if (shapes[s][1] > 1000 && rows > 8 && rows != 64)
@@ -251,8 +204,8 @@ static void test_matmul_type(kiln_type t)
             if (rows > 8 && e > worst_gemm)
                 worst_gemm = e;
         }
-        tw_free(&bias);
-        tw_free(&w);
+        gt_weight_free(&bias);
+        gt_weight_free(&w);
     }
     fprintf(stderr, "  == matmul %-5s %3d checks, %d failed; worst passing rel err: matvec (rows "
             "1-8) %.2e, gemm (rows 9-512) %.2e\n", tr->name, checks, failed, worst_mv,
@@ -293,8 +246,8 @@ static void test_embed_all_types(void **state)
         const kiln_type t = types[i];
         const quant_traits *tr = quant_get_traits(t);
         const int64_t n_embd = tr->block_size == 1 ? 7 : 768, n_vocab = 50;
-        tw w;
-        tw_make(&w, t, n_embd, n_vocab, "token_embd");
+        gt_weight w;
+        gt_weight_make(&w, t, n_embd, n_vocab, "token_embd");
         int32_t tok[9], pos[9], seq[9] = {0}, table[1] = {0};
         for (int j = 0; j < 9; j++) {
             tok[j] = gt_int(0, (int)n_vocab - 1);
@@ -320,7 +273,7 @@ static void test_embed_all_types(void **state)
         free(got);
         gt_free(dy);
         free(ref);
-        tw_free(&w);
+        gt_weight_free(&w);
     }
     fprintf(stderr, "  == embed: %zu types, %d not bitwise equal to the CPU's\n", N_TYPES, failed);
     assert_int_equal(failed, 0);
@@ -335,16 +288,16 @@ static void test_embed_all_types(void **state)
 static bool check_group(const kiln_type *ty, int n, int64_t n_in, const int64_t *n_out,
                         const bool *with_bias, int rows)
 {
-    tw w[KB_MM_GROUP_MAX], b[KB_MM_GROUP_MAX];
+    gt_weight w[KB_MM_GROUP_MAX], b[KB_MM_GROUP_MAX];
     kb_mm mm[KB_MM_GROUP_MAX];
     float *ref[KB_MM_GROUP_MAX];
     const size_t nx = (size_t)rows * (size_t)n_in;
     float *x = gt_rand(nx, -1.0f, 1.0f);
     float *dx = gt_up(x, nx * sizeof(float));
     for (int i = 0; i < n; i++) {
-        tw_make(&w[i], ty[i], n_in, n_out[i], "w");
+        gt_weight_make(&w[i], ty[i], n_in, n_out[i], "w");
         if (with_bias[i])
-            tw_vec(&b[i], n_out[i]);
+            gt_weight_vec(&b[i], n_out[i]);
         const size_t ny = (size_t)rows * (size_t)n_out[i];
         ref[i] = malloc(ny * sizeof(float));
         assert_non_null(ref[i]);
@@ -378,9 +331,9 @@ static bool check_group(const kiln_type *ty, int n, int64_t n_in, const int64_t 
         }
         gt_free(mm[i].out);
         free(ref[i]);
-        tw_free(&w[i]);
+        gt_weight_free(&w[i]);
         if (with_bias[i])
-            tw_free(&b[i]);
+            gt_weight_free(&b[i]);
     }
     gt_free(dx);
     free(x);
@@ -435,8 +388,8 @@ static void test_matmul_glu(void **state)
             for (size_t r = 0; r < sizeof rows_list / sizeof rows_list[0]; r++) {
                 const int rows = rows_list[r], n_in = 4864, n_out = 67;
                 const size_t nx = (size_t)rows * n_in, ny = (size_t)rows * n_out;
-                tw w;
-                tw_make(&w, ts[i], n_in, n_out, "ffn_down");
+                gt_weight w;
+                gt_weight_make(&w, ts[i], n_in, n_out, "ffn_down");
                 float *g = gt_rand(nx, -4.0f, 4.0f), *u = gt_rand(nx, -1.0f, 1.0f);
                 float *dg = gt_up(g, nx * 4), *du = gt_up(u, nx * 4), *dy = gt_poisoned(ny);
                 float *ref = malloc(ny * sizeof(float));
@@ -458,7 +411,7 @@ static void test_matmul_glu(void **state)
                 runs++;
                 gt_free(dg), gt_free(du), gt_free(dy);
                 free(g), free(u), free(ref);
-                tw_free(&w);
+                gt_weight_free(&w);
             }
     fprintf(stderr, "matmul_glu: %d of %d within tolerance\n", runs - fails, runs);
     assert_int_equal(fails, 0);
@@ -476,8 +429,8 @@ static void test_matmul_in_graph(void **state)
     (void)state;
     const kiln_type ts[] = {KILN_TYPE_Q4_K, KILN_TYPE_Q6_K, KILN_TYPE_BF16};
     for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++) {
-        tw w;
-        tw_make(&w, ts[i], 3584, 157, "w");
+        gt_weight w;
+        gt_weight_make(&w, ts[i], 3584, 157, "w");
         const int rows_list[] = {1, 3, 64};
         for (int j = 0; j < 3; j++) {
             const int rows = rows_list[j];
@@ -513,7 +466,7 @@ static void test_matmul_in_graph(void **state)
             free(ref);
             free(x);
         }
-        tw_free(&w);
+        gt_weight_free(&w);
     }
 }
 
@@ -522,8 +475,8 @@ static void test_matmul_in_graph(void **state)
 static void test_matmul_scratch_too_small(void **state)
 {
     (void)state;
-    tw w;
-    tw_make(&w, KILN_TYPE_Q4_0, T_MAX_N_IN, 3, "blk.0.ffn_down.weight");
+    gt_weight w;
+    gt_weight_make(&w, KILN_TYPE_Q4_0, T_MAX_N_IN, 3, "blk.0.ffn_down.weight");
     const int rows = T_MAX_TOKENS + 1;
     const size_t nx = (size_t)rows * T_MAX_N_IN, ny = (size_t)rows * 3;
     float *x = gt_rand(nx, -1.0f, 1.0f);
@@ -543,7 +496,7 @@ static void test_matmul_scratch_too_small(void **state)
     gt_free(dy);
     gt_free(dx);
     free(x);
-    tw_free(&w);
+    gt_weight_free(&w);
 }
 
 int main(void)

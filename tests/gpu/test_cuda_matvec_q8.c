@@ -49,49 +49,6 @@ kiln_status kb_cuda_q8_quantize_for_test(kb_backend *be, const float *x, int row
 #define T_MAX_N_IN 18944
 #define T_MAX_N_OUT 12000
 
-typedef struct tw {
-    kb_weight host, dev;
-    void *bytes;
-} tw;
-
-static void tw_make(tw *w, kiln_type t, int64_t n_in, int64_t n_out, const char *name)
-{
-    uint64_t rb = 0;
-    assert_int_equal(quant_row_size(t, (uint64_t)n_in, &rb, name), KILN_OK);
-    w->bytes = malloc((size_t)rb * (size_t)n_out + 1);
-    assert_non_null(w->bytes);
-    float *row = gt_rand((size_t)n_in, -1.0f, 1.0f);
-    for (int64_t r = 0; r < n_out; r++) {
-        const float s = gt_uniform(0.05f, 2.0f);
-        for (int64_t i = 0; i < n_in; i++)
-            row[i] = gt_uniform(-s, s);
-        assert_int_equal(quant_quantize_row_ref(t, row, (uint8_t *)w->bytes + (size_t)r * rb, n_in),
-                         KILN_OK);
-    }
-    free(row);
-    kb_weight k = {.type = t, .ne = {n_in, n_out}, .row_bytes = rb, .data = w->bytes,
-                   .name = name};
-    w->host = k;
-    w->dev = k;
-    w->dev.data = gt_up(w->bytes, (size_t)rb * (size_t)n_out);
-}
-
-static void tw_free(tw *w)
-{
-    gt_free((void *)w->dev.data);
-    free(w->bytes);
-}
-
-static void tw_vec(tw *w, int64_t n)
-{
-    w->bytes = gt_rand((size_t)n, -1.0f, 1.0f);
-    kb_weight k = {.type = KILN_TYPE_F32, .ne = {n, 1}, .row_bytes = (uint64_t)n * 4,
-                   .data = w->bytes, .name = "bias"};
-    w->host = k;
-    w->dev = k;
-    w->dev.data = gt_up(w->bytes, (size_t)n * sizeof(float));
-}
-
 static int setup(void **state)
 {
     if (gt_setup(state))
@@ -267,7 +224,7 @@ static void offset_fields(kiln_type t, int *f_scale, int *f_off)
 /* Per output: sum_k (|A_k| + |B_k|) |x_k| + |bias|, A / B the weight row
  * dequantized with its offset / scale half zeroed (A = the row, B = 0 for
  * formats without an offset part). */
-static double *magnitudes(const tw *w, const tw *bias, const float *x, int rows)
+static double *magnitudes(const gt_weight *w, const gt_weight *bias, const float *x, int rows)
 {
     const kiln_type t = w->host.type;
     const int64_t n_in = w->host.ne[0], n_out = w->host.ne[1];
@@ -315,7 +272,7 @@ typedef struct q8_stats {
 
 /* One matmul of `rows` rows: the GPU (fast) against the CPU's fast and
  * exact paths. */
-static void check_matvec(const tw *w, const tw *bias, int rows, q8_stats *st)
+static void check_matvec(const gt_weight *w, const gt_weight *bias, int rows, q8_stats *st)
 {
     const int64_t n_in = w->host.ne[0], n_out = w->host.ne[1];
     const size_t nx = (size_t)rows * (size_t)n_in, ny = (size_t)rows * (size_t)n_out;
@@ -405,13 +362,13 @@ static void test_matvec_type(kiln_type t)
     q8_stats st = {0};
     int k = 0;
     for (int s = 0; s < ns; s++) {
-        tw w, bias;
-        tw_make(&w, t, shapes[s][0], shapes[s][1], "w");
-        tw_vec(&bias, shapes[s][1]);
+        gt_weight w, bias;
+        gt_weight_make(&w, t, shapes[s][0], shapes[s][1], "w");
+        gt_weight_vec(&bias, shapes[s][1]);
         for (int rows = 1; rows <= 8; rows++, k++)
             check_matvec(&w, k % 2 ? &bias : NULL, rows, &st);
-        tw_free(&bias);
-        tw_free(&w);
+        gt_weight_free(&bias);
+        gt_weight_free(&w);
     }
     const double rf = sqrt(st.sq_fast), re = sqrt(st.sq_exact);
     fprintf(stderr, "  == q8 matvec %-5s %3d checks, %d failed; worst passing error / magnitude "
@@ -446,7 +403,7 @@ TYPE_TEST(KILN_TYPE_Q6_K, q6_k)
  * ---------------------------------------------------------------------- */
 
 /* Per-output check of a GPU result against the CPU's fast path. */
-static void expect_fast(const char *what, const tw *w, const tw *bias, const float *x, int rows,
+static void expect_fast(const char *what, const gt_weight *w, const gt_weight *bias, const float *x, int rows,
                         const float *got, const float *ref)
 {
     const size_t ny = (size_t)rows * (size_t)w->host.ne[1];
@@ -473,8 +430,8 @@ static void test_q8_in_graph(void **state)
     const int rows_list[] = {1, 8};
     for (size_t i = 0; i < 2; i++)
         for (size_t s = 0; s < 2; s++) {
-            tw w;
-            tw_make(&w, ts[i], shapes[s][0], shapes[s][1], "w");
+            gt_weight w;
+            gt_weight_make(&w, ts[i], shapes[s][0], shapes[s][1], "w");
             for (int j = 0; j < 2; j++) {
                 const int rows = rows_list[j];
                 const size_t nx = (size_t)rows * shapes[s][0], ny = (size_t)rows * shapes[s][1];
@@ -505,7 +462,7 @@ static void test_q8_in_graph(void **state)
                 free(ref);
                 free(x);
             }
-            tw_free(&w);
+            gt_weight_free(&w);
         }
 }
 
@@ -525,15 +482,15 @@ static void test_q8_group(void **state)
     const int64_t n_in = 3584, n_out[3] = {301, 64, 65};
     for (int mix = 0; mix < 2; mix++)
         for (int rows = 1; rows <= 8; rows += 7) {
-            tw w[3], b[3];
+            gt_weight w[3], b[3];
             float *ref[3], *got[3], *dy[3];
             kb_mm mm[3];
             const size_t nx = (size_t)rows * n_in;
             float *x = gt_rand(nx, -1.0f, 1.0f);
             float *dx = gt_up(x, nx * sizeof(float));
             for (int i = 0; i < 3; i++) {
-                tw_make(&w[i], mixes[mix][i], n_in, n_out[i], "w");
-                tw_vec(&b[i], n_out[i]);
+                gt_weight_make(&w[i], mixes[mix][i], n_in, n_out[i], "w");
+                gt_weight_vec(&b[i], n_out[i]);
                 ref[i] = malloc((size_t)rows * n_out[i] * sizeof(float));
                 assert_non_null(ref[i]);
                 gt.cpu->ops->matmul(gt.cpu, ref[i], x, &w[i].host, i == 1 ? &b[i].host : NULL,
@@ -556,8 +513,8 @@ static void test_q8_group(void **state)
                 free(got[i]);
                 free(ref[i]);
                 gt_free(dy[i]);
-                tw_free(&w[i]);
-                tw_free(&b[i]);
+                gt_weight_free(&w[i]);
+                gt_weight_free(&b[i]);
             }
             gt.gpu->ops->graph_free(gt.gpu, g);
             gt_free(dx);
@@ -578,8 +535,8 @@ static void test_q8_glu(void **state)
     const int64_t n_ins[] = {3584, 18944};
     for (size_t s = 0; s < 2; s++) {
         const int64_t n_in = n_ins[s], n_out = 97;
-        tw w;
-        tw_make(&w, KILN_TYPE_Q4_K, n_in, n_out, "ffn_down");
+        gt_weight w;
+        gt_weight_make(&w, KILN_TYPE_Q4_K, n_in, n_out, "ffn_down");
         for (int rows = 1; rows <= 8; rows += 7) {
             const size_t nx = (size_t)rows * n_in, ny = (size_t)rows * n_out;
             float *g = gt_rand(nx, -3.0f, 3.0f), *u = gt_rand(nx, -1.0f, 1.0f);
@@ -605,7 +562,7 @@ static void test_q8_glu(void **state)
             free(u);
             free(g);
         }
-        tw_free(&w);
+        gt_weight_free(&w);
     }
 }
 
@@ -614,7 +571,7 @@ static void test_q8_glu(void **state)
  * ---------------------------------------------------------------------- */
 
 /* GPU matmul against the CPU's exact path at the exact tolerance. */
-static void expect_exact(const tw *w, int rows, const char *what)
+static void expect_exact(const gt_weight *w, int rows, const char *what)
 {
     const int64_t n_in = w->host.ne[0], n_out = w->host.ne[1];
     const size_t nx = (size_t)rows * n_in, ny = (size_t)rows * n_out;
@@ -642,22 +599,22 @@ static void test_q8_exact_elsewhere(void **state)
     /* float weights: the switch on, the exact kernels run */
     const kiln_type fts[] = {KILN_TYPE_F32, KILN_TYPE_F16, KILN_TYPE_BF16};
     for (size_t i = 0; i < 3; i++) {
-        tw w;
-        tw_make(&w, fts[i], 3584, 97, "w");
+        gt_weight w;
+        gt_weight_make(&w, fts[i], 3584, 97, "w");
         for (int rows = 1; rows <= 8; rows += 7) {
             char what[80];
             snprintf(what, sizeof what, "fast on, %s rows %d: exact", quant_get_traits(fts[i])->name,
                      rows);
             expect_exact(&w, rows, what);
         }
-        tw_free(&w);
+        gt_weight_free(&w);
     }
     /* quantized weights with the switch off: the exact path again */
     kb_cuda_set_fast_activations(gt.gpu, false);
-    tw w;
-    tw_make(&w, KILN_TYPE_Q4_K, 3584, 97, "w");
+    gt_weight w;
+    gt_weight_make(&w, KILN_TYPE_Q4_K, 3584, 97, "w");
     expect_exact(&w, 3, "fast off, Q4_K rows 3: exact");
-    tw_free(&w);
+    gt_weight_free(&w);
     kb_cuda_set_fast_activations(gt.gpu, true);
     kb_cuda_set_fast_activations(NULL, true); /* a no-op */
     kb_cuda_set_fast_activations(gt.cpu, true); /* a no-op on another backend */

@@ -1582,8 +1582,7 @@ void kcu_attention(kb_backend *be, float *out, const float *q, const kb_kv *kv, 
             a.ws_ml = cu->attn_ws + (size_t)b->n_tokens * a.n_heads * a.n_splits * a.hdv;
         }
         dim3 grid(b->n_tokens, a.n_kv * a.n_hg, a.n_splits);
-        launch_decode(cu, a, grid, f16, G8, hdb);
-        KCU_LAUNCHED(cu);
+        launch_decode(cu, a, grid, f16, G8, hdb); /* kcu_launch checks each launch */
         if (a.n_splits > 1) {
             kcu_launch(cu, k_attn_combine, dim3(b->n_tokens * a.n_heads), dim3(128), 0, a);
         }
@@ -1604,7 +1603,6 @@ void kcu_attention(kb_backend *be, float *out, const float *q, const kb_kv *kv, 
         a.chunk = (int)lmax;
         dim3 grid(b->n_tokens, a.n_kv * a.n_hg, 1);
         launch_decode(cu, a, grid, f16, G8, hdb);
-        KCU_LAUNCHED(cu);
     }
 }
 

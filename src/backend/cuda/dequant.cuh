@@ -415,6 +415,59 @@ __device__ __forceinline__ void kcu_deq8(const uint8_t *blk, int e, float out[8]
  * Between matmul.cu and matvec.cu
  * ---------------------------------------------------------------------- */
 
+/* Shared by the matvec kernels (matvec.cu, matvec_q8.cu): cp.async of 16
+ * bytes (bytes < 16 zero-fill the rest) and its group fences. */
+__device__ __forceinline__ void kcu_cp16(void *dst, const void *src, int bytes)
+{
+    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void kcu_cp_commit(void)
+{
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void kcu_cp_wait(void)
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+/* Ask L2 for bytes [a, e) of a weight in [lo, hi) (a hint; 16-byte
+ * granules inside the weight), so they stream in while the kernel still
+ * waits on its predecessor (weights are never written). */
+__device__ __forceinline__ void kcu_prefetch_l2(const uint8_t *a, const uint8_t *e,
+                                                const uint8_t *lo, const uint8_t *hi)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    uintptr_t a16 = ((uintptr_t)a + 15) & ~(uintptr_t)15;
+    uintptr_t e16 = (uintptr_t)e & ~(uintptr_t)15;
+    const uintptr_t lo16 = ((uintptr_t)lo + 15) & ~(uintptr_t)15;
+    const uintptr_t hi16 = (uintptr_t)hi & ~(uintptr_t)15;
+    a16 = a16 < lo16 ? lo16 : a16;
+    e16 = e16 > hi16 ? hi16 : e16;
+    if (e16 > a16)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(a16),
+                     "r"((unsigned)(e16 - a16))
+                     : "memory");
+#endif
+}
+
+static inline size_t kcu_round16(size_t n) { return (n + 15) & ~(size_t)15; }
+
+/* Shared memory one CTA may have (opt-in limit less the static part). */
+static inline size_t kcu_mv_smem_max(const kcu *cu)
+{
+    return (size_t)cu->prop.sharedMemPerBlockOptin - 64;
+}
+
+/* Lanes per row set (log2) for ku units a row (or a split): the best lane
+ * use, preferring wide sets (fewer rows a tile, so more tiles) within 3 %;
+ * 4-lane sets only for the shortest rows; matvec.cu. */
+int kcu_mv_pick_gw_log2(int ku);
+
 /* out (rows, n_out) = x (rows, n_in) @ w^T (+ bias) for rows <= 8, on the
  * backend's stream; matvec.cu.  bias: (n_out) device floats or NULL. */
 void kcu_matvec(kcu *cu, float *out, const float *x, const kb_weight *w, const float *bias,

@@ -110,24 +110,6 @@ typedef struct mv_params {
  * Shared pieces
  * ---------------------------------------------------------------------- */
 
-__device__ __forceinline__ void mv_cp16(void *dst, const void *src, int bytes)
-{
-    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes)
-                 : "memory");
-}
-
-__device__ __forceinline__ void mv_commit(void)
-{
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int N>
-__device__ __forceinline__ void mv_wait(void)
-{
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 /* The activations with a fused GLU: act(gate) * up, kcu_glu's expression. */
 __device__ __forceinline__ float4 mv_glu4(const mv_params &p, float4 g, float4 u)
 {
@@ -259,26 +241,6 @@ __device__ void mv_reduce_splits(const mv_params &p, int t_begin, int t_end)
             g.out[(size_t)a * g.n_out + row] = v + (g.bias ? g.bias[row] : 0.0f);
         }
     }
-}
-
-/* Ask L2 for bytes [a, e) of a weight in [lo, hi) (a hint; 16-byte
- * granules inside the weight), so they stream in while the kernel still
- * waits on its predecessor. */
-__device__ __forceinline__ void mv_prefetch_l2(const uint8_t *a, const uint8_t *e,
-                                               const uint8_t *lo, const uint8_t *hi)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    uintptr_t a16 = ((uintptr_t)a + 15) & ~(uintptr_t)15;
-    uintptr_t e16 = (uintptr_t)e & ~(uintptr_t)15;
-    const uintptr_t lo16 = ((uintptr_t)lo + 15) & ~(uintptr_t)15;
-    const uintptr_t hi16 = (uintptr_t)hi & ~(uintptr_t)15;
-    a16 = a16 < lo16 ? lo16 : a16;
-    e16 = e16 > hi16 ? hi16 : e16;
-    if (e16 > a16)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(a16),
-                     "r"((unsigned)(e16 - a16))
-                     : "memory");
-#endif
 }
 
 /* This CTA's row tiles: [*t0, *t1). */
@@ -442,7 +404,7 @@ __global__ void __launch_bounds__(MV_THREADS, NR == 1 ? 2 : 1) k_mv_q(const mv_p
             for (int i = lane; i < nch; i += 32) {
                 const uint8_t *src = a16 + 16 * i;
                 const ptrdiff_t left = tl.g.wend - src;
-                mv_cp16(dst + 16 * i, src, left >= 16 ? 16 : (int)left);
+                kcu_cp16(dst + 16 * i, src, left >= 16 ? 16 : (int)left);
             }
         }
     };
@@ -502,11 +464,11 @@ __global__ void __launch_bounds__(MV_THREADS, NR == 1 ? 2 : 1) k_mv_q(const mv_p
         if (lane < rpt) {
             const uint8_t *rb =
                 tl.g.w + (size_t)min(tl.row0 + lane, tl.g.n_out - 1) * p.row_bytes;
-            mv_prefetch_l2(rb + (size_t)min(u0 + gw, u1) * UB,
+            kcu_prefetch_l2(rb + (size_t)min(u0 + gw, u1) * UB,
                            rb + min((size_t)u1 * UB, p.row_bytes), tl.g.w, tl.g.wend);
         }
     }
-    mv_commit();
+    kcu_cp_commit();
     kcu_pdl_wait();
     kcu_pdl_trigger();
     mv_stage_x<R, K::MINS != 0>(p, xs, u0, nus);
@@ -520,8 +482,8 @@ __global__ void __launch_bounds__(MV_THREADS, NR == 1 ? 2 : 1) k_mv_q(const mv_p
         const mv_tile ntl = nt == tile ? tl : mv_tile_at(p, nt < t_end ? nt : tile);
         if (nt < t_end)
             issue(ntl, ns, buf ^ 1);
-        mv_commit();
-        mv_wait<1>();
+        kcu_cp_commit();
+        kcu_cp_wait<1>();
         __syncwarp();
         compute(tl, step, buf);
         if (step == steps - 1)
@@ -532,7 +494,7 @@ __global__ void __launch_bounds__(MV_THREADS, NR == 1 ? 2 : 1) k_mv_q(const mv_p
         step = ns;
         buf ^= 1;
     }
-    mv_wait<0>();
+    kcu_cp_wait<0>();
     if (p.ks > 1)
         mv_reduce_splits<R>(p, t_begin, t_end);
 }
@@ -558,6 +520,20 @@ __device__ __forceinline__ void mv_h8(uint4 v, float f[8])
             f[2 * i + 1] = g.y;
         }
     }
+}
+
+/* acc + f . (xa, xb), eight FMAs in element order (both F16 / BF16
+ * kernels, so they sum alike). */
+__device__ __forceinline__ float mv_dot8(const float (&f)[8], float4 xa, float4 xb, float acc)
+{
+    acc = fmaf(f[0], xa.x, acc);
+    acc = fmaf(f[1], xa.y, acc);
+    acc = fmaf(f[2], xa.z, acc);
+    acc = fmaf(f[3], xa.w, acc);
+    acc = fmaf(f[4], xb.x, acc);
+    acc = fmaf(f[5], xb.y, acc);
+    acc = fmaf(f[6], xb.z, acc);
+    return fmaf(f[7], xb.w, acc);
 }
 
 template <int T, int R>
@@ -604,7 +580,7 @@ __global__ void __launch_bounds__(MV_THREADS, 1) k_mv_h(const mv_params p)
         rows_of(tl);
         load(0, wv);
         if (lane < NR)
-            mv_prefetch_l2(rp[lane] + 2 * (size_t)min(u0 + U, u1) * KCU_UNIT,
+            kcu_prefetch_l2(rp[lane] + 2 * (size_t)min(u0 + U, u1) * KCU_UNIT,
                            rp[lane] + min(2 * (size_t)u1 * KCU_UNIT, p.row_bytes), tl.g.w,
                            tl.g.wend);
     }
@@ -643,18 +619,8 @@ __global__ void __launch_bounds__(MV_THREADS, 1) k_mv_h(const mv_params p)
                     float f[8];
                     mv_h8<T>(wv[j][r], f);
 #pragma unroll
-                    for (int a = 0; a < R; a++) {
-                        float s = acc[r][a];
-                        s = fmaf(f[0], xa[a].x, s);
-                        s = fmaf(f[1], xa[a].y, s);
-                        s = fmaf(f[2], xa[a].z, s);
-                        s = fmaf(f[3], xa[a].w, s);
-                        s = fmaf(f[4], xb[a].x, s);
-                        s = fmaf(f[5], xb[a].y, s);
-                        s = fmaf(f[6], xb[a].z, s);
-                        s = fmaf(f[7], xb[a].w, s);
-                        acc[r][a] = s;
-                    }
+                    for (int a = 0; a < R; a++)
+                        acc[r][a] = mv_dot8(f, xa[a], xb[a], acc[r][a]);
                 }
             }
 #pragma unroll
@@ -767,18 +733,8 @@ __global__ void __launch_bounds__(MV_HS_WARPS * 32) k_mv_hs(const mv_params p)
                 float f[8];
                 mv_h8<T>(wv[j][r], f);
 #pragma unroll
-                for (int a = 0; a < R; a++) {
-                    float s = acc[r][a];
-                    s = fmaf(f[0], xa[a].x, s);
-                    s = fmaf(f[1], xa[a].y, s);
-                    s = fmaf(f[2], xa[a].z, s);
-                    s = fmaf(f[3], xa[a].w, s);
-                    s = fmaf(f[4], xb[a].x, s);
-                    s = fmaf(f[5], xb[a].y, s);
-                    s = fmaf(f[6], xb[a].z, s);
-                    s = fmaf(f[7], xb[a].w, s);
-                    acc[r][a] = s;
-                }
+                for (int a = 0; a < R; a++)
+                    acc[r][a] = mv_dot8(f, xa[a], xb[a], acc[r][a]);
             }
         }
         if (u + U < u_hi) {
@@ -983,17 +939,11 @@ static const kiln_type mv_qtypes[] = {KILN_TYPE_Q4_0, KILN_TYPE_Q4_1, KILN_TYPE_
                                       KILN_TYPE_Q3_K, KILN_TYPE_Q4_K, KILN_TYPE_Q5_K,
                                       KILN_TYPE_Q6_K};
 
-/* Shared memory one CTA may have (opt-in limit less the static part). */
-static size_t mv_smem_max(const kcu *cu)
-{
-    return (size_t)cu->prop.sharedMemPerBlockOptin - 64;
-}
-
 kiln_status kcu_matvec_setup(kcu *cu)
 {
     if (cu->mv_ready)
         return KILN_OK;
-    const int smem = (int)mv_smem_max(cu);
+    const int smem = (int)kcu_mv_smem_max(cu);
     for (size_t i = 0; i < sizeof mv_qtypes / sizeof mv_qtypes[0]; i++)
         for (int rows = 1; rows <= KCU_MATVEC_MAX_ROWS; rows++)
             for (int mode = MV_ALIGNED; mode <= MV_ROLLED; mode++)
@@ -1049,10 +999,8 @@ typedef struct mv_plan {
 #define MV_WARPS_PER_SM 8     /* warps of one CTA */
 #define MV_ITEMS_PER_WARP 2   /* (tile, split) items per warp before splitting further */
 
-/* Row-set width for ku units per split: the best lane use, preferring wide
- * sets (fewer rows per tile, so more tiles) within 3 %; 4-lane sets (16-row
- * tiles) only for the shortest splits. */
-static int mv_pick_gw_log2(int ku)
+/* dequant.cuh says what it picks. */
+int kcu_mv_pick_gw_log2(int ku)
 {
     const int lo = ku <= 4 ? 2 : 3;
     double util[6] = {0}, best = 0.0;
@@ -1083,7 +1031,7 @@ static mv_plan mv_plan_for(const mv_shape *sh, int ks)
     mv_plan p;
     p.ks_units = (sh->nu + ks - 1) / ks;
     p.ks = (sh->nu + p.ks_units - 1) / p.ks_units;
-    p.gw_log2 = sh->half ? 5 : mv_pick_gw_log2(p.ks_units);
+    p.gw_log2 = sh->half ? 5 : kcu_mv_pick_gw_log2(p.ks_units);
     p.rpt = sh->half ? MV_HNR : (32 >> p.gw_log2) * sh->nr;
     p.tiles = 0;
     for (int s = 0; s < sh->nseg; s++)
@@ -1112,8 +1060,6 @@ static mv_plan mv_choose(const kcu *cu, const mv_shape *sh, int rows)
     }
     return p;
 }
-
-static size_t mv_round16(size_t n) { return (n + 15) & ~(size_t)15; }
 
 /* Whether the fast kernels (k_mv_q / k_mv_h) take weight w; the others go
  * to k_mv_generic. */
@@ -1230,10 +1176,10 @@ static bool mv_run(kcu *cu, const kb_weight *const *w, float *const *out,
     p.tiles = tiles;
     p.rpt = rpt;
     p.gw_log2 = gwl;
-    p.x_bytes = (int)mv_round16((size_t)rows * p.ks_units * MV_XU * sizeof(float));
+    p.x_bytes = (int)kcu_round16((size_t)rows * p.ks_units * MV_XU * sizeof(float));
 
     /* shared memory, warps, CTAs */
-    const size_t smax = mv_smem_max(cu);
+    const size_t smax = kcu_mv_smem_max(cu);
     mv_kernel k;
     int warps = MV_THREADS / 32;
     if (half) {
@@ -1246,7 +1192,7 @@ static bool mv_run(kcu *cu, const kb_weight *const *w, float *const *out,
         const int mode = rows > 2 ? MV_ROLLED : aligned ? MV_ALIGNED : MV_REALIGN;
         k = mv_q_kernel(t, rows, mode, sh.nr);
         const size_t run = (size_t)ub << gwl;
-        p.slot = (int)(mode == MV_ALIGNED ? run : mv_round16(run + 32));
+        p.slot = (int)(mode == MV_ALIGNED ? run : kcu_round16(run + 32));
         const size_t stage2 = 2 * (size_t)rpt * (size_t)p.slot;
         /* with one weight row per lane, as many warps as let two CTAs share
          * an SM (at least 4), else as many as one CTA may have */

@@ -115,24 +115,6 @@ static kiln_type q8_format_type(int f)
  * Device helpers
  * ---------------------------------------------------------------------- */
 
-__device__ __forceinline__ void q8_cp16(void *dst, const void *src, int bytes)
-{
-    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes)
-                 : "memory");
-}
-
-__device__ __forceinline__ void q8_commit(void)
-{
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int N>
-__device__ __forceinline__ void q8_wait(void)
-{
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 /* Four unsigned weight bytes times four signed activation bytes, summed
  * into c (dp4a with an unsigned first operand: the biased quants of the
  * weight formats, up to 255 for Q8_0's, are unsigned). */
@@ -651,25 +633,6 @@ __device__ __forceinline__ q8_tile q8_tile_at(const q8_params &p, int t, int rpt
     return tl;
 }
 
-/* Ask L2 for the 16-byte granules of [a, e) inside [lo, hi) (weights are
- * never written, so this may run before the wait on the previous kernel). */
-__device__ __forceinline__ void q8_prefetch_l2(const uint8_t *a, const uint8_t *e,
-                                               const uint8_t *lo, const uint8_t *hi)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    uintptr_t a16 = ((uintptr_t)a + 15) & ~(uintptr_t)15;
-    uintptr_t e16 = (uintptr_t)e & ~(uintptr_t)15;
-    const uintptr_t lo16 = ((uintptr_t)lo + 15) & ~(uintptr_t)15;
-    const uintptr_t hi16 = (uintptr_t)hi & ~(uintptr_t)15;
-    a16 = a16 < lo16 ? lo16 : a16;
-    e16 = e16 > hi16 ? hi16 : e16;
-    if (e16 > a16)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(a16),
-                     "r"((unsigned)(e16 - a16))
-                     : "memory");
-#endif
-}
-
 #define Q8_ALIGNED 0 /* units 16-byte aligned in the stage, whole: LDS.128 */
 #define Q8_REALIGN 1 /* any alignment: word by word with a funnel shift */
 
@@ -732,7 +695,7 @@ __global__ void __launch_bounds__(Q8_THREADS, q8_nr<R>::value == 1 ? 2 : 1)
             for (int i = lane; i < nch; i += 32) {
                 const uint8_t *src = a16 + 16 * i;
                 const ptrdiff_t left = tl.g.wend - src;
-                q8_cp16(dst + 16 * i, src, left >= 16 ? 16 : (int)left);
+                kcu_cp16(dst + 16 * i, src, left >= 16 ? 16 : (int)left);
             }
         }
     };
@@ -804,11 +767,11 @@ __global__ void __launch_bounds__(Q8_THREADS, q8_nr<R>::value == 1 ? 2 : 1)
         if (lane < rpt && gw < nus) {
             const uint8_t *rb =
                 tl.g.w + (size_t)min(tl.row0 + lane, tl.g.n_out - 1) * p.row_bytes;
-            q8_prefetch_l2(rb + (size_t)(u0 + gw) * UB, rb + min((size_t)u1 * UB, p.row_bytes),
+            kcu_prefetch_l2(rb + (size_t)(u0 + gw) * UB, rb + min((size_t)u1 * UB, p.row_bytes),
                            tl.g.w, tl.g.wend);
         }
     }
-    q8_commit();
+    kcu_cp_commit();
     kcu_pdl_wait();
     kcu_pdl_trigger();
     if (p.fuse) {
@@ -825,12 +788,12 @@ __global__ void __launch_bounds__(Q8_THREADS, q8_nr<R>::value == 1 ? 2 : 1)
         const int rec16 = nus * (Q8_REC / 16);
         for (int i = threadIdx.x; i < R * rec16; i += blockDim.x) {
             const int a = i / rec16, j = i - a * rec16;
-            q8_cp16(xs + 16 * (size_t)i,
+            kcu_cp16(xs + 16 * (size_t)i,
                     p.xq + ((size_t)a * nu + u0) * Q8_REC + 16 * (size_t)j, 16);
         }
     }
-    q8_commit();
-    q8_wait<0>();
+    kcu_cp_commit();
+    kcu_cp_wait<0>();
     __syncthreads();
 
     while (tile < t_end) {
@@ -845,8 +808,8 @@ __global__ void __launch_bounds__(Q8_THREADS, q8_nr<R>::value == 1 ? 2 : 1)
         const q8_tile ntl = nt == tile ? tl : q8_tile_at(p, nt < t_end ? nt : tile, rpt);
         if (nt < t_end)
             issue(ntl, ns, buf ^ 1);
-        q8_commit();
-        q8_wait<1>();
+        kcu_cp_commit();
+        kcu_cp_wait<1>();
         __syncwarp();
         compute(tl, step, buf);
         if (step == steps - 1)
@@ -857,7 +820,7 @@ __global__ void __launch_bounds__(Q8_THREADS, q8_nr<R>::value == 1 ? 2 : 1)
         step = ns;
         buf ^= 1;
     }
-    q8_wait<0>();
+    kcu_cp_wait<0>();
     if (p.ks == 1)
         return;
 
@@ -957,35 +920,9 @@ static const kiln_type q8_types[] = {KILN_TYPE_Q4_0, KILN_TYPE_Q4_1, KILN_TYPE_Q
                                      KILN_TYPE_Q3_K, KILN_TYPE_Q4_K, KILN_TYPE_Q5_K,
                                      KILN_TYPE_Q6_K};
 
-/* Shared memory one CTA may have (opt-in limit less the static part). */
-static size_t q8_smem_max(const kcu *cu)
-{
-    return (size_t)cu->prop.sharedMemPerBlockOptin - 64;
-}
-
 /* ------------------------------------------------------------------------
  * Planning and launch
  * ---------------------------------------------------------------------- */
-
-/* Row-set width for nu units a row: the best lane use, preferring wide sets
- * (fewer rows a tile, so more tiles) within 3 %; 4-lane sets (16-row
- * tiles) only for the shortest rows (matvec.cu chooses the same way). */
-static int q8_pick_gw_log2(int nu)
-{
-    const int lo = nu <= 4 ? 2 : 3;
-    double util[6] = {0}, best = 0.0;
-    for (int l = lo; l <= 5; l++) {
-        const int gw = 1 << l;
-        util[l] = (double)nu / (double)(gw * ((nu + gw - 1) / gw));
-        best = util[l] > best ? util[l] : best;
-    }
-    for (int l = 5; l >= lo; l--)
-        if (util[l] >= best - 0.03)
-            return l;
-    return 5;
-}
-
-static size_t q8_round16(size_t n) { return (n + 15) & ~(size_t)15; }
 
 /* Whether the fast path takes weight w (as its format's n_in-long rows). */
 static bool q8_takes(const kcu *cu, const kb_weight *w, int rows)
@@ -1022,17 +959,17 @@ static q8_cut q8_cut_for(const kcu *cu, kiln_type t, int nu, int rows, int mode)
     const quant_traits *tr = quant_get_traits(t);
     const int nr = rows <= Q8_NR1_MAX_ROWS ? 1 : 2;
     const int ub = (int)((KCU_UNIT / tr->block_size) * tr->type_size);
-    const size_t smax = q8_smem_max(cu);
+    const size_t smax = kcu_mv_smem_max(cu);
     const size_t half_sm = (size_t)cu->prop.sharedMemPerMultiprocessor / 2 - 1024 - 64;
     q8_cut c;
     memset(&c, 0, sizeof c);
     for (int k = 1; k <= Q8_MAX_SPLITS && k <= nu; k++) {
         c.ku = (nu + k - 1) / k;
         c.ks = (nu + c.ku - 1) / c.ku;
-        c.gwl = q8_pick_gw_log2(c.ku);
+        c.gwl = kcu_mv_pick_gw_log2(c.ku);
         c.rpt = (32 >> c.gwl) * nr;
         const size_t run = (size_t)ub << c.gwl;
-        c.slot = (int)(mode == Q8_ALIGNED ? run : q8_round16(run + 32));
+        c.slot = (int)(mode == Q8_ALIGNED ? run : kcu_round16(run + 32));
         c.stage2 = 2 * (size_t)c.rpt * (size_t)c.slot;
         c.x_bytes = (size_t)rows * c.ku * Q8_REC;
         /* with one weight row a lane, as many warps as let two CTAs share an
@@ -1137,7 +1074,7 @@ kiln_status kcu_matvec_q8_reserve(kcu *cu, const kb_reserve *r)
     KCU_TRY(cu, cudaMalloc((void **)&cu->q8_count, Q8_MAX_CTAS * sizeof(int)));
     KCU_TRY(cu, cudaMemset(cu->q8_count, 0, Q8_MAX_CTAS * sizeof(int)));
     if (!cu->q8_ready) {
-        const int smem = (int)q8_smem_max(cu);
+        const int smem = (int)kcu_mv_smem_max(cu);
         for (size_t i = 0; i < sizeof q8_types / sizeof q8_types[0]; i++)
             for (int rows = 1; rows <= KCU_MATVEC_MAX_ROWS; rows++)
                 for (int mode = Q8_ALIGNED; mode <= Q8_REALIGN; mode++)

@@ -212,6 +212,12 @@ typedef struct kiln_engine_params {
                               takes what is left of it (default 0.90) */
     int eager;             /* GPU: run decode steps op by op instead of
                               replaying CUDA graphs */
+    int deterministic;     /* batch-invariant: a request's logits, and so
+                              its greedy tokens, do not depend on which
+                              other requests share its steps or how its
+                              prompt was chunked (every op reduces in a
+                              fixed order whatever the batch); slower.
+                              Default off; kiln eval turns it on. */
 } kiln_engine_params;
 
 void kiln_engine_params_default(kiln_engine_params *p);
@@ -242,6 +248,15 @@ typedef struct kiln_sampling {
     const char *stop[KILN_MAX_STOP]; /* copied at submit */
     int ignore_eos;
     int n_logprobs;           /* top-n logprobs of each sampled token, 0..20 */
+    int prompt_logprobs;      /* 1: report the logprob of every prompt token
+                                 after the first (and its top n_logprobs
+                                 alternatives) in prompt events, before the
+                                 first generated token; the prompt is then
+                                 computed in full (no prefix-cache reuse).
+                                 OpenAI's echo + logprobs. */
+    int no_generate;          /* 1: prefill only, generate nothing; the
+                                 request ends with KILN_FINISH_LENGTH after
+                                 its prompt events (log-likelihood scoring) */
 } kiln_sampling;
 
 void kiln_sampling_default(kiln_sampling *s);
@@ -254,6 +269,36 @@ typedef enum kiln_finish {
     KILN_FINISH_CANCELLED,
     KILN_FINISH_ERROR,
 } kiln_finish;
+
+/* When a request passed each stage, in seconds on kiln_time_now()'s clock;
+ * 0 for a stage not reached yet. */
+typedef struct kiln_request_timings {
+    double t_submit;          /* kiln_engine_submit returned */
+    double t_scheduled;       /* first admitted to a step (queue time ends) */
+    double t_first_token;     /* the first generated token was sampled */
+    double t_finish;          /* the final event (set on that event) */
+    int n_cached_prompt;      /* prompt tokens served by the prefix cache */
+} kiln_request_timings;
+
+/* Seconds on a monotonic clock (CLOCK_MONOTONIC), the clock of
+ * kiln_request_timings. */
+double kiln_time_now(void);
+
+/* Prompt logprobs of positions first .. first + n - 1 of the prompt
+ * (kiln_sampling.prompt_logprobs): entry i is log p(prompt[first + i] |
+ * prompt[0 .. first + i)), with the n_top best alternatives of that
+ * position.  first >= 1: the first prompt token has no logprob.  A long
+ * prompt is reported in several events (one per prefill chunk), in
+ * order, covering positions 1 .. n_prompt - 1 exactly once. */
+typedef struct kiln_prompt_logprobs {
+    int first;
+    int n;
+    int n_top;
+    const int32_t *tokens;    /* (n) the prompt tokens scored */
+    const float *logprobs;    /* (n) */
+    const int32_t *top_ids;   /* (n, n_top) best first */
+    const float *top_logprobs; /* (n, n_top) */
+} kiln_prompt_logprobs;
 
 typedef struct kiln_token_event {
     uint64_t request_id;
@@ -269,6 +314,11 @@ typedef struct kiln_token_event {
     kiln_finish finish;       /* != NONE on the request's last event */
     int n_prompt;             /* prompt tokens */
     int n_generated;          /* tokens generated so far */
+    const char *error;        /* finish == KILN_FINISH_ERROR: what went
+                                 wrong (never NULL then); else NULL */
+    const kiln_prompt_logprobs *prompt; /* non-NULL on a prompt event
+                                 (token -1, finish NONE, no text) */
+    const kiln_request_timings *timings; /* every event; never NULL */
 } kiln_token_event;
 
 /* Called on the engine's stepping thread for every sampled token and once
@@ -283,6 +333,10 @@ typedef void (*kiln_token_fn)(const kiln_token_event *ev, void *user);
 kiln_status kiln_engine_submit(kiln_engine *e, const int32_t *prompt,
                                size_t n_prompt, const kiln_sampling *s,
                                kiln_token_fn cb, void *user, uint64_t *id);
+/* Requests with the same prompt submitted together (OpenAI's n > 1) compute
+ * it once: a request whose prompt's blocks another request is prefilling
+ * waits for them and takes them from the prefix cache. */
+
 /* Cancel a queued or running request; its blocks return to the pool at the
  * next step.  KILN_ERR_NOT_FOUND if the id is unknown or already finished. */
 kiln_status kiln_engine_cancel(kiln_engine *e, uint64_t id);
@@ -305,7 +359,10 @@ typedef struct kiln_engine_stats {
     double t_prompt_sec;          /* time in steps that were prefill-only */
     double t_decode_sec;
     uint64_t n_cached_tokens;     /* prompt tokens served by the prefix cache */
+    uint64_t n_prefix_queries;    /* prompt tokens looked up in the prefix
+                                     cache (hits: n_cached_tokens) */
     uint64_t n_preemptions;       /* requests preempted (recomputed later) */
+    uint64_t n_finished[KILN_FINISH_ERROR + 1]; /* finished requests by reason */
 } kiln_engine_stats;
 
 void kiln_engine_get_stats(kiln_engine *e, kiln_engine_stats *st);

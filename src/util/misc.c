@@ -157,3 +157,8 @@ void kiln_progress_update(kiln_progress *p, uint64_t done)
 }
 
 void kiln_progress_finish(kiln_progress *p) { progress_draw(p, p->total, true); }
+
+double kiln_time_now(void)
+{
+    return kiln_now_sec();
+}

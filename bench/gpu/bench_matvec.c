@@ -1,8 +1,8 @@
 /*
  * bench_matvec.c - decode matmul speed of the CUDA backend: for each weight
  * type and the matrices of a 7B model (Qwen2-7B: n_embd 3584, n_ff 18944,
- * 512-wide k/v projections, n_vocab 152064), with 1, 2, 4 and 8 activation
- * rows, the weight bytes read per second and their share of the rate of a
+ * 512-wide k/v projections, n_vocab 152064), with 1 to 64 activation rows
+ * (a decode batch), the weight bytes read per second and their share of the rate of a
  * device-to-device copy measured in the same run (bytes read + written).
  *
  *   bench_matvec [--fast] [type ...]   e.g. bench_matvec q4_k bf16 (default: all)
@@ -44,7 +44,8 @@ static const int64_t bench_shapes[][2] = {
 };
 #define N_SHAPES (sizeof bench_shapes / sizeof bench_shapes[0])
 
-static const int bench_rows[] = {1, 2, 4, 8};
+static const int bench_rows[] = {1, 2, 4, 8, 16, 32, 64};
+#define BENCH_MAX_ROWS 64
 #define N_BROWS (sizeof bench_rows / sizeof bench_rows[0])
 
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
@@ -188,7 +189,7 @@ int main(int argc, char **argv)
     for (int i = 1; i < argc; i++)
         fast = fast || !strcmp(argv[i], "--fast");
     kb_cuda_set_fast_activations(be, fast);
-    kb_reserve r = {.max_tokens = 8, .max_seqs = 1, .max_ctx = 16, .max_n_in = 18944,
+    kb_reserve r = {.max_tokens = BENCH_MAX_ROWS, .max_seqs = 1, .max_ctx = 16, .max_n_in = 18944,
                     .max_n_out = 152064, .n_heads = 28, .head_dim = 128};
     if (be->ops->reserve(be, &r) != KILN_OK) {
         fprintf(stderr, "bench: reserve: %s\n", kiln_last_error());
@@ -204,7 +205,7 @@ int main(int argc, char **argv)
            fast ? "fast (8-bit)" : "exact (float32)", BENCH_CALLS, BENCH_REPS);
     printf("%-5s %-14s %8s", "type", "n_out x n_in", "MB");
     for (size_t i = 0; i < N_BROWS; i++)
-        printf("   rows=%d      ", bench_rows[i]);
+        printf("   rows=%-3d     ", bench_rows[i]);
     printf("\n");
 
     /* host bytes for the largest weight of any type */
@@ -217,7 +218,7 @@ int main(int argc, char **argv)
                 max_bytes = (size_t)rb * (size_t)bench_shapes[s][0];
         }
     uint8_t *host = malloc(max_bytes + 8);
-    float *hx = malloc(8 * 18944 * sizeof(float));
+    float *hx = malloc(BENCH_MAX_ROWS * 18944 * sizeof(float));
     if (!host || !hx) {
         fprintf(stderr, "bench: out of host memory\n");
         return 1;
@@ -226,7 +227,7 @@ int main(int argc, char **argv)
         uint64_t v = next_u64();
         memcpy(host + i, &v, 8);
     }
-    for (size_t i = 0; i < 8 * 18944; i++)
+    for (size_t i = 0; i < BENCH_MAX_ROWS * 18944; i++)
         hx[i] = (float)((next_u64() >> 40) * (1.0 / 16777216.0)) - 0.5f;
 
     for (size_t ti = 0; ti < sizeof bench_types / sizeof bench_types[0]; ti++) {
@@ -251,10 +252,11 @@ int main(int argc, char **argv)
                                .name = "bench"};
                 w[got] = k;
             }
-            float *dx = be->ops->alloc(be, 8 * (size_t)n_in * sizeof(float), "x");
-            float *dy = be->ops->alloc(be, 8 * (size_t)n_out * sizeof(float), "y");
+            float *dx = be->ops->alloc(be, BENCH_MAX_ROWS * (size_t)n_in * sizeof(float), "x");
+            float *dy = be->ops->alloc(be, BENCH_MAX_ROWS * (size_t)n_out * sizeof(float), "y");
             if (got < 1 || !dx || !dy ||
-                be->ops->upload(be, dx, hx, 8 * (size_t)n_in * sizeof(float)) != KILN_OK) {
+                be->ops->upload(be, dx, hx, BENCH_MAX_ROWS * (size_t)n_in * sizeof(float)) !=
+                    KILN_OK) {
                 fprintf(stderr, "bench: %s\n", kiln_last_error());
                 return 1;
             }

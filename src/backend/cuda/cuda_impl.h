@@ -35,6 +35,10 @@ extern "C" {
  * read once for all rows); above it, tensor-core GEMM. */
 #define KCU_MATVEC_MAX_ROWS 8
 
+/* Rows up to which matmul runs the decode-batch kernel (mmd.cu: each weight
+ * byte read once, tensor cores) from 2 rows up; above it, the GEMM. */
+#define KCU_MMD_MAX_ROWS 64
+
 /* Elements of the BF16 tile a quantized weight is dequantized into for the
  * GEMM path (the weight is processed in row chunks that fit). */
 #define KCU_WTILE_ELEMS ((size_t)32 << 20)
@@ -105,6 +109,21 @@ typedef struct kcu {
     struct kcu_lt_cache *lt_cache; /* cuBLASLt descriptors and algorithm by GEMM shape */
     int gemm_parts;           /* BF16 parts the GEMM's activations are split into:
                                  2 (hi + lo, default), 1 or 3 (KILN_CUDA_GEMM) */
+    bool gemm_f16;            /* F16 and quantized weights: one FP16 GEMM on
+                                 row-scaled FP16 activations (default; off
+                                 when KILN_CUDA_GEMM names a BF16 mode) */
+    float *act_inv;           /* (act_inv_elems) the inverse scale of each
+                                 FP16 activation row (k_mmd_prep) */
+    int act_inv_elems;
+
+    /* mmd.cu: the decode-batch kernel */
+    bool mmd_on;              /* KILN_CUDA_MMD=0: off (matvec up to 8 rows, GEMM above) */
+    bool mmd_ready;           /* its kernels may use all shared memory */
+    int mmd_min_rows;         /* rows from which it runs (KILN_CUDA_MMD_MIN_ROWS, default 2) */
+    float *mmd_part;          /* (ks, tiles, KCU_MMD_MAX_ROWS, 256) partial sums of k splits */
+    size_t mmd_part_elems;
+    int *mmd_count;           /* per tile: splits finished (the last one adds them) */
+    int mmd_count_elems;
 
     /* transfer.cu */
     cudaStream_t up_stream[KB_MAX_STREAMS]; /* upload streams 0..n_up_streams-1 */
@@ -282,7 +301,23 @@ void kcu_matmul_group(kb_backend *be, const kb_mm *mm, int n, const float *x, in
 void kcu_embed(kb_backend *be, float *out, const kb_weight *w, const kb_batch *b);
 bool kcu_type_has_kernels(kiln_type t);
 kiln_status kcu_matmul_reserve(kcu *cu, const kb_reserve *r);
+kiln_status kcu_matmul_rate(kb_backend *be, double *flops_per_sec);
 void kcu_matmul_release(kcu *cu);
+
+/* mmd.cu: out (rows, n_out) = x @ w^T (+ bias) for 2..KCU_MMD_MAX_ROWS rows
+ * and n (<= KB_MM_GROUP_MAX) weights of one type and input length (with up:
+ * the activations are act(x) * up), on the tensor cores with FP16
+ * activations scaled per row; false, having enqueued nothing, for what it
+ * does not take (the caller runs the other paths). */
+bool kcu_mmd(kcu *cu, const kb_weight *const *w, float *const *out, const float *const *bias,
+             int n, const float *x, const float *up, int act, int rows);
+/* x (rows, n_in) -> xh (rows_pad, n_in) FP16 with each row scaled by a power
+ * of two (largest magnitude in [2^13, 2^14)), inv[r] = 1 / scale; rows past
+ * `rows` are zeros; with up, the rows are act(x) * up. */
+void kcu_mmd_prep(kcu *cu, const float *x, const float *up, int act, int rows, int rows_pad,
+                  int n_in, __half *xh, float *inv);
+kiln_status kcu_mmd_reserve(kcu *cu, const kb_reserve *r);
+void kcu_mmd_release(kcu *cu);
 
 /* attention.cu, kv.cu, rope.cu */
 kiln_status kcu_kv_create(kb_backend *be, const kb_kv_desc *d, kb_kv **out);

@@ -2,17 +2,23 @@
  * matmul.cu - the CUDA backend's matrix products and embedding lookup.
  *
  * matmul: out (rows, n_out) = x (rows, n_in) @ w^T (+ bias), w in its file
- * format.  Up to KCU_MATVEC_MAX_ROWS activation rows (decode) it is memory
- * bound and runs the matrix-vector kernels of matvec.cu, which read every
- * weight byte once and keep the activations float32 against exactly
- * decoded weights.  Above that (prefill) it is compute bound and runs on
- * the tensor cores through cuBLASLt: x is rounded to BF16 into
- * cu->act_bf16, BF16 weights are used in place, and every other type is
- * dequantized (exactly, then rounded to BF16) into cu->wtile a chunk of
- * whole rows at a time, one GEMM per chunk; BF16 inputs, float32
- * accumulation and output.  Rounding both operands to BF16 costs ~3e-3
- * relative on each product, which the float32 sums then average down; that
- * is the price of tensor-core prefill (the decode path has none).
+ * format.  One activation row (batch-1 decode) runs the matrix-vector
+ * kernels of matvec.cu, which read every weight byte once and keep the
+ * activations float32 against exactly decoded weights.  2 to
+ * KCU_MMD_MAX_ROWS rows (a decode batch) run mmd.cu: weights still read
+ * once, the products on the tensor cores with FP16 activations scaled per
+ * row.  Above that (prefill) the product is compute bound and runs through
+ * cuBLASLt.  F16 and quantized weights: x becomes row-scaled FP16 (the
+ * decode batch's k_mmd_prep) in cu->act_bf16's memory, F16 weights are used
+ * in place and quantized ones are dequantized (exactly, then rounded to
+ * FP16) into cu->wtile a chunk of whole rows at a time, one FP16 GEMM per
+ * chunk, and the rows are scaled back with the bias added.  BF16 weights:
+ * x is split into BF16 hi + lo parts, two accumulating GEMMs (BF16 weights
+ * cannot meet FP16 activations in one cuBLASLt product, and one BF16
+ * rounding of x, 2^-9, is what the split avoids).  KILN_CUDA_GEMM=bf16 /
+ * split2 / split3 send every type through the BF16 path with 1 / 2 / 3
+ * parts (weights dequantized to BF16 then).  FP16 rounds x and the
+ * dequantized weight to 2^-12 relative each, float32 accumulation.
  *
  * In cuBLASLt's column-major terms the row-major product is the TN GEMM
  * C (n_out x rows) = W^T' (n_out x n_in) X (n_in x rows): W's rows are the
@@ -35,7 +41,7 @@
 
 typedef struct kcu_lt_plan {
     bool used;
-    int m, n, k, lda, ldc, align_a, align_c; /* the key */
+    int m, n, k, lda, ldc, align_a, align_c, dtype; /* the key (dtype: cudaDataType) */
     cublasLtMatmulDesc_t op;
     cublasLtMatrixLayout_t a, b, c;
     cublasLtMatmulAlgo_t algo;
@@ -110,11 +116,15 @@ __device__ __forceinline__ float kcu_float_elem(const uint8_t *row, int type, in
     return type == KILN_TYPE_BF16 ? __uint_as_float((uint32_t)h << 16) : kcu_h2f(h);
 }
 
-/* dst (rows, n_in) BF16 = rows [0, rows) of a quantized weight starting at
- * w, one thread per 8 elements (a 16-byte store). */
-template <int T>
-__global__ void k_deq_bf16(const uint8_t *__restrict__ w, size_t row_bytes, int n_in, int rows,
-                           __nv_bfloat16 *__restrict__ dst)
+/* float -> the 16-bit tile types */
+__device__ __forceinline__ void kcu_to16(float f, __nv_bfloat16 *d) { *d = __float2bfloat16_rn(f); }
+__device__ __forceinline__ void kcu_to16(float f, __half *d) { *d = __float2half_rn(f); }
+
+/* dst (rows, n_in) BF16 or FP16 = rows [0, rows) of a quantized weight
+ * starting at w, one thread per 8 elements (a 16-byte store). */
+template <int T, typename D>
+__global__ void k_deq_tile(const uint8_t *__restrict__ w, size_t row_bytes, int n_in, int rows,
+                           D *__restrict__ dst)
 {
     using K = kq<T>;
     const int per_row = n_in / 8;
@@ -124,11 +134,21 @@ __global__ void k_deq_bf16(const uint8_t *__restrict__ w, size_t row_bytes, int 
     const int r = (int)(i / per_row), k = 8 * (int)(i % per_row);
     float f[8];
     kcu_deq8<T>(w + (size_t)r * row_bytes + (size_t)(k / K::QK) * K::BB, k % K::QK, f);
-    __align__(16) __nv_bfloat16 b[8];
+    __align__(16) D b[8];
 #pragma unroll
     for (int j = 0; j < 8; j++)
-        b[j] = __float2bfloat16_rn(f[j]);
+        kcu_to16(f[j], &b[j]);
     *(uint4 *)(dst + (size_t)r * n_in + k) = *(const uint4 *)b;
+}
+
+/* out (rows, n_out) = out * inv[row] (+ bias): the FP16 GEMM's rows scaled
+ * back (k_mmd_prep scaled each activation row by 1 / inv[row]). */
+__global__ void k_unscale_bias(float *__restrict__ out, const float *__restrict__ inv,
+                               const float *__restrict__ bias, int64_t n, int n_out)
+{
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        out[i] = out[i] * inv[i / n_out] + (bias ? bias[i % n_out] : 0.0f);
 }
 
 /* The same for F32 / F16 weights, one element per thread. */
@@ -193,15 +213,18 @@ __global__ void k_embed_f(float *__restrict__ out, const uint8_t *__restrict__ w
  * ---------------------------------------------------------------------- */
 
 typedef void (*deq_kernel)(const uint8_t *, size_t, int, int, __nv_bfloat16 *);
+typedef void (*deq_kernel_h)(const uint8_t *, size_t, int, int, __half *);
 typedef void (*embed_kernel)(float *, const uint8_t *, size_t, int, int, const int32_t *);
 
-static void quant_kernels(kiln_type t, deq_kernel *deq, embed_kernel *emb)
+static void quant_kernels(kiln_type t, deq_kernel *deq, deq_kernel_h *deq_h, embed_kernel *emb)
 {
     *deq = NULL;
+    *deq_h = NULL;
     *emb = NULL;
 #define KCU_Q(T)                                                                \
     case T:                                                                     \
-        *deq = k_deq_bf16<T>;                                                   \
+        *deq = k_deq_tile<T, __nv_bfloat16>;                                    \
+        *deq_h = k_deq_tile<T, __half>;                                         \
         *emb = k_embed_q<T>;                                                    \
         break;
     switch (t) {
@@ -274,13 +297,14 @@ static int align_of(const void *p)
 /* The plan for C (m x n, ldc) = A^T (A: k x m, lda) B (k x n, ld k); NULL
  * with the error recorded when cuBLASLt has none. */
 static kcu_lt_plan *lt_plan(kcu *cu, int m, int n, int k, int lda, int ldc, int align_a,
-                            int align_c, const char *name)
+                            int align_c, cudaDataType dtype, const char *name)
 {
     kcu_lt_cache *lc = cu->lt_cache;
     for (int i = 0; i < KCU_LT_PLANS; i++) {
         kcu_lt_plan *pl = &lc->plan[i];
         if (pl->used && pl->m == m && pl->n == n && pl->k == k && pl->lda == lda &&
-            pl->ldc == ldc && pl->align_a == align_a && pl->align_c == align_c)
+            pl->ldc == ldc && pl->align_a == align_a && pl->align_c == align_c &&
+            pl->dtype == (int)dtype)
             return pl;
     }
     kcu_lt_plan *pl = &lc->plan[lc->next];
@@ -296,8 +320,8 @@ static kcu_lt_plan *lt_plan(kcu *cu, int m, int n, int k, int lda, int ldc, int 
     LT_TRY(cublasLtMatmulDescCreate(&pl->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     LT_TRY(cublasLtMatmulDescSetAttribute(pl->op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
     LT_TRY(cublasLtMatmulDescSetAttribute(pl->op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
-    LT_TRY(cublasLtMatrixLayoutCreate(&pl->a, CUDA_R_16BF, (uint64_t)k, (uint64_t)m, lda));
-    LT_TRY(cublasLtMatrixLayoutCreate(&pl->b, CUDA_R_16BF, (uint64_t)k, (uint64_t)n, k));
+    LT_TRY(cublasLtMatrixLayoutCreate(&pl->a, dtype, (uint64_t)k, (uint64_t)m, lda));
+    LT_TRY(cublasLtMatrixLayoutCreate(&pl->b, dtype, (uint64_t)k, (uint64_t)n, k));
     LT_TRY(cublasLtMatrixLayoutCreate(&pl->c, CUDA_R_32F, (uint64_t)m, (uint64_t)n, ldc));
     LT_TRY(cublasLtMatmulPreferenceCreate(&pref));
     LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
@@ -313,8 +337,8 @@ static kcu_lt_plan *lt_plan(kcu *cu, int m, int n, int k, int lda, int ldc, int 
     LT_TRY(cublasLtMatmulAlgoGetHeuristic(cu->lt, pl->op, pl->a, pl->b, pl->c, pl->c, pref, 1,
                                           &res, &nres));
     if (nres < 1) {
-        st = KILN_FAIL(KILN_ERR_DEVICE, "cuda matmul %s: cuBLASLt has no BF16 GEMM for m=%d "
-                       "n=%d k=%d", name, m, n, k);
+        st = KILN_FAIL(KILN_ERR_DEVICE, "cuda matmul %s: cuBLASLt has no %s GEMM for m=%d "
+                       "n=%d k=%d", name, dtype == CUDA_R_16F ? "FP16" : "BF16", m, n, k);
         goto fail;
     }
     cublasLtMatmulPreferenceDestroy(pref);
@@ -326,6 +350,7 @@ static kcu_lt_plan *lt_plan(kcu *cu, int m, int n, int k, int lda, int ldc, int 
     pl->ldc = ldc;
     pl->align_a = align_a;
     pl->align_c = align_c;
+    pl->dtype = (int)dtype;
     pl->used = true;
     return pl;
 fail:
@@ -337,18 +362,18 @@ fail:
 }
 #undef LT_TRY
 
-/* C (m cols of out, ldc) = A (m rows of k BF16, lda) x act_bf16 (n rows of
- * k); with split activations, C = A x hi + A x lo (+ A x lo2), each after the
- * first accumulating. */
-static void lt_gemm(kcu *cu, float *c, int ldc, const __nv_bfloat16 *a, int lda, int m, int n,
-                    int k, const char *name)
+/* C (m cols of out, ldc) = A (m rows of k, lda) x act_bf16 (n rows of k),
+ * both of dtype; `parts` activation parts (BF16 hi, lo, lo2 one after the
+ * other), each after the first accumulating. */
+static void lt_gemm(kcu *cu, float *c, int ldc, const void *a, int lda, int m, int n, int k,
+                    cudaDataType dtype, int parts, const char *name)
 {
-    kcu_lt_plan *pl = lt_plan(cu, m, n, k, lda, ldc, align_of(a), align_of(c), name);
+    kcu_lt_plan *pl = lt_plan(cu, m, n, k, lda, ldc, align_of(a), align_of(c), dtype, name);
     if (!pl)
         return;
     const float alpha = 1.0f;
     const size_t lo_off = (size_t)n * (size_t)k;
-    for (int part = 0; part < cu->gemm_parts; part++) {
+    for (int part = 0; part < parts; part++) {
         const float beta = part ? 1.0f : 0.0f;
         const __nv_bfloat16 *b = cu->act_bf16 + (size_t)part * lo_off;
         cublasStatus_t s = cublasLtMatmul(cu->lt, pl->op, &alpha, a, pl->a, b, pl->b, &beta, c,
@@ -366,6 +391,51 @@ static void lt_gemm(kcu *cu, float *c, int ldc, const __nv_bfloat16 *a, int lda,
  * matmul
  * ---------------------------------------------------------------------- */
 
+/* The FP16 GEMM of F16 and quantized weights: x to row-scaled FP16, F16
+ * weights in place or quantized ones dequantized to FP16 tiles, then the
+ * rows scaled back with the bias. */
+static void matmul_gemm_f16(kcu *cu, float *out, const float *x, const kb_weight *w,
+                            const float *bias, int rows, const char *name)
+{
+    const int n_in = (int)w->ne[0], n_out = (int)w->ne[1];
+    if (rows > cu->act_inv_elems) {
+        KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda matmul %s: %d rows, %d reserved", name, rows,
+                cu->act_inv_elems);
+        return;
+    }
+    kcu_mmd_prep(cu, x, NULL, 0, rows, rows, n_in, (__half *)cu->act_bf16, cu->act_inv);
+    if (w->type == KILN_TYPE_F16) {
+        lt_gemm(cu, out, n_out, w->data, n_in, n_out, rows, n_in, CUDA_R_16F, 1, name);
+    } else {
+        int64_t chunk = cu->wtile ? (int64_t)(cu->wtile_elems / (size_t)n_in) : 0;
+        if (chunk < 1) {
+            KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda matmul %s: a row of %d inputs does not fit the "
+                    "weight tile (%zu elements reserved)", name, n_in, cu->wtile_elems);
+            return;
+        }
+        if (chunk > 64)
+            chunk -= chunk % 64; /* keeps every chunk of out 256-byte aligned */
+        deq_kernel deq;
+        deq_kernel_h deq_h;
+        embed_kernel emb;
+        quant_kernels(w->type, &deq, &deq_h, &emb);
+        __half *tile = (__half *)cu->wtile;
+        const uint8_t *wd = (const uint8_t *)w->data;
+        for (int64_t r0 = 0; r0 < n_out; r0 += chunk) {
+            const int m = (int)(n_out - r0 < chunk ? n_out - r0 : chunk);
+            const int64_t pieces = (int64_t)m * (n_in / 8);
+            deq_h<<<kcu_div_up(pieces, 256), 256, 0, cu->stream>>>(
+                wd + (size_t)r0 * w->row_bytes, w->row_bytes, n_in, m, tile);
+            KCU_LAUNCHED(cu);
+            lt_gemm(cu, out + r0, n_out, tile, n_in, m, rows, n_in, CUDA_R_16F, 1, name);
+        }
+    }
+    const int64_t n = (int64_t)rows * n_out;
+    k_unscale_bias<<<stride_grid(cu, n, 256), 256, 0, cu->stream>>>(out, cu->act_inv, bias, n,
+                                                                    n_out);
+    KCU_LAUNCHED(cu);
+}
+
 static void matmul_gemm(kcu *cu, float *out, const float *x, const kb_weight *w,
                         const float *bias, int rows, const char *name)
 {
@@ -375,6 +445,11 @@ static void matmul_gemm(kcu *cu, float *out, const float *x, const kb_weight *w,
         KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda matmul %s: %d rows of %d inputs need %zu elements "
                 "of activation scratch, %zu reserved", name, rows, n_in, need,
                 cu->act_bf16_elems);
+        return;
+    }
+    if (cu->gemm_f16 && w->type != KILN_TYPE_BF16 && w->type != KILN_TYPE_F32 &&
+        (w->type != KILN_TYPE_F16 || (n_in % 8 == 0 && (uintptr_t)w->data % 16 == 0))) {
+        matmul_gemm_f16(cu, out, x, w, bias, rows, name);
         return;
     }
     if (cu->gemm_parts == 3)
@@ -388,7 +463,8 @@ static void matmul_gemm(kcu *cu, float *out, const float *x, const kb_weight *w,
             x, cu->act_bf16, need);
     KCU_LAUNCHED(cu);
     if (w->type == KILN_TYPE_BF16) {
-        lt_gemm(cu, out, n_out, (const __nv_bfloat16 *)w->data, n_in, n_out, rows, n_in, name);
+        lt_gemm(cu, out, n_out, w->data, n_in, n_out, rows, n_in, CUDA_R_16BF, cu->gemm_parts,
+                name);
     } else {
         int64_t chunk = cu->wtile ? (int64_t)(cu->wtile_elems / (size_t)n_in) : 0;
         if (chunk < 1) {
@@ -399,8 +475,9 @@ static void matmul_gemm(kcu *cu, float *out, const float *x, const kb_weight *w,
         if (chunk > 64)
             chunk -= chunk % 64; /* keeps every chunk of out 256-byte aligned */
         deq_kernel deq;
+        deq_kernel_h deq_h;
         embed_kernel emb;
-        quant_kernels(w->type, &deq, &emb);
+        quant_kernels(w->type, &deq, &deq_h, &emb);
         const uint8_t *wd = (const uint8_t *)w->data;
         for (int64_t r0 = 0; r0 < n_out; r0 += chunk) {
             const int m = (int)(n_out - r0 < chunk ? n_out - r0 : chunk);
@@ -414,7 +491,8 @@ static void matmul_gemm(kcu *cu, float *out, const float *x, const kb_weight *w,
                     src, w->row_bytes, (int)w->type, n_in, m, cu->wtile);
             }
             KCU_LAUNCHED(cu);
-            lt_gemm(cu, out + r0, n_out, cu->wtile, n_in, m, rows, n_in, name);
+            lt_gemm(cu, out + r0, n_out, cu->wtile, n_in, m, rows, n_in, CUDA_R_16BF,
+                    cu->gemm_parts, name);
         }
     }
     if (bias) {
@@ -470,6 +548,8 @@ void kcu_matmul(kb_backend *be, float *out, /* (rows, n_out) */
         return;
     if (cu->fast_act && rows <= KCU_MATVEC_MAX_ROWS && kcu_matvec_q8(cu, out, x, w, bd, rows))
         return; /* 8-bit activations (matvec_q8.cu), opted into */
+    if (rows <= KCU_MMD_MAX_ROWS && kcu_mmd(cu, &w, &out, &bd, 1, x, NULL, 0, rows))
+        return; /* a decode batch (mmd.cu: from mmd_min_rows, 2 by default) */
     if (rows <= KCU_MATVEC_MAX_ROWS)
         kcu_matvec(cu, out, x, w, bd, rows);
     else
@@ -486,7 +566,14 @@ void kcu_matmul_glu(kb_backend *be, float *out, const float *gate, const float *
     if (rows <= 0 || w->ne[1] <= 0)
         return;
     /* with 8-bit activations opted into (matvec_q8.cu), glu then matmul */
-    if (rows <= KCU_MATVEC_MAX_ROWS && !kcu_matvec_q8_takes(cu, w, rows)) {
+    const bool q8 = rows <= KCU_MATVEC_MAX_ROWS && kcu_matvec_q8_takes(cu, w, rows);
+    if (!q8 && rows <= KCU_MMD_MAX_ROWS) {
+        if (!matmul_args_ok(cu, w, NULL, &bd))
+            return;
+        if (kcu_mmd(cu, &w, &out, &bd, 1, gate, up, (int)act, rows))
+            return; /* the GLU applied by the activations' FP16 rounding pass */
+    }
+    if (!q8 && rows <= KCU_MATVEC_MAX_ROWS) {
         if (matmul_args_ok(cu, w, NULL, &bd))
             kcu_matvec_glu(cu, out, gate, up, (int)act, w, rows);
         return;
@@ -504,15 +591,18 @@ void kcu_matmul_group(kb_backend *be, const kb_mm *mm, int n, const float *x, in
     const kb_weight *w[KB_MM_GROUP_MAX];
     float *out[KB_MM_GROUP_MAX];
     const float *bd[KB_MM_GROUP_MAX];
-    bool ok = rows > 0 && rows <= KCU_MATVEC_MAX_ROWS && n > 0 && n <= KB_MM_GROUP_MAX;
+    bool ok = rows > 0 && rows <= KCU_MMD_MAX_ROWS && n > 0 && n <= KB_MM_GROUP_MAX;
     for (int i = 0; ok && i < n; i++) {
         w[i] = mm[i].w;
         out[i] = mm[i].out;
         ok = w[i]->ne[1] > 0 && matmul_args_ok(cu, w[i], mm[i].bias, &bd[i]);
     }
-    if (ok && cu->fast_act && kcu_matvec_q8_group(cu, w, out, bd, n, x, rows))
+    const bool mv = ok && rows <= KCU_MATVEC_MAX_ROWS;
+    if (mv && cu->fast_act && kcu_matvec_q8_group(cu, w, out, bd, n, x, rows))
         return; /* 8-bit activations (matvec_q8.cu), opted into: x quantized once */
-    if (ok && kcu_matvec_group(cu, w, out, bd, n, x, rows))
+    if (ok && kcu_mmd(cu, w, out, bd, n, x, NULL, 0, rows))
+        return; /* a decode batch: mmd.cu, x rounded once for the group */
+    if (mv && kcu_matvec_group(cu, w, out, bd, n, x, rows))
         return;
     for (int i = 0; i < n; i++)
         kcu_matmul(be, mm[i].out, x, mm[i].w, mm[i].bias, rows);
@@ -550,12 +640,134 @@ void kcu_embed(kb_backend *be, float *out, const kb_weight *w, const kb_batch *b
             out, wd, w->row_bytes, (int)w->type, (int)n, (int)n_vocab, b->tokens);
     } else {
         deq_kernel deq;
+        deq_kernel_h deq_h;
         embed_kernel emb;
-        quant_kernels(w->type, &deq, &emb);
+        quant_kernels(w->type, &deq, &deq_h, &emb);
         emb<<<dim3(kcu_div_up(n / 8, 128), b->n_tokens), 128, 0, cu->stream>>>(
             out, wd, w->row_bytes, (int)n, (int)n_vocab, b->tokens);
     }
     KCU_LAUNCHED(cu);
+}
+
+/* ------------------------------------------------------------------------
+ * The tensor cores' rate (kb_ops.matmul_rate)
+ * ---------------------------------------------------------------------- */
+
+/* Pseudo-random FP16 values in [-1, 1) (the rate is not measured on zeros,
+ * which run faster than real data). */
+__global__ void k_fill_h(__half *p, size_t n, uint32_t seed)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t x = (uint32_t)i * 2654435761u ^ seed;
+        x ^= x >> 15;
+        x *= 2246822519u;
+        x ^= x >> 13;
+        p[i] = __float2half_rn((float)(x >> 8) * (2.0f / 16777216.0f) - 1.0f);
+    }
+}
+
+#define RATE_N 8192 /* m = n = k of the timed product */
+#define RATE_REPS 7
+
+/* FLOP/s of an FP16 RATE_N^3 product through cuBLASLt (float32
+ * accumulation and output), median of RATE_REPS after a warm-up; on
+ * temporary buffers, outside any step. */
+kiln_status kcu_matmul_rate(kb_backend *be, double *flops_per_sec)
+{
+    kcu *cu = kcu_of(be);
+    *flops_per_sec = 0;
+    const size_t n = RATE_N, nn = n * n;
+    __half *a = NULL, *b = NULL;
+    float *c = NULL;
+    cudaEvent_t ev[2] = {NULL, NULL};
+    cublasLtMatmulDesc_t op = NULL;
+    cublasLtMatrixLayout_t la = NULL, lb = NULL, lc = NULL;
+    cublasLtMatmulPreference_t pref = NULL;
+    void *ws = NULL;
+    kiln_status st = KILN_OK;
+    float ms[RATE_REPS];
+    cudaError_t e;
+    cublasLtMatmulHeuristicResult_t res;
+    int nres = 0;
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    const uint64_t wsb = KCU_LT_WORKSPACE;
+    const float alpha = 1.0f, beta = 0.0f;
+#define RATE_CUDA(call)                                                         \
+    do {                                                                        \
+        if ((e = (call)) != cudaSuccess) {                                      \
+            st = kcu_fail(cu, e, #call, __FILE__, __LINE__);                    \
+            goto done;                                                          \
+        }                                                                       \
+    } while (0)
+#define RATE_LT(call)                                                           \
+    do {                                                                        \
+        if ((call) != CUBLAS_STATUS_SUCCESS) {                                  \
+            st = KILN_FAIL(KILN_ERR_DEVICE, "cuda matmul rate: %s failed", #call); \
+            goto done;                                                          \
+        }                                                                       \
+    } while (0)
+    RATE_CUDA(cudaMalloc((void **)&a, nn * sizeof(__half)));
+    RATE_CUDA(cudaMalloc((void **)&b, nn * sizeof(__half)));
+    RATE_CUDA(cudaMalloc((void **)&c, nn * sizeof(float)));
+    RATE_CUDA(cudaMalloc(&ws, KCU_LT_WORKSPACE));
+    RATE_CUDA(cudaEventCreate(&ev[0]));
+    RATE_CUDA(cudaEventCreate(&ev[1]));
+    k_fill_h<<<1024, 256, 0, cu->stream>>>(a, nn, 0x1234u);
+    k_fill_h<<<1024, 256, 0, cu->stream>>>(b, nn, 0x9876u);
+    RATE_CUDA(cudaGetLastError());
+    RATE_LT(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    RATE_LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+    RATE_LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+    RATE_LT(cublasLtMatrixLayoutCreate(&la, CUDA_R_16F, n, n, n));
+    RATE_LT(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16F, n, n, n));
+    RATE_LT(cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, n, n, n));
+    RATE_LT(cublasLtMatmulPreferenceCreate(&pref));
+    RATE_LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                 &wsb, sizeof wsb));
+    RATE_LT(cublasLtMatmulAlgoGetHeuristic(cu->lt, op, la, lb, lc, lc, pref, 1, &res, &nres));
+    if (nres < 1) {
+        st = KILN_FAIL(KILN_ERR_DEVICE, "cuda matmul rate: cuBLASLt has no FP16 GEMM");
+        goto done;
+    }
+    for (int i = -1; i < RATE_REPS; i++) {
+        RATE_CUDA(cudaEventRecord(ev[0], cu->stream));
+        RATE_LT(cublasLtMatmul(cu->lt, op, &alpha, a, la, b, lb, &beta, c, lc, c, lc, &res.algo,
+                               ws, KCU_LT_WORKSPACE, cu->stream));
+        RATE_CUDA(cudaEventRecord(ev[1], cu->stream));
+        RATE_CUDA(cudaEventSynchronize(ev[1]));
+        if (i >= 0)
+            RATE_CUDA(cudaEventElapsedTime(&ms[i], ev[0], ev[1]));
+    }
+    for (int i = 1; i < RATE_REPS; i++) /* insertion sort: the median */
+        for (int j = i; j > 0 && ms[j] < ms[j - 1]; j--) {
+            const float t = ms[j];
+            ms[j] = ms[j - 1];
+            ms[j - 1] = t;
+        }
+    if (ms[RATE_REPS / 2] > 0)
+        *flops_per_sec = 2.0 * (double)n * (double)n * (double)n / (ms[RATE_REPS / 2] * 1e-3);
+done:
+#undef RATE_CUDA
+#undef RATE_LT
+    if (pref)
+        cublasLtMatmulPreferenceDestroy(pref);
+    if (la)
+        cublasLtMatrixLayoutDestroy(la);
+    if (lb)
+        cublasLtMatrixLayoutDestroy(lb);
+    if (lc)
+        cublasLtMatrixLayoutDestroy(lc);
+    if (op)
+        cublasLtMatmulDescDestroy(op);
+    for (int i = 0; i < 2; i++)
+        if (ev[i])
+            cudaEventDestroy(ev[i]);
+    cudaFree(ws);
+    cudaFree(c);
+    cudaFree(b);
+    cudaFree(a);
+    return st;
 }
 
 /* ------------------------------------------------------------------------
@@ -582,13 +794,20 @@ kiln_status kcu_matmul_reserve(kcu *cu, const kb_reserve *r)
      * KILN_CUDA_GEMM=split3 carries all 24 bits in three parts. */
     const char *mode = getenv("KILN_CUDA_GEMM");
     cu->gemm_parts = mode && !strcmp(mode, "bf16") ? 1 : mode && !strcmp(mode, "split3") ? 3 : 2;
+    cu->gemm_f16 = !(mode && (!strcmp(mode, "bf16") || !strcmp(mode, "split2") ||
+                              !strcmp(mode, "split3")));
+    /* the decode batch's FP16 rows live in the same memory */
+    if (act < (size_t)KCU_MMD_MAX_ROWS * (size_t)r->max_n_in)
+        act = (size_t)KCU_MMD_MAX_ROWS * (size_t)r->max_n_in;
     KCU_TRY(cu, cudaMalloc((void **)&cu->act_bf16,
                            (size_t)cu->gemm_parts * act * sizeof(__nv_bfloat16)));
     cu->act_bf16_elems = act;
+    cu->act_inv_elems = r->max_tokens > KCU_MMD_MAX_ROWS ? r->max_tokens : KCU_MMD_MAX_ROWS;
+    KCU_TRY(cu, cudaMalloc((void **)&cu->act_inv, (size_t)cu->act_inv_elems * sizeof(float)));
     KCU_TRY(cu, cudaMalloc((void **)&cu->wtile, wt * sizeof(__nv_bfloat16)));
     cu->wtile_elems = wt;
     kiln_status st = kcu_matvec_reserve(cu, r);
-    if (st || (st = kcu_matvec_q8_reserve(cu, r)))
+    if (st || (st = kcu_matvec_q8_reserve(cu, r)) || (st = kcu_mmd_reserve(cu, r)))
         return st;
     cu->lt_cache = (kcu_lt_cache *)kiln_calloc(1, sizeof *cu->lt_cache);
     if (!cu->lt_cache)
@@ -599,6 +818,11 @@ kiln_status kcu_matmul_reserve(kcu *cu, const kb_reserve *r)
 void kcu_matmul_release(kcu *cu)
 {
     kcu_matvec_q8_release(cu);
+    kcu_mmd_release(cu);
+    if (cu->act_inv)
+        cudaFree(cu->act_inv);
+    cu->act_inv = NULL;
+    cu->act_inv_elems = 0;
     if (cu->act_bf16)
         cudaFree(cu->act_bf16);
     if (cu->wtile)

@@ -6,8 +6,17 @@
  *   tg: B requests decoding N tokens each (end-of-generation ignored) after
  *       a short prompt; the figure is B*N / (time of the decode steps), and
  *       the bandwidth that implies (weights once per step + the K/V read)
- *       against a device-to-device copy measured in the same run.
+ *       against a device-to-device copy measured in the same run.  The
+ *       figures include sampling (on the device where the backend has it).
  *   ttft: submission to the first token of the pp request.
+ *
+ * Each figure is also given as a share of its roofline: the time the work
+ * must take at least, max(bytes moved / copy bandwidth, FLOPs / matrix
+ * rate), both ceilings measured in the same run (kiln_model_copy_bandwidth,
+ * kiln_model_matmul_rate).  A decode step moves the weights once and each
+ * sequence's K/V; it computes 2 FLOPs per matrix parameter and row plus the
+ * attention.  A prompt moves the weights once and computes the same per
+ * token.
  *
  * Prompts are fixed pseudo-random token ids, so runs are comparable.  Each
  * figure is the median of --reps runs after one warm-up run.
@@ -158,7 +167,26 @@ static bool parse_batches(const char *text, int *b, int *n)
 typedef struct tg_result {
     int batch;
     double tok_s, bytes_s;
+    double roof; /* tok/s at the roofline */
 } tg_result;
+
+/* Tokens per second at the roofline: `tokens` in the time that moving
+ * `bytes` at bw or computing `flops` at rate takes, whichever is longer
+ * (0 when neither ceiling was measured). */
+static double roofline_tok_s(int tokens, double bytes, double flops, double bw, double rate)
+{
+    double t = 0;
+    if (bw > 0 && bytes / bw > t)
+        t = bytes / bw;
+    if (rate > 0 && flops / rate > t)
+        t = flops / rate;
+    return t > 0 ? tokens / t : 0;
+}
+
+static double pct(double got, double roof)
+{
+    return roof > 0 ? 100.0 * got / roof : 0.0;
+}
 
 int cmd_bench(int argc, char **argv)
 {
@@ -232,8 +260,13 @@ int cmd_bench(int argc, char **argv)
     kiln_status cst = kiln_model_copy_bandwidth(m, (size_t)1 << 30, &copy_bps);
     if (cst != KILN_OK)
         KILN_LOGW("copy bandwidth not measured: %s", kiln_last_error());
+    double mm_rate = 0;
+    cst = kiln_model_matmul_rate(m, &mm_rate);
+    if (cst != KILN_OK)
+        KILN_LOGW("matrix rate not measured: %s", kiln_last_error());
     uint64_t w_bytes = kiln_model_decode_bytes(m);
     uint64_t kv_tok = kiln_model_kv_bytes_per_token(m, 0);
+    const double params = (double)kiln_model_matrix_params(m);
 
     int need = (c.pp > TG_PROMPT_TOKENS ? c.pp : TG_PROMPT_TOKENS) + c.tg + 1;
     run_opts eo = o;
@@ -250,7 +283,7 @@ int cmd_bench(int argc, char **argv)
     /* warm-up: touch every weight page and the KV pool once */
     ok = bench_run(e, n_vocab, 1, TG_PROMPT_TOKENS, 4, 99, &tp, &td, &npp, &ntg, &ttft);
 
-    double pp = 0, pp_ttft = 0, pp_flops = 0;
+    double pp = 0, pp_ttft = 0, pp_flops = 0, pp_roof = 0;
     if (ok && c.pp > 0) {
         for (int r = 0; ok && r < c.reps; r++) {
             ok = bench_run(e, n_vocab, 1, c.pp, 1, 1000 + (uint64_t)r, &tp, &td, &npp, &ntg,
@@ -265,6 +298,7 @@ int cmd_bench(int argc, char **argv)
             for (int t = 0; t < c.pp; t++)
                 macs += (double)kiln_model_attn_macs(m, t);
             pp_flops = pp > 0 ? 2.0 * macs / ((double)c.pp / pp) : 0;
+            pp_roof = roofline_tok_s(c.pp, (double)w_bytes, 2.0 * macs, copy_bps, mm_rate);
         }
     }
     tg_result tg[MAX_BATCHES];
@@ -283,24 +317,30 @@ int cmd_bench(int argc, char **argv)
         double ctx_avg = TG_PROMPT_TOKENS + c.tg / 2.0;
         double step_bytes = (double)w_bytes + (double)B * ctx_avg * (double)kv_tok;
         tg[k].bytes_s = tg[k].tok_s / B * step_bytes;
+        double step_flops =
+            2.0 * B * (params + (double)kiln_model_attn_macs(m, (int)ctx_avg));
+        tg[k].roof = roofline_tok_s(B, step_bytes, step_flops, copy_bps, mm_rate);
     }
     if (ok) {
         if (c.json) {
             printf("{\"model\": \"%s\", \"arch\": \"%s\", \"device\": \"%s\", "
                    "\"threads\": %d, \"load_sec\": %.3f, \"decode_bytes\": %llu, "
-                   "\"copy_gb_s\": %.1f, \"reps\": %d",
+                   "\"copy_gb_s\": %.1f, \"matmul_tflop_s\": %.1f, \"reps\": %d",
                    o.model, kiln_model_arch(m), o.device, o.threads, load_sec,
-                   (unsigned long long)w_bytes, copy_bps / 1e9, c.reps);
+                   (unsigned long long)w_bytes, copy_bps / 1e9, mm_rate / 1e12, c.reps);
             if (c.pp > 0)
                 printf(", \"pp_tokens\": %d, \"pp_tok_s\": %.2f, \"ttft_ms\": %.3f, "
-                       "\"pp_tflop_s\": %.2f", c.pp, pp, pp_ttft * 1e3, pp_flops / 1e12);
+                       "\"pp_tflop_s\": %.2f, \"pp_pct_of_roofline\": %.1f", c.pp, pp,
+                       pp_ttft * 1e3, pp_flops / 1e12, pct(pp, pp_roof));
             if (c.tg > 0) {
                 printf(", \"tg_tokens\": %d, \"tg\": [", c.tg);
                 for (int k = 0; k < c.n_batch; k++)
                     printf("%s{\"batch\": %d, \"tok_s\": %.2f, \"gb_s\": %.1f, "
-                           "\"pct_of_copy\": %.1f}", k ? ", " : "", tg[k].batch, tg[k].tok_s,
-                           tg[k].bytes_s / 1e9,
-                           copy_bps > 0 ? 100.0 * tg[k].bytes_s / copy_bps : 0.0);
+                           "\"pct_of_copy\": %.1f, \"roofline_tok_s\": %.1f, "
+                           "\"pct_of_roofline\": %.1f}", k ? ", " : "", tg[k].batch,
+                           tg[k].tok_s, tg[k].bytes_s / 1e9,
+                           copy_bps > 0 ? 100.0 * tg[k].bytes_s / copy_bps : 0.0, tg[k].roof,
+                           pct(tg[k].tok_s, tg[k].roof));
                 printf("]");
             }
             printf("}\n");
@@ -308,15 +348,19 @@ int cmd_bench(int argc, char **argv)
             char wb[32];
             printf("model   %s (%s) on %s, load %.2f s\n", o.model, kiln_model_arch(m), o.device,
                    load_sec);
-            printf("weights read per decode step %s; device copy %.0f GB/s (read + write)\n",
-                   kiln_fmt_bytes(w_bytes, wb, sizeof wb), copy_bps / 1e9);
+            printf("weights read per decode step %s; device copy %.0f GB/s (read + write); "
+                   "matrix rate %.3g TFLOP/s\n", kiln_fmt_bytes(w_bytes, wb, sizeof wb),
+                   copy_bps / 1e9, mm_rate / 1e12);
             if (c.pp > 0)
-                printf("pp%-5d     %10.1f tok/s   ttft %.1f ms   %.1f TFLOP/s   (median of %d)\n",
-                       c.pp, pp, pp_ttft * 1e3, pp_flops / 1e12, c.reps);
+                printf("pp%-5d     %10.1f tok/s   ttft %.1f ms   %.1f TFLOP/s   %.1f%% of "
+                       "roofline   (median of %d)\n", c.pp, pp, pp_ttft * 1e3, pp_flops / 1e12,
+                       pct(pp, pp_roof), c.reps);
             for (int k = 0; c.tg > 0 && k < c.n_batch; k++)
-                printf("tg%-5d b%-3d %10.1f tok/s   %.0f GB/s   %.1f%% of copy   (median of %d)\n",
-                       c.tg, tg[k].batch, tg[k].tok_s, tg[k].bytes_s / 1e9,
-                       copy_bps > 0 ? 100.0 * tg[k].bytes_s / copy_bps : 0.0, c.reps);
+                printf("tg%-5d b%-3d %10.1f tok/s   %.0f GB/s   %.1f%% of copy   %.1f%% of "
+                       "roofline (%.0f tok/s)   (median of %d)\n", c.tg, tg[k].batch,
+                       tg[k].tok_s, tg[k].bytes_s / 1e9,
+                       copy_bps > 0 ? 100.0 * tg[k].bytes_s / copy_bps : 0.0,
+                       pct(tg[k].tok_s, tg[k].roof), tg[k].roof, c.reps);
         }
     }
     kiln_engine_free(e);

@@ -117,6 +117,13 @@ uint64_t kiln_model_attn_macs(const kiln_model *m, int pos);
  * copies).  CPU: memcpy.  Call before creating an engine (which takes most
  * of a GPU's memory for its KV cache). */
 kiln_status kiln_model_copy_bandwidth(kiln_model *m, size_t bytes, double *bytes_per_sec);
+/* The model's device's dense matrix-product rate in FLOP/s, measured: on a
+ * GPU an FP16 8192^3 product on the tensor cores (float32 accumulation), on
+ * the CPU the backend's matmul of float32 activations against an F16
+ * weight.  With kiln_model_copy_bandwidth it gives a step's roofline:
+ * max(bytes moved / bandwidth, FLOPs / rate).  Call before creating an
+ * engine. */
+kiln_status kiln_model_matmul_rate(kiln_model *m, double *flops_per_sec);
 /* The model's tokenizer, owned by the model. */
 const struct kiln_tokenizer *kiln_model_tokenizer(const kiln_model *m);
 

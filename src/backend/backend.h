@@ -233,6 +233,10 @@ typedef struct kb_ops {
     kiln_status (*reserve)(kb_backend *be, const kb_reserve *r);
     /* Device memory free and total, in bytes. */
     kiln_status (*mem_info)(kb_backend *be, size_t *free_bytes, size_t *total_bytes);
+    /* The device's dense matrix-product rate in FLOP/s, measured on its own
+     * temporary buffers (CUDA: FP16 on the tensor cores).  NULL: the model
+     * layer times the backend's matmul op instead (host backends). */
+    kiln_status (*matmul_rate)(kb_backend *be, double *flops_per_sec);
     /* The type a weight stored as `file_type` takes in the backend's memory
      * (the loader converts; e.g. CUDA keeps F32 matrices as BF16), or
      * KILN_TYPE_COUNT when the backend has no kernels for it.  NULL: every

@@ -397,3 +397,55 @@ kiln_status kiln_model_copy_bandwidth(kiln_model *km, size_t bytes, double *byte
     *bytes_per_sec = t[REPS / 2] > 0 ? 2.0 * (double)bytes / t[REPS / 2] : 0;
     return KILN_OK;
 }
+
+/* A host backend's rate: its matmul of RATE_ROWS float32 rows against a
+ * RATE_N x RATE_N F16 weight of random values, median of a few. */
+#define RATE_N 2048
+#define RATE_ROWS 256
+#define RATE_REPS 5
+
+kiln_status kiln_model_matmul_rate(kiln_model *km, double *flops_per_sec)
+{
+    kb_backend *be = km->be;
+    *flops_per_sec = 0;
+    if (be->ops->matmul_rate)
+        return be->ops->matmul_rate(be, flops_per_sec);
+    const size_t nw = (size_t)RATE_N * RATE_N, nx = (size_t)RATE_ROWS * RATE_N;
+    uint16_t *w = kiln_malloc_array(nw, sizeof *w);
+    float *x = kiln_malloc_array(nx, sizeof *x);
+    float *y = kiln_malloc_array((size_t)RATE_ROWS * RATE_N, sizeof *y);
+    kiln_status st = KILN_OK;
+    if (!w || !x || !y) {
+        st = KILN_FAIL(KILN_ERR_NOMEM, "matmul rate: out of memory");
+        goto done;
+    }
+    uint64_t r = 0x9E3779B97F4A7C15ull;
+    for (size_t i = 0; i < nw; i++) {
+        r ^= r << 13, r ^= r >> 7, r ^= r << 17;
+        w[i] = kiln_f32_to_fp16((float)(r >> 40) * (1.0f / 16777216.0f) - 0.5f);
+    }
+    for (size_t i = 0; i < nx; i++) {
+        r ^= r << 13, r ^= r >> 7, r ^= r << 17;
+        x[i] = (float)(r >> 40) * (1.0f / 16777216.0f) - 0.5f;
+    }
+    kb_weight kw = {.type = KILN_TYPE_F16, .ne = {RATE_N, RATE_N}, .row_bytes = 2 * RATE_N,
+                    .data = w, .name = "matmul rate probe"};
+    double t[RATE_REPS];
+    for (int i = -1; i < RATE_REPS && st == KILN_OK; i++) {
+        const double t0 = kiln_now_sec();
+        be->ops->matmul(be, y, x, &kw, NULL, RATE_ROWS);
+        st = be->ops->sync(be);
+        if (i >= 0)
+            t[i] = kiln_now_sec() - t0;
+    }
+    if (st == KILN_OK) {
+        qsort(t, RATE_REPS, sizeof t[0], cmp_dbl);
+        if (t[RATE_REPS / 2] > 0)
+            *flops_per_sec = 2.0 * RATE_N * RATE_N * RATE_ROWS / t[RATE_REPS / 2];
+    }
+done:
+    kiln_free(w);
+    kiln_free(x);
+    kiln_free(y);
+    return st;
+}

@@ -339,6 +339,7 @@ static const kb_ops cuda_ops = {
     .get_rows = kcu_get_rows,
     .reserve = cuda_reserve,
     .mem_info = cuda_mem_info,
+    .matmul_rate = kcu_matmul_rate,
     .weight_type = cuda_weight_type,
     .graph_begin = cuda_graph_begin,
     .graph_end = cuda_graph_end,

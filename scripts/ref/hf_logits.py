@@ -6,6 +6,7 @@ as a "KILNPAR1" fixture (scripts/ref/kilnpar.py) for kiln's parity tests
 
     python3 scripts/ref/hf_logits.py MODEL_DIR OUT.bin [--device cuda|cpu]
         [--dtype f32|bf16] [--n-cont 64] [--lengths 7,64,300] [--top-k 40] [--seed 0]
+        [--kl-dtype bf16]
 
 Prompts are token ids, not text: one per --lengths entry, drawn uniformly
 from a fixed seed over the tokenizer's base vocabulary (model.vocab of
@@ -17,7 +18,11 @@ top-k logits and log-sum-exp of every position are recorded.
 
 The model runs in --dtype on --device (default float32: the exact function
 the stored weights define, TF32 off; bf16 shows how far a bf16 engine may
-drift).  Runs with the plain python3 of a machine with torch + transformers.
+drift).  --kl-dtype runs the same sequences through the model in that dtype
+too and prints the mean KL of its logits from the --dtype ones over every
+position (full rows): transformers' own error in that precision, the bar an
+engine's reduced-precision path is held to.  Runs with the plain python3 of
+a machine with torch + transformers.
 """
 import argparse
 import json
@@ -66,6 +71,7 @@ def main():
     ap.add_argument("--lengths", default="7,64,300", help="prompt lengths, one prompt each")
     ap.add_argument("--top-k", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kl-dtype", choices=sorted(DTYPES), help="also report KL(dtype || this)")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -78,6 +84,7 @@ def main():
     print(f"{a.model}: {type(model).__name__}, vocab {n_vocab} (prompts from [0, {hi})), "
           f"{a.dtype} on {a.device}, loaded in {time.time() - t0:.1f} s", file=sys.stderr)
     dev = a.device
+    seqs = []
     with open(a.out, "wb") as f, torch.no_grad():
         kilnpar.write_header(f, len(prompts), n_vocab, a.top_k, a.n_cont)
         for ids in prompts:
@@ -95,12 +102,25 @@ def main():
             same = int((lg[len(ids) - 1:-1].argmax(-1).cpu() ==
                         torch.tensor(seq[len(ids):])).sum())
             kilnpar.write_prompt(f, len(ids), seq, lg.cpu().numpy(), a.top_k)
+            seqs.append(seq)
             print(f"  prompt {len(ids):4d}: continuation {seq[len(ids):len(ids) + 6]}..., "
                   f"logit std {float(lg.std()):.2f}, entropy {float(ent):.2f} nats, "
                   f"top1-top2 gap median {float(gap.median()):.3f} min {float(gap.min()):.4f}, "
                   f"full-pass argmax = cached greedy at {same}/{a.n_cont}", file=sys.stderr)
     print(f"-> {a.out} ({os.path.getsize(a.out)} bytes, {time.time() - t0:.1f} s)",
           file=sys.stderr)
+    if a.kl_dtype:
+        other = load_model(a.model, DTYPES[a.kl_dtype], dev)
+        kl_sum, n_pos = 0.0, 0
+        with torch.no_grad():
+            for seq in seqs:
+                x = torch.tensor([seq], device=dev)
+                lp = torch.log_softmax(model(x).logits[0].double(), -1)
+                lq = torch.log_softmax(other(x).logits[0].double(), -1)
+                kl_sum += float((lp.exp() * (lp - lq)).sum())
+                n_pos += len(seq)
+        print(f"KL({a.dtype} || {a.kl_dtype}) mean over {n_pos} positions: "
+              f"{kl_sum / n_pos:.3e}")
 
 
 if __name__ == "__main__":

@@ -131,7 +131,10 @@ static void bench_usage(FILE *f)
                "  --reps R   runs per figure, median reported (default 3)\n"
                "  --json     one JSON object instead of the table\n\n"
                "Generation also reports the bandwidth it achieved (weights once per step plus\n"
-               "the K/V read) against a device-to-device copy measured in the same run.\n");
+               "the K/V read) against a device-to-device copy measured in the same run, and\n"
+               "every figure its share of the roofline (bytes / copy rate or FLOPs / matrix\n"
+               "rate, whichever is longer).  `kiln bench load` times loading; `kiln bench\n"
+               "workload` runs a mixed offline workload (--help for each).\n");
 }
 
 /* "1,8,32" -> batches; false (message printed) on a bad list. */
@@ -192,6 +195,8 @@ int cmd_bench(int argc, char **argv)
 {
     if (argc > 1 && !strcmp(argv[1], "load"))
         return cmd_bench_load(argc - 1, argv + 1);
+    if (argc > 1 && !strcmp(argv[1], "workload"))
+        return cmd_bench_workload(argc - 1, argv + 1);
     run_opts o;
     cli_opts_default(&o);
     bench_cfg c = {.pp = 512, .tg = 128, .batch = {1}, .n_batch = 1, .reps = 3};

@@ -17,6 +17,7 @@ int cmd_generate(int argc, char **argv);
 int cmd_chat(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_bench_load(int argc, char **argv); /* `kiln bench load`, bench_load.c */
+int cmd_bench_workload(int argc, char **argv); /* `kiln bench workload`, bench_workload.c */
 int cmd_quantize(int argc, char **argv);
 
 /* Options of the commands that run a model (generate, chat, bench). */

@@ -1,0 +1,249 @@
+/*
+ * bench_workload.c - `kiln bench workload`: offline throughput on a mixed
+ * batch of requests, in the manner of nano-vllm's benchmark.
+ *
+ * N requests with prompt and output lengths drawn uniformly from
+ * [PMIN, PMAX] and [OMIN, OMAX] (a seeded generator, so every run and every
+ * engine sees the same workload; prompts are pseudo-random token ids) are
+ * submitted at once, end-of-generation ignored, and the engine runs them to
+ * the end with continuous batching, chunked prefill and its KV pool as
+ * configured.  The figures: output tokens / wall time (nano-vllm's
+ * "throughput"), all tokens / wall time, and the time to the first token of
+ * the first and the median request.  The default workload is nano-vllm's:
+ * 256 sequences, both lengths in [100, 1024], seed 0.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+#include "util/util.h"
+
+#define WL_MAX_SEQS 65536
+
+typedef struct wl_req {
+    double t_first; /* first token, seconds after the start */
+    int n_gen;
+    bool done;
+    bool failed;
+} wl_req;
+
+static void wl_usage(FILE *f)
+{
+    fprintf(f, "usage: kiln bench workload -m MODEL [--device DEV] [--seqs N] [--prompt MIN-MAX]\n"
+               "                           [--output MIN-MAX] [--seed S] [--max-seqs N]\n"
+               "                           [--batch-tokens N] [--json] [generate's model options]\n\n"
+               "  --seqs N          requests (default 256)\n"
+               "  --prompt MIN-MAX  prompt tokens, uniform (default 100-1024)\n"
+               "  --output MIN-MAX  generated tokens, uniform (default 100-1024)\n"
+               "  --seed S          the workload's generator (default 0)\n"
+               "  --max-seqs N      sequences decoding at once (default: --seqs, at most 256)\n"
+               "  --batch-tokens N  tokens of one step, prefill chunks included (default 8192)\n");
+}
+
+static uint64_t wl_next(uint64_t *x)
+{
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    return *x;
+}
+
+static bool parse_range(const char *opt, const char *text, int *lo, int *hi)
+{
+    char *end = NULL;
+    long a = strtol(text, &end, 10), b;
+    if (end == text || *end != '-')
+        goto bad;
+    const char *p = end + 1;
+    b = strtol(p, &end, 10);
+    if (end == p || *end || a < 1 || b < a || b > (1 << 20))
+        goto bad;
+    *lo = (int)a;
+    *hi = (int)b;
+    return true;
+bad:
+    fprintf(stderr, "kiln: bench workload: %s '%s': expected MIN-MAX with 1 <= MIN <= MAX <= %d\n",
+            opt, text, 1 << 20);
+    return false;
+}
+
+static void wl_on_token(const kiln_token_event *ev, void *user)
+{
+    wl_req *r = user;
+    if (ev->token >= 0 && r->t_first == 0 && ev->timings)
+        r->t_first = ev->timings->t_first_token;
+    if (ev->finish != KILN_FINISH_NONE) {
+        r->n_gen = ev->n_generated;
+        r->failed = ev->finish == KILN_FINISH_ERROR || ev->finish == KILN_FINISH_CANCELLED;
+        r->done = true;
+    }
+}
+
+static int cmp_dbl(const void *a, const void *b)
+{
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+int cmd_bench_workload(int argc, char **argv)
+{
+    run_opts o;
+    cli_opts_default(&o);
+    int n_seqs = 256, pmin = 100, pmax = 1024, omin = 100, omax = 1024, max_seqs = 0;
+    int batch_tokens = 8192;
+    long long seed = 0;
+    bool json = false;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        long long v;
+        const bool has = i + 1 < argc;
+        if (!strcmp(a, "--json")) {
+            json = true;
+        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            wl_usage(stdout);
+            return 0;
+        } else if (!strcmp(a, "--prompt") || !strcmp(a, "--output")) {
+            if (!has) {
+                fprintf(stderr, "kiln: bench workload: %s needs a value\n", a);
+                return 2;
+            }
+            if (!parse_range(a, argv[++i], a[2] == 'p' ? &pmin : &omin,
+                             a[2] == 'p' ? &pmax : &omax))
+                return 2;
+        } else if (!strcmp(a, "--seqs") || !strcmp(a, "--max-seqs") ||
+                   !strcmp(a, "--batch-tokens") || !strcmp(a, "--seed")) {
+            if (!has) {
+                fprintf(stderr, "kiln: bench workload: %s needs a value\n", a);
+                return 2;
+            }
+            const bool sd = !strcmp(a, "--seed");
+            if (!cli_parse_int(a, argv[++i], sd ? 0 : 1, sd ? (1LL << 62) : WL_MAX_SEQS, &v))
+                return 2;
+            if (!strcmp(a, "--seqs"))
+                n_seqs = (int)v;
+            else if (!strcmp(a, "--max-seqs"))
+                max_seqs = (int)v;
+            else if (!strcmp(a, "--batch-tokens"))
+                batch_tokens = (int)v;
+            else
+                seed = v;
+        } else {
+            int r = cli_parse_common(&o, argc, argv, &i);
+            if (r < 0)
+                return 2;
+            if (r == 0) {
+                fprintf(stderr, "kiln: bench workload: unknown option '%s'\n", a);
+                wl_usage(stderr);
+                return 2;
+            }
+        }
+    }
+    if (!o.model) {
+        fprintf(stderr, "kiln: bench workload: -m MODEL is required\n");
+        return 2;
+    }
+    if (max_seqs == 0)
+        max_seqs = n_seqs < 256 ? n_seqs : 256;
+
+    /* the workload first: the same lengths and tokens whatever the engine */
+    int *plen = kiln_malloc_array((size_t)n_seqs, sizeof *plen);
+    int *olen = kiln_malloc_array((size_t)n_seqs, sizeof *olen);
+    wl_req *req = kiln_calloc((size_t)n_seqs, sizeof *req);
+    int32_t *ids = kiln_malloc_array((size_t)pmax, sizeof *ids);
+    double *ttft = kiln_malloc_array((size_t)n_seqs, sizeof *ttft);
+    if (!plen || !olen || !req || !ids || !ttft) {
+        fprintf(stderr, "kiln: bench workload: out of memory\n");
+        return 1;
+    }
+    uint64_t g = (uint64_t)seed * 0x9E3779B97F4A7C15ull + 0x2545F4914F6CDD1Dull;
+    uint64_t n_prompt = 0, n_out = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        plen[i] = pmin + (int)(wl_next(&g) % (uint64_t)(pmax - pmin + 1));
+        olen[i] = omin + (int)(wl_next(&g) % (uint64_t)(omax - omin + 1));
+        n_prompt += (uint64_t)plen[i];
+        n_out += (uint64_t)olen[i];
+    }
+
+    double load_sec = 0;
+    kiln_model *m = cli_load_model(&o, &load_sec);
+    if (!m)
+        return 1;
+    const int n_vocab = kiln_model_n_vocab(m);
+    kiln_engine_params ep;
+    kiln_engine_params_default(&ep);
+    ep.n_ctx = o.ctx ? o.ctx : pmax + omax;
+    ep.max_seqs = max_seqs;
+    ep.max_batch_tokens = batch_tokens;
+    ep.eager = o.eager;
+    if (o.gpu_mem_fraction > 0)
+        ep.gpu_mem_fraction = o.gpu_mem_fraction;
+    kiln_engine *e = NULL;
+    kiln_status st = kiln_engine_create(m, &ep, &e);
+    if (st != KILN_OK) {
+        cli_report("engine", st);
+        kiln_model_free(m);
+        return 1;
+    }
+    kiln_sampling s;
+    kiln_sampling_default(&s);
+    s.temperature = 0;
+    s.ignore_eos = 1;
+    const double t0 = kiln_now_sec();
+    for (int i = 0; i < n_seqs && st == KILN_OK; i++) {
+        for (int k = 0; k < plen[i]; k++)
+            ids[k] = (int32_t)(256 + wl_next(&g) % (uint64_t)(n_vocab > 1024 ? n_vocab - 512
+                                                                               : n_vocab / 2));
+        s.max_tokens = olen[i];
+        uint64_t id;
+        st = kiln_engine_submit(e, ids, (size_t)plen[i], &s, wl_on_token, &req[i], &id);
+    }
+    if (st == KILN_OK)
+        st = kiln_engine_run(e);
+    const double wall = kiln_now_sec() - t0;
+    int failed = 0;
+    uint64_t got = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        failed += req[i].failed || !req[i].done;
+        got += (uint64_t)req[i].n_gen;
+        ttft[i] = req[i].t_first > 0 ? req[i].t_first - t0 : wall;
+    }
+    qsort(ttft, (size_t)n_seqs, sizeof *ttft, cmp_dbl);
+    int rc = 0;
+    if (st != KILN_OK || failed) {
+        if (st != KILN_OK)
+            cli_report("bench workload", st);
+        fprintf(stderr, "kiln: bench workload: %d of %d requests did not finish\n", failed, n_seqs);
+        rc = 1;
+    } else if (got != n_out) {
+        fprintf(stderr, "kiln: bench workload: %llu tokens generated, %llu asked for\n",
+                (unsigned long long)got, (unsigned long long)n_out);
+        rc = 1;
+    } else if (json) {
+        printf("{\"model\": \"%s\", \"device\": \"%s\", \"seqs\": %d, \"prompt\": [%d, %d], "
+               "\"output\": [%d, %d], \"seed\": %lld, \"max_seqs\": %d, \"batch_tokens\": %d, "
+               "\"prompt_tokens\": %llu, \"output_tokens\": %llu, \"wall_s\": %.3f, "
+               "\"output_tok_s\": %.1f, \"total_tok_s\": %.1f, \"ttft_p50_s\": %.3f, "
+               "\"load_sec\": %.3f}\n",
+               o.model, o.device, n_seqs, pmin, pmax, omin, omax, seed, max_seqs, batch_tokens,
+               (unsigned long long)n_prompt, (unsigned long long)n_out, wall, (double)n_out / wall,
+               (double)(n_prompt + n_out) / wall, ttft[n_seqs / 2], load_sec);
+    } else {
+        printf("workload  %d requests, prompts %d-%d, outputs %d-%d tokens (seed %lld); "
+               "max %d at once, %d tokens a step\n", n_seqs, pmin, pmax, omin, omax, seed,
+               max_seqs, batch_tokens);
+        printf("model     %s on %s, load %.2f s\n", o.model, o.device, load_sec);
+        printf("tokens    %llu prompt + %llu generated in %.2f s\n",
+               (unsigned long long)n_prompt, (unsigned long long)n_out, wall);
+        printf("output    %.1f tok/s   (all tokens %.1f tok/s; first token median %.2f s)\n",
+               (double)n_out / wall, (double)(n_prompt + n_out) / wall, ttft[n_seqs / 2]);
+    }
+    kiln_engine_free(e);
+    kiln_model_free(m);
+    kiln_free(plen);
+    kiln_free(olen);
+    kiln_free(req);
+    kiln_free(ids);
+    kiln_free(ttft);
+    return rc;
+}

@@ -363,6 +363,7 @@ kiln_status kcu_event_record(kb_backend *be, kb_event *ev, int stream);
 kiln_status kcu_event_query(kb_backend *be, kb_event *ev, bool *done);
 kiln_status kcu_event_sync(kb_backend *be, kb_event *ev);
 kiln_status kcu_event_elapsed(kb_backend *be, kb_event *start, kb_event *end, float *ms);
+kiln_status kcu_wait_event(kb_backend *be, kb_event *ev);
 void kcu_transfer_release(kcu_dev *dv);
 
 /* attention.cu: where layer il's blocks of a KV cache are (kvxfer.cu) */

@@ -39,7 +39,7 @@ SAN_ON    := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-fr
 SANFLAGS  := $(if $(filter 1,$(SANITIZE)),$(SAN_ON))
 CFLAGS    ?=
 CFLAGS    += $(CSTD) $(OPT) -g $(ARCH) -fPIC -fopenmp $(WARN) $(SANFLAGS) -Iinclude -Isrc -MMD -MP
-LDLIBS    := -ljansson -lpcre2-8 -lutf8proc -lxxhash -lm -lpthread
+LDLIBS    := -ljansson -lpcre2-8 -lutf8proc -lxxhash -lcurl -lm -lpthread
 LDFLAGS   += -fopenmp $(SANFLAGS)
 
 ifeq ($(CUDA),1)

@@ -24,6 +24,7 @@ static const command commands[] = {
     {"tokenize", cmd_tokenize, "show how a model's tokenizer cuts text"},
     {"detokenize", cmd_detokenize, "turn token ids back into text"},
     {"quantize", cmd_quantize, "write a GGUF or HF model as GGUF of another type"},
+    {"eval", cmd_eval, "evaluate models by category on offline datasets"},
 };
 
 static void usage(FILE *f)

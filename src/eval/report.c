@@ -283,7 +283,7 @@ static kiln_status write_plots(const char *out, const ds_result *rs, int n,
                "set style data histograms\nset style histogram clustered gap 1\n"
                "set style fill solid 0.85 border -1\nset boxwidth 0.9\nset grid ytics\n"
                "set key outside right top\nset xtics rotate by -25 noenhanced\n"
-               "set key noenhanced\n");
+               "set key noenhanced\nset termoption noenhanced\n");
     /* 1. score per category and model */
     snprintf(path, sizeof path, "%s/scores.dat", dir);
     if ((f = fopen(path, "w"))) {

@@ -310,8 +310,8 @@ static kiln_status score_choice(eval_runner *rn, const eval_plan_dataset *pd,
     rec.choice_loglik = ll;
     rec.n_choices = n_choices;
     int best = eval_best_choice(ll, n_choices);
-    rec.extracted = s->choices[best];
-    rec.completion = s->choices[best];
+    rec.extracted = err ? NULL : s->choices[best];
+    rec.completion = err ? NULL : s->choices[best];
     rec.score = !err && best == s->correct;
     return eval_results_append(res, &rec);
 }

@@ -5,7 +5,8 @@
  *
  * Extraction follows BIG-bench: a task's output_regex picks the first match
  * in the completion (arithmetic: "[-+]?\d+"); without one the answer is the
- * completion's first non-empty line.  Normalisation is stated in eval.h and
+ * completion's first non-empty line.  Thousands separators are dropped from
+ * the completion first, so "1,024" is extracted whole.  Normalisation is stated in eval.h and
  * applied to the answer and the targets alike.
  */
 #define PCRE2_CODE_UNIT_WIDTH 8
@@ -79,9 +80,30 @@ void eval_normalise(char *s)
         strcpy(s, "0");
 }
 
-char *eval_extract_answer(const char *completion, const char *regex)
+/* A copy of s without the commas that separate thousands ("1,024"), so that
+ * an extraction regex sees the whole number. */
+static char *drop_separators(const char *s)
+{
+    char *c = kiln_strdup(s);
+    if (!c)
+        return NULL;
+    size_t w = 0;
+    for (size_t r = 0; c[r]; r++) {
+        if (c[r] == ',' && w > 0 && isdigit((unsigned char)c[w - 1]) &&
+            isdigit((unsigned char)c[r + 1]))
+            continue;
+        c[w++] = c[r];
+    }
+    c[w] = '\0';
+    return c;
+}
+
+char *eval_extract_answer(const char *completion_in, const char *regex)
 {
     char *out = NULL;
+    char *completion = drop_separators(completion_in);
+    if (!completion)
+        return NULL;
     if (regex) {
         int err;
         PCRE2_SIZE off;
@@ -111,6 +133,7 @@ char *eval_extract_answer(const char *completion, const char *regex)
         const char *nl = strchr(p, '\n');
         out = kiln_strndup(p, nl ? (size_t)(nl - p) : strlen(p));
     }
+    kiln_free(completion);
     if (out)
         eval_normalise(out);
     return out;

@@ -215,7 +215,8 @@ kiln_status eval_resources_parse(const char *spec, eval_resources *r)
         } else {
             if (have_host || !parse_size(item, len, &r->host_total))
                 return KILN_FAIL(KILN_ERR_INVALID_ARG, "--assume-resources: \"%s\": expected "
-                                 "[Nx]GPU-SIZE, host memory SIZE (once) or Ncores", item);
+                                 "a GPU as [Nx]NAME-SIZE (e.g. 4xH100-80GB), host memory as "
+                                 "SIZE (e.g. 256GB, once) or cores as Ncores", item);
             have_host = true;
             r->host_avail = r->host_total;
         }

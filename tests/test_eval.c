@@ -135,7 +135,7 @@ static void test_registry_parse(void **state)
     assert_null(eval_registry_dataset(&r, "eff")->path);
     assert_int_equal(eval_registry_category(&r, "math")->n_models, 2);
     /* a second file replaces an entry by name and adds new ones */
-    const char *over = "{\"models\": {\"m1\": {\"path\": \"/x/other.gguf\"}},"
+    const char *over = "{\"models\": {\"m1\": {\"path\": \"/x/./y/../other.gguf\"}},"
                        " \"categories\": {\"extra\": {\"datasets\": [\"ar\"]}}}";
     assert_int_equal(eval_registry_parse(&r, over, strlen(over), "o.json", "/o"), KILN_OK);
     assert_int_equal(r.n_models, 2);

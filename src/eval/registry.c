@@ -91,11 +91,41 @@ void eval_registry_free(eval_registry *r)
  * Field readers: each names origin and field on a fault
  * ---------------------------------------------------------------------- */
 
+/* Drop "." segments and fold "name/.." pairs, lexically (symlinks stay as
+ * the user wrote them), so the plan shows eval/../models/x as models/x. */
+static void fold_dots(char *path)
+{
+    char *seg[256];
+    int n = 0;
+    bool abs = path[0] == '/';
+    char *save = NULL;
+    for (char *t = strtok_r(path, "/", &save); t; t = strtok_r(NULL, "/", &save)) {
+        if (!strcmp(t, "."))
+            continue;
+        if (!strcmp(t, "..") && n > 0 && strcmp(seg[n - 1], ".."))
+            n--;
+        else if (n < 256)
+            seg[n++] = t;
+    }
+    char out[4096];
+    size_t len = 0;
+    out[0] = '\0';
+    if (abs)
+        out[len++] = '/';
+    for (int i = 0; i < n && len < sizeof out - 1; i++)
+        len += (size_t)snprintf(out + len, sizeof out - len, "%s%s", i ? "/" : "", seg[i]);
+    if (len == 0)
+        snprintf(out, sizeof out, ".");
+    strcpy(path, out); /* folding only shortens the path */
+}
+
 static char *resolve_path(const char *base_dir, const char *p)
 {
-    if (p[0] == '/' || !base_dir || !base_dir[0])
-        return kiln_strdup(p);
-    return eval_strfmt("%s/%s", base_dir, p);
+    char *r = p[0] == '/' || !base_dir || !base_dir[0] ? kiln_strdup(p)
+                                                       : eval_strfmt("%s/%s", base_dir, p);
+    if (r && strlen(r) < 4096)
+        fold_dots(r);
+    return r;
 }
 
 static kiln_status get_str(json_t *obj, const char *key, const char *where, bool required,

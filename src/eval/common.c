@@ -1,7 +1,8 @@
 /*
  * common.c - small file and string helpers the eval files share: mkdir -p,
  * whole-file writes through a temporary and a rename (a reader never sees
- * half a summary), file-name-safe names, and printf into a new string.
+ * half a summary), file-name-safe names, printf into a new string, and a
+ * bounded append to a growing text.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -13,6 +14,27 @@
 
 #include "eval/eval.h"
 #include "util/util.h"
+
+bool eval_text_append(kiln_text *t, const char *s, size_t n, size_t max)
+{
+    size_t need;
+    if (!ck_add(t->len, n, &need) || !ck_add(need, 1, &need) || need > max)
+        return false;
+    if (need > t->cap) {
+        size_t cap = need < 256 ? 256 : need;
+        if (cap < max / 2)
+            cap = cap * 2 > max ? max : cap * 2;
+        char *p = kiln_realloc(t->data, cap);
+        if (!p)
+            return false;
+        t->data = p;
+        t->cap = cap;
+    }
+    memcpy(t->data + t->len, s, n);
+    t->len += n;
+    t->data[t->len] = '\0';
+    return true;
+}
 
 char *eval_strfmt(const char *fmt, ...)
 {

@@ -172,21 +172,7 @@ static kiln_status opt_text(json_t *task, const char *key, const char *def, cons
 /* Append text to a growing kiln_text; false when out of memory or too long. */
 static bool text_add(kiln_text *t, const char *s, size_t n)
 {
-    size_t need;
-    if (!ck_add(t->len, n, &need) || !ck_add(need, 1, &need) || need > EVAL_MAX_TEXT * 2)
-        return false;
-    if (need > t->cap) {
-        size_t cap = need * 2;
-        char *p = kiln_realloc(t->data, cap);
-        if (!p)
-            return false;
-        t->data = p;
-        t->cap = cap;
-    }
-    memcpy(t->data + t->len, s, n);
-    t->len += n;
-    t->data[t->len] = '\0';
-    return true;
+    return eval_text_append(t, s, n, EVAL_MAX_TEXT * 2);
 }
 
 static bool text_adds(kiln_text *t, const char *s) { return text_add(t, s, strlen(s)); }

@@ -56,21 +56,10 @@ static size_t on_data(char *p, size_t sz, size_t nm, void *user)
 {
     ep_xfer *x = user;
     size_t n = sz * nm;
-    if (x->resp.len + n > EP_MAX_RESPONSE) {
-        x->too_big = true;
+    if (!eval_text_append(&x->resp, p, n, EP_MAX_RESPONSE)) {
+        x->too_big = x->resp.len + n + 1 > EP_MAX_RESPONSE;
         return 0;
     }
-    if (x->resp.len + n + 1 > x->resp.cap) {
-        size_t cap = (x->resp.len + n + 1) * 2;
-        char *q = kiln_realloc(x->resp.data, cap);
-        if (!q)
-            return 0;
-        x->resp.data = q;
-        x->resp.cap = cap;
-    }
-    memcpy(x->resp.data + x->resp.len, p, n);
-    x->resp.len += n;
-    x->resp.data[x->resp.len] = '\0';
     return n;
 }
 

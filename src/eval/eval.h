@@ -497,6 +497,9 @@ kiln_status eval_mkdirs(const char *path);
 kiln_status eval_write_atomic(const char *path, const char *data, size_t len);
 /* A file-name-safe copy of a name ("a/b c" -> "a_b_c"). */
 char *eval_safe_name(const char *name);
+/* Append s[0..n) to t, keeping it NUL-terminated and at most max bytes with
+ * its NUL; false when it would pass max or memory runs out. */
+bool eval_text_append(kiln_text *t, const char *s, size_t n, size_t max);
 /* printf into a new string (kiln_free). */
 char *eval_strfmt(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -14,6 +14,7 @@
  * the next question or a blank line.
  */
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,21 +54,7 @@ void eval_job_done(eval_jobq *q, eval_job *j)
 
 bool eval_job_append(eval_job *j, const char *text, size_t n)
 {
-    size_t need;
-    if (!ck_add(j->text.len, n, &need) || !ck_add(need, 1, &need))
-        return false;
-    if (need > j->text.cap) {
-        size_t cap = need < 256 ? 256 : need * 2;
-        char *p = kiln_realloc(j->text.data, cap);
-        if (!p)
-            return false;
-        j->text.data = p;
-        j->text.cap = cap;
-    }
-    memcpy(j->text.data + j->text.len, text, n);
-    j->text.len += n;
-    j->text.data[j->text.len] = '\0';
-    return true;
+    return eval_text_append(&j->text, text, n, SIZE_MAX);
 }
 
 /* ------------------------------------------------------------------------

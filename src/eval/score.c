@@ -37,6 +37,20 @@ static bool is_number(const char *s)
     return digits > 0;
 }
 
+/* Remove, in place, the commas that separate thousands ("1,024"), so that
+ * an extraction regex sees the whole number. */
+static void drop_separators(char *c)
+{
+    size_t w = 0;
+    for (size_t r = 0; c[r]; r++) {
+        if (c[r] == ',' && w > 0 && isdigit((unsigned char)c[w - 1]) &&
+            isdigit((unsigned char)c[r + 1]))
+            continue;
+        c[w++] = c[r];
+    }
+    c[w] = '\0';
+}
+
 void eval_normalise(char *s)
 {
     /* whitespace: trim, and runs inside become one space */
@@ -55,15 +69,7 @@ void eval_normalise(char *s)
     s[w] = '\0';
     if (w && s[w - 1] == '.')
         s[--w] = '\0';
-    /* thousands separators between digits */
-    w = 0;
-    for (size_t r = 0; s[r]; r++) {
-        if (s[r] == ',' && r > 0 && isdigit((unsigned char)s[r - 1]) &&
-            isdigit((unsigned char)s[r + 1]))
-            continue;
-        s[w++] = s[r];
-    }
-    s[w] = '\0';
+    drop_separators(s);
     if (!is_number(s))
         return;
     if (s[0] == '+')
@@ -80,30 +86,13 @@ void eval_normalise(char *s)
         strcpy(s, "0");
 }
 
-/* A copy of s without the commas that separate thousands ("1,024"), so that
- * an extraction regex sees the whole number. */
-static char *drop_separators(const char *s)
-{
-    char *c = kiln_strdup(s);
-    if (!c)
-        return NULL;
-    size_t w = 0;
-    for (size_t r = 0; c[r]; r++) {
-        if (c[r] == ',' && w > 0 && isdigit((unsigned char)c[w - 1]) &&
-            isdigit((unsigned char)c[r + 1]))
-            continue;
-        c[w++] = c[r];
-    }
-    c[w] = '\0';
-    return c;
-}
-
 char *eval_extract_answer(const char *completion_in, const char *regex)
 {
     char *out = NULL;
-    char *completion = drop_separators(completion_in);
+    char *completion = kiln_strdup(completion_in);
     if (!completion)
         return NULL;
+    drop_separators(completion);
     if (regex) {
         int err;
         PCRE2_SIZE off;

@@ -18,6 +18,7 @@ int cmd_chat(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_bench_load(int argc, char **argv); /* `kiln bench load`, bench_load.c */
 int cmd_quantize(int argc, char **argv);
+int cmd_serve(int argc, char **argv);       /* serve.c */
 
 /* Options of the commands that run a model (generate, chat, bench). */
 typedef struct run_opts {

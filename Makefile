@@ -39,7 +39,7 @@ SAN_ON    := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-fr
 SANFLAGS  := $(if $(filter 1,$(SANITIZE)),$(SAN_ON))
 CFLAGS    ?=
 CFLAGS    += $(CSTD) $(OPT) -g $(ARCH) -fPIC -fopenmp $(WARN) $(SANFLAGS) -Iinclude -Isrc -MMD -MP
-LDLIBS    := -ljansson -lpcre2-8 -lutf8proc -lxxhash -lcurl -lm -lpthread
+LDLIBS    := -lmicrohttpd -ljansson -lpcre2-8 -lutf8proc -lxxhash -lcurl -lm -lpthread
 LDFLAGS   += -fopenmp $(SANFLAGS)
 
 ifeq ($(CUDA),1)
@@ -78,6 +78,9 @@ $(BUILD)/obj/%.o: %.c
 $(BUILD)/obj/%.o: %.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -MMD -MP -MF $(@:.o=.d) -c $< -o $@
+
+# The chat page is assembled into page.o (.incbin), which -MMD cannot see.
+$(BUILD)/obj/src/server/page.o: src/server/chat.html
 
 $(BUILD)/libkiln.a: $(LIB_OBJ)
 	@mkdir -p $(dir $@)
@@ -188,6 +191,8 @@ $(FUZZ_BUILD)/obj/%.o: %.c
 
 $(FUZZ_BUILD)/%: tests/fuzz/%.c $(FUZZ_LIB_OBJ)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -o $@ $< $(FUZZ_LIB_OBJ) $(LDLIBS)
+
+$(FUZZ_BUILD)/obj/src/server/page.o: src/server/chat.html
 
 # Keep the instrumented objects between fuzz builds.
 .SECONDARY: $(FUZZ_LIB_OBJ)

@@ -18,7 +18,8 @@ int cmd_chat(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_bench_load(int argc, char **argv); /* `kiln bench load`, bench_load.c */
 int cmd_quantize(int argc, char **argv);
-int cmd_eval(int argc, char **argv);      /* eval.c */
+int cmd_serve(int argc, char **argv);       /* serve.c */
+int cmd_eval(int argc, char **argv);        /* eval.c */
 
 /* Options of the commands that run a model (generate, chat, bench). */
 typedef struct run_opts {

@@ -19,6 +19,7 @@ typedef struct command {
 static const command commands[] = {
     {"generate", cmd_generate, "generate text from a prompt"},
     {"chat", cmd_chat, "chat with a model in the terminal"},
+    {"serve", cmd_serve, "serve a model over an OpenAI-compatible HTTP API"},
     {"bench", cmd_bench, "measure prompt and generation speed"},
     {"inspect", cmd_inspect, "show a model's architecture, tensors and sizes"},
     {"tokenize", cmd_tokenize, "show how a model's tokenizer cuts text"},

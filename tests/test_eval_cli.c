@@ -8,6 +8,8 @@
  *   - batch invariance: --max-seqs 1 and --max-seqs 64 give byte-identical
  *     completions (the engine's deterministic mode, on by default);
  *   - dry-run plans for assumed resources (a 70B shape on 1 and 4 H100s);
+ *   - --endpoint against `kiln serve` (started and stopped here) gives the
+ *     same completions and scores as the local engine;
  *   - bad input: unknown category, missing model, corrupt dataset, bad
  *     --limit, unreachable endpoint: a clear error, non-zero exit, and no
  *     output folder a resume could trust.
@@ -28,6 +30,11 @@
 #include <jansson.h>
 
 #include "cli_run.h"
+/* the server tests' client: this test uses only its server start and stop */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#include "server_client.h"
+#pragma GCC diagnostic pop
 
 #define FAST "tests/data/eval/fast.json"
 #define CORRUPT "tests/data/eval/corrupt.json"
@@ -37,7 +44,7 @@
 static char kiln_bin[PATH_MAX + 16];
 /* The ASan build runs the sanitized kiln (BUILD/kiln beside this test), about
  * twice as slow: it evaluates one model, not two, to stay within CI's time. */
-static bool sanitized;
+static const bool sanitized = SRV_SANITIZED;
 
 static run_result kiln(const char *const *args)
 {
@@ -264,6 +271,77 @@ static void test_batch_invariance(void **state)
 }
 
 /* ------------------------------------------------------------------------
+ * --endpoint against kiln serve
+ * ---------------------------------------------------------------------- */
+
+static void test_endpoint_same_scores(void **state)
+{
+    (void)state;
+    static const char *const ds[] = {"arithmetic", "geospatial", "humaneval"};
+    const char *local = E2E_OUT;
+    char p[256];
+    snprintf(p, sizeof p, "%s/samples/smollm2-135m/arithmetic.jsonl", local);
+    if (!exists(p)) { /* the ASan run's end-to-end test evaluates Gemma only */
+        local = "build/eval-ep-local";
+        rm_rf(local);
+        const char *a[] = {"kiln", "eval", "--category", "coding,math,geospatial", "--model",
+                           "smollm2-135m", "--limit", LIMIT, "--registry", FAST, "--out", local,
+                           "--quiet", NULL};
+        run_result r = kiln(a);
+        expect_ok(&r, "local eval");
+        run_free(&r);
+    }
+    srv s;
+    const char *sargs[] = {"--served-model-name", "smollm2-135m", "--deterministic", NULL};
+    srv_start(&s, sargs);
+    char url[64];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d", s.port);
+    rm_rf("build/eval-ep");
+    const char *a[] = {"kiln", "eval", "--category", "coding,math,geospatial", "--model",
+                       "smollm2-135m", "--endpoint", url, "--limit", LIMIT, "--registry", FAST,
+                       "--out", "build/eval-ep", "--quiet", NULL};
+    run_result r = kiln(a);
+    srv_stop(&s);
+    expect_ok(&r, "--endpoint");
+    assert_non_null(strstr(r.out, "engine: endpoint"));
+    run_free(&r);
+    for (int k = 0; k < 3; k++) {
+        char pl[256], pe[256];
+        snprintf(pl, sizeof pl, "%s/samples/smollm2-135m/%s.jsonl", local, ds[k]);
+        snprintf(pe, sizeof pe, "build/eval-ep/samples/smollm2-135m/%s.jsonl", ds[k]);
+        json_t *cl = read_records(pl), *ce = read_records(pe);
+        assert_int_equal(json_object_size(cl), 2);
+        assert_true(json_equal(cl, ce)); /* the same completion, or the same choice */
+        json_decref(cl);
+        json_decref(ce);
+    }
+    /* and so the same scores */
+    char sl[256];
+    snprintf(sl, sizeof sl, "%s/summary.json", local);
+    json_t *jl = json_load_file(sl, 0, NULL), *je = json_load_file("build/eval-ep/summary.json", 0, NULL);
+    assert_non_null(jl);
+    assert_non_null(je);
+    size_t i, j;
+    json_t *e, *f;
+    int matched = 0;
+    json_array_foreach(json_object_get(je, "results"), i, e) {
+        assert_int_equal(json_integer_value(json_object_get(e, "n_errors")), 0);
+        json_array_foreach(json_object_get(jl, "results"), j, f) {
+            if (strcmp(json_string_value(json_object_get(e, "dataset")),
+                       json_string_value(json_object_get(f, "dataset"))) ||
+                strcmp(json_string_value(json_object_get(f, "model")), "smollm2-135m"))
+                continue;
+            assert_true(json_number_value(json_object_get(e, "score")) ==
+                        json_number_value(json_object_get(f, "score")));
+            matched++;
+        }
+    }
+    assert_int_equal(matched, 3);
+    json_decref(jl);
+    json_decref(je);
+}
+
+/* ------------------------------------------------------------------------
  * Plans for assumed resources
  * ---------------------------------------------------------------------- */
 
@@ -366,17 +444,14 @@ static void test_bad_input(void **state)
 int main(int argc, char **argv)
 {
     (void)argc;
-    char self[PATH_MAX];
-    if (!realpath(argv[0], self))
-        return 1;
-    *strrchr(self, '/') = '\0';
-    snprintf(kiln_bin, sizeof kiln_bin, "%s/../kiln", self);
-    sanitized = strstr(self, "/asan/") != NULL;
+    srv_find_binary(argv[0]);
+    snprintf(kiln_bin, sizeof kiln_bin, "%s", srv_bin);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_dry_run_plans),
         cmocka_unit_test(test_end_to_end),
         cmocka_unit_test(test_report_in_chromium),
+        cmocka_unit_test(test_endpoint_same_scores),
         cmocka_unit_test(test_batch_invariance),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -190,22 +190,32 @@ static ep_xfer *xfer_new(const eval_endpoint *e, eval_job *j, const char *url)
     return x;
 }
 
-/* Sum the echoed prompt tokens that belong to the choice. */
-static void choice_loglik(eval_job *j, json_t *lp)
+/* Sum the echoed prompt tokens that belong to the choice: those that end
+ * after the prompt's text.  Offsets count the text as the server decodes it,
+ * which may include a BOS piece the request never held; the generated
+ * token's offset (the echoed prompt's end) gives that shift. */
+static void choice_loglik(eval_job *j, json_t *lp, int n_generated)
 {
     json_t *tl = json_object_get(lp, "token_logprobs");
     json_t *off = json_object_get(lp, "text_offset");
-    size_t plen = strlen(j->prompt);
+    json_int_t plen = (json_int_t)strlen(j->prompt);
     if (!json_is_array(tl) || !json_is_array(off) || json_array_size(tl) != json_array_size(off)) {
         snprintf(j->error, sizeof j->error, "endpoint: no echoed logprobs/text_offset in the "
                  "answer (the server must support echo with logprobs)");
         return;
     }
     size_t n = json_array_size(tl);
-    for (size_t i = 0; i < n; i++) {
-        json_int_t start = json_integer_value(json_array_get(off, i));
-        json_int_t end = i + 1 < n ? json_integer_value(json_array_get(off, i + 1)) : (json_int_t)plen + 1;
-        if (start >= (json_int_t)plen || end <= (json_int_t)j->ctx_len)
+    size_t k = n_generated > 0 && (size_t)n_generated < n ? n - (size_t)n_generated : n;
+    json_int_t end_all = k < n ? json_integer_value(json_array_get(off, k)) : plen;
+    json_int_t shift = end_all - plen;
+    if (shift < 0) {
+        snprintf(j->error, sizeof j->error, "endpoint: echoed offsets end before the prompt");
+        return;
+    }
+    json_int_t ctx_end = (json_int_t)j->ctx_len + shift;
+    for (size_t i = 0; i < k; i++) {
+        json_int_t end = i + 1 < k ? json_integer_value(json_array_get(off, i + 1)) : end_all;
+        if (end <= ctx_end)
             continue;
         json_t *v = json_array_get(tl, i);
         if (!json_is_number(v))
@@ -232,7 +242,7 @@ static void parse_response(eval_endpoint *e, ep_xfer *x, long code)
     j->n_generated = (int)json_integer_value(json_object_get(usage, "completion_tokens"));
     e->prompt_tokens += (uint64_t)j->n_prompt;
     if (j->sampling.no_generate) {
-        choice_loglik(j, json_object_get(ch, "logprobs"));
+        choice_loglik(j, json_object_get(ch, "logprobs"), j->n_generated);
         j->n_generated = 0;
     } else {
         e->gen_tokens += (uint64_t)j->n_generated;

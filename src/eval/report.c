@@ -234,13 +234,16 @@ static kiln_status write_summary(const char *out, const ds_result *rs, int n,
  * Plots (gnuplot)
  * ---------------------------------------------------------------------- */
 
-static kiln_status run_gnuplot(const char *script)
+/* Run gnuplot on script; its messages go to log (warnings such as an empty
+ * range are not the user's business unless it fails). */
+static kiln_status run_gnuplot(const char *script, const char *log)
 {
     char *const argv[] = {"gnuplot", (char *)script, NULL};
     pid_t pid;
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, 2, log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
     int rc = posix_spawnp(&pid, "gnuplot", &fa, NULL, argv, environ);
     posix_spawn_file_actions_destroy(&fa);
     if (rc != 0)
@@ -251,8 +254,8 @@ static kiln_status run_gnuplot(const char *script)
         if (errno != EINTR)
             return KILN_FAIL(KILN_ERR_IO, "gnuplot: waitpid: %s", strerror(errno));
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        return KILN_FAIL(KILN_ERR_IO, "gnuplot %s failed (exit %d)", script,
-                         WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+        return KILN_FAIL(KILN_ERR_IO, "gnuplot %s failed (exit %d; see %s)", script,
+                         WIFEXITED(status) ? WEXITSTATUS(status) : -1, log);
     return KILN_OK;
 }
 
@@ -368,7 +371,9 @@ static kiln_status write_plots(const char *out, const ds_result *rs, int n,
                    "plot for [i=2:3] '%s' using i:xtic(1) title columnheader\n", dir, path);
     }
     fclose(g);
-    st = run_gnuplot(gp);
+    char *log = eval_strfmt("%s/gnuplot.log", dir);
+    st = log ? run_gnuplot(gp, log) : KILN_FAIL(KILN_ERR_NOMEM, "plots: out of memory");
+    kiln_free(log);
     kiln_free(gp);
     kiln_free(dir);
     return st;

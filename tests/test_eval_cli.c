@@ -53,8 +53,13 @@ static run_result kiln(const char *const *args)
 
 static void expect_ok(run_result *r, const char *what)
 {
-    if (r->status != 0)
-        fail_msg("%s: exit %d\nstdout:\n%s\nstderr:\n%s", what, r->status, r->out, r->err);
+    if (r->status != 0) {
+        /* cmocka cuts long messages: print the tail of stderr first */
+        size_t n = strlen(r->err);
+        fprintf(stderr, "%s: exit %d; stderr (end):\n%s\n", what, r->status,
+                r->err + (n > 3000 ? n - 3000 : 0));
+        fail();
+    }
 }
 
 static bool exists(const char *p)
@@ -136,7 +141,7 @@ static void test_end_to_end(void **state)
     assert_non_null(strstr(cats, "geospatial"));
     assert_non_null(strstr(cats, "efficiency"));
     rm_rf(E2E_OUT);
-    const char *models = sanitized ? "gemma3-270m" : "smollm2-135m,gemma3-270m";
+    const char *models = sanitized ? "smollm2-135m" : "smollm2-135m,gemma3-270m";
     const char *args[] = {"kiln", "eval", "--category", cats, "--model", models, "--limit",
                           LIMIT, "--registry", FAST, "--out", E2E_OUT, "--quiet", NULL};
     run_result r = kiln(args);
@@ -148,15 +153,20 @@ static void test_end_to_end(void **state)
     static const char *const files[] = {
         E2E_OUT "/summary.json", E2E_OUT "/report.html", E2E_OUT "/plots/scores.svg",
         E2E_OUT "/plots/tokps.svg", E2E_OUT "/plots/latency.svg", E2E_OUT "/plots/memory.svg",
-        E2E_OUT "/efficiency/gemma3-270m/throughput.json",
-        E2E_OUT "/efficiency/gemma3-270m/humaneval.json"};
+        E2E_OUT "/efficiency/smollm2-135m/throughput.json",
+        E2E_OUT "/efficiency/smollm2-135m/humaneval.json"};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++)
         if (!exists(files[i]))
             fail_msg("%s not written", files[i]);
-    assert_int_equal(count_lines(E2E_OUT "/samples/gemma3-270m/humaneval.jsonl"), 2);
-    assert_int_equal(count_lines(E2E_OUT "/samples/gemma3-270m/arithmetic.jsonl"), 2);
-    assert_int_equal(count_lines(E2E_OUT "/samples/gemma3-270m/geospatial.jsonl"), 2);
-    assert_int_equal(count_lines(E2E_OUT "/samples/gemma3-270m/throughput.jsonl"), 2);
+    static const char *const ds[] = {"humaneval", "arithmetic", "geospatial", "throughput"};
+    for (int k = 0; k < 4; k++) {
+        char p[256];
+        snprintf(p, sizeof p, E2E_OUT "/samples/smollm2-135m/%s.jsonl", ds[k]);
+        assert_int_equal(count_lines(p), 2);
+        snprintf(p, sizeof p, E2E_OUT "/samples/gemma3-270m/%s.jsonl", ds[k]);
+        if (!sanitized)
+            assert_int_equal(count_lines(p), 2);
+    }
     /* the summary: every model x dataset, scores in [0, 1], no sample failed to run */
     json_t *sum = json_load_file(E2E_OUT "/summary.json", 0, NULL);
     assert_non_null(sum);
@@ -168,7 +178,8 @@ static void test_end_to_end(void **state)
         double s = json_number_value(json_object_get(e, "score"));
         assert_true(s >= 0 && s <= 1);
         if (json_integer_value(json_object_get(e, "n_errors")) != 0)
-            fail_msg("samples failed to run: %s", json_dumps(e, 0));
+            fail_msg("samples of %s failed to run",
+                     json_string_value(json_object_get(e, "dataset")));
         json_t *eff = json_object_get(e, "efficiency");
         assert_non_null(eff);
         assert_true(json_number_value(json_object_get(eff, "peak_rss_bytes")) > 1e6);
@@ -179,25 +190,26 @@ static void test_end_to_end(void **state)
     json_decref(sum);
 
     /* the rerun resumes: nothing recomputed, the same records */
-    json_t *before = read_records(E2E_OUT "/samples/gemma3-270m/humaneval.jsonl");
+    const char *p = E2E_OUT "/samples/smollm2-135m/humaneval.jsonl";
+    json_t *before = read_records(p);
     const char *again[] = {"kiln", "eval", "--category", cats, "--model", models, "--limit",
                            LIMIT, "--registry", FAST, "--out", E2E_OUT, NULL};
     r = kiln(again);
     expect_ok(&r, "rerun");
-    assert_non_null(strstr(r.err, "gemma3-270m/humaneval: 2 samples resumed from an earlier run, 0 run now"));
-    assert_non_null(strstr(r.err, "gemma3-270m/geospatial: 2 samples resumed"));
+    assert_non_null(strstr(r.err, "smollm2-135m/humaneval: 2 samples resumed from an earlier "
+                                  "run, 0 run now"));
+    assert_non_null(strstr(r.err, "smollm2-135m/geospatial: 2 samples resumed"));
     run_free(&r);
-    json_t *after = read_records(E2E_OUT "/samples/gemma3-270m/humaneval.jsonl");
+    json_t *after = read_records(p);
     assert_true(json_equal(before, after));
     json_decref(after);
-    assert_int_equal(count_lines(E2E_OUT "/samples/gemma3-270m/humaneval.jsonl"), 2);
+    assert_int_equal(count_lines(p), 2);
 
     /* a record cut mid-line (a crash while writing) is recomputed */
-    const char *p = E2E_OUT "/samples/gemma3-270m/humaneval.jsonl";
     struct stat sb;
     assert_int_equal(stat(p, &sb), 0);
     assert_int_equal(truncate(p, sb.st_size - 20), 0);
-    const char *one[] = {"kiln", "eval", "--category", "coding", "--model", "gemma3-270m",
+    const char *one[] = {"kiln", "eval", "--category", "coding", "--model", "smollm2-135m",
                          "--limit", LIMIT, "--registry", FAST, "--out", E2E_OUT, NULL};
     r = kiln(one);
     expect_ok(&r, "resume after a cut");
@@ -236,16 +248,20 @@ static void test_report_in_chromium(void **state)
 static void test_batch_invariance(void **state)
 {
     (void)state;
+    if (sanitized) { /* an engine property: the release run checks it */
+        print_message("batch invariance: checked by the release build only\n");
+        skip();
+    }
     rm_rf("build/eval-bi1");
     rm_rf("build/eval-bi64");
     const char *a1[] = {"kiln", "eval", "--category", "coding,math", "--model", "smollm2-135m",
-                        "--limit", "6", "--registry", FAST, "--max-seqs", "1", "--out",
+                        "--limit", "4", "--registry", FAST, "--max-seqs", "1", "--out",
                         "build/eval-bi1", "--quiet", NULL};
     run_result r = kiln(a1);
     expect_ok(&r, "--max-seqs 1");
     run_free(&r);
     const char *a64[] = {"kiln", "eval", "--category", "coding,math", "--model", "smollm2-135m",
-                         "--limit", "6", "--registry", FAST, "--max-seqs", "64", "--out",
+                         "--limit", "4", "--registry", FAST, "--max-seqs", "64", "--out",
                          "build/eval-bi64", "--quiet", NULL};
     r = kiln(a64);
     expect_ok(&r, "--max-seqs 64");
@@ -256,7 +272,7 @@ static void test_batch_invariance(void **state)
         snprintf(p1, sizeof p1, "build/eval-bi1/samples/smollm2-135m/%s.jsonl", ds[k]);
         snprintf(p64, sizeof p64, "build/eval-bi64/samples/smollm2-135m/%s.jsonl", ds[k]);
         json_t *c1 = read_records(p1), *c64 = read_records(p64);
-        assert_int_equal(json_object_size(c1), 6);
+        assert_int_equal(json_object_size(c1), 4);
         const char *key;
         json_t *v;
         json_object_foreach(c1, key, v) {
@@ -281,16 +297,8 @@ static void test_endpoint_same_scores(void **state)
     const char *local = E2E_OUT;
     char p[256];
     snprintf(p, sizeof p, "%s/samples/smollm2-135m/arithmetic.jsonl", local);
-    if (!exists(p)) { /* the ASan run's end-to-end test evaluates Gemma only */
-        local = "build/eval-ep-local";
-        rm_rf(local);
-        const char *a[] = {"kiln", "eval", "--category", "coding,math,geospatial", "--model",
-                           "smollm2-135m", "--limit", LIMIT, "--registry", FAST, "--out", local,
-                           "--quiet", NULL};
-        run_result r = kiln(a);
-        expect_ok(&r, "local eval");
-        run_free(&r);
-    }
+    if (!exists(p))
+        fail_msg("run test_end_to_end first (no %s)", p);
     srv s;
     const char *sargs[] = {"--served-model-name", "smollm2-135m", "--deterministic", NULL};
     srv_start(&s, sargs);

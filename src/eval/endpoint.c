@@ -26,6 +26,7 @@
 #define EP_CONNECT_TIMEOUT_S 5L
 #define EP_PROBE_TIMEOUT_S 10L
 #define EP_MAX_RESPONSE (64u << 20) /* bytes of one response kept */
+#define EP_DEFAULT_TIMEOUT_S 600L   /* one request, when the caller sets none */
 
 struct eval_endpoint {
     char *base;            /* ".../v1" */
@@ -182,7 +183,7 @@ static ep_xfer *xfer_new(const eval_endpoint *e, eval_job *j, const char *url)
     curl_easy_setopt(x->h, CURLOPT_HTTPHEADER, x->hdr);
     curl_easy_setopt(x->h, CURLOPT_POSTFIELDS, x->body);
     curl_easy_setopt(x->h, CURLOPT_CONNECTTIMEOUT, EP_CONNECT_TIMEOUT_S);
-    curl_easy_setopt(x->h, CURLOPT_TIMEOUT, (long)(e->o.endpoint_timeout > 0 ? e->o.endpoint_timeout : 600));
+    curl_easy_setopt(x->h, CURLOPT_TIMEOUT, e->o.endpoint_timeout > 0 ? (long)e->o.endpoint_timeout : EP_DEFAULT_TIMEOUT_S);
     curl_easy_setopt(x->h, CURLOPT_WRITEFUNCTION, on_data);
     curl_easy_setopt(x->h, CURLOPT_WRITEDATA, x);
     curl_easy_setopt(x->h, CURLOPT_PRIVATE, x);

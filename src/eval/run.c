@@ -26,6 +26,7 @@
 #define CODE_N_STOPS 5
 #define EXACT_STOPS {"\nQ:", "\n\n"}
 #define EXACT_N_STOPS 2
+#define SCORE_BATCH 64 /* finished jobs the scorer takes per wake-up */
 
 struct eval_runner {
     const eval_model_def *m;
@@ -376,9 +377,9 @@ kiln_status eval_runner_dataset(eval_runner *rn, const eval_plan_dataset *pd,
         pthread_mutex_lock(&q.mu);
         while (q.n_done == 0)
             pthread_cond_wait(&q.cv, &q.mu);
-        eval_job *batch[64];
+        eval_job *batch[SCORE_BATCH];
         int nb = 0;
-        while (q.n_done > 0 && nb < 64)
+        while (q.n_done > 0 && nb < SCORE_BATCH)
             batch[nb++] = q.done[--q.n_done];
         uint64_t gen = q.gen_tokens;
         pthread_mutex_unlock(&q.mu);

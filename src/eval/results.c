@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -233,14 +234,18 @@ void eval_results_close(eval_results *r)
  * Fingerprint and efficiency files
  * ---------------------------------------------------------------------- */
 
+/* A file by its real path, size and modification time: the same file named
+ * two ways is the same, an edited one is not. */
 static void file_id(char *buf, size_t n, const char *path)
 {
     struct stat sb;
-    if (path && stat(path, &sb) == 0)
-        snprintf(buf, n, "%s:%lld:%lld", path, (long long)sb.st_size,
+    char *real = path ? realpath(path, NULL) : NULL;
+    if (real && stat(real, &sb) == 0)
+        snprintf(buf, n, "%s:%lld:%lld", real, (long long)sb.st_size,
                  (long long)sb.st_mtim.tv_sec);
     else
         snprintf(buf, n, "%s", path ? path : "-");
+    free(real);
 }
 
 char *eval_fingerprint(const eval_model_def *m, const char *endpoint,

@@ -42,7 +42,7 @@ extern "C" kiln_status kiln_cuda_device_info(int device, kiln_device_info *out)
         cudaGetLastError();
         return KILN_FAIL(KILN_ERR_DEVICE, "device cuda:%d: %s", device, cudaGetErrorString(e));
     }
-    snprintf(out->name, sizeof out->name, "%s", prop.name);
+    snprintf(out->name, sizeof out->name, "%.127s", prop.name);
     out->total_bytes = tot;
     out->free_bytes = fr;
     return KILN_OK;

@@ -17,6 +17,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <jansson.h>
+
 #include "cli.h"
 #include "eval/eval.h"
 #include "util/util.h"
@@ -452,14 +454,36 @@ static int run_model(eval_cli *c, const selection *s, const eval_plan_model *pm)
     return rc;
 }
 
+/* The scores of summary.json, one line a model x dataset. */
 static void print_scores(const char *out_dir)
 {
     char *path = eval_strfmt("%s/summary.json", out_dir);
-    char *text = NULL;
-    size_t len = 0;
-    if (path && kiln_read_file(path, 64u << 20, &text, &len) == KILN_OK)
-        printf("summary: %s\nreport:  %s/report.html\n", path, out_dir);
-    kiln_free(text);
+    json_t *sum = path ? json_load_file(path, 0, NULL) : NULL;
+    size_t i;
+    json_t *r;
+    json_array_foreach(json_object_get(sum, "results"), i, r) {
+        const char *ds = json_string_value(json_object_get(r, "dataset"));
+        json_t *pk = json_object_get(r, "pass_at_k");
+        json_t *eff = json_object_get(r, "efficiency");
+        printf("%-16s %-20s %-11s %4lld samples  ", json_string_value(json_object_get(r, "model")),
+               ds, json_string_value(json_object_get(r, "category")),
+               (long long)json_integer_value(json_object_get(r, "n_records")));
+        if (pk)
+            printf("pass@1 %.3f", json_number_value(json_object_get(pk, "pass@1")));
+        else if (!strcmp(json_string_value(json_object_get(r, "category")), "efficiency"))
+            printf("decode %.1f tok/s, prefill %.1f tok/s",
+                   json_number_value(json_object_get(eff, "decode_tok_s")),
+                   json_number_value(json_object_get(eff, "prefill_tok_s")));
+        else
+            printf("score %.3f", json_number_value(json_object_get(r, "score")));
+        long long err = json_integer_value(json_object_get(r, "n_errors"));
+        printf("%s%s", json_is_true(json_object_get(r, "synthetic")) ? "  (synthetic)" : "",
+               err ? "" : "\n");
+        if (err)
+            printf("  (%lld could not run)\n", err);
+    }
+    printf("summary: %s\nreport:  %s/report.html\n", path ? path : "?", out_dir);
+    json_decref(sum);
     kiln_free(path);
 }
 

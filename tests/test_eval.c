@@ -203,7 +203,7 @@ static void test_bigbench_parse(void **state)
         "  \"Nice\": 0}},"
         " {\"input\": \"Pick\", \"target\": [\"a\", \"b\"]}]}";
     eval_data d = {0};
-    assert_int_equal(eval_parse_bigbench(task, strlen(task), "task.json", "sub", &d), KILN_OK);
+    assert_int_equal(eval_parse_bigbench(task, strlen(task), "task.json", "sub", true, &d), KILN_OK);
     assert_int_equal(d.n, 3);
     assert_string_equal(d.s[0].prompt, "Q: What is 2 plus 3?\nA:");
     assert_string_equal(d.s[0].id, "sub:0");
@@ -217,11 +217,16 @@ static void test_bigbench_parse(void **state)
     assert_string_equal(d.s[1].targets[0], "Paris"); /* exact scoring of a choice task */
     assert_int_equal(d.s[2].n_targets, 2);
     eval_data_free(&d);
+    /* scored by exact match: the choices are not shown */
+    assert_int_equal(eval_parse_bigbench(task, strlen(task), "task.json", "sub", false, &d),
+                     KILN_OK);
+    assert_string_equal(d.s[1].prompt, "Q: Capital of France?\nA:");
+    eval_data_free(&d);
     /* the task's own prefixes */
     const char *t2 = "{\"task_prefix\": \"Answer.\\n\", \"example_input_prefix\": \"In: \","
                      " \"example_output_prefix\": \" Out:\", \"append_choices_to_input\": false,"
                      " \"examples\": [{\"input\": \"x\", \"target_scores\": {\"y\": 1, \"z\": 0}}]}";
-    assert_int_equal(eval_parse_bigbench(t2, strlen(t2), "t2", NULL, &d), KILN_OK);
+    assert_int_equal(eval_parse_bigbench(t2, strlen(t2), "t2", NULL, true, &d), KILN_OK);
     assert_string_equal(d.s[0].prompt, "Answer.\nIn: x Out:");
     assert_string_equal(d.s[0].choices[0], "y"); /* no trailing space moved */
     eval_data_free(&d);
@@ -231,7 +236,7 @@ static void expect_parse_error(bool humaneval, const char *text, const char *nee
 {
     eval_data d = {0};
     kiln_status st = humaneval ? eval_parse_humaneval(text, strlen(text), "f.jsonl", &d)
-                               : eval_parse_bigbench(text, strlen(text), "f.json", NULL, &d);
+                               : eval_parse_bigbench(text, strlen(text), "f.json", NULL, true, &d);
     if (st == KILN_OK)
         fail_msg("accepted: %s", text);
     if (!strstr(kiln_last_error(), needle))

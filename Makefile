@@ -41,7 +41,7 @@ SAN_ON    := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-fr
 SANFLAGS  := $(if $(filter 1,$(SANITIZE)),$(SAN_ON))
 CFLAGS    ?=
 CFLAGS    += $(CSTD) $(OPT) -g $(ARCH) -fPIC -fvisibility=hidden -fopenmp $(WARN) $(SANFLAGS) -Iinclude -Isrc -MMD -MP
-LDLIBS    := -ljansson -lpcre2-8 -lutf8proc -lxxhash -lm -lpthread -ldl
+LDLIBS    := -lmicrohttpd -ljansson -lpcre2-8 -lutf8proc -lxxhash -lcurl -lm -lpthread -ldl
 LDFLAGS   += -fopenmp $(SANFLAGS)
 
 # The CUDA backend is a shared object of its own (src/backend/plugin.h):
@@ -55,13 +55,19 @@ CU_SRC    := $(sort $(shell find src -name '*.cu'))
 CUDA_PLUGIN := $(BUILD)/libkiln-cuda.so
 endif
 
-LIB_SRC   := $(sort $(shell find src -name '*.c'))
+# server/ and eval/ are applications on kiln.h (and util/), not part of the
+# library: their own archive, held to the same contract as the CLI.
+APP_DIRS  := src/server src/eval
+APP_SRC   := $(sort $(shell find $(APP_DIRS) -name '*.c'))
+LIB_SRC   := $(filter-out $(APP_SRC),$(sort $(shell find src -name '*.c')))
 CLI_SRC   := $(sort $(wildcard cli/*.c))
 TEST_SRC  := $(sort $(wildcard tests/test_*.c))
 EX_SRC    := $(sort $(wildcard examples/*.c))
 FUZZ_SRC  := $(sort $(wildcard tests/fuzz/fuzz_*.c))
 
 LIB_OBJ   := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
+APP_OBJ   := $(APP_SRC:%.c=$(BUILD)/obj/%.o)
+APP_LIB   := $(BUILD)/libkiln-apps.a
 CU_OBJ    := $(CU_SRC:%.cu=$(BUILD)/obj/%.o)
 CU_HELPERS := $(BUILD)/obj/src/quant/types.o $(BUILD)/obj/src/util/misc.o
 CLI_OBJ   := $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
@@ -87,6 +93,9 @@ $(BUILD)/obj/%.o: %.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -MMD -MP -MF $(@:.o=.d) -c $< -o $@
 
+# The chat page is assembled into page.o (.incbin), which -MMD cannot see.
+$(BUILD)/obj/src/server/page.o: src/server/chat.html
+
 $(BUILD)/libkiln.a: $(LIB_OBJ)
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
@@ -96,6 +105,12 @@ $(BUILD)/libkiln.a: $(LIB_OBJ)
 $(BUILD)/libkiln.so: $(LIB_OBJ) scripts/check-exports.sh
 	$(CC) -shared -o $@ $(LIB_OBJ) $(LDFLAGS) $(LDLIBS)
 	scripts/check-exports.sh $@
+
+# kiln serve and kiln eval (src/server, src/eval): may call only what
+# libkiln.so exports, and util/ (check-cli-symbols.sh).
+$(APP_LIB): $(APP_OBJ) $(BUILD)/libkiln.a $(BUILD)/libkiln.so scripts/check-cli-symbols.sh
+	scripts/check-cli-symbols.sh $(BUILD) $(APP_OBJ)
+	rm -f $@ && ar rcs $@ $(APP_OBJ)
 
 $(BUILD)/libkiln-cuda.so: $(CU_OBJ) $(CU_HELPERS)
 	$(CC) -shared -o $@ $^ -Wl,-Bsymbolic -Wl,--no-undefined $(CUDA_LIBS) -lm
@@ -107,13 +122,13 @@ $(BUILD)/kiln.pc: scripts/kiln.pc.in
 
 # The CLI links the static library but may call only what libkiln.so
 # exports, and util/ (check-cli-symbols.sh).
-$(BUILD)/kiln: $(CLI_OBJ) $(BUILD)/libkiln.a $(BUILD)/libkiln.so scripts/check-cli-symbols.sh
+$(BUILD)/kiln: $(CLI_OBJ) $(APP_LIB) $(BUILD)/libkiln.a $(BUILD)/libkiln.so scripts/check-cli-symbols.sh
 	scripts/check-cli-symbols.sh $(BUILD) $(CLI_OBJ)
-	$(CC) -o $@ $(CLI_OBJ) $(BUILD)/libkiln.a $(LDFLAGS) $(LDLIBS)
+	$(CC) -o $@ $(CLI_OBJ) $(APP_LIB) $(BUILD)/libkiln.a $(LDFLAGS) $(LDLIBS)
 
-$(BUILD)/tests/%: tests/%.c $(BUILD)/libkiln.a
+$(BUILD)/tests/%: tests/%.c $(APP_LIB) $(BUILD)/libkiln.a
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libkiln.a $(LDFLAGS) $(LDLIBS) -lcmocka
+	$(CC) $(CFLAGS) -o $@ $< $(APP_LIB) $(BUILD)/libkiln.a $(LDFLAGS) $(LDLIBS) -lcmocka
 
 $(BUILD)/tests/gpu/%: tests/gpu/%.c tests/gpu/gpu_test.h $(BUILD)/libkiln.a
 	@mkdir -p $(dir $@)
@@ -194,7 +209,7 @@ FUZZ_CC       ?= clang
 FUZZ_BUILD    := build/fuzz
 FUZZ_CFLAGS   := $(CSTD) -O1 -g $(ARCH) -fopenmp -fsanitize=fuzzer-no-link,address,undefined \
                  -fno-sanitize-recover=all -Iinclude -Isrc -DKILN_FUZZ
-FUZZ_LIB_OBJ  := $(LIB_SRC:%.c=$(FUZZ_BUILD)/obj/%.o)
+FUZZ_LIB_OBJ  := $(LIB_SRC:%.c=$(FUZZ_BUILD)/obj/%.o) $(APP_SRC:%.c=$(FUZZ_BUILD)/obj/%.o)
 FUZZERS       := $(FUZZ_SRC:tests/fuzz/%.c=$(FUZZ_BUILD)/%)
 FUZZ_SMOKE_SECS ?= 25
 FUZZ_SECS     ?= 600
@@ -205,6 +220,8 @@ $(FUZZ_BUILD)/obj/%.o: %.c
 
 $(FUZZ_BUILD)/%: tests/fuzz/%.c $(FUZZ_LIB_OBJ)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -o $@ $< $(FUZZ_LIB_OBJ) $(LDLIBS)
+
+$(FUZZ_BUILD)/obj/src/server/page.o: src/server/chat.html
 
 # Keep the instrumented objects between fuzz builds.
 .SECONDARY: $(FUZZ_LIB_OBJ)

@@ -21,6 +21,8 @@ int cmd_bench_load(int argc, char **argv); /* `kiln bench load`, bench_load.c */
 int cmd_bench_workload(int argc, char **argv); /* `kiln bench workload`, bench_workload.c */
 int cmd_bench_mixed(int argc, char **argv); /* `kiln bench mixed`, bench_mixed.c */
 int cmd_quantize(int argc, char **argv);
+int cmd_serve(int argc, char **argv);       /* serve.c */
+int cmd_eval(int argc, char **argv);        /* eval.c */
 
 /* Options of the commands that run a model (generate, chat, bench). */
 typedef struct run_opts {

@@ -19,11 +19,13 @@ typedef struct command {
 static const command commands[] = {
     {"generate", cmd_generate, "generate text from a prompt"},
     {"chat", cmd_chat, "chat with a model in the terminal"},
+    {"serve", cmd_serve, "serve a model over an OpenAI-compatible HTTP API"},
     {"bench", cmd_bench, "measure prompt and generation speed"},
     {"inspect", cmd_inspect, "show a model's architecture, tensors and sizes"},
     {"tokenize", cmd_tokenize, "show how a model's tokenizer cuts text"},
     {"detokenize", cmd_detokenize, "turn token ids back into text"},
     {"quantize", cmd_quantize, "write a GGUF or HF model as GGUF of another type"},
+    {"eval", cmd_eval, "evaluate models by category on offline datasets"},
 };
 
 static void usage(FILE *f)

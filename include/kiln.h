@@ -61,6 +61,27 @@ KILN_API const char *kiln_version(void);
 
 
 /* ------------------------------------------------------------------------
+ * Devices
+ *
+ * What a caller needs to plan where a model goes (kiln eval's planner):
+ * the CUDA devices this build and machine offer, with their memory.  A
+ * build without CUDA, or a machine without a driver or device, has none.
+ * ---------------------------------------------------------------------- */
+
+typedef struct kiln_device_info {
+    char name[128];           /* e.g. "NVIDIA H100 80GB HBM3" */
+    uint64_t total_bytes;     /* device memory */
+    uint64_t free_bytes;      /* free when asked */
+} kiln_device_info;
+
+/* The number of CUDA devices kiln can use; 0 when there are none. */
+KILN_API int kiln_cuda_device_count(void);
+/* Name and memory of CUDA device `device` (0 .. count - 1).  Asking for the
+ * free memory creates the device's primary context, as loading a model
+ * onto it would. */
+KILN_API kiln_status kiln_cuda_device_info(int device, kiln_device_info *out);
+
+/* ------------------------------------------------------------------------
  * Models
  *
  * A model is the engine-scoped, read-only part: weights (in their file

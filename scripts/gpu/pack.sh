@@ -24,6 +24,13 @@ for lib in libjansson.so.4 libpcre2-8.so.0 libutf8proc.so.2 libxxhash.so.0 libcm
     p=$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ && !p {p = $NF} END {print p}')
     [ -n "$p" ] && cp -L "$p" "$out/lib/"
 done
+# libcurl (kiln eval --endpoint) and what it links, glibc's own libraries aside
+curl=$(ldconfig -p | awk '$1 == "libcurl.so.4" && /x86-64/ {print $NF; exit}')
+if [ -n "$curl" ]; then
+    cp -L "$curl" "$out/lib/"
+    ldd "$curl" | awk '/=> \// {print $3}' | grep -vE '/(libc|libm|libpthread|libdl|librt|ld-linux[^/]*)\.so' |
+        while read -r dep; do cp -L "$dep" "$out/lib/"; done
+fi
 strip --strip-debug "$out"/bin/* 2>/dev/null || true
 tar -C "$out" -cf - bin lib | xz -6 -T0 > "$out/kiln-bin.tar.xz"
 rm -rf "$out/bin" "$out/lib"

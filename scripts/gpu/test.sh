@@ -29,4 +29,29 @@ if command -v compute-sanitizer >/dev/null && [ -e "$first" ]; then
 else
     echo "memcheck: skipped (no compute-sanitizer or no model $first)"
 fi
+# kiln eval's batch invariance on the GPU: the same greedy eval at
+# --max-seqs 1 and 64 must give byte-identical completions.
+if [ -e "$first" ] && [ -d "$here/eval/data/humaneval" ]; then
+    bi=$(mktemp -d)
+    ok=1
+    for n in 1 64; do
+        (cd "$here" && "$bin/kiln" eval --category coding,math --model "$first" --device cuda \
+            --limit 8 --max-seqs $n --quiet --out "$bi/s$n" >"$bi/s$n.log" 2>&1) ||
+            { ok=0; echo "eval --max-seqs $n failed:"; tail -3 "$bi/s$n.log"; }
+    done
+    if [ $ok = 1 ] && python3 - "$bi/s1" "$bi/s64" <<'PY'
+import glob, json, os, sys
+def recs(d):
+    return {(os.path.basename(p), o["id"], o["index"]): o.get("completion")
+            for p in glob.glob(d + "/samples/*/*.jsonl") for o in map(json.loads, open(p))}
+a, b = (recs(d) for d in sys.argv[1:])
+diff = [k for k in a if a[k] != b.get(k)]
+print("eval batch invariance (GPU): %d completions, %d differ" % (len(a), len(diff)))
+sys.exit(1 if diff or not a else 0)
+PY
+    then echo "eval batch invariance: PASS"; else echo "eval batch invariance: FAIL"; fail=1; fi
+    rm -rf "$bi"
+else
+    echo "eval batch invariance: skipped (no model $first or no eval/data)"
+fi
 exit $fail

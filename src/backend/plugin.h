@@ -21,7 +21,7 @@
 
 #include "backend/backend.h"
 
-#define KB_CUDA_PLUGIN_ABI 1
+#define KB_CUDA_PLUGIN_ABI 2
 #define KB_CUDA_PLUGIN_NAME "libkiln-cuda.so"
 #define KB_CUDA_PLUGIN_ENTRY "kiln_cuda_plugin_init"
 
@@ -45,6 +45,9 @@ typedef struct kb_cuda_plugin {
     void (*set_fast_activations)(kb_backend *be, bool on);
     kiln_status (*q8_quantize_for_test)(kb_backend *be, const float *x, int rows, int n_in,
                                         kiln_type wtype, void *host_out);
+    /* kiln.h's device queries (kiln_cuda_device_count / _info) */
+    int (*device_count)(void);
+    kiln_status (*device_info)(int device, kiln_device_info *out);
 } kb_cuda_plugin;
 
 typedef const kb_cuda_plugin *(*kb_cuda_plugin_entry_fn)(const kb_host_services *host);

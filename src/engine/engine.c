@@ -7,8 +7,10 @@
  * buffers (runner->prepare).  A request owns only what request.c gives it.
  *
  * One step: take in newly submitted requests and cancellations, let the
- * scheduler build a batch, run the forward, sample one token for every
- * sequence whose chunk reached its end, and emit an event per token.  Steps
+ * scheduler build a batch, run the forward, report the prompt logprobs of
+ * the chunks that asked for them, sample one token for every sequence
+ * whose chunk reached its end, and emit an event per token.  Every event
+ * carries the request's timings; a final ERROR event carries the message.  Steps
  * run on exactly one thread at a time - the caller's (kiln_engine_run) or
  * the engine's own (kiln_engine_start) - which owns the scheduler, the pool
  * and every request it has taken in.  Other threads only touch what the
@@ -19,6 +21,7 @@
  * cancelling it from there answers KILN_ERR_NOT_FOUND.
  */
 #include <errno.h>
+#include <stdio.h>
 #include <time.h>
 
 #include "engine/engine.h"
@@ -71,6 +74,18 @@ static void engine_free_sampling(kiln_engine *e)
     kiln_free(e->dev_pen);
     kiln_free(e->dev_ids);
     kiln_free(e->dev_logprobs);
+    kiln_free(e->lp_tokens);
+    kiln_free(e->lp_logprobs);
+    kiln_free(e->lp_top_ids);
+    kiln_free(e->lp_top_logprobs);
+}
+
+/* Logit rows of one step: one per sequence, and the prompt-logprob pool. */
+static int step_logit_rows(const kiln_engine_params *p)
+{
+    int lp = p->max_batch_tokens < ENGINE_PROMPT_LOGPROB_ROWS ? p->max_batch_tokens
+                                                              : ENGINE_PROMPT_LOGPROB_ROWS;
+    return p->max_seqs + lp;
 }
 
 /* Fill the defaults of *p from the runner and check every field. */
@@ -110,6 +125,12 @@ static kiln_status resolve_params(const model_runner *r, kiln_engine_params *p)
                          p->block_size, INT32_MAX);
     p->kv_f32 = p->kv_f32 != 0;
     p->eager = p->eager != 0;
+    /* Refused until the backends reduce in a batch-independent order: a
+     * caller that asks for it must not get silently batch-dependent logits. */
+    if (p->deterministic)
+        return KILN_FAIL(KILN_ERR_UNSUPPORTED,
+                         "engine params: deterministic (batch-invariant) mode is not "
+                         "supported by this build");
     return KILN_OK;
 #undef BAD
 }
@@ -156,7 +177,7 @@ kiln_status engine_create_with_runner(const model_runner *r,
         .block_size = p.block_size,
         .n_ctx = p.n_ctx,
         .max_tokens = p.max_batch_tokens,
-        .max_out = p.max_seqs,
+        .max_out = step_logit_rows(&p),
         .max_seqs = p.max_seqs,
         .kv_f32 = p.kv_f32 != 0,
         .eager = p.eager != 0,
@@ -175,7 +196,7 @@ kiln_status engine_create_with_runner(const model_runner *r,
                   "tokens (%zu blocks): longer requests will be refused",
                   p.n_kv_blocks, p.n_ctx, per_seq);
     if ((st = sched_init(&e->sc, p.n_kv_blocks, p.block_size, p.n_ctx,
-                         p.max_seqs, p.max_batch_tokens)) ||
+                         p.max_seqs, p.max_batch_tokens, step_logit_rows(&p))) ||
         (st = sampler_init(&e->sm, r->n_vocab)))
         goto fail_engine;
     e->piece_cap = ENGINE_PIECE_INIT;
@@ -186,6 +207,16 @@ kiln_status engine_create_with_runner(const model_runner *r,
     }
     if ((st = textbuf_reserve(&e->text, KILN_MAX_STOP_LEN + 4 * ENGINE_PIECE_INIT)))
         goto fail_engine;
+    size_t lp_rows = (size_t)(step_logit_rows(&p) - p.max_seqs);
+    e->lp_tokens = kiln_malloc_array(lp_rows, sizeof *e->lp_tokens);
+    e->lp_logprobs = kiln_malloc_array(lp_rows, sizeof *e->lp_logprobs);
+    e->lp_top_ids = kiln_malloc_array(lp_rows * KILN_MAX_LOGPROBS, sizeof *e->lp_top_ids);
+    e->lp_top_logprobs = kiln_malloc_array(lp_rows * KILN_MAX_LOGPROBS,
+                                           sizeof *e->lp_top_logprobs);
+    if (!e->lp_tokens || !e->lp_logprobs || !e->lp_top_ids || !e->lp_top_logprobs) {
+        st = KILN_FAIL(KILN_ERR_NOMEM, "engine: prompt logprob scratch");
+        goto fail_engine;
+    }
     if (r->forward_sample && r->max_pen > 0) {
         e->dev_rows = kiln_calloc((size_t)p.max_seqs, sizeof *e->dev_rows);
         e->dev_pen = kiln_malloc_array((size_t)p.max_seqs * (size_t)r->max_pen,
@@ -293,6 +324,7 @@ static void stats_snapshot_locked(kiln_engine *e)
     e->stats.n_running = e->sc.n_running;
     e->stats.kv_blocks_free = e->sc.pool.n_free;
     e->stats.n_cached_tokens = e->sc.n_hit_tokens;
+    e->stats.n_prefix_queries = e->sc.n_query_tokens;
     e->stats.n_preemptions = e->sc.n_preemptions;
 }
 
@@ -301,7 +333,8 @@ static void stats_snapshot_locked(kiln_engine *e)
  * ---------------------------------------------------------------------- */
 
 static void emit(kiln_engine *e, engine_request *r, int32_t tok,
-                 const sampler_result *res, kiln_finish fin)
+                 const sampler_result *res, kiln_finish fin,
+                 const kiln_prompt_logprobs *prompt)
 {
     if (tok >= 0) {
         double now = kiln_now_sec();
@@ -330,25 +363,37 @@ static void emit(kiln_engine *e, engine_request *r, int32_t tok,
         .finish = fin,
         .n_prompt = r->n_prompt,
         .n_generated = r->n_generated,
+        .error = fin == KILN_FINISH_ERROR ? e->error : NULL,
+        .prompt = prompt,
+        .timings = &r->timings,
     };
     r->cb(&ev, r->user);
 }
 
-/* End r: it leaves the live list, gets its final event (e->text holds the
- * text so far; what the stream holds is flushed after it) and is freed.
- * Its blocks must already be back (sched_remove). */
+/* Keep the current error message for the ERROR event about to be sent. */
+static void keep_error(kiln_engine *e)
+{
+    const char *m = kiln_last_error();
+    snprintf(e->error, sizeof e->error, "%s", m[0] ? m : "internal error");
+}
+
+/* End r: it leaves the live list (when still on it), is counted, gets its
+ * final event (e->text holds the text so far; what the stream holds is
+ * flushed after it; an ERROR event carries e->error) and is freed.  Its
+ * blocks must already be back (sched_remove). */
 static void finish(kiln_engine *e, engine_request *r, int32_t tok,
                    const sampler_result *res, kiln_finish fin, bool live)
 {
     if (fin != KILN_FINISH_STOP && textstream_finish(&r->ts, &e->text))
         KILN_LOGW("request %llu: final text lost: %s",
                   (unsigned long long)r->id, kiln_last_error());
-    if (live) {
-        pthread_mutex_lock(&e->mu);
+    r->timings.t_finish = kiln_now_sec();
+    pthread_mutex_lock(&e->mu);
+    if (live)
         engine_live_unlink(e, r);
-        pthread_mutex_unlock(&e->mu);
-    }
-    emit(e, r, tok, res, fin);
+    e->stats.n_finished[fin]++;
+    pthread_mutex_unlock(&e->mu);
+    emit(e, r, tok, res, fin, NULL);
     if (e->pd && r->n_dst)
         pd_release(e, r);
     request_free(r);
@@ -395,6 +440,8 @@ static void accept_token(kiln_engine *e, engine_request *r, const sampler_result
     int32_t tok = res.token;
     r->tokens[r->n_tokens++] = tok;
     r->n_generated++;
+    if (r->n_generated == 1)
+        r->timings.t_first_token = kiln_now_sec();
     e->text.len = 0;
 
     kiln_finish fin = KILN_FINISH_NONE;
@@ -406,6 +453,7 @@ static void accept_token(kiln_engine *e, engine_request *r, const sampler_result
         if (textstream_push(&r->ts, e->piece, n, &e->text, &stopped)) {
             KILN_LOGE("request %llu: %s", (unsigned long long)r->id,
                       kiln_last_error());
+            keep_error(e);
             fin = KILN_FINISH_ERROR;
         } else if (stopped) {
             fin = KILN_FINISH_STOP;
@@ -415,7 +463,7 @@ static void accept_token(kiln_engine *e, engine_request *r, const sampler_result
     }
     r->last_generated = tok;
     if (fin == KILN_FINISH_NONE) {
-        emit(e, r, tok, &res, fin);
+        emit(e, r, tok, &res, fin, NULL);
         if (pd_is_prefill(e))
             pd_handoff(e, r);
         return;
@@ -432,15 +480,49 @@ static void on_logits(kiln_engine *e, engine_request *r, const float *row)
     accept_token(e, r, &res);
 }
 
+/* Report the prompt logprobs of batch sequence k: rows[i] holds the logits
+ * of prompt position sc->b_lp_pos[k] + i, which score the token after it. */
+static void emit_prompt_logprobs(kiln_engine *e, int k, const float *rows)
+{
+    sched *sc = &e->sc;
+    engine_request *r = sc->b_req[k];
+    int n = sc->b_n_lp[k], first = sc->b_lp_pos[k] + 1, n_top = r->s.n_logprobs;
+    for (int i = 0; i < n; i++) {
+        sampler_result res;
+        sampler_logprobs(&e->sm, rows + (size_t)i * (size_t)e->n_vocab,
+                         r->tokens[first + i], n_top, &res);
+        e->lp_tokens[i] = res.token;
+        e->lp_logprobs[i] = res.logprob;
+        memcpy(e->lp_top_ids + (size_t)i * n_top, res.top_ids, (size_t)n_top * sizeof(int32_t));
+        memcpy(e->lp_top_logprobs + (size_t)i * n_top, res.top_logprobs,
+               (size_t)n_top * sizeof(float));
+    }
+    r->lp_next = first + n;
+    kiln_prompt_logprobs lp = {
+        .first = first,
+        .n = n,
+        .n_top = n_top,
+        .tokens = e->lp_tokens,
+        .logprobs = e->lp_logprobs,
+        .top_ids = e->lp_top_ids,
+        .top_logprobs = e->lp_top_logprobs,
+    };
+    e->text.len = 0;
+    emit(e, r, -1, NULL, KILN_FINISH_NONE, &lp);
+}
+
 /* Device sampling for this step: the runner has it, no request wants top-n
- * logprobs (those need the whole row on the host), and every request's
- * penalties fit the runner's bound.  Fills e->dev_rows for the step's
+ * logprobs or prompt logprobs (those need whole rows on the host), and
+ * every request's penalties fit the runner's bound.  Fills e->dev_rows for the step's
  * output rows, drawing each random request's u from its generator. */
 static bool prepare_device_sampling(kiln_engine *e, int nb)
 {
-    if (!e->r.forward_sample || !e->dev_rows)
+    if (!e->r.forward_sample || !e->dev_rows || e->sc.batch.n_out == 0)
         return false;
     sched *sc = &e->sc;
+    for (int k = 0; k < nb; k++)
+        if (sc->b_n_lp[k] > 0)
+            return false;
     int row = 0;
     for (int k = 0; k < nb; k++) {
         if (!sc->b_out[k])
@@ -529,6 +611,7 @@ kiln_status engine_step(kiln_engine *e, bool *progress)
         if (st) {
             kiln_error_prefix("engine step of %d tokens: ", e->sc.batch.n_tokens);
             KILN_LOGE("%s", kiln_last_error());
+            keep_error(e);
             /* the batch's K/V is in doubt: its requests end with an error */
             for (int k = 0; k < nb; k++) {
                 engine_request *r = e->sc.b_req[k];
@@ -541,23 +624,33 @@ kiln_status engine_step(kiln_engine *e, bool *progress)
             bool decode = false;
             uint64_t n_prefill = 0, n_sampled = 0;
             int row = 0;
+            sched *sc = &e->sc;
             for (int k = 0; k < nb; k++) {
-                if (e->sc.b_decode[k])
+                if (sc->b_decode[k])
                     decode = true;
                 else
-                    n_prefill += (uint64_t)e->sc.b_n[k];
+                    n_prefill += (uint64_t)sc->b_n[k];
             }
             for (int k = 0; k < nb; k++) {
-                if (!e->sc.b_out[k])
+                engine_request *r = sc->b_req[k];
+                if (sc->b_n_lp[k] > 0)
+                    emit_prompt_logprobs(e, k, logits + (size_t)sc->b_row0[k] * (size_t)e->n_vocab);
+                row = sc->b_row0[k] + sc->b_n_lp[k];
+                if (sc->b_end[k] && r->s.no_generate) {
+                    sched_remove(sc, r);
+                    e->text.len = 0;
+                    finish(e, r, -1, NULL, KILN_FINISH_LENGTH, true);
+                    continue;
+                }
+                if (!sc->b_out[k])
                     continue;
                 if (dev) {
                     sampler_result res = {.token = e->dev_ids[row],
                                           .logprob = e->dev_logprobs[row]};
-                    accept_token(e, e->sc.b_req[k], &res);
+                    accept_token(e, r, &res);
                 } else {
-                    on_logits(e, e->sc.b_req[k], logits + (size_t)row * (size_t)e->n_vocab);
+                    on_logits(e, r, logits + (size_t)row * (size_t)e->n_vocab);
                 }
-                row++;
                 n_sampled++;
             }
             double dt = kiln_now_sec() - t0;
@@ -601,6 +694,7 @@ kiln_status kiln_engine_submit(kiln_engine *e, const int32_t *prompt,
         return KILN_FAIL(KILN_ERR_INVALID_ARG, "kiln_engine_submit: the engine is shutting down");
     }
     r->id = ++e->next_id;
+    r->timings.t_submit = kiln_now_sec();
     r->next = NULL;
     if (e->inbox_tail)
         e->inbox_tail->next = r;

@@ -52,6 +52,10 @@ kiln_status engine_create_with_runner(const model_runner *r,
 #define ENGINE_MAX_PIECE (64 * 1024)     /* bytes of one token's text */
 #define ENGINE_MAX_PENALTY_ABS 2.0f      /* |presence|, |frequency| (OpenAI range) */
 #define ENGINE_DEFAULT_GPU_MEM_FRACTION 0.90f
+/* Logit rows a step may spend on prompt logprobs, beyond the one row per
+ * sequence that sampling needs: a longer prompt that asks for them is
+ * computed in chunks of this many rows. */
+#define ENGINE_PROMPT_LOGPROB_ROWS 256
 
 /* ------------------------------------------------------------------------
  * KV block pool with prefix cache (kvpool.c)
@@ -211,6 +215,11 @@ int sampler_penalty_entries(sampler *sm, const kiln_sampling *s, const int32_t *
                             int n_tokens, int n_prompt, kb_sample_pen *out, int max);
 /* A uniform draw in [0, 1) from a request's generator. */
 double sampler_draw(uint64_t st[4]);
+/* Log-softmax of a raw logits row (no penalties, temperature 1): the
+ * logprob of tok and the n_top best alternatives, ordered as sampling
+ * orders them (prompt logprobs). */
+void sampler_logprobs(sampler *sm, const float *row, int32_t tok, int n_top,
+                      sampler_result *res);
 /* Sample one token from a raw logits row.  rng advances only when the
  * sampling is random (temperature > 0). */
 void sampler_sample(sampler *sm, const float *row, const kiln_sampling *s,
@@ -235,7 +244,11 @@ struct engine_request {
     int cap_tokens;             /* the most tokens it can ever hold */
     int n_generated;
     int32_t last_generated;     /* -1 before the first token */
-    int max_generated;          /* max_tokens, or the context's room */
+    int max_generated;          /* max_tokens, or the context's room (0:
+                                   no_generate) */
+    int lp_next;                /* next prompt position whose logprob is
+                                   reported (n_prompt: none left) */
+    kiln_request_timings timings;
     /* scheduler state (stepping thread only) */
     int n_computed;             /* leading tokens whose K/V is cached */
     int32_t *blocks;            /* (max_blocks) block table */
@@ -282,6 +295,8 @@ typedef struct sched {
     int block_size;
     int max_seqs;
     int max_batch_tokens;
+    int max_out;                /* logit rows of a step: max_seqs + the
+                                   prompt-logprob rows */
     int max_blocks;             /* per sequence: ceil(n_ctx / block_size) */
     engine_request **running;   /* (max_seqs) in admission order */
     int n_running;
@@ -294,21 +309,30 @@ typedef struct sched {
     int32_t *seq;               /* (max_batch_tokens) */
     int32_t *slot;              /* (max_batch_tokens) */
     int32_t *block_table;       /* (max_seqs, max_blocks) */
-    int32_t *out_rows;          /* (max_seqs) */
+    int32_t *out_rows;          /* (max_out) */
     engine_request **b_req;     /* (max_seqs) request of each batch sequence */
     int32_t *b_n;               /* (max_seqs) tokens it computes this step */
     bool *b_decode;             /* (max_seqs) a decode (not prefill) step */
-    bool *b_out;                /* (max_seqs) its last row wants logits */
+    bool *b_end;                /* (max_seqs) the chunk reaches the end of
+                                   the request's known tokens */
+    bool *b_out;                /* (max_seqs) b_end and a token is sampled
+                                   from its last row */
+    int32_t *b_row0;            /* (max_seqs) its first logits row */
+    int32_t *b_lp_pos;          /* (max_seqs) first position of its
+                                   prompt-logprob rows ... */
+    int32_t *b_n_lp;            /* (max_seqs) ... and how many (they come
+                                   before its sampling row) */
     int n_b;
     /* counters (read under the engine lock by stats) */
     uint64_t n_hit_tokens;
+    uint64_t n_query_tokens;    /* prompt tokens looked up in the cache */
     uint64_t n_preemptions;
     int n_reserved;             /* sequence slots promised to requests not
                                    running yet (pd.c): admission leaves them */
 } sched;
 
 kiln_status sched_init(sched *sc, int n_blocks, int block_size, int n_ctx,
-                       int max_seqs, int max_batch_tokens);
+                       int max_seqs, int max_batch_tokens, int max_out);
 void sched_free(sched *sc);
 void sched_enqueue(sched *sc, engine_request *r);      /* waiting tail */
 /* Build the next batch into sc->batch; returns its sequence count (0: no
@@ -366,6 +390,12 @@ struct kiln_engine {
     textbuf text;               /* (stepping) text of the event being built */
     char *piece;                /* (piece_cap) bytes of one token's text */
     size_t piece_cap;
+    char error[KILN_ERROR_MAX];  /* (stepping) text of an ERROR event */
+    /* (stepping) one prompt-logprob event */
+    int32_t *lp_tokens;         /* (ENGINE_PROMPT_LOGPROB_ROWS) */
+    float *lp_logprobs;         /* (ENGINE_PROMPT_LOGPROB_ROWS) */
+    int32_t *lp_top_ids;        /* (ENGINE_PROMPT_LOGPROB_ROWS, KILN_MAX_LOGPROBS) */
+    float *lp_top_logprobs;     /* (ENGINE_PROMPT_LOGPROB_ROWS, KILN_MAX_LOGPROBS) */
 
     pthread_mutex_t mu;         /* guards everything below */
     pthread_cond_t cv;          /* background thread: work arrived / stop */

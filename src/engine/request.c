@@ -112,12 +112,16 @@ kiln_status request_create(const int32_t *prompt, size_t n_prompt,
         return st;
 
     /* The sequence ends once prompt + generated reaches n_ctx (but a full
-     * prompt still gets one token); the last token never needs K/V. */
+     * prompt still gets one token); the last generated token never needs
+     * K/V.  A prefill-only request keeps the K/V of its whole prompt. */
     int np = (int)n_prompt;
     int room = n_ctx - np > 1 ? n_ctx - np : 1;
     int max_gen = s->max_tokens > 0 && s->max_tokens < room ? s->max_tokens : room;
+    if (s->no_generate)
+        max_gen = 0;
     int cap = np + max_gen;
-    int max_blocks = (cap - 1 + block_size - 1) / block_size;
+    int kv_tokens = s->no_generate ? cap : cap - 1;
+    int max_blocks = (kv_tokens + block_size - 1) / block_size;
     if (max_blocks < 1)
         max_blocks = 1;
     if (max_blocks > n_kv_blocks)
@@ -157,6 +161,9 @@ kiln_status request_create(const int32_t *prompt, size_t n_prompt,
     r->n_prompt = r->n_tokens = np;
     r->cap_tokens = cap;
     r->max_generated = max_gen;
+    r->s.prompt_logprobs = s->prompt_logprobs != 0;
+    r->s.no_generate = s->no_generate != 0;
+    r->lp_next = r->s.prompt_logprobs ? 1 : np;
     r->last_generated = -1;
     r->max_blocks = max_blocks;
     sampler_seed(r->rng, s->seed);

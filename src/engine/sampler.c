@@ -424,13 +424,12 @@ static void top_n(const float *l, int V, int n, sampler_result *res)
     res->n_top = m;
 }
 
-void sampler_sample(sampler *sm, const float *row, const kiln_sampling *s,
-                    const int32_t *tokens, int n_tokens, int n_prompt,
-                    uint64_t rng[4], sampler_result *res)
+/* The row with NaN ranked last and +inf clamped into sm->logits (a NaN
+ * logit would poison every comparison); returns its maximum. */
+static float sanitize_row(sampler *sm, const float *row)
 {
     int V = sm->n_vocab;
     float *l = sm->logits;
-    /* a NaN logit would poison every comparison: it ranks last */
     float lmax = -INFINITY;
 #pragma omp simd reduction(max : lmax)
     for (int i = 0; i < V; i++) {
@@ -438,6 +437,42 @@ void sampler_sample(sampler *sm, const float *row, const kiln_sampling *s,
         l[i] = x != x ? -INFINITY : x > FLT_MAX ? FLT_MAX : x;
         lmax = l[i] > lmax ? l[i] : lmax;
     }
+    return lmax;
+}
+
+/* Log-softmax at temperature 1 of sm->logits (maximum lmax): the logprob of
+ * tok and the n_top best alternatives into res. */
+static void fill_logprobs(sampler *sm, float lmax, int32_t tok, int n_top, sampler_result *res)
+{
+    int V = sm->n_vocab;
+    const float *l = sm->logits;
+    float lse = 0.0f;
+    if (lmax > -INFINITY)
+        lse = lmax + (float)log(sum_exp(l, V, lmax, 1.0f, sm->probs));
+    res->token = tok;
+    res->logprob = l[tok] - lse;
+    res->n_top = 0;
+    int n_lp = n_top < V ? n_top : V;
+    if (n_lp > 0) {
+        top_n(l, V, n_lp, res);
+        for (int i = 0; i < res->n_top; i++)
+            res->top_logprobs[i] = l[res->top_ids[i]] - lse;
+    }
+}
+
+void sampler_logprobs(sampler *sm, const float *row, int32_t tok, int n_top,
+                      sampler_result *res)
+{
+    fill_logprobs(sm, sanitize_row(sm, row), tok, n_top, res);
+}
+
+void sampler_sample(sampler *sm, const float *row, const kiln_sampling *s,
+                    const int32_t *tokens, int n_tokens, int n_prompt,
+                    uint64_t rng[4], sampler_result *res)
+{
+    int V = sm->n_vocab;
+    float *l = sm->logits;
+    float lmax = sanitize_row(sm, row);
     if (sampler_penalize(sm, l, s, tokens, n_tokens, n_prompt))
         lmax = row_max(l, V);
     int32_t tok = 0;
@@ -457,19 +492,5 @@ void sampler_sample(sampler *sm, const float *row, const kiln_sampling *s,
             }
         }
     }
-
-    /* log-softmax at temperature 1 */
-    float lse = 0.0f;
-    if (lmax > -INFINITY) {
-        lse = lmax + (float)log(sum_exp(l, V, lmax, 1.0f, sm->probs));
-    }
-    res->token = tok;
-    res->logprob = l[tok] - lse;
-    res->n_top = 0;
-    int n_lp = s->n_logprobs < V ? s->n_logprobs : V;
-    if (n_lp > 0) {
-        top_n(l, V, n_lp, res);
-        for (int i = 0; i < res->n_top; i++)
-            res->top_logprobs[i] = l[res->top_ids[i]] - lse;
-    }
+    fill_logprobs(sm, lmax, tok, s->n_logprobs, res);
 }

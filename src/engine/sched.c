@@ -22,11 +22,22 @@
  * the same step.  Since request_create refused any request that cannot fit
  * alone, the oldest running request can always proceed, so the engine never
  * deadlocks and a request never disappears.
+ *
+ * Requests with the same prompt submitted together (OpenAI's n > 1) share
+ * it: a waiting request whose next uncached block is being computed by a
+ * running request stays in the queue (others may pass it) until that block
+ * is in the prefix cache, so the prompt is computed once.
+ *
+ * A request that asks for prompt logprobs wants logits for every prompt
+ * row, not only the last: those rows come from a pool of
+ * ENGINE_PROMPT_LOGPROB_ROWS per step beyond the one row per sequence, its
+ * chunks are cut to fit the pool, and it takes nothing from the prefix
+ * cache (every row must be computed).
  */
 #include "engine/engine.h"
 
 kiln_status sched_init(sched *sc, int n_blocks, int block_size, int n_ctx,
-                       int max_seqs, int max_batch_tokens)
+                       int max_seqs, int max_batch_tokens, int max_out)
 {
     memset(sc, 0, sizeof *sc);
     kiln_status st = kv_pool_init(&sc->pool, n_blocks, block_size);
@@ -36,6 +47,7 @@ kiln_status sched_init(sched *sc, int n_blocks, int block_size, int n_ctx,
     sc->block_size = block_size;
     sc->max_seqs = max_seqs;
     sc->max_batch_tokens = max_batch_tokens;
+    sc->max_out = max_out < max_seqs ? max_seqs : max_out;
     sc->max_blocks = (n_ctx + block_size - 1) / block_size;
     size_t nt = (size_t)max_batch_tokens, ns = (size_t)max_seqs;
     sc->running = kiln_calloc(ns, sizeof *sc->running);
@@ -46,14 +58,19 @@ kiln_status sched_init(sched *sc, int n_blocks, int block_size, int n_ctx,
     size_t bt;
     sc->block_table = ck_mul(ns, (size_t)sc->max_blocks, &bt)
                           ? kiln_malloc_array(bt, sizeof(int32_t)) : NULL;
-    sc->out_rows = kiln_malloc_array(ns, sizeof(int32_t));
+    sc->out_rows = kiln_malloc_array((size_t)sc->max_out, sizeof(int32_t));
     sc->b_req = kiln_calloc(ns, sizeof *sc->b_req);
     sc->b_n = kiln_malloc_array(ns, sizeof(int32_t));
     sc->b_decode = kiln_calloc(ns, sizeof(bool));
+    sc->b_end = kiln_calloc(ns, sizeof(bool));
     sc->b_out = kiln_calloc(ns, sizeof(bool));
+    sc->b_row0 = kiln_malloc_array(ns, sizeof(int32_t));
+    sc->b_lp_pos = kiln_malloc_array(ns, sizeof(int32_t));
+    sc->b_n_lp = kiln_malloc_array(ns, sizeof(int32_t));
     if (!sc->running || !sc->tokens || !sc->pos || !sc->seq || !sc->slot ||
         !sc->block_table || !sc->out_rows || !sc->b_req || !sc->b_n ||
-        !sc->b_decode || !sc->b_out) {
+        !sc->b_decode || !sc->b_end || !sc->b_out || !sc->b_row0 || !sc->b_lp_pos ||
+        !sc->b_n_lp) {
         sched_free(sc);
         return KILN_FAIL(KILN_ERR_NOMEM,
                          "scheduler arrays for %d sequences, %d tokens per step",
@@ -75,7 +92,11 @@ void sched_free(sched *sc)
     kiln_free(sc->b_req);
     kiln_free(sc->b_n);
     kiln_free(sc->b_decode);
+    kiln_free(sc->b_end);
     kiln_free(sc->b_out);
+    kiln_free(sc->b_row0);
+    kiln_free(sc->b_lp_pos);
+    kiln_free(sc->b_n_lp);
     memset(sc, 0, sizeof *sc);
 }
 
@@ -182,12 +203,24 @@ static uint64_t block_hash(sched *sc, engine_request *r, int j)
     return r->hashes[j];
 }
 
-/* Take the cached leading blocks of a waiting request; returns how many.
- * The last token is always left to compute: its logits are needed. */
+/* Whether r still has prompt logprobs to report (every row computed). */
+static bool wants_prompt_rows(const engine_request *r)
+{
+    return r->lp_next < r->n_prompt;
+}
+
+/* Full blocks of r that the prefix cache may serve: the last token is
+ * always left to compute (its logits are needed). */
+static int cacheable_blocks(const sched *sc, const engine_request *r)
+{
+    return wants_prompt_rows(r) ? 0 : (r->n_tokens - 1) / sc->block_size;
+}
+
+/* Take the cached leading blocks of a waiting request; returns how many. */
 static int take_cached_prefix(sched *sc, engine_request *r)
 {
     int bs = sc->block_size;
-    int limit = (r->n_tokens - 1) / bs;
+    int limit = cacheable_blocks(sc, r);
     int n = 0;
     for (; n < limit; n++) {
         uint64_t parent = n ? r->hashes[n - 1] : KV_HASH_ROOT;
@@ -202,6 +235,23 @@ static int take_cached_prefix(sched *sc, engine_request *r)
     r->n_published = n;
     r->n_computed = n * bs;
     return n;
+}
+
+/* Whether block j of waiting request r (the first its lookup missed) is
+ * being computed by a running request with the same prefix: then r waits
+ * for it to reach the cache instead of computing it again. */
+static bool block_in_flight(sched *sc, engine_request *r, int j)
+{
+    if (j >= cacheable_blocks(sc, r))
+        return false;
+    uint64_t h = block_hash(sc, r, j);
+    int bs = sc->block_size;
+    for (int i = 0; i < sc->n_running; i++) {
+        engine_request *o = sc->running[i];
+        if (o->n_published <= j && (j + 1) * bs <= o->n_tokens && block_hash(sc, o, j) == h)
+            return true;
+    }
+    return false;
 }
 
 /* ------------------------------------------------------------------------
@@ -221,13 +271,37 @@ static bool grow_blocks(sched *sc, engine_request *r, int upto)
     return true;
 }
 
-static void batch_add(sched *sc, engine_request *r, int n)
+/* The prompt-logprob rows of r's chunk of n tokens from r->n_computed:
+ * positions [*first, *first + count) whose logits score the prompt tokens
+ * not reported yet (a recompute after preemption reports nothing twice). */
+static int prompt_rows(const engine_request *r, int n, int *first)
+{
+    int lo = r->n_computed > r->lp_next - 1 ? r->n_computed : r->lp_next - 1;
+    int hi = r->n_computed + n < r->n_prompt - 1 ? r->n_computed + n : r->n_prompt - 1;
+    *first = lo;
+    return wants_prompt_rows(r) && hi > lo ? hi - lo : 0;
+}
+
+/* Cut r's chunk of n tokens so that its prompt-logprob rows fit the
+ * lp_left rows the step has left; 0: not even one fits. */
+static int fit_prompt_rows(const engine_request *r, int n, int lp_left)
+{
+    int first;
+    if (prompt_rows(r, n, &first) <= lp_left)
+        return n;
+    return first - r->n_computed + lp_left;
+}
+
+static void batch_add(sched *sc, engine_request *r, int n, int *lp_left)
 {
     int k = sc->n_b++;
     sc->b_req[k] = r;
     sc->b_n[k] = n;
     sc->b_decode[k] = r->n_generated > 0 && n == 1 && r->n_computed == r->n_tokens - 1;
-    sc->b_out[k] = r->n_computed + n == r->n_tokens;
+    sc->b_end[k] = r->n_computed + n == r->n_tokens;
+    sc->b_out[k] = sc->b_end[k] && !r->s.no_generate;
+    sc->b_n_lp[k] = prompt_rows(r, n, &sc->b_lp_pos[k]);
+    *lp_left -= sc->b_n_lp[k];
 }
 
 /* Lay the chosen chunks out as the runner's batch. */
@@ -242,6 +316,7 @@ static void batch_fill(sched *sc)
     int t = 0, n_out = 0;
     for (int k = 0; k < sc->n_b; k++) {
         engine_request *r = sc->b_req[k];
+        int t0 = t;
         for (int i = 0; i < sc->b_n[k]; i++, t++) {
             int p = r->n_computed + i;
             sc->tokens[t] = r->tokens[p];
@@ -249,6 +324,9 @@ static void batch_fill(sched *sc)
             sc->seq[t] = k;
             sc->slot[t] = r->blocks[p / bs] * bs + p % bs;
         }
+        sc->b_row0[k] = n_out;
+        for (int i = 0; i < sc->b_n_lp[k]; i++)
+            sc->out_rows[n_out++] = t0 + sc->b_lp_pos[k] - r->n_computed + i;
         if (sc->b_out[k])
             sc->out_rows[n_out++] = t - 1;
         int32_t *row = sc->block_table + (size_t)k * row_len;
@@ -271,6 +349,7 @@ static void batch_fill(sched *sc)
 int sched_build(sched *sc)
 {
     int budget = sc->max_batch_tokens;
+    int lp_left = sc->max_out - sc->max_seqs;
     bool preempted = false;
     sc->n_b = 0;
 
@@ -279,6 +358,9 @@ int sched_build(sched *sc)
         int n = r->n_tokens - r->n_computed;
         if (n > budget)
             n = budget;
+        n = fit_prompt_rows(r, n, lp_left);
+        if (n <= 0)
+            continue; /* the step's prompt-logprob rows are spent: next step */
         bool self_preempted = false;
         while (!grow_blocks(sc, r, r->n_computed + n)) {
             preempted = true;
@@ -289,26 +371,39 @@ int sched_build(sched *sc)
         }
         if (self_preempted)
             break; /* r was the last running request */
-        batch_add(sc, r, n);
+        batch_add(sc, r, n, &lp_left);
         budget -= n;
     }
 
-    while (!preempted && sc->wait_head && budget > 0 &&
-           sc->n_running + sc->n_reserved < sc->max_seqs) {
-        engine_request *r = sc->wait_head;
+    engine_request *next = NULL;
+    for (engine_request *r = sc->wait_head;
+         !preempted && r && budget > 0 && sc->n_running + sc->n_reserved < sc->max_seqs;
+         r = next) {
+        next = r->next;
         int hits = take_cached_prefix(sc, r);
+        if (block_in_flight(sc, r, hits)) {
+            release_blocks(sc, r); /* its prefix is on the way: wait for it */
+            continue;
+        }
         int n = r->n_tokens - r->n_computed;
         if (n > budget)
             n = budget;
-        if (!grow_blocks(sc, r, r->n_computed + n)) {
-            release_blocks(sc, r); /* FIFO: nobody overtakes the head */
+        n = fit_prompt_rows(r, n, lp_left);
+        if (n <= 0 || !grow_blocks(sc, r, r->n_computed + n)) {
+            release_blocks(sc, r); /* FIFO: nobody else overtakes it */
             break;
         }
         wait_unlink(sc, r);
         r->running = true;
         sc->running[sc->n_running++] = r;
+        if (!wants_prompt_rows(r))
+            sc->n_query_tokens += (uint64_t)r->n_tokens;
         sc->n_hit_tokens += (uint64_t)hits * (uint64_t)sc->block_size;
-        batch_add(sc, r, n);
+        if (r->timings.t_scheduled == 0) {
+            r->timings.t_scheduled = kiln_now_sec();
+            r->timings.n_cached_prompt = hits * sc->block_size;
+        }
+        batch_add(sc, r, n, &lp_left);
         budget -= n;
     }
 

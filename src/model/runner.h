@@ -30,7 +30,8 @@ typedef struct model_prepare {
     int block_size;
     int n_ctx;          /* tokens of one sequence */
     int max_tokens;     /* tokens of one step */
-    int max_out;        /* logit rows of one step (= max_seqs) */
+    int max_out;        /* logit rows of one step (max_seqs + the rows
+                           prompt logprobs may take) */
     int max_seqs;
     bool kv_f32;
     bool eager;         /* no CUDA graphs */

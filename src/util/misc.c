@@ -101,6 +101,15 @@ void kiln_progress_init(kiln_progress *p, const char *label, uint64_t total,
     p->t_start = kiln_now_sec();
     p->t_last = 0;
     p->last_decile = -1;
+    p->note[0] = '\0';
+}
+
+void kiln_progress_note(kiln_progress *p, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(p->note, sizeof p->note, fmt, ap);
+    va_end(ap);
 }
 
 static void progress_draw(kiln_progress *p, uint64_t done, bool final)
@@ -128,9 +137,9 @@ static void progress_draw(kiln_progress *p, uint64_t done, bool final)
         for (int i = 0; i < W; i++)
             bar[i] = i < fill ? '#' : '.';
         bar[W] = '\0';
-        int n = snprintf(line, sizeof line, "\r%s [%s] %3d%%  %s  ETA %.1fs%s",
-                         p->label, bar, (int)(frac * 100), rate_s, eta,
-                         final ? "\n" : "");
+        int n = snprintf(line, sizeof line, "\r%s [%s] %3d%%  %s%s%s  ETA %.1fs%s",
+                         p->label, bar, (int)(frac * 100), rate_s, p->note[0] ? "  " : "",
+                         p->note, eta, final ? "\n" : "");
         if (write(p->fd, line, (size_t)n) < 0)
             return;
     } else {
@@ -140,8 +149,8 @@ static void progress_draw(kiln_progress *p, uint64_t done, bool final)
         if (final && dec == p->last_decile && dec == 10)
             return;
         p->last_decile = dec;
-        int n = snprintf(line, sizeof line, "%s: %3d%%  %s  %.2fs\n", p->label,
-                         (int)(frac * 100), rate_s, el);
+        int n = snprintf(line, sizeof line, "%s: %3d%%  %s%s%s  %.2fs\n", p->label,
+                         (int)(frac * 100), rate_s, p->note[0] ? "  " : "", p->note, el);
         if (write(p->fd, line, (size_t)n) < 0)
             return;
     }

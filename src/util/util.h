@@ -204,12 +204,17 @@ typedef struct kiln_progress {
     double t_last;
     int last_decile;    /* for plain lines */
     int fd;             /* where to draw, normally 2 */
+    char note[96];      /* shown after the rate ("12.3 tok/s"); set with
+                           kiln_progress_note, empty by default */
 } kiln_progress;
 
 void kiln_progress_init(kiln_progress *p, const char *label, uint64_t total,
                         bool is_bytes, int fd);
 void kiln_progress_update(kiln_progress *p, uint64_t done);
 void kiln_progress_finish(kiln_progress *p);
+/* Set the note drawn after the rate (printf-style; cut to fit). */
+void kiln_progress_note(kiln_progress *p, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
 
 
 /* ------------------------------------------------------------------------

@@ -17,6 +17,8 @@ extern "C" {
 }
 
 kiln_status kcu_device_create(int index, kb_device **out);
+int kcu_device_count(void);
+kiln_status kcu_device_info(int device, kiln_device_info *out);
 
 static const kb_host_services *host;
 
@@ -57,6 +59,8 @@ static const kb_cuda_plugin table = {
     kcu_device_create,
     kb_cuda_set_fast_activations,
     kb_cuda_q8_quantize_for_test,
+    kcu_device_count,
+    kcu_device_info,
 };
 
 extern "C" __attribute__((visibility("default"))) const kb_cuda_plugin *

@@ -10,6 +10,7 @@
 #ifndef KILN_MODEL_H
 #define KILN_MODEL_H
 
+#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -177,10 +178,12 @@ int model_eog_ids(const kiln_model *km, int32_t *ids, int max);
  * permuted for GGUF's rope layout, gemma norms stored as w + 1, tokenizer).
  * TYPE names a quantization mix (quant.h, mix.c).  Tensors are processed
  * one at a time, big ones in row chunks of at most QUANTIZE_CHUNK_BYTES of
- * F32, and streamed to OUT.tmp; before OUT.tmp is renamed to OUT it is
- * loaded back with kiln's own loader and its architecture descriptor
- * checked against the source's, so a file kiln writes is one kiln runs as
- * the same model.
+ * F32, and streamed to a temporary file beside OUT (gguf_writer_open);
+ * before it is renamed to OUT it is loaded back with kiln's own loader and
+ * its architecture descriptor checked against the source's, so a file kiln
+ * writes is one kiln runs as the same model.  OUT may not be IN, nor any
+ * file of an input directory (the rename would replace the model being
+ * converted), however it is spelled.
  * ---------------------------------------------------------------------- */
 
 #define QUANTIZE_CHUNK_BYTES (16u << 20) /* F32 bytes of rows converted at once */
@@ -196,6 +199,10 @@ typedef struct model_quantize_params {
     void *note_user;
     kiln_progress_fn progress;  /* bytes of tensor data written / to write */
     void *progress_user;
+    /* Non-NULL: polled between pieces of data; once non-zero the work stops
+     * with KILN_ERR_CANCELLED and the temporary file is removed.  A
+     * sig_atomic_t, so a signal handler may set it. */
+    const volatile sig_atomic_t *cancel;
 } model_quantize_params;
 
 typedef struct model_quantize_stats {
@@ -210,9 +217,10 @@ typedef struct model_quantize_stats {
 
 void model_quantize_params_default(model_quantize_params *p);
 
-/* Quantize / convert in to out as type.  On failure nothing is left at out
- * (nor at out.tmp) and the message names the file, tensor, key or type at
- * fault; stats (may be NULL) is filled on success. */
+/* Quantize / convert in to out as type.  On failure (or cancellation)
+ * nothing is left at out nor at the temporary file, and the message names
+ * the file, tensor, key or type at fault; stats (may be NULL) is filled on
+ * success. */
 kiln_status model_quantize(const char *in, const char *out, const char *type,
                            const model_quantize_params *p, model_quantize_stats *stats);
 

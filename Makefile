@@ -86,10 +86,20 @@ $(BUILD)/libkiln.a: $(LIB_OBJ)
 $(BUILD)/libkiln.so: $(LIB_OBJ)
 	$(CC) -shared -o $@ $^ $(LDFLAGS) $(LDLIBS)
 
-$(BUILD)/kiln.pc: scripts/kiln.pc.in
+# What a program linking libkiln.a needs besides it (pkg-config --static):
+# the libraries that have a pkg-config file go to Requires.private, so that
+# their own private dependencies come along (add a new one there as well as
+# to LDLIBS); Libs.private holds the rest of LDLIBS and OpenMP's runtime,
+# which the objects call (-fopenmp links it for kiln's own binaries; a
+# program linking the archive needs it named).  tests/test_cli.c links
+# examples/generate.c statically with what pkg-config gives.
+PC_REQUIRES := jansson libpcre2-8 libutf8proc libxxhash
+PC_LIBS     := -lgomp $(filter-out $(addprefix -l,$(patsubst lib%,%,$(PC_REQUIRES))),$(LDLIBS))
+
+$(BUILD)/kiln.pc: scripts/kiln.pc.in Makefile
 	@mkdir -p $(dir $@)
 	sed -e 's|@PREFIX@|$(abspath .)|' -e 's|@VERSION@|0.1.0|' \
-	    -e 's|@LIBS@|$(LDLIBS)|' $< > $@
+	    -e 's|@REQUIRES@|$(PC_REQUIRES)|' -e 's|@LIBS@|$(PC_LIBS)|' $< > $@
 
 $(BUILD)/kiln: $(CLI_OBJ) $(BUILD)/libkiln.a
 	$(CC) -o $@ $(CLI_OBJ) $(BUILD)/libkiln.a $(LDFLAGS) $(LDLIBS)

@@ -217,6 +217,8 @@ int cmd_bench(int argc, char **argv)
         fprintf(stderr, "kiln: bench: -m MODEL is required\n");
         return 2;
     }
+    if (!cli_check_opts(&o, "bench"))
+        return 2;
     double load_sec;
     kiln_model *m = cli_load_model(&o, &load_sec);
     if (!m)

@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "engine/engine.h"
 #include "util/util.h"
 
 #define TG_PROMPT_TOKENS 8
@@ -141,7 +142,7 @@ static bool parse_batches(const char *text, int *b, int *n)
         memcpy(item, p, len);
         item[len] = 0;
         long long v;
-        if (!cli_parse_int("-b", item, 1, 4096, &v))
+        if (!cli_parse_int("-b", item, 1, ENGINE_MAX_SEQS_LIMIT, &v))
             return false;
         b[(*n)++] = (int)v;
         p += len;

@@ -109,9 +109,10 @@ typedef struct line_in {
 
 enum { LINE_OK, LINE_EOF, LINE_INTERRUPT, LINE_ERROR };
 
-/* The next line (without its newline) into *line, valid until the next
- * call; LINE_INTERRUPT on Ctrl-C, LINE_EOF at the end of input. */
-static int line_next(line_in *in, char **line)
+/* The next line (without its newline, NUL-terminated) into *line and its
+ * length into *len, valid until the next call; LINE_INTERRUPT on Ctrl-C,
+ * LINE_EOF at the end of input. */
+static int line_next(line_in *in, char **line, size_t *len)
 {
     for (;;) {
         if (in->consumed) {
@@ -129,6 +130,7 @@ static int line_next(line_in *in, char **line)
                 continue;
             }
             *line = in->buf;
+            *len = n;
             return LINE_OK;
         }
         if (in->eof)
@@ -363,7 +365,8 @@ static int chat_loop(kiln_model *m, kiln_engine *e, const run_opts *o)
             fflush(stdout);
         }
         char *line;
-        int r = line_next(&in, &line);
+        size_t len;
+        int r = line_next(&in, &line, &len);
         if (r == LINE_INTERRUPT) {
             if (++interrupts >= 2)
                 break;
@@ -377,7 +380,11 @@ static int chat_loop(kiln_model *m, kiln_engine *e, const run_opts *o)
         if (r != LINE_OK)
             break;
         interrupts = 0;
-        size_t len = strlen(line);
+        if (strlen(line) != len) {
+            /* chat messages are C strings (kiln_chat_message.content) */
+            fprintf(stderr, "kiln: chat: a message holding a NUL byte is skipped\n");
+            continue;
+        }
         while (len && (line[len - 1] == '\n' || line[len - 1] == '\r'))
             line[--len] = '\0';
         if (len == 0)

@@ -41,7 +41,9 @@ SAN_ON    := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-fr
 SANFLAGS  := $(if $(filter 1,$(SANITIZE)),$(SAN_ON))
 CFLAGS    ?=
 CFLAGS    += $(CSTD) $(OPT) -g $(ARCH) -fPIC -fvisibility=hidden -fopenmp $(WARN) $(SANFLAGS) -Iinclude -Isrc -MMD -MP
-LDLIBS    := -lmicrohttpd -ljansson -lpcre2-8 -lutf8proc -lxxhash -lcurl -lm -lpthread -ldl
+LDLIBS    := -ljansson -lpcre2-8 -lutf8proc -lxxhash -lm -lpthread -ldl
+# what kiln serve (HTTP) and kiln eval (its --endpoint client) add
+APP_LDLIBS := -lmicrohttpd -lcurl
 LDFLAGS   += -fopenmp $(SANFLAGS)
 
 # The CUDA backend is a shared object of its own (src/backend/plugin.h):
@@ -115,20 +117,30 @@ $(APP_LIB): $(APP_OBJ) $(BUILD)/libkiln.a $(BUILD)/libkiln.so scripts/check-cli-
 $(BUILD)/libkiln-cuda.so: $(CU_OBJ) $(CU_HELPERS)
 	$(CC) -shared -o $@ $^ -Wl,-Bsymbolic -Wl,--no-undefined $(CUDA_LIBS) -lm
 
-$(BUILD)/kiln.pc: scripts/kiln.pc.in
+# What a program linking libkiln.a needs besides it (pkg-config --static):
+# the libraries that have a pkg-config file go to Requires.private, so that
+# their own private dependencies come along (add a new one there as well as
+# to LDLIBS); Libs.private holds the rest of LDLIBS and OpenMP's runtime,
+# which the objects call (-fopenmp links it for kiln's own binaries; a
+# program linking the archive needs it named).  tests/test_cli.c links
+# examples/generate.c statically with what pkg-config gives.
+PC_REQUIRES := jansson libpcre2-8 libutf8proc libxxhash
+PC_LIBS     := -lgomp $(filter-out $(addprefix -l,$(patsubst lib%,%,$(PC_REQUIRES))),$(LDLIBS))
+
+$(BUILD)/kiln.pc: scripts/kiln.pc.in Makefile
 	@mkdir -p $(dir $@)
 	sed -e 's|@PREFIX@|$(abspath .)|' -e 's|@VERSION@|0.1.0|' \
-	    -e 's|@LIBS@|$(LDLIBS)|' $< > $@
+	    -e 's|@REQUIRES@|$(PC_REQUIRES)|' -e 's|@LIBS@|$(PC_LIBS)|' $< > $@
 
 # The CLI links the static library but may call only what libkiln.so
 # exports, and util/ (check-cli-symbols.sh).
 $(BUILD)/kiln: $(CLI_OBJ) $(APP_LIB) $(BUILD)/libkiln.a $(BUILD)/libkiln.so scripts/check-cli-symbols.sh
 	scripts/check-cli-symbols.sh $(BUILD) $(CLI_OBJ)
-	$(CC) -o $@ $(CLI_OBJ) $(APP_LIB) $(BUILD)/libkiln.a $(LDFLAGS) $(LDLIBS)
+	$(CC) -o $@ $(CLI_OBJ) $(APP_LIB) $(BUILD)/libkiln.a $(LDFLAGS) $(APP_LDLIBS) $(LDLIBS)
 
 $(BUILD)/tests/%: tests/%.c $(APP_LIB) $(BUILD)/libkiln.a
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< $(APP_LIB) $(BUILD)/libkiln.a $(LDFLAGS) $(LDLIBS) -lcmocka
+	$(CC) $(CFLAGS) -o $@ $< $(APP_LIB) $(BUILD)/libkiln.a $(LDFLAGS) $(APP_LDLIBS) $(LDLIBS) -lcmocka
 
 $(BUILD)/tests/gpu/%: tests/gpu/%.c tests/gpu/gpu_test.h $(BUILD)/libkiln.a
 	@mkdir -p $(dir $@)
@@ -219,7 +231,7 @@ $(FUZZ_BUILD)/obj/%.o: %.c
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -c $< -o $@
 
 $(FUZZ_BUILD)/%: tests/fuzz/%.c $(FUZZ_LIB_OBJ)
-	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -o $@ $< $(FUZZ_LIB_OBJ) $(LDLIBS)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -o $@ $< $(FUZZ_LIB_OBJ) $(APP_LDLIBS) $(LDLIBS)
 
 $(FUZZ_BUILD)/obj/src/server/page.o: src/server/chat.html
 

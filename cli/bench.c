@@ -153,7 +153,7 @@ static bool parse_batches(const char *text, int *b, int *n)
         memcpy(item, p, len);
         item[len] = 0;
         long long v;
-        if (!cli_parse_int("-b", item, 1, 4096, &v))
+        if (!cli_parse_int("-b", item, 1, KILN_MAX_SEQS, &v))
             return false;
         b[(*n)++] = (int)v;
         p += len;
@@ -252,6 +252,8 @@ int cmd_bench(int argc, char **argv)
         fprintf(stderr, "kiln: bench: -m MODEL is required\n");
         return 2;
     }
+    if (!cli_check_opts(&o, "bench"))
+        return 2;
     double load_sec;
     kiln_model *m = cli_load_model(&o, &load_sec);
     if (!m)

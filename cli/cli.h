@@ -7,6 +7,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "kiln.h"
 #include "kiln_tools.h"
@@ -43,18 +44,45 @@ typedef struct run_opts {
     int load_threads;       /* device loading: read / convert workers (0 = auto) */
 } run_opts;
 
+/* The defaults; the seed is a fresh one each run (see fresh_seed). */
 void cli_opts_default(run_opts *o);
 /* 1: argv[*i] was a common option (consumed with its value), 0: not one,
  * -1: a bad value (message printed). */
 int cli_parse_common(run_opts *o, int argc, char **argv, int *i);
+/* What the engine and the chat renderer would refuse only after the model
+ * has loaded (sampling values, stop strings, --chat-template), checked
+ * before it loads, with their messages: false (printed as "kiln: CMD: ...")
+ * when a value is bad. */
+bool cli_check_opts(const run_opts *o, const char *cmd);
 /* Load the model with a progress bar; NULL (message printed) on failure. */
 kiln_model *cli_load_model(const run_opts *o, double *load_sec);
 /* An engine for max_seqs sequences; n_ctx from --ctx, else the hint, else
  * the default, capped at the model's trained context. */
 kiln_engine *cli_make_engine(kiln_model *m, const run_opts *o, int max_seqs, int n_ctx_hint);
-kiln_status cli_encode_prompt(const kiln_model *m, const run_opts *o,
-                              const kiln_chat_message *msgs, size_t n_msgs, bool chat,
-                              kiln_tokens *out);
+/* Render msgs through the chat template (--chat-template, else the
+ * model's) and append their tokens to *out. */
+kiln_status cli_encode_chat(const kiln_model *m, const run_opts *o,
+                            const kiln_chat_message *msgs, size_t n_msgs, kiln_tokens *out);
+
+/* What a reply's token events add up to (generate.c, chat.c). */
+#define CLI_REPLY_ERROR_MAX 512
+typedef struct cli_reply {
+    kiln_text text;      /* the reply so far; free with kiln_text_free */
+    kiln_finish finish;  /* KILN_FINISH_NONE until the final event */
+    int n_generated;
+    bool failed;         /* out of memory holding the text */
+    char error[CLI_REPLY_ERROR_MAX]; /* finish == KILN_FINISH_ERROR: why */
+} cli_reply;
+
+/* Add one event's text, count and finish reason to r. */
+void cli_reply_add(cli_reply *r, const kiln_token_event *ev);
+/* "eos", "stop", "length", "cancelled", "error" ("" for NONE). */
+const char *cli_finish_name(kiln_finish f);
+
+/* Read all of f (at most limit bytes) into a NUL-terminated heap buffer
+ * (kiln_free) and its length into *len, NUL bytes included; NULL with a
+ * message printed (naming what, and the limit) on failure. */
+char *cli_read_all(FILE *f, const char *what, size_t limit, size_t *len);
 
 /* Parse an integer option value in [lo, hi]; prints a clear error naming the
  * option and returns false when the text is not such a number. */

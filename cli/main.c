@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "util/util.h"
 
 typedef struct command {
     const char *name;
@@ -72,6 +73,41 @@ bool cli_parse_float(const char *opt, const char *text, double lo, double hi,
     }
     *out = v;
     return true;
+}
+
+char *cli_read_all(FILE *f, const char *what, size_t limit, size_t *len)
+{
+    size_t cap = 1 << 16, n = 0;
+    char *buf = kiln_malloc(cap);
+    for (;;) {
+        if (!buf) {
+            fprintf(stderr, "kiln: %s: out of memory\n", what);
+            return NULL;
+        }
+        size_t want = cap - n - 1;
+        size_t got = fread(buf + n, 1, want, f);
+        n += got;
+        if (n > limit) {
+            fprintf(stderr, "kiln: %s: larger than the limit of %zu bytes\n", what, limit);
+            kiln_free(buf);
+            return NULL;
+        }
+        if (got < want) /* end of input, or an error */
+            break;
+        char *nb = kiln_realloc(buf, cap * 2);
+        if (!nb)
+            kiln_free(buf);
+        buf = nb;
+        cap *= 2;
+    }
+    if (ferror(f)) {
+        fprintf(stderr, "kiln: %s: read error: %s\n", what, strerror(errno));
+        kiln_free(buf);
+        return NULL;
+    }
+    buf[n] = '\0';
+    *len = n;
+    return buf;
 }
 
 void cli_report(const char *what, kiln_status st)

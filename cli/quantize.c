@@ -6,10 +6,13 @@
  * The work is kiln_tools_quantize's (src/model/convert.c); this file parses the
  * arguments, draws a progress bar on a terminal, prints the notes the
  * quantizer gives (tensors that fell back to another type, tokenizer
- * settings GGUF cannot carry) and a one-line summary.  Exit status: 0 on
- * success, 1 when the model could not be written (one line on stderr names
- * the file, tensor, key or type at fault), 2 for a usage error.
+ * settings GGUF cannot carry) and a one-line summary.  Ctrl-C stops the
+ * work and removes the temporary file (a second Ctrl-C ends the program at
+ * once).  Exit status: 0 on success, 1 when the model could not be written
+ * (one line on stderr names the file, tensor, key or type at fault, OUT
+ * naming the input included), 2 for a usage error, 130 after Ctrl-C.
  */
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -18,6 +21,15 @@
 #include "util/util.h"
 
 #define QUANTIZE_MAX_THREADS 1024
+#define EXIT_INTERRUPTED 130 /* 128 + SIGINT, as a shell reports it */
+
+static volatile sig_atomic_t interrupted;
+
+static void on_sigint(int sig)
+{
+    (void)sig;
+    interrupted = 1;
+}
 
 static void usage(FILE *f)
 {
@@ -26,7 +38,8 @@ static void usage(FILE *f)
             "\n"
             "Write IN (a GGUF file, or a Hugging Face directory of a llama, qwen2, qwen3 or\n"
             "gemma3_text model) as the GGUF file OUT with weights in TYPE, rounding to\n"
-            "nearest.  OUT is written as OUT.tmp and renamed when complete.\n"
+            "nearest.  OUT is written to a temporary file beside it and renamed when\n"
+            "complete; OUT may not be IN or a file of an input directory.\n"
             "\n"
             "types:\n"
             "  F32 F16 BF16            float weights\n"
@@ -115,14 +128,24 @@ int cmd_quantize(int argc, char **argv)
     qp.note_user = &s;
     qp.progress = on_progress;
     qp.progress_user = &s;
+    qp.cancel = &interrupted;
+    /* the first Ctrl-C asks the work to stop (and remove its temporary
+     * file); SA_RESETHAND leaves the second one its default action */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_sigint;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESETHAND | SA_RESTART;
+    sigaction(SIGINT, &sa, NULL);
     kiln_tools_quantize_stats stats;
     double t0 = kiln_now_sec();
     kiln_status st = kiln_tools_quantize(pos[0], pos[1], pos[2], &qp, &stats);
+    signal(SIGINT, SIG_DFL);
     if (s.started)
         kiln_progress_finish(&s.bar);
     if (st != KILN_OK) {
         cli_report("quantize", st);
-        return 1;
+        return st == KILN_ERR_CANCELLED ? EXIT_INTERRUPTED : 1;
     }
     if (!s.quiet) {
         char bi[32], bo[32];

@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "util/util.h"
 
 #define TOK_CLI_MAX_INPUT ((size_t)1 << 30) /* bytes read from stdin */
 
@@ -41,35 +42,6 @@ static void detokenize_usage(FILE *f)
                "  IDS or -          token ids (default: read from standard input)\n");
 }
 
-/* Read all of standard input; NULL (message printed) on failure. */
-static char *read_stdin(size_t *len)
-{
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap);
-    while (buf) {
-        size_t r = fread(buf + n, 1, cap - n, stdin);
-        n += r;
-        if (r == 0)
-            break;
-        if (n == cap) {
-            if (cap >= TOK_CLI_MAX_INPUT) {
-                fprintf(stderr, "kiln: input larger than %zu bytes\n", TOK_CLI_MAX_INPUT);
-                free(buf);
-                return NULL;
-            }
-            char *nb = realloc(buf, cap *= 2);
-            if (!nb)
-                free(buf);
-            buf = nb;
-        }
-    }
-    if (!buf) {
-        fprintf(stderr, "kiln: out of memory reading standard input\n");
-        return NULL;
-    }
-    *len = n;
-    return buf;
-}
 
 /* The piece as a C string literal. */
 static void print_quoted(const char *p, size_t n)
@@ -129,7 +101,7 @@ int cmd_tokenize(int argc, char **argv)
     char *owned = NULL;
     size_t len;
     if (!text || !strcmp(text, "-")) {
-        if (!(owned = read_stdin(&len)))
+        if (!(owned = cli_read_all(stdin, "standard input", TOK_CLI_MAX_INPUT, &len)))
             return 1;
         text = owned;
     } else {
@@ -139,7 +111,7 @@ int cmd_tokenize(int argc, char **argv)
     kiln_status st = kiln_tokenizer_load(model, &tok);
     if (st != KILN_OK) {
         cli_report("tokenize", st);
-        free(owned);
+        kiln_free(owned);
         return 1;
     }
     kiln_tokens ids = {0};
@@ -167,7 +139,7 @@ int cmd_tokenize(int argc, char **argv)
     }
     kiln_tokens_free(&ids);
     kiln_tokenizer_free(tok);
-    free(owned);
+    kiln_free(owned);
     return st == KILN_OK ? 0 : 1;
 }
 
@@ -239,20 +211,9 @@ int cmd_detokenize(int argc, char **argv)
     } else {
         (void)from_stdin; /* no ids on the command line: standard input */
         size_t len;
-        char *in = read_stdin(&len);
-        if (!in) {
-            ok = false;
-        } else {
-            char *z = realloc(in, len + 1);
-            if (!z) {
-                free(in);
-                ok = false;
-            } else {
-                z[len] = '\0';
-                ok = parse_ids(z, nv, &ids);
-                free(z);
-            }
-        }
+        char *in = cli_read_all(stdin, "standard input", TOK_CLI_MAX_INPUT, &len);
+        ok = in && parse_ids(in, nv, &ids);
+        kiln_free(in);
     }
     kiln_text out = {0};
     if (ok) {

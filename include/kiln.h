@@ -282,6 +282,10 @@ KILN_API void kiln_engine_free(kiln_engine *e);
 #define KILN_MAX_STOP 8          /* stop strings per request */
 #define KILN_MAX_STOP_LEN 256    /* bytes of one stop string */
 #define KILN_MAX_LOGPROBS 20
+#define KILN_MAX_CTX (1 << 22)       /* tokens of one sequence (n_ctx) */
+#define KILN_MAX_PENALTY_ABS 2.0f    /* |presence_penalty|, |frequency_penalty| */
+#define KILN_MAX_LOAD_STREAMS 16     /* kiln_model_params.load_streams */
+#define KILN_MAX_SEQS 4096           /* kiln_engine_params.max_seqs */
 
 typedef struct kiln_sampling {
     float temperature;        /* 0 = greedy (default 0.8) */
@@ -311,6 +315,9 @@ typedef struct kiln_sampling {
 } kiln_sampling;
 
 KILN_API void kiln_sampling_default(kiln_sampling *s);
+/* Check sampling values as kiln_engine_submit does (KILN_ERR_INVALID_ARG
+ * naming the field), so a caller can refuse bad options before loading. */
+KILN_API kiln_status kiln_sampling_check(const kiln_sampling *s);
 
 typedef enum kiln_finish {
     KILN_FINISH_NONE = 0,  /* more events follow */
@@ -468,6 +475,8 @@ typedef struct kiln_text {
 } kiln_text;
 
 KILN_API void kiln_text_free(kiln_text *t);
+/* Append n bytes of s to *t (KILN_ERR_NOMEM when it cannot grow). */
+KILN_API kiln_status kiln_text_append(kiln_text *t, const char *s, size_t n);
 
 /* A growable list of token ids that kiln functions append to.
  * Zero-initialise; free with kiln_tokens_free. */
@@ -583,6 +592,10 @@ KILN_API kiln_status kiln_chat_render(const kiln_tokenizer *tok,
 /* The chat family kiln detects in the model's template ("chatml", ...),
  * or NULL when it has none or kiln does not know it. */
 KILN_API const char *kiln_tokenizer_chat_family(const kiln_tokenizer *tok);
+/* Whether kiln knows the chat template `name` (a family name or a template
+ * file whose family it detects): KILN_OK, or the error kiln_chat_render
+ * would give for it. */
+KILN_API kiln_status kiln_chat_template_check(const char *name);
 
 #ifdef __cplusplus
 }

@@ -8,6 +8,7 @@
 #ifndef KILN_TOOLS_H
 #define KILN_TOOLS_H
 
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 
@@ -109,6 +110,10 @@ typedef struct kiln_tools_quantize_params {
     void *note_user;
     kiln_progress_fn progress;  /* bytes of tensor data written / to write */
     void *progress_user;
+    /* Non-NULL: polled between pieces of data; once non-zero the work stops
+     * with KILN_ERR_CANCELLED and the temporary file is removed.  A
+     * sig_atomic_t, so a signal handler may set it. */
+    const volatile sig_atomic_t *cancel;
 } kiln_tools_quantize_params;
 
 typedef struct kiln_tools_quantize_stats {

@@ -6,14 +6,19 @@
 #ifndef KILN_TEST_CLI_RUN_H
 #define KILN_TEST_CLI_RUN_H
 
+#include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #define CLI_RUN_OUT_MAX (1u << 20) /* bytes kept of each stream */
+#define CLI_RUN_MAX_ARGS 32
 
 typedef struct run_result {
     int status;   /* exit code, or 128 + signal */
@@ -21,68 +26,127 @@ typedef struct run_result {
     char *err;    /* stderr */
 } run_result;
 
-static char *slurp_fd(int fd)
+/* A growing capture of one stream, cut at CLI_RUN_OUT_MAX. */
+typedef struct run_capture {
+    char *buf;
+    size_t len, cap;
+} run_capture;
+
+/* Read what fd has; false at its end. */
+static bool capture_read(run_capture *c, int fd)
 {
-    size_t cap = 4096, len = 0;
-    char *buf = malloc(cap);
-    ssize_t got;
-    while ((got = read(fd, buf + len, cap - len - 1)) > 0) {
-        len += (size_t)got;
-        if (len + 1 == cap && cap < CLI_RUN_OUT_MAX) {
-            cap *= 2;
-            buf = realloc(buf, cap);
-        } else if (len + 1 == cap) {
-            break;
-        }
+    char tmp[4096];
+    ssize_t got = read(fd, tmp, sizeof tmp);
+    if (got < 0 && errno == EINTR)
+        return true;
+    if (got <= 0)
+        return false;
+    size_t keep = (size_t)got;
+    if (c->len + keep > CLI_RUN_OUT_MAX)
+        keep = CLI_RUN_OUT_MAX - c->len;
+    if (c->len + keep + 1 > c->cap) {
+        c->cap = (c->len + keep + 1) * 2;
+        c->buf = realloc(c->buf, c->cap);
     }
-    buf[len] = '\0';
-    return buf;
+    memcpy(c->buf + c->len, tmp, keep);
+    c->len += keep;
+    c->buf[c->len] = '\0';
+    return true;
 }
 
-/* Run bin with args (NULL-terminated, args[0] ignored), stdin from
- * /dev/null.  Reads stdout fully, then stderr (outputs here are small).  A
- * non-zero fsize_limit caps the size of files it may write (RLIMIT_FSIZE,
- * with SIGXFSZ ignored so that the write fails with EFBIG: a full disk as
- * far as the writer can tell). */
-static run_result cli_run(char *bin, const char *const *args, rlim_t fsize_limit)
+static int wait_status(pid_t pid)
 {
-    int po[2], pe[2];
-    assert_int_equal(pipe(po), 0);
-    assert_int_equal(pipe(pe), 0);
+    int st;
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+        ;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+/* Start bin with args (NULL-terminated, args[0] ignored) with the given
+ * standard input, output and error (-1: /dev/null).  A non-zero
+ * fsize_limit caps the size of files it may write (RLIMIT_FSIZE, with
+ * SIGXFSZ ignored so that the write fails with EFBIG: a full disk as far as
+ * the writer can tell).  Returns the child's pid. */
+static pid_t cli_spawn(char *bin, const char *const *args, int in_fd, int out_fd, int err_fd,
+                       rlim_t fsize_limit)
+{
     pid_t pid = fork();
     assert_true(pid >= 0);
     if (pid == 0) {
-        int devnull = open("/dev/null", O_RDONLY);
-        dup2(devnull, 0);
-        dup2(po[1], 1);
-        dup2(pe[1], 2);
-        close(po[0]);
-        close(pe[0]);
+        int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+        dup2(in_fd >= 0 ? in_fd : devnull, 0);
+        dup2(out_fd >= 0 ? out_fd : devnull, 1);
+        dup2(err_fd >= 0 ? err_fd : devnull, 2);
         if (fsize_limit) {
             signal(SIGXFSZ, SIG_IGN);
             struct rlimit rl = {fsize_limit, fsize_limit};
             setrlimit(RLIMIT_FSIZE, &rl);
         }
-        char *argv[32];
+        char *argv[CLI_RUN_MAX_ARGS];
         int n = 0;
         argv[n++] = bin;
-        for (int i = 1; args[i] && n < 31; i++)
+        for (int i = 1; args[i] && n < CLI_RUN_MAX_ARGS - 1; i++)
             argv[n++] = (char *)args[i];
         argv[n] = NULL;
         execv(bin, argv);
         _exit(127);
     }
+    return pid;
+}
+
+/* Run bin with args and input[0..input_len) on its standard input (NULL:
+ * /dev/null), capturing stdout and stderr as they come. */
+static run_result cli_run_input(char *bin, const char *const *args, const char *input,
+                                size_t input_len, rlim_t fsize_limit)
+{
+    int in_fd = -1;
+    if (input) {
+        /* a file, not a pipe: any input size without a writer thread */
+        char path[] = "/tmp/kiln-cli-input-XXXXXX";
+        in_fd = mkstemp(path);
+        assert_true(in_fd >= 0);
+        unlink(path);
+        assert_int_equal(write(in_fd, input, input_len), (ssize_t)input_len);
+        assert_int_equal(lseek(in_fd, 0, SEEK_SET), 0);
+    }
+    int po[2], pe[2];
+    assert_int_equal(pipe2(po, O_CLOEXEC), 0);
+    assert_int_equal(pipe2(pe, O_CLOEXEC), 0);
+    pid_t pid = cli_spawn(bin, args, in_fd, po[1], pe[1], fsize_limit);
     close(po[1]);
     close(pe[1]);
+    if (in_fd >= 0)
+        close(in_fd);
+    run_capture out = {0}, err = {0};
+    struct pollfd pf[2] = {{.fd = po[0], .events = POLLIN}, {.fd = pe[0], .events = POLLIN}};
+    int open_fds = 2;
+    while (open_fds > 0) {
+        if (poll(pf, 2, -1) < 0) {
+            assert_int_equal(errno, EINTR);
+            continue;
+        }
+        for (int k = 0; k < 2; k++) {
+            if (pf[k].fd < 0 || !pf[k].revents)
+                continue;
+            if (!capture_read(k ? &err : &out, pf[k].fd)) {
+                close(pf[k].fd);
+                pf[k].fd = -1;
+                open_fds--;
+            }
+        }
+    }
     run_result r;
-    r.out = slurp_fd(po[0]);
-    r.err = slurp_fd(pe[0]);
-    close(po[0]);
-    close(pe[0]);
-    int st;
-    waitpid(pid, &st, 0);
-    r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    r.out = out.buf ? out.buf : calloc(1, 1);
+    r.err = err.buf ? err.buf : calloc(1, 1);
+    r.status = wait_status(pid);
     return r;
+}
+
+/* Run bin with args, stdin from /dev/null. */
+static __attribute__((unused)) run_result cli_run(char *bin, const char *const *args,
+                                                  rlim_t fsize_limit)
+{
+    return cli_run_input(bin, args, NULL, 0, fsize_limit);
 }
 
 static __attribute__((unused)) void run_free(run_result *r)

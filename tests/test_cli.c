@@ -4,16 +4,31 @@
  * Every corrupt GGUF seed (tests/fuzz/corpus/gguf/bad-*) and every corrupt
  * safetensors seed (placed in a model directory) must make `kiln inspect`
  * exit non-zero with exactly one line on stderr naming the fault; bad flags
- * and values get a clear message and exit code 2; `kiln inspect --json` of
- * the default model is valid JSON with the expected figures; `kiln generate`
- * refuses a prompt longer than the context unless --truncate is given, and
- * answers a factual question greedily, with float32 activations and with
- * --fast-activations (8-bit).  The binary is the one built beside this test
- * (BUILD/kiln), so the ASan build checks the sanitized binary.
+ * and values get a clear message and exit code 2, values the engine would
+ * refuse after loading (--top-p 0, --stop "", -c above its limit, an
+ * unknown --chat-template) before the model loads (the model path given
+ * does not exist), and the extreme values the parser accepts run; `kiln
+ * inspect --json` of the default model is valid JSON with the expected
+ * figures; `kiln generate` refuses a prompt longer than the context unless
+ * --truncate is given, answers a factual question greedily, with float32
+ * activations and with --fast-activations (8-bit), encodes a prompt file
+ * past its NUL bytes, prints --logprobs as a table and in --json (greedy:
+ * the sampled token is the best alternative, the tokens' texts add up to
+ * the text), and repeats a sampled run from its --seed (the seed a run
+ * chose is printed).  `kiln chat` refuses a model without a chat template
+ * at start, keeps answering once the history outgrows the context
+ * (dropping the oldest turns), and on a terminal (a pty) stops a reply on
+ * Ctrl-C, stays, and leaves on a second Ctrl-C at the prompt.  kiln.pc
+ * links examples/generate.c statically (pkg-config --static).  The binary
+ * is the one built beside this test (BUILD/kiln), so the ASan build checks
+ * the sanitized binary.
  */
 #include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <math.h>
+#include <poll.h>
+#include <pty.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -28,8 +43,12 @@
 #include <jansson.h>
 
 #include "cli_run.h"
+#include "util/util.h"
 
 #define SMOLLM2 "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+#define NO_MODEL "/nonexistent/model.gguf" /* a value refused before loading */
+#define HF_LLAMA "tests/data/hf-tiny/llama" /* has no chat template */
+#define WAIT_SECS 180.0 /* for a step of a chat session (the ASan build is slow) */
 
 static char kiln_bin[PATH_MAX + 16];
 
@@ -150,6 +169,13 @@ static void test_inspect_json(void **state)
     run_free(&r);
 }
 
+/* 257 bytes: one over KILN_MAX_STOP_LEN */
+#define LONG_STOP                                                                              \
+    "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"                         \
+    "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"                         \
+    "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"                         \
+    "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef!"
+
 static void test_bad_flags(void **state)
 {
     (void)state;
@@ -169,7 +195,7 @@ static void test_bad_flags(void **state)
         {{"kiln", "generate", "-m", SMOLLM2, "-p", "hi", "--top-p", "nan", NULL}, 2, "not a number"},
         {{"kiln", "generate", "-m", SMOLLM2, "-p", "hi", "--device", "tpu", NULL}, 1, "device 'tpu'"},
         {{"kiln", "generate", "-m", SMOLLM2, "-p", "hi", "--chat-template", "nope", "--chat", NULL},
-         1, "nope"},
+         2, "nope"},
         {{"kiln", "generate", "-m", SMOLLM2, "-p", "hi", "--wat", NULL}, 2, "'--wat'"},
         {{"kiln", "bench", "-m", SMOLLM2, "-b", "0", NULL}, 2, "out of range"},
         {{"kiln", "bench", "-m", SMOLLM2, "-b", "1,,8", NULL}, 2, "comma-separated"},
@@ -180,6 +206,28 @@ static void test_bad_flags(void **state)
          "device 'cuda:x'"},
         {{"kiln", "generate", "-m", SMOLLM2, "-p", "hi", "--device", "cuda:99", NULL}, 1,
          "cuda:99"},
+        /* what the engine refuses, refused before loading, in its words */
+        {{"kiln", "generate", "-m", NO_MODEL, "-p", "hi", "--top-p", "0", NULL}, 2,
+         "sampling.top_p = 0: must be in (0, 1]"},
+        {{"kiln", "generate", "-m", NO_MODEL, "-p", "hi", "--stop", "", NULL}, 2,
+         "sampling.stop[0] is empty"},
+        {{"kiln", "generate", "-m", NO_MODEL, "-p", "hi", "--stop", "a", "--stop", "\xff", NULL},
+         2, "sampling.stop[1] is not valid UTF-8"},
+        {{"kiln", "generate", "-m", NO_MODEL, "-p", "hi", "--stop", LONG_STOP, NULL}, 2,
+         "sampling.stop[0] is longer than 256 bytes"},
+        {{"kiln", "generate", "-m", NO_MODEL, "-p", "hi", "-c", "16777216", NULL}, 2,
+         "-c: 16777216 is out of range [16, 4194304]"},
+        {{"kiln", "generate", "-m", NO_MODEL, "-p", "hi", "--chat-template", "nope", NULL}, 2,
+         "chat template 'nope' is neither a family"},
+        {{"kiln", "generate", "-m", NO_MODEL, "-p", "hi", "--chat-template", "Makefile", NULL},
+         2, "Makefile: the chat template is not one kiln renders"},
+        {{"kiln", "generate", "-m", NO_MODEL, "-p", "hi", "--logprobs", "21", NULL}, 2,
+         "--logprobs: 21 is out of range [0, 20]"},
+        {{"kiln", "generate", "-m", NO_MODEL, "-p", "hi", "--seed", "-1", NULL}, 2,
+         "out of range"},
+        {{"kiln", "chat", "-m", NO_MODEL, "--top-p", "0", NULL}, 2, "sampling.top_p"},
+        {{"kiln", "chat", "-m", NO_MODEL, "--chat-template", "nope", NULL}, 2, "'nope'"},
+        {{"kiln", "bench", "-m", NO_MODEL, "--stop", "", NULL}, 2, "sampling.stop[0]"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         run_result r = run_kiln(cases[i].args);
@@ -234,6 +282,375 @@ static void test_generate_greedy(void **state)
     run_free(&r);
 }
 
+/* The limits of every option the parser accepts are ones the engine takes:
+ * each at its extreme, together, runs. */
+static void test_accepted_extremes(void **state)
+{
+    (void)state;
+    const char *args[] = {"kiln", "generate", "-m", SMOLLM2, "-p", "hi", "-n", "2", "-t", "1",
+                          "--temp", "100", "--top-k", "16777216", "--top-p", "1e-30",
+                          "--min-p", "1", "--repeat-penalty", "0.01", "--presence-penalty",
+                          "-2", "--frequency-penalty", "2", "--seed", "9223372036854775807",
+                          "--logprobs", "20", "--stop", LONG_STOP + 1, NULL};
+    run_result r = run_kiln(args);
+    if (r.status != 0) {
+        fprintf(stderr, "exit %d, stderr:\n%s\n", r.status, r.err);
+        fail();
+    }
+    run_free(&r);
+}
+
+/* The number after "prompt " in generate's timing line. */
+static long prompt_tokens(const char *err)
+{
+    const char *p = strstr(err, "| prompt ");
+    assert_non_null(p);
+    return strtol(p + 9, NULL, 10);
+}
+
+static void write_file(const char *path, const char *data, size_t len)
+{
+    FILE *f = fopen(path, "wb");
+    assert_non_null(f);
+    assert_int_equal(fwrite(data, 1, len, f), len);
+    assert_int_equal(fclose(f), 0);
+}
+
+/* A prompt file is encoded whole, NUL bytes and what follows them too;
+ * --chat, whose messages are C strings, refuses it by offset. */
+static void test_generate_nul_prompt(void **state)
+{
+    (void)state;
+    char path[] = "/tmp/kiln-cli-nul-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    static char text[4096];
+    size_t n = (size_t)snprintf(text, sizeof text, "Hello");
+    text[n++] = '\0';
+    for (int i = 0; i < 60; i++)
+        n += (size_t)snprintf(text + n, sizeof text - n, " word");
+    write_file(path, text, n);
+    const char *args[] = {"kiln", "generate", "-m", SMOLLM2, "-f", path, "-n", "1", "--temp", "0",
+                          "-t", "1", NULL};
+    run_result r = run_kiln(args);
+    assert_int_equal(r.status, 0);
+    /* "Hello", the NUL, 60 words: cut at the NUL it was one token */
+    assert_true(prompt_tokens(r.err) >= 62);
+    run_free(&r);
+    const char *chat[] = {"kiln", "generate", "-m", SMOLLM2, "-f", path, "--chat", NULL};
+    r = run_kiln(chat);
+    assert_int_equal(r.status, 1);
+    assert_non_null(strstr(r.err, "NUL byte at offset 5"));
+    run_free(&r);
+    unlink(path);
+}
+
+/* --logprobs N: a row per token after the text; --json: the same figures,
+ * and under greedy sampling each token is its own best alternative. */
+static void test_generate_logprobs(void **state)
+{
+    (void)state;
+    const char *table[] = {"kiln", "generate", "-m", SMOLLM2, "-p", "The capital of France is",
+                           "-n", "4", "--temp", "0", "--logprobs", "3", "-t", "1", NULL};
+    run_result r = run_kiln(table);
+    assert_int_equal(r.status, 0);
+    const char *head = strstr(r.out, "logprob");
+    assert_non_null(head);
+    assert_non_null(strstr(head, "top 3"));
+    assert_int_equal(count_lines(head), 5); /* the header and 4 tokens */
+    run_free(&r);
+
+    const char *js[] = {"kiln", "generate", "-m", SMOLLM2, "-p", "The capital of France is",
+                        "-n", "4", "--temp", "0", "--logprobs", "3", "--json", "--seed", "5",
+                        "-t", "1", NULL};
+    r = run_kiln(js);
+    assert_int_equal(r.status, 0);
+    json_error_t err;
+    json_t *root = json_loads(r.out, 0, &err);
+    if (!root)
+        fprintf(stderr, "invalid JSON: %s at line %d:\n%s\n", err.text, err.line, r.out);
+    assert_non_null(root);
+    assert_string_equal(json_string_value(json_object_get(root, "finish_reason")), "length");
+    assert_int_equal(json_integer_value(json_object_get(root, "seed")), 5);
+    assert_int_equal(json_integer_value(json_object_get(root, "completion_tokens")), 4);
+    assert_true(json_integer_value(json_object_get(root, "prompt_tokens")) >= 5);
+    json_t *toks = json_object_get(root, "tokens");
+    assert_int_equal(json_array_size(toks), 4);
+    char joined[256] = "";
+    size_t i;
+    json_t *t;
+    json_array_foreach(toks, i, t) {
+        strncat(joined, json_string_value(json_object_get(t, "text")),
+                sizeof joined - strlen(joined) - 1);
+        double lp = json_real_value(json_object_get(t, "logprob"));
+        json_t *top = json_object_get(t, "top_logprobs");
+        assert_int_equal(json_array_size(top), 3);
+        json_t *best = json_array_get(top, 0);
+        assert_int_equal(json_integer_value(json_object_get(best, "id")),
+                         json_integer_value(json_object_get(t, "id")));
+        assert_true(lp <= 0 && fabs(lp - json_real_value(json_object_get(best, "logprob"))) < 1e-6);
+        for (size_t k = 1; k < 3; k++)
+            assert_true(json_real_value(json_object_get(json_array_get(top, k), "logprob")) <=
+                        json_real_value(json_object_get(json_array_get(top, k - 1), "logprob")));
+    }
+    assert_string_equal(joined, json_string_value(json_object_get(root, "text")));
+    assert_non_null(strstr(joined, "Paris"));
+    json_decref(root);
+    run_free(&r);
+}
+
+/* The stdout of `kiln generate` sampling with seed (NULL: none given);
+ * the seed it reports goes to *seed_out. */
+static char *sampled(const char *seed, char *seed_out, size_t cap)
+{
+    const char *args[] = {"kiln", "generate", "-m", SMOLLM2, "-p", "Once upon a time",
+                          "-n", "24", "-t", "1", "--temp", "1.5", "--top-k", "0", "--top-p", "1",
+                          "--min-p", "0", seed ? "--seed" : NULL, seed, NULL};
+    run_result r = run_kiln(args);
+    assert_int_equal(r.status, 0);
+    const char *s = strstr(r.err, "| seed ");
+    assert_non_null(s);
+    if (seed_out)
+        snprintf(seed_out, cap, "%.*s", (int)strspn(s + 7, "0123456789"), s + 7);
+    free(r.err);
+    return r.out;
+}
+
+/* A sampled run repeats from its seed, the one given or the one it chose
+ * and printed; another seed gives other text. */
+static void test_generate_seed(void **state)
+{
+    (void)state;
+    char got[32];
+    char *a = sampled("7", got, sizeof got);
+    assert_string_equal(got, "7");
+    char *b = sampled("7", NULL, 0);
+    char *c = sampled("8", NULL, 0);
+    assert_string_equal(a, b);
+    assert_string_not_equal(a, c);
+    char *d = sampled(NULL, got, sizeof got);
+    char *e = sampled(got, NULL, 0);
+    assert_string_equal(d, e);
+    free(a);
+    free(b);
+    free(c);
+    free(d);
+    free(e);
+}
+
+/* A model without a chat template: refused at start, naming the option;
+ * with --chat-template it chats. */
+static void test_chat_no_template(void **state)
+{
+    (void)state;
+    const char *bare[] = {"kiln", "chat", "-m", HF_LLAMA, NULL};
+    const char *in = "Hello\n";
+    run_result r = cli_run_input(kiln_bin, bare, in, strlen(in), 0);
+    assert_int_equal(r.status, 1);
+    assert_non_null(strstr(r.err, "no chat template; choose one with --chat-template NAME"));
+    assert_string_equal(r.out, "");
+    run_free(&r);
+    const char *named[] = {"kiln", "chat", "-m", HF_LLAMA, "--chat-template", "chatml",
+                           "-n", "4", "--ignore-eos", NULL};
+    r = cli_run_input(kiln_bin, named, in, strlen(in), 0);
+    if (r.status != 0 || count_lines(r.out) != 1) {
+        fprintf(stderr, "exit %d, stdout:\n%s\nstderr:\n%s\n", r.status, r.out, r.err);
+        fail();
+    }
+    run_free(&r);
+}
+
+/* Six turns through a 160-token context: each turn is answered (a reply
+ * holds no newline, --stop "\n", and chat ends each with one), the oldest
+ * turns are dropped with a note, and nothing else goes wrong. */
+static void test_chat_context_overflow(void **state)
+{
+    (void)state;
+    const char *args[] = {"kiln", "chat", "-m", SMOLLM2, "-c", "160", "-n", "12", "--temp", "0",
+                          "--ignore-eos", "--stop", "\n", "--system", "You are brief.", "-t", "1",
+                          NULL};
+    static char in[2048];
+    size_t n = 0;
+    for (int i = 0; i < 6; i++)
+        n += (size_t)snprintf(in + n, sizeof in - n,
+                              "Question %d: name a colour, an animal and a city.\n", i);
+    run_result r = cli_run_input(kiln_bin, args, in, n, 0);
+    bool dropped = strstr(r.err, "the conversation outgrew the context of 160 tokens") != NULL;
+    int notes = 0;
+    for (const char *p = r.err; (p = strstr(p, "kiln: ")) != NULL; p++)
+        notes++;
+    int outgrew = 0;
+    for (const char *p = r.err; (p = strstr(p, "outgrew")) != NULL; p++)
+        outgrew++;
+    if (r.status != 0 || !dropped || notes != outgrew || count_lines(r.out) != 6 ||
+        !strstr(r.err, "(the system message stays)")) {
+        fprintf(stderr, "exit %d, stdout:\n%s\nstderr:\n%s\n", r.status, r.out, r.err);
+        fail();
+    }
+    run_free(&r);
+}
+
+/* ------------------------------------------------------------------------
+ * chat on a terminal
+ * ---------------------------------------------------------------------- */
+
+/* Read the pty into c until want appears at or after `from`, for at most
+ * secs; the offset just past it, or 0 when it did not come. */
+static size_t pty_wait(int fd, run_capture *c, size_t from, const char *want, double secs)
+{
+    double end = kiln_now_sec() + secs;
+    for (;;) {
+        const char *hit = c->buf && c->len > from ? strstr(c->buf + from, want) : NULL;
+        if (hit)
+            return (size_t)(hit - c->buf) + strlen(want);
+        double left = end - kiln_now_sec();
+        if (left <= 0)
+            return 0;
+        struct pollfd pf = {.fd = fd, .events = POLLIN};
+        if (poll(&pf, 1, (int)(left * 1000) + 1) > 0 && !capture_read(c, fd))
+            return 0;
+    }
+}
+
+/* The child's exit status, waiting at most secs; -1 if it is still running. */
+static int wait_exit(pid_t pid, double secs)
+{
+    double end = kiln_now_sec() + secs;
+    do {
+        int st;
+        if (waitpid(pid, &st, WNOHANG) == pid)
+            return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        usleep(20000);
+    } while (kiln_now_sec() < end);
+    return -1;
+}
+
+static void pty_send(int fd, const char *s)
+{
+    assert_int_equal(write(fd, s, strlen(s)), (ssize_t)strlen(s));
+}
+
+/* Ctrl-C during a reply of up to 4000 tokens stops it and the prompt comes
+ * back; at the prompt one Ctrl-C says how to leave, a second one leaves
+ * with status 0. */
+static void test_chat_ctrl_c(void **state)
+{
+    (void)state;
+    int fd;
+    pid_t pid = forkpty(&fd, NULL, NULL, NULL);
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        execl(kiln_bin, kiln_bin, "chat", "-m", SMOLLM2, "--temp", "0", "--ignore-eos", "-n",
+              "4000", "-c", "4096", "-t", "1", (char *)NULL);
+        _exit(127);
+    }
+    run_capture c = {0};
+    size_t at = pty_wait(fd, &c, 0, "> ", WAIT_SECS);
+    assert_true(at > 0);
+    pty_send(fd, "Tell me a long story about a dragon.\r");
+    at = pty_wait(fd, &c, at, "dragon.\r\n", WAIT_SECS);
+    assert_true(at > 0);
+    /* a few words of the reply, then Ctrl-C */
+    double end = kiln_now_sec() + WAIT_SECS;
+    while (c.len < at + 12 && kiln_now_sec() < end)
+        pty_wait(fd, &c, c.len, "\x01", 0.2);
+    assert_true(c.len >= at + 12);
+    pty_send(fd, "\x03");
+    size_t stopped = pty_wait(fd, &c, at, "[reply stopped]", WAIT_SECS);
+    size_t prompt = stopped ? pty_wait(fd, &c, stopped, "> ", WAIT_SECS) : 0;
+    size_t hint = 0;
+    int alive = -2, status = -2;
+    if (prompt) {
+        pty_send(fd, "\x03");
+        hint = pty_wait(fd, &c, prompt, "Ctrl-C again", WAIT_SECS);
+        alive = wait_exit(pid, 0.5);
+        if (hint && pty_wait(fd, &c, hint, "> ", WAIT_SECS))
+            pty_send(fd, "\x03");
+        status = wait_exit(pid, WAIT_SECS);
+    }
+    if (!stopped || !prompt || !hint || alive != -1 || status != 0) {
+        fprintf(stderr, "stopped %zu prompt %zu hint %zu alive %d status %d; terminal:\n%s\n",
+                stopped, prompt, hint, alive, status, c.buf ? c.buf : "");
+        if (status < 0) {
+            kill(pid, SIGKILL);
+            wait_exit(pid, WAIT_SECS);
+        }
+        fail();
+    }
+    close(fd);
+    free(c.buf);
+}
+
+/* ------------------------------------------------------------------------
+ * pkg-config
+ * ---------------------------------------------------------------------- */
+
+/* Run cmd through the shell; what it printed (stdout and stderr, cut to
+ * cap) into buf, its exit status returned. */
+static int run_shell(const char *cmd, char *buf, size_t cap)
+{
+    char full[16384 + 8];
+    snprintf(full, sizeof full, "%s 2>&1", cmd);
+    FILE *p = popen(full, "r");
+    assert_non_null(p);
+    size_t n = fread(buf, 1, cap - 1, p);
+    buf[n] = '\0';
+    while (fgetc(p) != EOF)
+        ;
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+}
+
+/* examples/generate.c links with libkiln.a and what `pkg-config --static`
+ * of the built kiln.pc adds, fully static where kiln has no CUDA (the CUDA
+ * libraries come as shared ones), and runs. */
+static void test_pkgconfig_static(void **state)
+{
+    (void)state;
+    char build[PATH_MAX + 16], pc[PATH_MAX + 32];
+    snprintf(build, sizeof build, "%s", kiln_bin);
+    *strrchr(build, '/') = '\0';
+    snprintf(pc, sizeof pc, "%s/kiln.pc", build);
+    if (access(pc, R_OK) != 0) {
+        fprintf(stderr, "no %s (the sanitizer build makes none): skipped\n", pc);
+        skip();
+    }
+    /* a libdir with only the archive: -lkiln cannot find libkiln.so */
+    char dir[] = "/tmp/kiln-pc-XXXXXX", lib[PATH_MAX], a[PATH_MAX + 32];
+    assert_non_null(mkdtemp(dir));
+    snprintf(lib, sizeof lib, "%s/libkiln.a", dir);
+    snprintf(a, sizeof a, "%s/libkiln.a", build);
+    assert_int_equal(symlink(a, lib), 0);
+    static char cmd[16384], flags[4096], log[16384];
+    snprintf(cmd, sizeof cmd,
+             "PKG_CONFIG_PATH='%s' pkg-config --define-variable=libdir='%s' --static --cflags "
+             "--libs kiln",
+             build, dir);
+    assert_int_equal(run_shell(cmd, flags, sizeof flags), 0);
+    flags[strcspn(flags, "\n")] = '\0';
+    assert_non_null(strstr(flags, "-lgomp")); /* OpenMP: the objects call GOMP_* */
+    const char *cc = getenv("CC") ? getenv("CC") : "cc";
+    char exe[PATH_MAX];
+    snprintf(exe, sizeof exe, "%s/generate", dir);
+    snprintf(cmd, sizeof cmd, "%s %s -o '%s' examples/generate.c %s", cc,
+             strstr(flags, "-lcudart") ? "" : "-static", exe, flags);
+    if (run_shell(cmd, log, sizeof log) != 0) {
+        fprintf(stderr, "%s:\n%s\n", cmd, log);
+        fail();
+    }
+    const char *args[] = {"generate", SMOLLM2, "What is the capital of France?", NULL};
+    run_result r = cli_run(exe, args, 0);
+    if (r.status != 0 || !strstr(r.out, "Paris")) {
+        fprintf(stderr, "exit %d, stdout:\n%s\nstderr:\n%s\n", r.status, r.out, r.err);
+        fail();
+    }
+    run_free(&r);
+    unlink(exe);
+    unlink(lib);
+    rmdir(dir);
+}
+
 int main(int argc, char **argv)
 {
     (void)argc;
@@ -255,6 +672,17 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_bad_flags),
         cmocka_unit_test(test_generate_prompt_too_long),
         cmocka_unit_test(test_generate_greedy),
+        cmocka_unit_test(test_accepted_extremes),
+        cmocka_unit_test(test_generate_nul_prompt),
+        cmocka_unit_test(test_generate_logprobs),
+        cmocka_unit_test(test_generate_seed),
+        cmocka_unit_test(test_chat_no_template),
+        cmocka_unit_test(test_chat_context_overflow),
+        cmocka_unit_test(test_chat_ctrl_c),
+        cmocka_unit_test(test_pkgconfig_static),
     };
+    const char *filter = getenv("KILN_TEST_FILTER");
+    if (filter)
+        cmocka_set_test_filter(filter);
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -5,7 +5,8 @@
  *   writer   every metadata value type (scalars, strings with a NUL inside,
  *            arrays of each type, strings, arrays of arrays) and tensors of
  *            several types written, read back with gguf_open and compared;
- *            alignment 64 honoured; misuse refused and the .tmp removed.
+ *            alignment 64 honoured; misuse refused and the temporary file
+ *            removed; a file already named like one is never touched.
  *   mix      Q4_K_M's choice for each of the 236 tensors of the
  *            gemma-3-270m Q4_K_M file llama.cpp made (models/, rows of 640
  *            exercise the fallbacks) equals that file's type, and the rules
@@ -31,7 +32,11 @@
  *   CLI      bad input (missing file, unknown type, read-only output
  *            location, a file-size limit standing for a full disk) exits 1
  *            with one stderr line naming the problem and leaves no OUT or
- *            OUT.tmp; usage errors exit 2.
+ *            temporary file; usage errors exit 2.  OUT naming the input
+ *            (the same path, another spelling, a symbolic or hard link, a
+ *            file of an input directory) is refused and the input is left
+ *            as it was (same inode); SIGINT mid-run exits 130 and removes
+ *            the temporary file.
  */
 #include <dirent.h>
 #include <fcntl.h>
@@ -80,6 +85,30 @@ static bool file_exists(const char *p)
 {
     struct stat sb;
     return stat(p, &sb) == 0;
+}
+
+/* A temporary file of a writer of path ("<path>.<pid>.<n>.tmp") is left
+ * beside it. */
+static bool temp_left(const char *path)
+{
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    const char *base = slash ? slash + 1 : path;
+    if (slash)
+        *slash = '\0';
+    size_t bl = strlen(base);
+    DIR *d = opendir(slash ? dir : ".");
+    assert_non_null(d);
+    bool found = false;
+    struct dirent *e;
+    while (!found && (e = readdir(d))) {
+        size_t n = strlen(e->d_name);
+        found = n > bl + 5 && !strncmp(e->d_name, base, bl) && e->d_name[bl] == '.' &&
+                !strcmp(e->d_name + n - 4, ".tmp");
+    }
+    closedir(d);
+    return found;
 }
 
 /* ------------------------------------------------------------------------
@@ -160,9 +189,7 @@ static void quantize_ok(const char *in, const char *out, const char *type)
         fprintf(stderr, "quantize %s -> %s (%s): %s\n", in, out, type, kiln_last_error());
     assert_int_equal(st, KILN_OK);
     assert_true(file_exists(out));
-    char tmp[PATH_MAX];
-    snprintf(tmp, sizeof tmp, "%s.tmp", out);
-    assert_false(file_exists(tmp));
+    assert_false(temp_left(out));
 }
 
 static uint32_t tensor_type(const gguf_file *f, const char *name)
@@ -415,12 +442,20 @@ static void test_writer_roundtrip(void **state)
 static void test_writer_misuse(void **state)
 {
     (void)state;
-    char path[TMP_PATH], tmp[PATH_MAX];
+    char path[TMP_PATH], tmp[PATH_MAX], plain[PATH_MAX];
     tmp_path(path, sizeof path, "bad.gguf");
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    /* a file named as the temporary file once was: never touched */
+    snprintf(plain, sizeof plain, "%s.tmp", path);
+    FILE *pf = fopen(plain, "w");
+    assert_non_null(pf);
+    fputs("keep", pf);
+    fclose(pf);
     gguf_writer *w;
     assert_int_equal(gguf_writer_open(path, &w), KILN_OK);
+    snprintf(tmp, sizeof tmp, "%s", gguf_writer_tmp_path(w));
+    assert_string_not_equal(tmp, plain);
     assert_true(file_exists(tmp));
+    assert_true(temp_left(path));
     assert_int_equal(gguf_writer_add_u32(w, "k", 1), KILN_OK);
     assert_int_equal(gguf_writer_add_u32(w, "k", 2), KILN_ERR_INVALID_ARG);
     assert_non_null(strstr(kiln_last_error(), "'k' added twice"));
@@ -447,6 +482,13 @@ static void test_writer_misuse(void **state)
     gguf_writer_free(w);
     assert_false(file_exists(tmp));
     assert_false(file_exists(path));
+    char kept[8] = {0};
+    pf = fopen(plain, "r");
+    assert_non_null(pf);
+    assert_int_equal(fread(kept, 1, sizeof kept - 1, pf), 4);
+    fclose(pf);
+    assert_string_equal(kept, "keep");
+    unlink(plain);
 
     /* closing with data missing */
     assert_int_equal(gguf_writer_open(path, &w), KILN_OK);
@@ -456,12 +498,12 @@ static void test_writer_misuse(void **state)
     assert_int_equal(gguf_writer_close(w), KILN_ERR_INVALID_ARG);
     assert_non_null(strstr(kiln_last_error(), "incomplete"));
     gguf_writer_free(w);
-    assert_false(file_exists(tmp));
+    assert_false(temp_left(path));
 
     /* an unwritable place */
     assert_int_equal(gguf_writer_open("/nonexistent-dir/x.gguf", &w), KILN_ERR_IO);
     assert_null(w);
-    assert_non_null(strstr(kiln_last_error(), "/nonexistent-dir/x.gguf.tmp"));
+    assert_non_null(strstr(kiln_last_error(), "cannot create /nonexistent-dir/x.gguf."));
 }
 
 /* ------------------------------------------------------------------------
@@ -884,25 +926,30 @@ static void test_hf_tokenizer(void **state)
 }
 
 /* A copy of the tiny gemma3 with a config GGUF can express. */
+/* Copy src_dir/name to dir/name (small files). */
+static void copy_into(const char *dir, const char *src_dir, const char *name)
+{
+    char from[PATH_MAX], to[PATH_MAX];
+    snprintf(from, sizeof from, "%s/%s", src_dir, name);
+    snprintf(to, sizeof to, "%s/%s", dir, name);
+    char *data;
+    size_t len;
+    assert_int_equal(kiln_read_file(from, 16u << 20, &data, &len), KILN_OK);
+    FILE *f = fopen(to, "wb");
+    assert_non_null(f);
+    assert_int_equal(fwrite(data, 1, len, f), len);
+    assert_int_equal(fclose(f), 0);
+    free(data);
+}
+
 static void make_gemma3_copy(char *dir, size_t cap)
 {
     tmp_path(dir, cap, "gemma3");
     assert_int_equal(mkdir(dir, 0755), 0);
     static const char *const files[] = {"model.safetensors", "tokenizer.json",
                                         "tokenizer_config.json"};
-    for (size_t i = 0; i < 3; i++) {
-        char from[PATH_MAX], to[PATH_MAX];
-        snprintf(from, sizeof from, HF_DIR "gemma3/%s", files[i]);
-        snprintf(to, sizeof to, "%s/%s", dir, files[i]);
-        char *data;
-        size_t len;
-        assert_int_equal(kiln_read_file(from, 16u << 20, &data, &len), KILN_OK);
-        FILE *f = fopen(to, "wb");
-        assert_non_null(f);
-        assert_int_equal(fwrite(data, 1, len, f), len);
-        assert_int_equal(fclose(f), 0);
-        free(data);
-    }
+    for (size_t i = 0; i < 3; i++)
+        copy_into(dir, HF_DIR "gemma3", files[i]);
     json_error_t err;
     json_t *cfg = json_load_file(HF_DIR "gemma3/config.json", 0, &err);
     assert_non_null(cfg);
@@ -931,15 +978,14 @@ static void remove_gemma3_copy(const char *dir)
 static void test_hf_gemma3(void **state)
 {
     (void)state;
-    char out[TMP_PATH], tmp[PATH_MAX], dir[TMP_PATH];
+    char out[TMP_PATH], dir[TMP_PATH];
     tmp_path(out, sizeof out, "gemma3.gguf");
-    snprintf(tmp, sizeof tmp, "%s.tmp", out);
     /* the committed model cannot be expressed in GGUF: refused by name */
     assert_int_equal(model_quantize(HF_DIR "gemma3", out, "F32", NULL, NULL),
                      KILN_ERR_UNSUPPORTED);
     assert_non_null(strstr(kiln_last_error(), "query_pre_attn_scalar"));
     assert_false(file_exists(out));
-    assert_false(file_exists(tmp));
+    assert_false(temp_left(out));
 
     make_gemma3_copy(dir, sizeof dir);
     /* norms become w + 1, the embedding is shared, nothing is permuted */
@@ -1017,10 +1063,8 @@ static void expect_failure(const char *const *args, rlim_t fsize, const char *wh
                            const char *out)
 {
     run_result r = run_kiln(args, fsize);
-    char tmp[PATH_MAX];
-    snprintf(tmp, sizeof tmp, "%s.tmp", out);
     if (r.status != 1 || count_lines(r.err) != 1 || !strstr(r.err, what) ||
-        file_exists(out) || file_exists(tmp)) {
+        file_exists(out) || temp_left(out)) {
         fprintf(stderr, "kiln quantize %s %s %s: exit %d, stderr:\n%s\n", args[2], args[3],
                 args[4], r.status, r.err);
         fail();
@@ -1058,13 +1102,13 @@ static void test_cli(void **state)
     }
     const char *ro[] = {"kiln", "quantize", HF_DIR "llama", ro_out, "F32", NULL};
     char want[PATH_MAX + 32];
-    snprintf(want, sizeof want, "cannot create %s.tmp", ro_out);
+    snprintf(want, sizeof want, "cannot create %s.", ro_out);
     expect_failure(ro, 0, want, ro_out);
     rmdir(ro_dir);
 
     /* the disk fills up while tensors are written */
     const char *full[] = {"kiln", "quantize", SMOLLM2, out, "Q8_0", NULL};
-    snprintf(want, sizeof want, "cannot write %s.tmp", out);
+    snprintf(want, sizeof want, "cannot write %s.", out);
     expect_failure(full, 8u << 20, want, out);
 
     /* usage errors */
@@ -1092,6 +1136,131 @@ static void test_cli(void **state)
     unlink(out);
 }
 
+/* The subdirectories of tmp_dir test_cli_same_file makes. */
+static const char *const same_file_dirs[] = {"hf-in", "hf-cache"};
+
+/* Remove dir and the files in it. */
+static void remove_flat_dir(const char *dir)
+{
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    while (d && (e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+            continue;
+        char p[PATH_MAX];
+        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+        unlink(p);
+    }
+    if (d)
+        closedir(d);
+    rmdir(dir);
+}
+
+/* `kiln quantize IN OUT` with OUT naming the input (through `keep`, the
+ * file that must survive): exit 1, one line holding `what`, `keep` still
+ * the same file of the same size and time, nothing written. */
+static void expect_same_file_refused(const char *in, const char *out, const char *keep,
+                                     const char *what)
+{
+    struct stat before, after;
+    assert_int_equal(stat(keep, &before), 0);
+    const char *args[] = {"kiln", "quantize", in, out, "F32", NULL};
+    run_result r = run_kiln(args, 0);
+    if (r.status != 1 || count_lines(r.err) != 1 || !strstr(r.err, what)) {
+        fprintf(stderr, "kiln quantize %s %s: exit %d, stderr:\n%s\n", in, out, r.status, r.err);
+        fail();
+    }
+    assert_int_equal(stat(keep, &after), 0);
+    assert_true(before.st_ino == after.st_ino && before.st_size == after.st_size &&
+                before.st_mtim.tv_sec == after.st_mtim.tv_sec &&
+                before.st_mtim.tv_nsec == after.st_mtim.tv_nsec);
+    assert_false(temp_left(out));
+    free(r.out);
+    free(r.err);
+}
+
+static void test_cli_same_file(void **state)
+{
+    (void)state;
+    char in[TMP_PATH], sym[TMP_PATH], hard[TMP_PATH], other[PATH_MAX];
+    tmp_path(in, sizeof in, "in.gguf");
+    quantize_ok(HF_DIR "llama", in, "F32");
+    expect_same_file_refused(in, in, in, "is the input file");
+    /* another spelling of the same path */
+    snprintf(other, sizeof other, "%s/../%s/./in.gguf", tmp_dir, strrchr(tmp_dir, '/') + 1);
+    expect_same_file_refused(in, other, in, "is the input file");
+    tmp_path(sym, sizeof sym, "sym.gguf");
+    assert_int_equal(symlink(in, sym), 0);
+    expect_same_file_refused(in, sym, in, "is the input file");
+    tmp_path(hard, sizeof hard, "hard.gguf");
+    assert_int_equal(link(in, hard), 0);
+    expect_same_file_refused(sym, hard, in, "is the input file");
+
+    /* a Hugging Face directory, and a cache-like one of links into it */
+    char dir[TMP_PATH], cache[TMP_PATH], p[PATH_MAX], q[PATH_MAX];
+    tmp_path(dir, sizeof dir, same_file_dirs[0]);
+    tmp_path(cache, sizeof cache, same_file_dirs[1]);
+    assert_int_equal(mkdir(dir, 0755), 0);
+    assert_int_equal(mkdir(cache, 0755), 0);
+    static const char *const files[] = {"config.json", "model.safetensors", "tokenizer.json",
+                                        "tokenizer_config.json"};
+    for (size_t i = 0; i < 4; i++) {
+        copy_into(dir, HF_DIR "llama", files[i]);
+        snprintf(p, sizeof p, "%s/%s", dir, files[i]);
+        snprintf(q, sizeof q, "%s/%s", cache, files[i]);
+        assert_int_equal(symlink(p, q), 0);
+        expect_same_file_refused(dir, p, p, "of the input directory");
+        expect_same_file_refused(cache, p, p, "of the input directory");
+    }
+    expect_same_file_refused(dir, dir, p, "is a directory");
+    /* a new file in the directory is no file of the model */
+    snprintf(p, sizeof p, "%s/model-f32.gguf", dir);
+    const char *ok[] = {"kiln", "quantize", "-q", cache, p, "F32", NULL};
+    run_result r = run_kiln(ok, 0);
+    assert_int_equal(r.status, 0);
+    assert_true(file_exists(p));
+    free(r.out);
+    free(r.err);
+    remove_flat_dir(cache);
+    remove_flat_dir(dir);
+    unlink(sym);
+    unlink(hard);
+    unlink(in);
+}
+
+/* SIGINT while the tensors are written: exit 130, one line saying so, no
+ * OUT and no temporary file. */
+static void test_cli_interrupt(void **state)
+{
+    (void)state;
+    char out[TMP_PATH];
+    tmp_path(out, sizeof out, "interrupted.gguf");
+    int pe[2];
+    assert_int_equal(pipe2(pe, O_CLOEXEC), 0);
+    const char *args[] = {"kiln", "quantize", "-q", SMOLLM2, out, "Q4_K_M", NULL};
+    pid_t pid = cli_spawn(kiln_bin, args, -1, -1, pe[1], 0);
+    close(pe[1]);
+    /* the temporary file exists from the writer's opening to the rename */
+    double t0 = kiln_now_sec();
+    while (!temp_left(out) && kiln_now_sec() - t0 < 120)
+        usleep(2000);
+    assert_true(temp_left(out));
+    assert_int_equal(kill(pid, SIGINT), 0);
+    run_capture err = {0};
+    while (capture_read(&err, pe[0]))
+        ;
+    close(pe[0]);
+    int status = wait_status(pid);
+    if (status != 130 || !err.buf || !strstr(err.buf, "cancelled") ||
+        count_lines(err.buf) != 1) {
+        fprintf(stderr, "exit %d, stderr:\n%s\n", status, err.buf ? err.buf : "");
+        fail();
+    }
+    assert_false(file_exists(out));
+    assert_false(temp_left(out));
+    free(err.buf);
+}
+
 /* ------------------------------------------------------------------------ */
 
 static int setup(void **state)
@@ -1112,18 +1281,11 @@ static int teardown(void **state)
     remove_gemma3_copy(sub);
     tmp_path(sub, sizeof sub, "ro");
     rmdir(sub);
-    DIR *d = opendir(tmp_dir);
-    struct dirent *e;
-    while (d && (e = readdir(d))) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
-            continue;
-        char p[PATH_MAX];
-        snprintf(p, sizeof p, "%s/%s", tmp_dir, e->d_name);
-        unlink(p);
+    for (size_t i = 0; i < sizeof same_file_dirs / sizeof same_file_dirs[0]; i++) {
+        tmp_path(sub, sizeof sub, same_file_dirs[i]);
+        remove_flat_dir(sub);
     }
-    if (d)
-        closedir(d);
-    rmdir(tmp_dir);
+    remove_flat_dir(tmp_dir);
     return 0;
 }
 
@@ -1153,6 +1315,8 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_hf_tokenizer),
         cmocka_unit_test(test_hf_gemma3),
         cmocka_unit_test(test_cli),
+        cmocka_unit_test(test_cli_same_file),
+        cmocka_unit_test(test_cli_interrupt),
     };
     const char *filter = getenv("KILN_TEST_FILTER");
     if (filter)

@@ -464,7 +464,7 @@ void kb_destroy(kb_backend *be);
  * ---------------------------------------------------------------------- */
 
 #define KB_STREAM_COMPUTE (-1)
-#define KB_MAX_STREAMS 16
+#define KB_MAX_STREAMS KILN_MAX_LOAD_STREAMS
 
 /* True when be has every op of this section. */
 static inline bool kb_has_async(const kb_backend *be)

@@ -43,14 +43,14 @@ kiln_status engine_create_with_runner(const model_runner *r,
 #define ENGINE_DEFAULT_MAX_SEQS 16
 #define ENGINE_DEFAULT_BATCH_TOKENS 512
 #define ENGINE_DEFAULT_CTX_CAP 8192      /* n_ctx = 0: trained context, capped */
-#define ENGINE_MAX_CTX (1 << 22)         /* tokens of one sequence */
+#define ENGINE_MAX_CTX KILN_MAX_CTX      /* tokens of one sequence */
 #define ENGINE_MAX_BLOCK_SIZE 1024
-#define ENGINE_MAX_SEQS_LIMIT 4096
+#define ENGINE_MAX_SEQS_LIMIT KILN_MAX_SEQS
 #define ENGINE_MAX_BATCH_TOKENS (1 << 20)
 #define ENGINE_MAX_VOCAB (1 << 24)
 #define ENGINE_MAX_EOS 8                 /* == length of model_runner.eos_ids */
 #define ENGINE_MAX_PIECE (64 * 1024)     /* bytes of one token's text */
-#define ENGINE_MAX_PENALTY_ABS 2.0f      /* |presence|, |frequency| (OpenAI range) */
+#define ENGINE_MAX_PENALTY_ABS KILN_MAX_PENALTY_ABS /* |presence|, |frequency| (OpenAI range) */
 #define ENGINE_DEFAULT_GPU_MEM_FRACTION 0.90f
 /* Logit rows a step may spend on prompt logprobs, beyond the one row per
  * sequence that sampling needs: a longer prompt that asks for them is

@@ -23,6 +23,11 @@ void kiln_sampling_default(kiln_sampling *s)
     s->max_tokens = 256;
 }
 
+kiln_status kiln_sampling_check(const kiln_sampling *s)
+{
+    return request_check_sampling(s);
+}
+
 kiln_status request_check_sampling(const kiln_sampling *s)
 {
 #define BAD(...) return KILN_FAIL(KILN_ERR_INVALID_ARG, __VA_ARGS__)

@@ -219,10 +219,12 @@ const char *gguf_fault_name(gguf_fault f);
  * tensors is written by the writer).  Nothing of the tensor data is held:
  * a model of any size is written in bounded memory.
  *
- * Everything goes to "<path>.tmp"; gguf_writer_close flushes it to disk and
- * gguf_writer_commit renames it to path, so a failure at any point leaves
- * no partial file under the final name (gguf_writer_free removes the .tmp
- * of a writer that was not committed).  Every failure returns a status with
+ * Everything goes to a temporary file beside path, "<path>.<pid>.<n>.tmp",
+ * created under a name no file has (so it is never the file being read);
+ * gguf_writer_close flushes it to disk and gguf_writer_commit renames it to
+ * path, so a failure at any point leaves no partial file under the final
+ * name (gguf_writer_free removes the temporary file of a writer that was
+ * not committed).  Every failure returns a status with
  * a message naming the file, key or tensor and, for I/O, strerror(errno).
  *
  * A key "general.alignment" (uint32, a power of two) sets the alignment of
@@ -278,17 +280,18 @@ kiln_status gguf_writer_begin_data(gguf_writer *w, uint64_t *data_bytes);
  * past the end of the tensor it starts in. */
 kiln_status gguf_writer_write(gguf_writer *w, const void *data, size_t n);
 
-/* After the last tensor's last byte: flush and fsync "<path>.tmp" and close
- * it (disk-full shows here at the latest).  The file is complete under its
- * .tmp name, which gguf_writer_tmp_path gives, until commit. */
+/* After the last tensor's last byte: flush and fsync the temporary file and
+ * close it (disk-full shows here at the latest).  The file is complete
+ * under its temporary name, which gguf_writer_tmp_path gives, until
+ * commit. */
 kiln_status gguf_writer_close(gguf_writer *w);
 const char *gguf_writer_tmp_path(const gguf_writer *w);
 
-/* Rename "<path>.tmp" to path (after gguf_writer_close). */
+/* Rename the temporary file to path (after gguf_writer_close). */
 kiln_status gguf_writer_commit(gguf_writer *w);
 
-/* Free the writer; the .tmp file of a writer that was not committed is
- * closed and removed.  NULL is a no-op. */
+/* Free the writer; the temporary file of a writer that was not committed
+ * is closed and removed.  NULL is a no-op. */
 void gguf_writer_free(gguf_writer *w);
 
 #endif /* KILN_GGUF_H */

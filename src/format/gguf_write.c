@@ -1,6 +1,11 @@
 /*
  * gguf_write.c - the GGUF v3 writer: metadata, tensor infos, then tensor
- * data streamed to "<path>.tmp", renamed into place only when complete.
+ * data streamed to a temporary file beside path, renamed into place only
+ * when complete.
+ *
+ * The temporary file is "<path>.<pid>.<n>.tmp", created with O_EXCL: a name
+ * no other file has, so a writer never truncates an existing file (the
+ * model being read, another writer's output) on its way to path.
  *
  * The layout is the one gguf.h documents for the reader.  Metadata and
  * tensor infos are small next to the weights, so they are encoded into
@@ -15,11 +20,13 @@
  * Integers and floats are written little endian byte by byte, whatever the
  * host.  I/O errors are caught at every fwrite and at the final fflush /
  * fsync / fclose (where a full disk shows at the latest) and reported with
- * the .tmp path and strerror; a writer that failed refuses further calls,
- * and gguf_writer_free removes its .tmp file.
+ * the temporary path and strerror; a writer that failed refuses further
+ * calls, and gguf_writer_free removes its temporary file.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -27,6 +34,8 @@
 #include "format/gguf.h"
 
 #define GGUF_VERSION_WRITTEN 3
+#define GGUF_TMP_TRIES 100 /* names tried for the temporary file */
+#define GGUF_TMP_SUFFIX_MAX 48 /* bytes of ".<pid>.<n>.tmp" and its NUL */
 #define GGUF_KEY_ALIGNMENT "general.alignment"
 
 /* A growable byte buffer for the encoded metadata. */
@@ -47,16 +56,16 @@ typedef struct wtensor {
 typedef enum wstate {
     WS_META = 0, /* adding metadata and tensor infos */
     WS_DATA,     /* streaming tensor data */
-    WS_CLOSED,   /* complete on disk under the .tmp name */
+    WS_CLOSED,   /* complete on disk under the temporary name */
     WS_COMMITTED,
     WS_FAILED,
 } wstate;
 
 struct gguf_writer {
     char *path;            /* final name */
-    char *tmp;             /* path + ".tmp" */
+    char *tmp;             /* path + ".<pid>.<n>.tmp" */
     FILE *fp;
-    bool created;          /* the .tmp file is ours (remove it unless committed) */
+    bool created;          /* the temporary file is ours (removed unless committed) */
     char *fbuf;            /* (GGUF_WRITE_BUFFER) stdio buffer */
     wstate state;
     uint32_t alignment;
@@ -246,6 +255,30 @@ static kiln_status begin_kv(gguf_writer *w, const char *key, gguf_vtype t)
  * Open
  * ---------------------------------------------------------------------- */
 
+/* Create w->tmp under a fresh name beside w->path (mode 0666 less the
+ * umask, as fopen would). */
+static kiln_status create_tmp(gguf_writer *w, size_t tmp_cap)
+{
+    static atomic_uint counter;
+    int fd = -1;
+    for (int i = 0; i < GGUF_TMP_TRIES && fd < 0; i++) {
+        snprintf(w->tmp, tmp_cap, "%s.%ld.%u.tmp", w->path, (long)getpid(),
+                 atomic_fetch_add(&counter, 1));
+        fd = open(w->tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+        if (fd < 0 && errno != EEXIST)
+            break;
+    }
+    if (fd < 0)
+        return KILN_FAIL(KILN_ERR_IO, "cannot create %s: %s", w->tmp, strerror(errno));
+    w->created = true;
+    if (!(w->fp = fdopen(fd, "wb"))) {
+        kiln_status st = KILN_FAIL(KILN_ERR_IO, "cannot open %s: %s", w->tmp, strerror(errno));
+        close(fd);
+        return st;
+    }
+    return KILN_OK;
+}
+
 kiln_status gguf_writer_open(const char *path, gguf_writer **out)
 {
     *out = NULL;
@@ -253,21 +286,17 @@ kiln_status gguf_writer_open(const char *path, gguf_writer **out)
         return KILN_FAIL(KILN_ERR_INVALID_ARG, "gguf writer: no output path");
     gguf_writer *w = kiln_calloc(1, sizeof *w);
     size_t n = strlen(path), tn;
-    if (!w || !ck_add(n, 5, &tn) || !(w->path = kiln_strdup(path)) ||
+    if (!w || !ck_add(n, GGUF_TMP_SUFFIX_MAX, &tn) || !(w->path = kiln_strdup(path)) ||
         !(w->tmp = kiln_malloc(tn)) || !(w->fbuf = kiln_malloc(GGUF_WRITE_BUFFER))) {
         gguf_writer_free(w);
         return KILN_FAIL(KILN_ERR_NOMEM, "%s: out of memory", path);
     }
-    memcpy(w->tmp, path, n);
-    memcpy(w->tmp + n, ".tmp", 5);
     w->alignment = GGUF_DEFAULT_ALIGNMENT;
-    w->fp = fopen(w->tmp, "wb");
-    if (!w->fp) {
-        kiln_status st = KILN_FAIL(KILN_ERR_IO, "cannot create %s: %s", w->tmp, strerror(errno));
+    kiln_status st = create_tmp(w, tn);
+    if (st != KILN_OK) {
         gguf_writer_free(w);
         return st;
     }
-    w->created = true;
     setvbuf(w->fp, w->fbuf, _IOFBF, GGUF_WRITE_BUFFER);
     *out = w;
     return KILN_OK;

@@ -28,10 +28,16 @@
  * Some gemma3 settings have no GGUF key any reader knows (an attention
  * scale other than 1/sqrt(head_dim), another sliding-layer pattern or
  * local rope base): such a model is refused up front rather than written
- * as a different model.  Whatever the source, the finished OUT.tmp is
- * loaded with kiln_model_load and its descriptor compared with the
- * source's before it is renamed to OUT.
+ * as a different model.  Whatever the source, the finished temporary file
+ * (beside OUT, gguf_writer_open) is loaded with kiln_model_load and its
+ * descriptor compared with the source's before it is renamed to OUT.
+ *
+ * That rename would replace the input if OUT named it (a user's
+ * `kiln quantize m.gguf m.gguf Q4_0` lost the model that way): OUT is
+ * refused up front when it is the input file, or a file of the input
+ * directory, by device and inode, whatever path leads to it.
  */
+#include <dirent.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
@@ -40,6 +46,7 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <jansson.h>
@@ -433,7 +440,7 @@ static kiln_status qz_plan_hf(qz_ctx *c)
                 continue;
             snprintf(hname, sizeof hname, "model.layers.%d.%s", il, s);
             if (!(t = hf_find_tensor(m, hname)))
-                continue; /* what the model needs is checked when OUT.tmp is loaded */
+                continue; /* what the model needs is checked when the output is loaded */
             snprintf(gname, sizeof gname, "blk.%d.%s", il, layer_names[i].gguf);
             if ((st = qz_hf_job(c, t, gname, &used)) != KILN_OK)
                 goto out;
@@ -768,6 +775,9 @@ out:
 
 static kiln_status qz_put(qz_ctx *c, const void *p, size_t n)
 {
+    if (c->p->cancel && *c->p->cancel)
+        return KILN_FAIL(KILN_ERR_CANCELLED, "cancelled; %s removed",
+                         gguf_writer_tmp_path(c->w));
     kiln_status st = gguf_writer_write(c->w, p, n);
     if (st != KILN_OK)
         return st;
@@ -935,7 +945,8 @@ static bool qz_hparams_differ(const qz_ctx *c, const model_hparams *g, char *buf
     return false;
 }
 
-/* Load OUT.tmp as kiln will and compare it with the source. */
+/* Load the finished temporary file as kiln will and compare it with the
+ * source. */
 static kiln_status qz_verify(qz_ctx *c)
 {
     const char *tmp = gguf_writer_tmp_path(c->w);
@@ -987,6 +998,52 @@ out:
  * ---------------------------------------------------------------------- */
 
 void model_quantize_params_default(model_quantize_params *p) { memset(p, 0, sizeof *p); }
+
+static bool same_file(const struct stat *a, const struct stat *b)
+{
+    return a->st_dev == b->st_dev && a->st_ino == b->st_ino;
+}
+
+/* Refuse an OUT whose rename would replace the input: the input file
+ * itself, or any file of an input directory (stat follows symbolic links,
+ * so "./m.gguf", a link to it, or a hard link are caught alike; Hugging
+ * Face caches hold links into a blob store).  An OUT that does not exist
+ * yet is none of these; an OUT that is a directory could not be renamed
+ * over at the end, so it is refused now rather than after the work. */
+static kiln_status qz_check_out(const char *in, const char *out)
+{
+    struct stat so, si;
+    if (stat(out, &so) != 0)
+        return KILN_OK;
+    if (S_ISDIR(so.st_mode))
+        return KILN_FAIL(KILN_ERR_INVALID_ARG,
+                         "output %s is a directory; name the GGUF file to write", out);
+    if (stat(in, &si) != 0)
+        return KILN_OK; /* opening the input names its fault */
+    if (same_file(&so, &si))
+        return KILN_FAIL(KILN_ERR_INVALID_ARG,
+                         "output %s is the input file %s: writing it would replace the "
+                         "model; choose another output path", out, in);
+    if (!S_ISDIR(si.st_mode))
+        return KILN_OK;
+    DIR *d = opendir(in);
+    if (!d)
+        return KILN_OK;
+    kiln_status st = KILN_OK;
+    struct dirent *e;
+    while (st == KILN_OK && (e = readdir(d)) != NULL) {
+        char path[PATH_MAX];
+        struct stat sf;
+        if (snprintf(path, sizeof path, "%s/%s", in, e->d_name) < (int)sizeof path &&
+            stat(path, &sf) == 0 && same_file(&sf, &so))
+            st = KILN_FAIL(KILN_ERR_INVALID_ARG,
+                           "output %s is %s of the input directory %s: writing it would "
+                           "replace part of the model; choose another output path", out,
+                           e->d_name, in);
+    }
+    closedir(d);
+    return st;
+}
 
 static kiln_status qz_run(qz_ctx *c, const char *out)
 {
@@ -1052,14 +1109,16 @@ kiln_status model_quantize(const char *in, const char *out, const char *type,
     c->mix = mix;
     c->in = in;
     c->n_threads = p->n_threads > 0 ? p->n_threads : omp_get_max_threads();
-    kiln_status st = model_source_open(in, &c->src);
+    kiln_status st = qz_check_out(in, out);
+    if (st == KILN_OK)
+        st = model_source_open(in, &c->src);
     if (st == KILN_OK)
         st = model_hparams_load(&c->src, &c->hp);
     if (st == KILN_OK)
         st = qz_run(c, out);
     if (st == KILN_OK && stats)
         *stats = c->stats;
-    gguf_writer_free(c->w); /* removes OUT.tmp unless committed */
+    gguf_writer_free(c->w); /* removes the temporary file unless committed */
     model_source_close(&c->src);
     kiln_free(c->jobs);
     kiln_free(c->rope_freqs);

@@ -10,6 +10,7 @@
 #ifndef KILN_MODEL_H
 #define KILN_MODEL_H
 
+#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -253,10 +254,12 @@ kiln_status model_weights_load_ex(model *m, const model_source *src, const ld_mo
  * permuted for GGUF's rope layout, gemma norms stored as w + 1, tokenizer).
  * TYPE names a quantization mix (quant.h, mix.c).  Tensors are processed
  * one at a time, big ones in row chunks of at most QUANTIZE_CHUNK_BYTES of
- * F32, and streamed to OUT.tmp; before OUT.tmp is renamed to OUT it is
- * loaded back with kiln's own loader and its architecture descriptor
- * checked against the source's, so a file kiln writes is one kiln runs as
- * the same model.
+ * F32, and streamed to a temporary file beside OUT (gguf_writer_open);
+ * before it is renamed to OUT it is loaded back with kiln's own loader and
+ * its architecture descriptor checked against the source's, so a file kiln
+ * writes is one kiln runs as the same model.  OUT may not be IN, nor any
+ * file of an input directory (the rename would replace the model being
+ * converted), however it is spelled.
  * ---------------------------------------------------------------------- */
 
 #define QUANTIZE_CHUNK_BYTES (16u << 20) /* F32 bytes of rows converted at once */
@@ -269,9 +272,10 @@ typedef kiln_tools_quantize_stats model_quantize_stats;
 
 void model_quantize_params_default(model_quantize_params *p);
 
-/* Quantize / convert in to out as type.  On failure nothing is left at out
- * (nor at out.tmp) and the message names the file, tensor, key or type at
- * fault; stats (may be NULL) is filled on success. */
+/* Quantize / convert in to out as type.  On failure (or cancellation)
+ * nothing is left at out nor at the temporary file, and the message names
+ * the file, tensor, key or type at fault; stats (may be NULL) is filled on
+ * success. */
 kiln_status model_quantize(const char *in, const char *out, const char *type,
                            const model_quantize_params *p, model_quantize_stats *stats);
 

@@ -63,6 +63,35 @@ tok_chat_family tok_chat_family_from_name(const char *name)
     return TOK_CHAT_NONE;
 }
 
+kiln_status kiln_chat_template_check(const char *name)
+{
+    tok_chat c;
+    kiln_status st = tok_chat_from_name(name, &c);
+    tok_chat_free(&c);
+    return st;
+}
+
+kiln_status tok_chat_from_name(const char *name, tok_chat *out)
+{
+    memset(out, 0, sizeof *out);
+    out->family = tok_chat_family_from_name(name);
+    if (out->family != TOK_CHAT_NONE)
+        return KILN_OK;
+    /* not a family: a template file, whose family is detected */
+    char *text = NULL;
+    size_t len;
+    if (!name || kiln_read_file(name, TOK_MAX_TEMPLATE, &text, &len) != KILN_OK)
+        return KILN_FAIL(KILN_ERR_INVALID_ARG,
+                         "chat template '%s' is neither a family kiln renders ("
+                         TOK_FAMILY_LIST ") nor a readable template file",
+                         name ? name : "(null)");
+    kiln_status st = tok_chat_detect(text, len, out);
+    kiln_free(text);
+    if (st != KILN_OK)
+        kiln_error_prefix("%s: ", name);
+    return st;
+}
+
 void tok_chat_free(tok_chat *c)
 {
     if (!c)
@@ -512,25 +541,8 @@ kiln_status kiln_chat_render(const kiln_tokenizer *tok, const kiln_chat_message 
     if (!have_model)
         kiln_error_clear();
     if (p->template_name) {
-        c.family = tok_chat_family_from_name(p->template_name);
-        if (c.family == TOK_CHAT_NONE) {
-            /* not a family: a template file, whose family is detected */
-            char *text = NULL;
-            size_t len;
-            if (kiln_read_file(p->template_name, TOK_MAX_TEMPLATE, &text, &len) != KILN_OK) {
-                st = KILN_FAIL(KILN_ERR_INVALID_ARG,
-                               "chat template '%s' is neither a family kiln renders ("
-                               TOK_FAMILY_LIST ") nor a readable template file",
-                               p->template_name);
-                goto out;
-            }
-            st = tok_chat_detect(text, len, &c);
-            kiln_free(text);
-            if (st != KILN_OK) {
-                kiln_error_prefix("%s: ", p->template_name);
-                goto out;
-            }
-        }
+        if ((st = tok_chat_from_name(p->template_name, &c)) != KILN_OK)
+            goto out;
         /* the model's default system prompt, when it is that family */
         if (have_model && model.family == c.family && model.default_system) {
             c.default_system = model.default_system;

@@ -57,6 +57,11 @@ static kiln_status tok_text_append(kiln_text *t, const char *s, size_t n)
     return KILN_OK;
 }
 
+kiln_status kiln_text_append(kiln_text *t, const char *s, size_t n)
+{
+    return tok_text_append(t, s, n);
+}
+
 kiln_status tok_text_put(kiln_text *t, const char *s, size_t n)
 {
     return tok_text_append(t, s, n);

@@ -409,6 +409,10 @@ kiln_status tok_chat_detect(const char *tmpl, size_t len, tok_chat *out);
 /* The family named name ("chatml", "qwen2", ...), or TOK_CHAT_NONE. */
 tok_chat_family tok_chat_family_from_name(const char *name);
 const char *tok_chat_family_name(tok_chat_family f);
+/* The family of --chat-template NAME: a family name, or a template file
+ * whose family is detected; KILN_ERR_INVALID_ARG / _UNSUPPORTED naming it
+ * otherwise.  Free *out with tok_chat_free. */
+kiln_status tok_chat_from_name(const char *name, tok_chat *out);
 void tok_chat_free(tok_chat *c);
 /* Render messages in family c into out (appended); bos is the BOS token's
  * text ("" when the model has none); enable_thinking as in

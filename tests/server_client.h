@@ -488,7 +488,7 @@ static inline void srv_start(srv *s, const char *const *args)
 static inline json_t *json_of(const char *s)
 {
     json_error_t e;
-    return json_loads(s, 0, &e);
+    return json_loads(s, JSON_ALLOW_NUL, &e); /* "\u0000" is valid JSON */
 }
 
 /* The value of a metric line "name{...} value" (the first sample whose

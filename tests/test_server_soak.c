@@ -11,7 +11,10 @@
  * the pool, of the connection threads' stacks and of the allocator's
  * arenas is not read as growth.
  *
- * The sanitizer build runs the same soak, shorter.
+ * The sanitizer build runs the same soak, shorter, on the tiny model
+ * (server_client.h), and leaves out the RSS bound: ASan keeps freed memory
+ * in quarantine, so its RSS grows by design; LeakSanitizer's report when
+ * the server exits (which fails srv_stop) checks for leaks instead.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -24,8 +27,8 @@
 
 #ifndef SOAK_REQUESTS
 #if SRV_SANITIZED
-#define SOAK_REQUESTS 300
-#define SOAK_CONCURRENCY 32
+#define SOAK_REQUESTS 500
+#define SOAK_CONCURRENCY 64
 #else
 #define SOAK_REQUESTS 2000
 #define SOAK_CONCURRENCY 128
@@ -36,9 +39,9 @@
 #define HEALTH_DEADLINE 5.0    /* seconds a probe may take */
 #define RSS_TOLERANCE 0.05
 #define MAX_SAMPLES 100000
-#define SOAK_CTX 128
-#define SOAK_LEAVE_TOKENS 64   /* what an abandoned request would generate */
-#define SOAK_SEQS 32
+#define SOAK_CTX 64
+#define SOAK_LEAVE_TOKENS 24   /* what an abandoned request would generate */
+#define SOAK_SEQS 16
 
 typedef struct soak {
     int port;
@@ -190,7 +193,7 @@ static void warm_up(soak *s)
         int n = snprintf(j->body, sizeof j->body, "{\"prompt\":[");
         for (int k = 0; k < SOAK_CTX - 2; k++)
             n += snprintf(j->body + n, sizeof j->body - (size_t)n, "%s%d", k ? "," : "",
-                          100 + (i * 131 + k * 7) % 20000);
+                          50 + (i * 131 + k * 7) % 900); /* in any test vocabulary */
         snprintf(j->body + n, sizeof j->body - (size_t)n, "],\"max_tokens\":1}");
         assert_int_equal(pthread_create(&th[i], NULL, warm_client, j), 0);
     }
@@ -268,8 +271,10 @@ static void test_soak(void **state)
     assert_true(idle); /* no request left, every KV block free */
     assert_true(s.health_probes > 0);
     assert_int_equal(s.health_failures, 0);
-    assert_true(first > 0 && last > 0);
-    assert_true(last / first - 1 <= RSS_TOLERANCE && 1 - last / first <= RSS_TOLERANCE);
+    if (!SRV_SANITIZED) {
+        assert_true(first > 0 && last > 0);
+        assert_true(last / first - 1 <= RSS_TOLERANCE && 1 - last / first <= RSS_TOLERANCE);
+    }
     srv_stop(&sv);
 }
 

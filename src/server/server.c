@@ -511,7 +511,7 @@ static void *load_main(void *arg)
     if (st == KILN_OK)
         st = kiln_engine_start(e);
     char msg[KILN_ERROR_MAX];
-    snprintf(msg, sizeof msg, "%s: %s", s->model_path, kiln_last_error());
+    snprintf(msg, sizeof msg, "%s", kiln_last_error()); /* it names the file at fault */
     pthread_mutex_lock(&s->mu);
     if (st == KILN_OK) {
         kiln_engine_stats es;

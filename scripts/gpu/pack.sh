@@ -23,6 +23,10 @@ for lib in libjansson.so.4 libpcre2-8.so.0 libutf8proc.so.2 libxxhash.so.0 libcm
     p=$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ && !p {p = $NF} END {print p}')
     [ -n "$p" ] && cp -L "$p" "$out/lib/"
 done
+# kiln serve's libmicrohttpd and what it links (GnuTLS and its helpers),
+# all but the C library's own
+ldd "$out/bin/kiln" | awk '$3 ~ /^\// {print $3}' | grep -E 'libmicrohttpd|libgnutls|libp11-kit|libidn2|libunistring|libtasn1|libnettle|libhogweed|libgmp|libffi' |
+    while read -r p; do cp -L "$p" "$out/lib/"; done
 strip --strip-debug "$out"/bin/* 2>/dev/null || true
 tar -C "$out" -cf - bin lib | xz -6 -T0 > "$out/kiln-bin.tar.xz"
 rm -rf "$out/bin" "$out/lib"

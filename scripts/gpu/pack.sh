@@ -31,6 +31,10 @@ if [ -n "$curl" ]; then
     ldd "$curl" | awk '/=> \// {print $3}' | grep -vE '/(libc|libm|libpthread|libdl|librt|ld-linux[^/]*)\.so' |
         while read -r dep; do cp -L "$dep" "$out/lib/"; done
 fi
+# kiln serve's libmicrohttpd and what it links (GnuTLS and its helpers),
+# all but the C library's own
+ldd "$out/bin/kiln" | awk '$3 ~ /^\// {print $3}' | grep -E 'libmicrohttpd|libgnutls|libp11-kit|libidn2|libunistring|libtasn1|libnettle|libhogweed|libgmp|libffi' |
+    while read -r p; do cp -L "$p" "$out/lib/"; done
 strip --strip-debug "$out"/bin/* 2>/dev/null || true
 tar -C "$out" -cf - bin lib | xz -6 -T0 > "$out/kiln-bin.tar.xz"
 rm -rf "$out/bin" "$out/lib"

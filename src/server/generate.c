@@ -563,7 +563,14 @@ static json_t *token_bytes(const server *s, int32_t id)
     return a;
 }
 
-static json_t *real_or_null(float v) { return isnan(v) ? json_null() : json_real(v); }
+/* A logprob as JSON: null for none (NAN); -9999 for an impossible token,
+ * as vLLM writes it (JSON has no -Infinity). */
+static json_t *logprob_json(float v)
+{
+    if (isnan(v))
+        return json_null();
+    return json_real(isfinite(v) ? (double)v : -9999.0);
+}
 
 /* Completions' logprobs object for tokens v[0..n); *offset is the text
  * offset of the first and advances past each token. */
@@ -575,7 +582,7 @@ static json_t *completion_logprobs(const server *s, const tok_rec *v, size_t n, 
         size_t len = 0;
         kiln_tokenizer_piece(s->tok, v[i].id, &len);
         json_array_append_new(tokens, token_string(s, v[i].id));
-        json_array_append_new(lps, real_or_null(v[i].lp));
+        json_array_append_new(lps, logprob_json(v[i].lp));
         json_array_append_new(offs, json_integer((json_int_t)*offset));
         *offset += len;
         if (isnan(v[i].lp)) {
@@ -586,7 +593,7 @@ static json_t *completion_logprobs(const server *s, const tok_rec *v, size_t n, 
         for (int j = 0; j < v[i].n_top; j++) {
             json_t *k = token_string(s, v[i].top_ids[j]);
             if (k && !json_object_get(top, json_string_value(k)))
-                json_object_set_new(top, json_string_value(k), json_real(v[i].top_lps[j]));
+                json_object_set_new(top, json_string_value(k), logprob_json(v[i].top_lps[j]));
             json_decref(k);
         }
         json_array_append_new(tops, top);
@@ -602,13 +609,13 @@ static json_t *chat_logprobs(const server *s, const tok_rec *v, size_t n)
     for (size_t i = 0; i < n; i++) {
         json_t *top = json_array();
         for (int j = 0; j < v[i].n_top; j++)
-            json_array_append_new(top, json_pack("{s:o,s:f,s:o}", "token",
+            json_array_append_new(top, json_pack("{s:o,s:o,s:o}", "token",
                                                  token_string(s, v[i].top_ids[j]), "logprob",
-                                                 (double)v[i].top_lps[j], "bytes",
+                                                 logprob_json(v[i].top_lps[j]), "bytes",
                                                  token_bytes(s, v[i].top_ids[j])));
         json_array_append_new(content,
-                              json_pack("{s:o,s:f,s:o,s:o}", "token", token_string(s, v[i].id),
-                                        "logprob", (double)v[i].lp, "bytes",
+                              json_pack("{s:o,s:o,s:o,s:o}", "token", token_string(s, v[i].id),
+                                        "logprob", logprob_json(v[i].lp), "bytes",
                                         token_bytes(s, v[i].id), "top_logprobs", top));
     }
     return json_pack("{s:o}", "content", content);

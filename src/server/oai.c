@@ -23,6 +23,8 @@
 #include <stdarg.h>
 #include <stdio.h>
 
+#include <utf8proc.h>
+
 #include "server/server.h"
 
 /* ------------------------------------------------------------------------
@@ -79,37 +81,13 @@ char *oai_error_json(const oai_error *e)
  * ---------------------------------------------------------------------- */
 
 /* Length of the well-formed UTF-8 sequence at s[0..n), or 0 if ill-formed
- * (overlong forms, surrogates and code points above U+10FFFF included). */
+ * (utf8proc refuses overlong forms, surrogates and code points above
+ * U+10FFFF). */
 static size_t utf8_seq(const unsigned char *s, size_t n)
 {
-    unsigned c = s[0];
-    if (c < 0x80)
-        return 1;
-    size_t len;
-    unsigned lo = 0x80, hi = 0xBF;
-    if (c >= 0xC2 && c <= 0xDF)
-        len = 2;
-    else if (c >= 0xE0 && c <= 0xEF) {
-        len = 3;
-        if (c == 0xE0)
-            lo = 0xA0;
-        else if (c == 0xED)
-            hi = 0x9F;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-        len = 4;
-        if (c == 0xF0)
-            lo = 0x90;
-        else if (c == 0xF4)
-            hi = 0x8F;
-    } else {
-        return 0;
-    }
-    if (n < len || s[1] < lo || s[1] > hi)
-        return 0;
-    for (size_t i = 2; i < len; i++)
-        if (s[i] < 0x80 || s[i] > 0xBF)
-            return 0;
-    return len;
+    utf8proc_int32_t cp;
+    utf8proc_ssize_t k = utf8proc_iterate(s, (utf8proc_ssize_t)(n < 4 ? n : 4), &cp);
+    return k > 0 ? (size_t)k : 0;
 }
 
 /* Offset of the first ill-formed byte, or n. */

@@ -386,6 +386,7 @@ typedef struct conn_ctx {
     route r;
     kiln_text body;
     bool too_large;
+    bool answered;      /* refused at the first call: the rest is ignored */
 } conn_ctx;
 
 static int dispatch(server *s, struct MHD_Connection *conn, conn_ctx *cc)
@@ -455,9 +456,12 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *conn, const cha
         if (!cc)
             return MHD_NO;
         *con_cls = cc;
-        bool answered;
-        int ret = begin(s, conn, url, method, cc, &answered);
-        return answered ? (enum MHD_Result)ret : MHD_YES;
+        int ret = begin(s, conn, url, method, cc, &cc->answered);
+        return cc->answered ? (enum MHD_Result)ret : MHD_YES;
+    }
+    if (cc->answered) {
+        *upload_size = 0;
+        return MHD_YES;
     }
     if (*upload_size) {
         if (cc->body.len + *upload_size > s->o.max_body)
@@ -511,7 +515,7 @@ static void *load_main(void *arg)
     if (st == KILN_OK)
         st = kiln_engine_start(e);
     char msg[KILN_ERROR_MAX];
-    snprintf(msg, sizeof msg, "%s: %s", s->model_path, kiln_last_error());
+    snprintf(msg, sizeof msg, "%s", kiln_last_error()); /* it names the file at fault */
     pthread_mutex_lock(&s->mu);
     if (st == KILN_OK) {
         kiln_engine_stats es;

@@ -30,6 +30,7 @@ typedef struct run_opts {
     float gpu_mem_fraction; /* 0 = the engine's default */
     int eager;              /* no CUDA graphs */
     int fast_activations;   /* 8-bit activations in quantized matmuls */
+    int deterministic;      /* batch-invariant engine */
     kiln_sampling sampling;
     int load_streams;       /* device loading: upload streams (0 = default) */
     int load_ring_mib;      /* device loading: pinned staging ring (0 = default) */

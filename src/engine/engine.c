@@ -109,6 +109,7 @@ static kiln_status resolve_params(const engine_runner *r, kiln_engine_params *p)
                          p->block_size, INT32_MAX);
     p->kv_f32 = p->kv_f32 != 0;
     p->eager = p->eager != 0;
+    p->deterministic = p->deterministic != 0;
     return KILN_OK;
 #undef BAD
 }
@@ -159,6 +160,7 @@ kiln_status engine_create_with_runner(const engine_runner *r,
         .max_seqs = p.max_seqs,
         .kv_f32 = p.kv_f32 != 0,
         .eager = p.eager != 0,
+        .deterministic = p.deterministic != 0,
         .mem_fraction = p.gpu_mem_fraction,
     };
     st = r->prepare(r->ctx, &ep);

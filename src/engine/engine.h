@@ -31,6 +31,7 @@ typedef struct engine_prepare {
     int max_seqs;
     bool kv_f32;
     bool eager;         /* no CUDA graphs */
+    bool deterministic; /* batch-invariant forward (kb_reserve.deterministic) */
     float mem_fraction; /* of the device's memory, for weights + scratch + KV */
 } engine_prepare;
 

@@ -91,7 +91,7 @@ static const kb_weight *bias_of(const kb_weight *b) { return kb_weight_present(b
 static int max_i(int a, int b) { return a > b ? a : b; }
 
 kiln_status model_backend_reserve(model *m, int max_tokens, int max_seqs, int max_ctx,
-                                  int max_pen)
+                                  int max_pen, bool deterministic)
 {
     const model_hparams *hp = &m->hp;
     kb_backend *be = m->be;
@@ -108,6 +108,7 @@ kiln_status model_backend_reserve(model *m, int max_tokens, int max_seqs, int ma
         .head_dim = max_i(hp->head_dim, hp->head_dim_v),
         .n_vocab = hp->n_vocab,
         .max_pen = max_pen,
+        .deterministic = deterministic,
     };
     return be->ops->reserve(be, &rs);
 }

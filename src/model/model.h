@@ -147,9 +147,10 @@ void model_scratch_free(model *m, model_scratch *s);
 /* Have the backend reserve its own scratch (kb_ops.reserve, where it has
  * one) for steps of up to max_tokens tokens (or logit rows) over max_seqs
  * sequences of up to max_ctx tokens, sampling rows with up to max_pen
- * penalty entries; the weight shapes come from the model. */
+ * penalty entries, batch-invariant when deterministic (kb_reserve); the
+ * weight shapes come from the model. */
 kiln_status model_backend_reserve(model *m, int max_tokens, int max_seqs, int max_ctx,
-                                  int max_pen);
+                                  int max_pen, bool deterministic);
 
 /* Run the layers over batch b (already in the backend's memory) and leave
  * the logits of b->out_rows in s->logits (b->n_out, n_vocab). */

@@ -124,7 +124,7 @@ static void bench_usage(FILE *f)
 {
     fprintf(f, "usage: kiln bench -m MODEL [--device DEV] [-t N] [-p P] [-n N] [-b B[,B...]] "
                "[--reps R] [--json]\n"
-               "                  [--fast-activations] [generate's model options]\n\n"
+               "                  [--fast-activations] [--deterministic] [generate's model options]\n\n"
                "  -p P       prompt tokens for the prefill figure (default 512; 0 skips it)\n"
                "  -n N       tokens each request generates (default 128; 0 skips it)\n"
                "  -b B,...   requests decoding at once, one figure per value (default 1)\n"
@@ -336,9 +336,11 @@ int cmd_bench(int argc, char **argv)
         if (c.json) {
             printf("{\"model\": \"%s\", \"arch\": \"%s\", \"device\": \"%s\", "
                    "\"threads\": %d, \"load_sec\": %.3f, \"decode_bytes\": %llu, "
-                   "\"copy_gb_s\": %.1f, \"matmul_tflop_s\": %.1f, \"reps\": %d",
+                   "\"copy_gb_s\": %.1f, \"matmul_tflop_s\": %.1f, \"reps\": %d, "
+                   "\"deterministic\": %s",
                    o.model, kiln_model_arch(m), o.device, o.threads, load_sec,
-                   (unsigned long long)w_bytes, copy_bps / 1e9, mm_rate / 1e12, c.reps);
+                   (unsigned long long)w_bytes, copy_bps / 1e9, mm_rate / 1e12, c.reps,
+                   o.deterministic ? "true" : "false");
             if (c.pp > 0)
                 printf(", \"pp_tokens\": %d, \"pp_tok_s\": %.2f, \"ttft_ms\": %.3f, "
                        "\"pp_tflop_s\": %.2f, \"pp_pct_of_roofline\": %.1f", c.pp, pp,

@@ -38,6 +38,7 @@ typedef struct run_opts {
     const char *pd;         /* --pd: prefill/decode split, or NULL */
     const char *decode_pipeline; /* --decode-pipeline, or NULL */
     int fast_activations;   /* 8-bit activations in quantized matmuls */
+    int deterministic;      /* batch-invariant engine */
     kiln_sampling sampling;
     int load_streams;       /* device loading: upload streams (0 = default) */
     int load_ring_mib;      /* device loading: pinned staging ring (0 = default) */

@@ -143,6 +143,8 @@ int cli_parse_common(run_opts *o, int argc, char **argv, int *i)
         o->eager = 1;
     } else if (!strcmp(a, "--fast-activations")) {
         o->fast_activations = 1;
+    } else if (!strcmp(a, "--deterministic")) {
+        o->deterministic = 1;
     } else if (!strcmp(a, "--ignore-eos")) {
         o->sampling.ignore_eos = 1;
     } else if (!strcmp(a, "--chat-template")) {
@@ -225,6 +227,7 @@ kiln_engine *cli_make_engine(kiln_model *m, const run_opts *o, int max_seqs, int
     ep.eager = o->eager;
     ep.pd = o->pd;
     ep.decode_pipeline = o->decode_pipeline;
+    ep.deterministic = o->deterministic;
     kiln_engine *e = NULL;
     kiln_status st = kiln_engine_create(m, &ep, &e);
     if (st != KILN_OK) {
@@ -534,6 +537,8 @@ static void generate_usage(FILE *f)
             "  --fast-activations       quantized matmuls round activations to 8 bits per\n"
             "                           block (llama.cpp's way): faster on GPUs, slightly\n"
             "                           less accurate (default: exact float32)\n"
+            "  --deterministic          batch-invariant: the output does not depend on\n"
+            "                           what else shares the engine's steps (see README)\n"
             "  --load-streams N         GPU loading: upload streams (default 4)\n"
             "  --load-ring MIB          GPU loading: bound on the pinned staging memory\n"
             "                           (default 512; 80 are used at the defaults)\n"

@@ -240,6 +240,14 @@ static void test_glu(void **state)
                     }
                 }
             }
+            /* batch invariance: each row alone gives its bits in the batch */
+            float *one = xmalloc((size_t)n * 4);
+            for (int r = 0; r < rows; r++) {
+                const size_t o = (size_t)r * n;
+                g_be[r % 2]->ops->glu(g_be[r % 2], one, g + o, u + o, 1, n, (kb_act)act);
+                assert_memory_equal(one, out + o, (size_t)n * 4);
+            }
+            free(one);
         }
         free(g), free(u), free(out), free(ref);
     }
@@ -443,30 +451,13 @@ static void test_embed(void **state)
     }
 }
 
-/* The bytes of a block that hold quants, for the formats whose exact dot
- * computes an offset apart from the scaled quant dot (m * sum(x), or the
- * K-quant mins through sums of x): zeroing them leaves the offset alone. */
-static bool offset_quant_bytes(kiln_type t, int *lo, int *hi)
-{
-    switch (t) {
-    case KILN_TYPE_Q4_1: *lo = 4; *hi = 20; return true;
-    case KILN_TYPE_Q5_1: *lo = 4; *hi = 24; return true;
-    case KILN_TYPE_Q2_K: *lo = 16; *hi = 80; return true;
-    case KILN_TYPE_Q4_K: *lo = 16; *hi = 144; return true;
-    case KILN_TYPE_Q5_K: *lo = 16; *hi = 176; return true;
-    default: return false;
-    }
-}
-
 /* Run one matmul case on backend be (with its activation mode as set) and
  * check every output.
  *
  * Float activations (the default): against the double-precision dot of the
- * dequantized weight with the float activation, to 2e-6 of sum_i (|w_i| +
- * |o_i|) |x_i| (+ 1e-6 |bias|), o_i being the offset part of w_i in the
- * formats that sum it apart (see test_quant.c; the GEMM path of 9 or more
- * rows has no such term and lands well inside).  Both paths only round
- * float sums, ~1e-7 relative here.
+ * dequantized weight with the float activation, to 2e-6 of sum_i |w_i x_i|
+ * (+ 1e-6 |bias|): every path multiplies the dequantized weight itself and
+ * only rounds float sums, ~1e-7 relative here.
  *
  * 8-bit activations (fast): twice, against the dot with the activation as
  * the kernel sees it (quantized then dequantized), to 1e-4 of sum |w a|,
@@ -479,18 +470,11 @@ static void check_matmul(kb_backend *be, kiln_type t, int n_in, int n_out, int r
     const quant_traits *tr = quant_get_traits(t), *vt = quant_get_traits(tr->fast_vec_dot_type);
     float *wdeq, *x = xmalloc((size_t)rows * n_in * 4), *out = xmalloc((size_t)rows * n_out * 4);
     float *bias = xmalloc((size_t)n_out * 4), *adeq = xmalloc((size_t)n_in * 4);
-    float *odeq = xmalloc((size_t)n_in * 4);
     uint64_t arb;
     assert_int_equal(quant_row_size(tr->fast_vec_dot_type, (uint64_t)n_in, &arb, "act"), KILN_OK);
-    uint8_t *aq = xmalloc(arb), *w0 = xmalloc(1);
+    uint8_t *aq = xmalloc(arb);
     kb_weight w = make_weight(t, n_in, n_out, &wdeq);
     kb_weight bw = f32_vector(bias, n_out, "bias");
-    int olo, ohi;
-    const bool has_offset = !fast && offset_quant_bytes(t, &olo, &ohi);
-    if (has_offset) {
-        free(w0);
-        w0 = xmalloc(w.row_bytes);
-    }
     rnd_fill(x, (size_t)rows * n_in, 1.0f);
     for (int r = 0; r < rows; r += 3) /* rows of other magnitudes */
         for (int i = 0; i < n_in; i++)
@@ -512,15 +496,7 @@ static void check_matmul(kb_backend *be, kiln_type t, int n_in, int n_out, int r
         for (int o = 0; o < n_out; o++) {
             const float *wr = wdeq + (size_t)o * n_in;
             const uint8_t *wrow = (const uint8_t *)w.data + w.row_bytes * o;
-            double ref_a = 0, ref_x = 0, mag = 0, omag = 0, qerr = 0, s_err = 0;
-            if (has_offset) { /* the row with its quants zeroed: its offsets */
-                memcpy(w0, wrow, w.row_bytes);
-                for (size_t b = 0; b < w.row_bytes / tr->type_size; b++)
-                    memset(w0 + b * tr->type_size + olo, 0, (size_t)(ohi - olo));
-                tr->dequantize(w0, odeq, n_in);
-                for (int i = 0; i < n_in; i++)
-                    omag += fabs((double)odeq[i] * xr[i]);
-            }
+            double ref_a = 0, ref_x = 0, mag = 0, qerr = 0, s_err = 0;
             for (int i = 0; i < n_in; i++) {
                 ref_a += (double)wr[i] * adeq[i];
                 ref_x += (double)wr[i] * xr[i];
@@ -529,7 +505,7 @@ static void check_matmul(kb_backend *be, kiln_type t, int n_in, int n_out, int r
             const double bo = with_bias ? bias[o] : 0.0;
             const double got = out[(size_t)r * n_out + o];
             if (!fast) {
-                const double tol = 2e-6 * (mag + omag) + 1e-6 * fabs(bo) + 1e-30;
+                const double tol = 2e-6 * mag + 1e-6 * fabs(bo) + 1e-30;
                 if (!(fabs(got - (ref_x + bo)) <= tol)) {
                     print_error("matmul %s %dx%d rows %d (float act): [%d,%d] got %.9g, want "
                                 "%.9g (err %.3g, tol %.3g); KILN_TEST_SEED=%llu\n",
@@ -573,7 +549,6 @@ static void check_matmul(kb_backend *be, kiln_type t, int n_in, int n_out, int r
         }
     }
     free((void *)w.data), free(wdeq), free(x), free(out), free(bias), free(adeq), free(aq);
-    free(odeq), free(w0);
 }
 
 /* The matmul cases, on the backends' current activation mode.  Fewer than
@@ -629,6 +604,68 @@ static void test_matmul_fast(void **state)
     for (int i = 0; i < 3; i++)
         kb_cpu_set_fast_activations(g_be[i], false);
     kb_cpu_set_fast_activations(NULL, true); /* a no-op */
+}
+
+/* Batch invariance: a row's matmul result, bit for bit, does not depend on
+ * the other rows of the step, how many there are, the backend's threads, or
+ * which kernel serves that row count (the fused multi-row kernels up to
+ * QUANT_MM_MAX_ROWS rows where the build has them, the dequantize-then-
+ * GEMM path above).  The same rows run as one step of 21, then in steps of
+ * 1 to 13 rows spread over the three backends, each compared exactly. */
+static void check_invariant(kiln_type t, int n_in, int n_out)
+{
+    enum { ROWS = 21 };
+    static const int steps[] = {1, 2, 3, 5, 8, 9, 13};
+    float *deq, *x = xmalloc((size_t)ROWS * n_in * 4), *bias = xmalloc((size_t)n_out * 4);
+    float *full = xmalloc((size_t)ROWS * n_out * 4), *part = xmalloc((size_t)ROWS * n_out * 4);
+    kb_weight w = make_weight(t, n_in, n_out, &deq);
+    kb_weight bw = f32_vector(bias, n_out, "bias");
+    rnd_fill(x, (size_t)ROWS * n_in, 1.0f);
+    for (int r = 0; r < ROWS; r += 4)
+        for (int i = 0; i < n_in; i++)
+            x[(size_t)r * n_in + i] *= r % 8 ? 30.0f : 0.02f;
+    rnd_fill(bias, n_out, 1.0f);
+    g_be[1]->ops->matmul(g_be[1], full, x, &w, &bw, ROWS);
+    for (size_t si = 0; si < sizeof steps / sizeof steps[0]; si++) {
+        const int step = steps[si];
+        poison(part, (size_t)ROWS * n_out);
+        for (int r0 = 0; r0 < ROWS; r0 += step) {
+            kb_backend *be = g_be[(r0 / step) % 3];
+            const int n = ROWS - r0 < step ? ROWS - r0 : step;
+            be->ops->matmul(be, part + (size_t)r0 * n_out, x + (size_t)r0 * n_in, &w, &bw, n);
+        }
+        for (size_t i = 0; i < (size_t)ROWS * n_out; i++)
+            if (kiln_fp32_to_bits(part[i]) != kiln_fp32_to_bits(full[i])) {
+                print_error("matmul %s %dx%d: row %zu, output %zu: %.9g in steps of %d rows, "
+                            "%.9g in one of %d; KILN_TEST_SEED=%llu\n",
+                            quant_get_traits(t)->name, n_out, n_in, i / n_out, i % n_out,
+                            (double)part[i], step, (double)full[i], ROWS,
+                            (unsigned long long)g_seed);
+                fail();
+            }
+    }
+    free((void *)w.data), free(deq), free(x), free(bias), free(full), free(part);
+}
+
+static void matmul_invariant_cases(void)
+{
+    for (size_t ti = 0; ti < N_WTYPES; ti++)
+        if (quant_get_traits(g_wtypes[ti])->supported)
+            check_invariant(g_wtypes[ti], 768, 37); /* two column chunks */
+    check_invariant(KILN_TYPE_F32, 100, 9);        /* rows that are not whole vectors */
+    check_invariant(KILN_TYPE_Q4_1, 1536, 70);     /* three chunks, uneven thread splits */
+}
+
+static void test_matmul_invariant(void **state)
+{
+    (void)state;
+    seed_test(10);
+    matmul_invariant_cases();
+    for (int i = 0; i < 3; i++)
+        kb_cpu_set_fast_activations(g_be[i], true);
+    matmul_invariant_cases();
+    for (int i = 0; i < 3; i++)
+        kb_cpu_set_fast_activations(g_be[i], false);
 }
 
 /* ------------------------------------------------------------------------
@@ -875,6 +912,7 @@ int main(void)
         cmocka_unit_test(test_embed),
         cmocka_unit_test(test_matmul),
         cmocka_unit_test(test_matmul_fast),
+        cmocka_unit_test(test_matmul_invariant),
         cmocka_unit_test(test_kv_create_errors),
         cmocka_unit_test(test_attention),
     };

@@ -111,6 +111,13 @@ typedef struct kb_reserve {
     int head_dim;        /* largest head dim of q/k/v */
     int64_t n_vocab;     /* logits row length (sampling) */
     int max_pen;         /* penalty entries of one row (sampling) */
+    /* Batch-invariant ops (kiln_engine_params.deterministic): every op
+     * must give each token row, bit for bit, the result it would get in
+     * any other step - whatever the other rows, their number, or how a
+     * prompt is split into steps - so no kernel choice, tiling, thread
+     * split or reduction order may depend on the step's shape
+     * (docs/engine.md, "Batch-invariant mode"). */
+    bool deterministic;
 } kb_reserve;
 
 typedef struct kb_graph kb_graph; /* a captured sequence of ops (CUDA graph) */

@@ -125,12 +125,7 @@ static kiln_status resolve_params(const model_runner *r, kiln_engine_params *p)
                          p->block_size, INT32_MAX);
     p->kv_f32 = p->kv_f32 != 0;
     p->eager = p->eager != 0;
-    /* Refused until the backends reduce in a batch-independent order: a
-     * caller that asks for it must not get silently batch-dependent logits. */
-    if (p->deterministic)
-        return KILN_FAIL(KILN_ERR_UNSUPPORTED,
-                         "engine params: deterministic (batch-invariant) mode is not "
-                         "supported by this build");
+    p->deterministic = p->deterministic != 0;
     return KILN_OK;
 #undef BAD
 }
@@ -181,6 +176,7 @@ kiln_status engine_create_with_runner(const model_runner *r,
         .max_seqs = p.max_seqs,
         .kv_f32 = p.kv_f32 != 0,
         .eager = p.eager != 0,
+        .deterministic = p.deterministic != 0,
         .mem_fraction = p.gpu_mem_fraction,
     };
     st = r->prepare(r->ctx, &ep);

@@ -93,7 +93,7 @@ static const kb_weight *bias_of(const kb_weight *b) { return kb_weight_present(b
 static int max_i(int a, int b) { return a > b ? a : b; }
 
 kiln_status model_backend_reserve(model *m, kb_backend *ctx, int max_tokens, int max_seqs,
-                                  int max_ctx, int max_pen)
+                                  int max_ctx, int max_pen, bool deterministic)
 {
     const model_hparams *hp = &m->hp;
     kb_backend *be = ctx;
@@ -110,6 +110,7 @@ kiln_status model_backend_reserve(model *m, kb_backend *ctx, int max_tokens, int
         .head_dim = max_i(hp->head_dim, hp->head_dim_v),
         .n_vocab = hp->n_vocab,
         .max_pen = max_pen,
+        .deterministic = deterministic,
     };
     return be->ops->reserve(be, &rs);
 }

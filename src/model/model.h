@@ -161,9 +161,10 @@ void model_scratch_free(model *m, model_scratch *s);
 /* Have execution context ctx reserve its own scratch (kb_ops.reserve, where
  * it has one) for steps of up to max_tokens tokens (or logit rows) over
  * max_seqs sequences of up to max_ctx tokens, sampling rows with up to
- * max_pen penalty entries; the weight shapes come from the model. */
+ * max_pen penalty entries, batch-invariant when deterministic (kb_reserve);
+ * the weight shapes come from the model. */
 kiln_status model_backend_reserve(model *m, kb_backend *ctx, int max_tokens, int max_seqs,
-                                  int max_ctx, int max_pen);
+                                  int max_ctx, int max_pen, bool deterministic);
 
 /* Run the layers over batch b (already in the memory of s->be) on s->be
  * and leave the logits of b->out_rows in s->logits (b->n_out, n_vocab). */
@@ -204,7 +205,8 @@ kiln_status model_pipeline_create(kiln_model *km, int attn_sm, int ffn_sm,
                                   model_pipeline **out);
 /* Scratch and reservations for steps of up to max_seqs sequences of up to
  * n_ctx tokens. */
-kiln_status model_pipeline_prepare(model_pipeline *p, int max_seqs, int n_ctx, int max_pen);
+kiln_status model_pipeline_prepare(model_pipeline *p, int max_seqs, int n_ctx, int max_pen,
+                                   bool deterministic);
 /* One pure decode step (token i is sequence i, every row wants logits) of
  * 2 or more rows: its K/V into kv, its logits (b->n_out, n_vocab) into
  * `logits` (device memory); both partitions are idle when it returns. */

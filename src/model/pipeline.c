@@ -70,7 +70,8 @@ kiln_status model_pipeline_create(kiln_model *km, int attn_sm, int ffn_sm,
     return KILN_OK;
 }
 
-kiln_status model_pipeline_prepare(model_pipeline *p, int max_seqs, int n_ctx, int max_pen)
+kiln_status model_pipeline_prepare(model_pipeline *p, int max_seqs, int n_ctx, int max_pen,
+                                   bool deterministic)
 {
     model *m = p->m;
     int half = PIPE_HALF(max_seqs);
@@ -80,7 +81,8 @@ kiln_status model_pipeline_prepare(model_pipeline *p, int max_seqs, int n_ctx, i
             return st;
         p->mb_ready[k] = true;
         /* both contexts run GEMM / matvec / attention of up to a step's rows */
-        if ((st = model_backend_reserve(m, p->ctx[k], max_seqs, max_seqs, n_ctx, max_pen)))
+        if ((st = model_backend_reserve(m, p->ctx[k], max_seqs, max_seqs, n_ctx, max_pen,
+                                        deterministic)))
             return st;
     }
     p->max_rows = max_seqs;

@@ -195,7 +195,8 @@ static kiln_status runner_prepare(void *ctx, model_prepare *ep)
     r->scratch_ready = true;
     r->max_out = ep->max_out;
     int max_rows = ep->max_tokens > ep->max_out ? ep->max_tokens : ep->max_out;
-    if ((st = model_backend_reserve(m, be, max_rows, ep->max_seqs, ep->n_ctx, RUNNER_MAX_PEN)))
+    if ((st = model_backend_reserve(m, be, max_rows, ep->max_seqs, ep->n_ctx, RUNNER_MAX_PEN,
+                                    ep->deterministic)))
         return st;
     if (!be->host_memory) {
         r->logits_host = kiln_malloc_array((size_t)ep->max_out * (size_t)m->hp.n_vocab,
@@ -235,7 +236,8 @@ static kiln_status runner_prepare(void *ctx, model_prepare *ep)
     }
     if (graphs && (st = capture_graphs(r, ep)))
         return st;
-    if (r->pipe && (st = model_pipeline_prepare(r->pipe, ep->max_seqs, ep->n_ctx, RUNNER_MAX_PEN)))
+    if (r->pipe && (st = model_pipeline_prepare(r->pipe, ep->max_seqs, ep->n_ctx, RUNNER_MAX_PEN,
+                                                ep->deterministic)))
         return st;
     return KILN_OK;
 }

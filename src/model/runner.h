@@ -35,6 +35,7 @@ typedef struct model_prepare {
     int max_seqs;
     bool kv_f32;
     bool eager;         /* no CUDA graphs */
+    bool deterministic; /* batch-invariant forward (kb_reserve.deterministic) */
     float mem_fraction; /* of the device's memory, for weights + scratch + KV */
     float kv_share;     /* of what mem_fraction leaves, the share this pool
                            takes (0 = all; a prefill/decode split on one

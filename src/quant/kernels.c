@@ -79,7 +79,7 @@ static const kernel_row rows[KILN_TYPE_COUNT] = {
 /* The SIMD dequantization of a type, where the build has one. */
 static quant_dequant_fn dequant_fast(kiln_type type)
 {
-#if KQ_HAVE_AVX512
+#if KQ_HAVE_X86
     switch (type) {
     case KILN_TYPE_Q4_0: return dequant_row_q4_0_x86;
     case KILN_TYPE_Q4_1: return dequant_row_q4_1_x86;
@@ -91,6 +91,28 @@ static quant_dequant_fn dequant_fast(kiln_type type)
     case KILN_TYPE_Q4_K: return dequant_row_q4_K_x86;
     case KILN_TYPE_Q5_K: return dequant_row_q5_K_x86;
     case KILN_TYPE_Q6_K: return dequant_row_q6_K_x86;
+    default: break;
+    }
+#endif
+    (void)type;
+    return NULL;
+}
+
+/* The exact multi-row product of a type, where the build has one. */
+static quant_mm_fn mm_fast(kiln_type type)
+{
+#if KQ_HAVE_X86
+    switch (type) {
+    case KILN_TYPE_Q4_0: return mm_q4_0_x86;
+    case KILN_TYPE_Q4_1: return mm_q4_1_x86;
+    case KILN_TYPE_Q5_0: return mm_q5_0_x86;
+    case KILN_TYPE_Q5_1: return mm_q5_1_x86;
+    case KILN_TYPE_Q8_0: return mm_q8_0_x86;
+    case KILN_TYPE_Q2_K: return mm_q2_K_x86;
+    case KILN_TYPE_Q3_K: return mm_q3_K_x86;
+    case KILN_TYPE_Q4_K: return mm_q4_K_x86;
+    case KILN_TYPE_Q5_K: return mm_q5_K_x86;
+    case KILN_TYPE_Q6_K: return mm_q6_K_x86;
     default: break;
     }
 #endif
@@ -117,6 +139,7 @@ void quant_fill_kernels(quant_traits *t, kiln_type type)
     t->vec_dot = r->vec_dot;
     t->fast_vec_dot_type = r->fast_vec_dot_type;
     t->fast_vec_dot = r->fast;
+    t->mm = mm_fast(type);
 }
 
 quant_vec_dot_fn quant_vec_dot_ref(kiln_type type)

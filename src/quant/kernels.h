@@ -6,8 +6,9 @@
  * fast_vec_dot) and vecdot_x86.c their AVX2 / AVX-512 versions;
  * vecdot_f32.c the scalar dot products against float activations (the
  * traits' vec_dot) and vecdot_f32_avx2.c / vecdot_f32_avx512.c theirs;
- * dequant_avx512.c the dequantizations again with AVX-512.  kernels.c
- * installs the fastest the build's instruction set allows.
+ * dequant_avx2.c / dequant_avx512.c the dequantizations again with SIMD;
+ * mm_x86.c the exact multi-row products (quant_mm_fn) of x86 builds.
+ * kernels.c installs the fastest the build's instruction set allows.
  *
  * Every kernel takes n elements, a multiple of its type's block size.
  */
@@ -124,8 +125,8 @@ void vec_dot_q6_K_x86(int64_t n, float *s, const void *w, const void *a);
 #endif
 void prepare_f32_sums_x86(const float *x, void *dst, int64_t n, int64_t b0,
                           int64_t b1);
-#if KQ_HAVE_AVX512
-/* dequant_avx512.c: dequant.c's conversions, bitwise the same. */
+/* dequant_avx512.c where the build has AVX-512, else dequant_avx2.c:
+ * dequant.c's conversions, bitwise the same. */
 void dequant_row_q4_0_x86(const void *src, float *dst, int64_t n);
 void dequant_row_q4_1_x86(const void *src, float *dst, int64_t n);
 void dequant_row_q5_0_x86(const void *src, float *dst, int64_t n);
@@ -136,7 +137,21 @@ void dequant_row_q3_K_x86(const void *src, float *dst, int64_t n);
 void dequant_row_q4_K_x86(const void *src, float *dst, int64_t n);
 void dequant_row_q5_K_x86(const void *src, float *dst, int64_t n);
 void dequant_row_q6_K_x86(const void *src, float *dst, int64_t n);
-#endif
+/* mm_x86.c: the exact multi-row products (quant_mm_fn). */
+#define KQ_MM_X86(t)                                                           \
+    void mm_##t##_x86(int64_t n, int mr, const void *w, size_t ws, int64_t n_w, \
+                      const float *x, size_t xs, float *res, size_t rs);
+KQ_MM_X86(q4_0)
+KQ_MM_X86(q4_1)
+KQ_MM_X86(q5_0)
+KQ_MM_X86(q5_1)
+KQ_MM_X86(q8_0)
+KQ_MM_X86(q2_K)
+KQ_MM_X86(q3_K)
+KQ_MM_X86(q4_K)
+KQ_MM_X86(q5_K)
+KQ_MM_X86(q6_K)
+#undef KQ_MM_X86
 #define KQ_F32_X86(t)                                                          \
     void vec_dot_##t##_f32_x86(int64_t n, float *s, const void *w,           \
                                const void *a);

@@ -84,15 +84,61 @@ typedef void (*quant_quantize_fn)(const float *src, void *dst, int64_t n);
 typedef void (*quant_vec_dot_fn)(int64_t n, float *s, const void *w,
                                  const void *a);
 
+/* The exact product of a few activation rows with a few weight rows, the
+ * weights decoded once for all the activation rows:
+ *
+ *   res[t * res_stride + r] = dot(weight row r, activation row t)
+ *
+ * for t < mr (1 <= mr <= QUANT_MM_MAX_ROWS) and r < n_w, over n elements (a
+ * multiple of the block size); weight row r is
+ * at w + r * w_stride bytes, activation row t at x + t * x_stride floats.
+ * Bit for bit, each result is the CPU matmul's exact arithmetic
+ * (backend/cpu/matmul.c): the dequantized weight (as dequantize gives it)
+ * times the float activation, accumulated by FMA in QUANT_MM_LANES lanes,
+ * lane j taking the elements k = j mod QUANT_MM_LANES in order, then the
+ * lanes added by quant_mm_hsum.  So a matmul gives a row the same result
+ * whatever other rows share the step and whichever of this kernel or the
+ * dequantize-then-GEMM path computes it.  Only x86 builds with AVX2 (or
+ * AVX-512) have these kernels; elsewhere the traits' mm is NULL and the
+ * matmul dequantizes. */
+#define QUANT_MM_MAX_ROWS 8
+typedef void (*quant_mm_fn)(int64_t n, int mr, const void *w, size_t w_stride, int64_t n_w,
+                            const float *x, size_t x_stride, float *res, size_t res_stride);
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define QUANT_MM_LANES 16
+/* The lane sum that ends each exact dot (see quant_mm_fn). */
+static inline float quant_mm_hsum(__m512 v)
+{
+    return _mm512_reduce_add_ps(v);
+}
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define QUANT_MM_LANES 8
+static inline float quant_mm_hsum(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
 /* Two dot products per weight type, a choice of accuracy against speed:
  *
- *  - vec_dot (the default) keeps the activation in float32: the weight's
- *    quants are decoded to exact small integers and multiplied with the
- *    float activation by FMA, the block scales applied per (sub-)block and
- *    the offsets (Q4_1/Q5_1 m, K-quant mins) through the activation's block
+ *  - vec_dot keeps the activation in float32: the weight's quants are
+ *    decoded to exact small integers and multiplied with the float
+ *    activation by FMA, the block scales applied per (sub-)block and the
+ *    offsets (Q4_1/Q5_1 m, K-quant mins) through the activation's block
  *    sums.  The result is the exact dot of the dequantized weight with the
  *    float activation up to float32 rounding of the sums (~1e-7 relative).
  *    vec_dot_type is F32 for float weights, F32_SUMS for quantized ones.
+ *    The CPU matmul's float path no longer calls it: it computes the same
+ *    product with one summation order for every row count (quant_mm_fn
+ *    above, or dequantize and a GEMM), which this per-row algebra would
+ *    break; vec_dot stays as the reference single-row dot.
  *  - fast_vec_dot is llama.cpp's: the activation row is quantized to 8 bits
  *    per block (Q8_0 / Q8_1 / Q8_K, fast_vec_dot_type) and the dot product
  *    is an exact integer one.  That rounding of the activation costs bits on
@@ -122,6 +168,7 @@ typedef struct quant_traits {
     quant_vec_dot_fn vec_dot;
     kiln_type fast_vec_dot_type; /* activation format for fast_vec_dot */
     quant_vec_dot_fn fast_vec_dot;
+    quant_mm_fn mm;         /* exact multi-row product (below), or NULL */
 } quant_traits;
 
 /* Traits of a type id, or NULL when the id names no type (e.g. 4 or 200). */

@@ -197,6 +197,16 @@ static void cpu_kv_copy_blocks(kb_backend *be, kb_kv *kv, const int32_t *src,
     }
 }
 
+/* Scratch for the steps the engine will run.  Batch-invariant mode
+ * (r->deterministic) asks nothing more of this backend: every op already
+ * computes a token row's result in a fixed order whatever the step's shape
+ * (matmul.c explains the matmul's; attention walks each token's positions
+ * by the same runs, and the elementwise ops treat every element alike). */
+static kiln_status cpu_reserve(kb_backend *be, const kb_reserve *r)
+{
+    return cpu_matmul_reserve(be, r);
+}
+
 /* ------------------------------------------------------------------------
  * Lifetime and the ops table
  * ---------------------------------------------------------------------- */
@@ -237,6 +247,7 @@ static const kb_ops cpu_ops = {
     .add = cpu_add,
     .scale = cpu_scale,
     .get_rows = cpu_get_rows,
+    .reserve = cpu_reserve,
     .host_alloc = kb_cpu_host_alloc,
     .host_free = kb_cpu_host_free,
     .upload_streams = kb_cpu_upload_streams,

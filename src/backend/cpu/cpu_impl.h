@@ -98,6 +98,8 @@ void cpu_get_rows(kb_backend *be, float *out, const float *x,
 /* matmul.c */
 void cpu_matmul(kb_backend *be, float *out, const float *x, const kb_weight *w,
                 const kb_weight *bias, int rows);
+/* Grow the matmul scratch for steps within r, so that no step allocates. */
+kiln_status cpu_matmul_reserve(kb_backend *be, const kb_reserve *r);
 
 /* attention.c */
 void cpu_attention(kb_backend *be, float *out, const float *q, const kb_kv *kv,

@@ -289,40 +289,72 @@ void cpu_rope(kb_backend *be, float *x, /* (n_tokens, n_heads, head_dim) */
 #define GELU_2C 1.5957691216057308f /* 2 * sqrt(2 / pi) */
 #define GELU_A 0.044715f
 
-static void glu_span(float *out, const float *g, const float *u, size_t n,
-                     kb_act act)
-{
-    size_t i = 0;
-    const bool gelu = act == KB_ACT_GELU_TANH;
 #if defined(CPU_SIMD_512)
-    const __m512 one = _mm512_set1_ps(1.0f), c2 = _mm512_set1_ps(GELU_2C),
-                 ca = _mm512_set1_ps(GELU_A);
-    for (; i + 16 <= n; i += 16) {
-        __m512 vg = _mm512_loadu_ps(g + i), z = vg;
-        if (gelu)
-            z = _mm512_mul_ps(_mm512_mul_ps(c2, vg),
-                              _mm512_fmadd_ps(_mm512_mul_ps(ca, vg), vg, one));
-        __m512 e = cpu_exp512(_mm512_sub_ps(_mm512_setzero_ps(), z));
-        __m512 num = _mm512_mul_ps(vg, _mm512_loadu_ps(u + i));
-        _mm512_storeu_ps(out + i, _mm512_div_ps(num, _mm512_add_ps(one, e)));
-    }
+#define GLU_VL 16
+typedef __m512 glu_vec;
+static inline glu_vec glu_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline void glu_store(float *p, glu_vec v) { _mm512_storeu_ps(p, v); }
+static inline glu_vec glu_set1(float f) { return _mm512_set1_ps(f); }
+static inline glu_vec glu_mul(glu_vec a, glu_vec b) { return _mm512_mul_ps(a, b); }
+static inline glu_vec glu_fma(glu_vec a, glu_vec b, glu_vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline glu_vec glu_neg(glu_vec a) { return _mm512_sub_ps(_mm512_setzero_ps(), a); }
+static inline glu_vec glu_add(glu_vec a, glu_vec b) { return _mm512_add_ps(a, b); }
+static inline glu_vec glu_div(glu_vec a, glu_vec b) { return _mm512_div_ps(a, b); }
+static inline glu_vec glu_exp(glu_vec a) { return cpu_exp512(a); }
 #elif defined(CPU_SIMD_256)
-    const __m256 one = _mm256_set1_ps(1.0f), c2 = _mm256_set1_ps(GELU_2C),
-                 ca = _mm256_set1_ps(GELU_A);
-    for (; i + 8 <= n; i += 8) {
-        __m256 vg = _mm256_loadu_ps(g + i), z = vg;
-        if (gelu)
-            z = _mm256_mul_ps(_mm256_mul_ps(c2, vg),
-                              _mm256_fmadd_ps(_mm256_mul_ps(ca, vg), vg, one));
-        __m256 e = cpu_exp256(_mm256_sub_ps(_mm256_setzero_ps(), z));
-        __m256 num = _mm256_mul_ps(vg, _mm256_loadu_ps(u + i));
-        _mm256_storeu_ps(out + i, _mm256_div_ps(num, _mm256_add_ps(one, e)));
-    }
+#define GLU_VL 8
+typedef __m256 glu_vec;
+static inline glu_vec glu_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline void glu_store(float *p, glu_vec v) { _mm256_storeu_ps(p, v); }
+static inline glu_vec glu_set1(float f) { return _mm256_set1_ps(f); }
+static inline glu_vec glu_mul(glu_vec a, glu_vec b) { return _mm256_mul_ps(a, b); }
+static inline glu_vec glu_fma(glu_vec a, glu_vec b, glu_vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline glu_vec glu_neg(glu_vec a) { return _mm256_sub_ps(_mm256_setzero_ps(), a); }
+static inline glu_vec glu_add(glu_vec a, glu_vec b) { return _mm256_add_ps(a, b); }
+static inline glu_vec glu_div(glu_vec a, glu_vec b) { return _mm256_div_ps(a, b); }
+static inline glu_vec glu_exp(glu_vec a) { return cpu_exp256(a); }
 #endif
-    for (; i < n; i++) {
+
+/* out (n) = act(g) * u.  With SIMD the last partial vector is run through
+ * the same vector code from a padded copy, so an element's result never
+ * depends on where it falls in the array: the scalar expf differs from the
+ * vector exp in the last bits, and which elements form the tail depends on
+ * the step's row count (a batch-invariant forward needs every row's result
+ * independent of the rest of the step). */
+static void glu_span(float *out, const float *g, const float *u, size_t n, kb_act act)
+{
+    const bool gelu = act == KB_ACT_GELU_TANH;
+#if defined(GLU_VL)
+    const glu_vec one = glu_set1(1.0f), c2 = glu_set1(GELU_2C), ca = glu_set1(GELU_A);
+    for (size_t i = 0; i < n; i += GLU_VL) {
+        float gt[GLU_VL], ut[GLU_VL], ot[GLU_VL];
+        const size_t len = n - i < GLU_VL ? n - i : GLU_VL;
+        const float *gp = g + i, *up = u + i;
+        if (len < GLU_VL) {
+            memset(gt, 0, sizeof gt);
+            memset(ut, 0, sizeof ut);
+            memcpy(gt, gp, len * sizeof(float));
+            memcpy(ut, up, len * sizeof(float));
+            gp = gt, up = ut;
+        }
+        glu_vec vg = glu_load(gp), z = vg;
+        if (gelu)
+            z = glu_mul(glu_mul(c2, vg), glu_fma(glu_mul(ca, vg), vg, one));
+        const glu_vec e = glu_exp(glu_neg(z));
+        const glu_vec r = glu_div(glu_mul(vg, glu_load(up)), glu_add(one, e));
+        if (len < GLU_VL) {
+            glu_store(ot, r);
+            memcpy(out + i, ot, len * sizeof(float));
+        } else {
+            glu_store(out + i, r);
+        }
+    }
+#else
+    for (size_t i = 0; i < n; i++) {
         float z = gelu ? GELU_2C * g[i] * (1.0f + GELU_A * g[i] * g[i]) : g[i];
         out[i] = g[i] * u[i] / (1.0f + expf(-z));
     }
+#endif
 }
 
 void cpu_glu(kb_backend *be, float *out, /* (rows, n) */

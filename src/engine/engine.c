@@ -187,6 +187,7 @@ kiln_status engine_create_with_runner(const model_runner *r,
     p.n_kv_blocks = ep.n_blocks;
     e->n_kv_blocks = p.n_kv_blocks;
     e->submit_blocks = p.n_kv_blocks;
+    e->deterministic = p.deterministic != 0;
     if ((size_t)p.n_kv_blocks < per_seq)
         KILN_LOGW("a KV pool of %d blocks holds less than one sequence of n_ctx %d "
                   "tokens (%zu blocks): longer requests will be refused",
@@ -513,7 +514,11 @@ static void emit_prompt_logprobs(kiln_engine *e, int k, const float *rows)
  * output rows, drawing each random request's u from its generator. */
 static bool prepare_device_sampling(kiln_engine *e, int nb)
 {
-    if (!e->r.forward_sample || !e->dev_rows || e->sc.batch.n_out == 0)
+    /* batch-invariant mode samples every step on the host: whether a step
+     * samples on the device depends on what else is in it (top-n logprobs,
+     * penalties), and the two compute a token's log-probability in
+     * different orders */
+    if (!e->r.forward_sample || !e->dev_rows || e->sc.batch.n_out == 0 || e->deterministic)
         return false;
     sched *sc = &e->sc;
     for (int k = 0; k < nb; k++)

@@ -381,6 +381,7 @@ struct kiln_engine {
     int n_kv_blocks;
     int submit_blocks;          /* the most KV blocks a request may need:
                                    n_kv_blocks (a split: the smaller pool) */
+    bool deterministic;         /* batch-invariant: every step samples on the host */
     sched sc;                   /* stepping thread only */
     sampler sm;                 /* stepping thread only */
     kb_sample_row *dev_rows;    /* (max_seqs) device sampling parameters */

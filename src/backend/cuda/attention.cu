@@ -79,6 +79,10 @@
 #define KCU_ATTN_MIN_CHUNK 256
 /* Split sizes are multiples of this (whole stages of the decode kernels). */
 #define KCU_ATTN_CHUNK_ALIGN 64
+/* Batch-invariant mode (kb_reserve.deterministic): every token, prompt or
+ * decode, on the decode kernel with the keys cut at multiples of this
+ * many positions whatever the batch, the splits merged in order. */
+#define KCU_ATTN_DET_CHUNK 1024
 
 /* Block ids one kv_copy_blocks launch carries in its parameters. */
 #define KCU_KV_COPY_BATCH 256
@@ -1572,6 +1576,28 @@ void kcu_attention(kb_backend *be, float *out, const float *q, const kb_kv *kv, 
     if (a.window > 0 && a.window < lmax)
         lmax = a.window;
 
+    if (cu->res.deterministic) {
+        /* a token's keys split at fixed positions: the same partial sums,
+         * merged in the same order (one split writes A / L itself, which is
+         * what the merge of one split computes), whatever else is in the
+         * step; splits past a token's keys are empty and skipped */
+        a.chunk = KCU_ATTN_DET_CHUNK;
+        a.n_splits = (int)((lmax + a.chunk - 1) / a.chunk);
+        const size_t per_split = (size_t)b->n_tokens * a.n_heads * (a.hdv + 2) * sizeof(float);
+        if (a.n_splits > 1 && (size_t)a.n_splits * per_split > cu->attn_ws_bytes) {
+            KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda attention: %d tokens of %lld keys need %zu "
+                    "bytes of split scratch in batch-invariant mode, %zu reserved", b->n_tokens,
+                    (long long)lmax, (size_t)a.n_splits * per_split, cu->attn_ws_bytes);
+            return;
+        }
+        a.ws_acc = cu->attn_ws;
+        a.ws_ml = cu->attn_ws + (size_t)b->n_tokens * a.n_heads * a.n_splits * a.hdv;
+        dim3 grid(b->n_tokens, a.n_kv * a.n_hg, a.n_splits);
+        launch_decode(cu, a, grid, f16, G8, hdb);
+        if (a.n_splits > 1)
+            kcu_launch(cu, k_attn_combine, dim3(b->n_tokens * a.n_heads), dim3(128), 0, a);
+        return;
+    }
     if (b->n_tokens == b->n_seqs || b->n_tokens <= KCU_ATTN_DECODE_TOKENS) {
         const int64_t ctas = (int64_t)b->n_tokens * a.n_kv * a.n_hg;
         int64_t ns = (decode_target_ctas(cu) + ctas - 1) / ctas;
@@ -1631,7 +1657,14 @@ kiln_status kcu_attention_reserve(kcu *cu, const kb_reserve *r)
     if (tok > r->max_tokens)
         tok = r->max_tokens;
     size_t recs, floats, bytes;
-    if (!ck_mul((size_t)(tok + decode_target_ctas(cu)), (size_t)r->n_heads, &recs) ||
+    size_t n_rec = (size_t)(tok + decode_target_ctas(cu));
+    if (r->deterministic) {
+        /* every token of a step, split at fixed positions */
+        const size_t det = (size_t)r->max_tokens *
+                           (size_t)((r->max_ctx + KCU_ATTN_DET_CHUNK - 1) / KCU_ATTN_DET_CHUNK);
+        n_rec = det > n_rec ? det : n_rec;
+    }
+    if (!ck_mul(n_rec, (size_t)r->n_heads, &recs) ||
         !ck_mul(recs, (size_t)r->head_dim + 2, &floats) ||
         !ck_mul(floats, sizeof(float), &bytes))
         return KILN_FAIL(KILN_ERR_RANGE, "cuda attention: split-K scratch size overflows");

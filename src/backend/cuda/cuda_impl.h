@@ -46,6 +46,13 @@ extern "C" {
  * byte read once, tensor cores) from 2 rows up; above it, the GEMM. */
 #define KCU_MMD_MAX_ROWS 64
 
+/* Whether the decode-batch kernel (KILN_CUDA_MMD=1 / 0) and the FP16 GEMM of
+ * F16 and quantized weights (KILN_CUDA_GEMM=f16 / bf16) are on by default.
+ * Off until their checks and benchmarks have run on a GPU (issue 15); the
+ * batch-invariant mode uses the decode-batch kernel whatever this says. */
+#define KCU_MMD_DEFAULT 0
+#define KCU_GEMM_F16_DEFAULT 0
+
 /* Elements of the BF16 tile a quantized weight is dequantized into for the
  * GEMM path (the weight is processed in row chunks that fit). */
 #define KCU_WTILE_ELEMS ((size_t)32 << 20)
@@ -130,14 +137,15 @@ typedef struct kcu {
     int gemm_parts;           /* BF16 parts the GEMM's activations are split into:
                                  2 (hi + lo, default), 1 or 3 (KILN_CUDA_GEMM) */
     bool gemm_f16;            /* F16 and quantized weights: one FP16 GEMM on
-                                 row-scaled FP16 activations (default; off
-                                 when KILN_CUDA_GEMM names a BF16 mode) */
+                                 row-scaled FP16 activations (KILN_CUDA_GEMM=f16,
+                                 default KCU_GEMM_F16_DEFAULT) */
     float *act_inv;           /* (act_inv_elems) the inverse scale of each
                                  FP16 activation row (k_mmd_prep) */
     int act_inv_elems;
 
     /* mmd.cu: the decode-batch kernel */
-    bool mmd_on;              /* KILN_CUDA_MMD=0: off (matvec up to 8 rows, GEMM above) */
+    bool mmd_on;              /* KILN_CUDA_MMD=1 / 0, default KCU_MMD_DEFAULT (off:
+                                 matvec up to 8 rows, GEMM above) */
     bool mmd_ready;           /* its kernels may use all shared memory */
     int mmd_min_rows;         /* rows from which it runs (KILN_CUDA_MMD_MIN_ROWS, default 2) */
     float *mmd_part;          /* (ks, tiles, KCU_MMD_MAX_ROWS, 256) partial sums of k splits */

@@ -5,20 +5,22 @@
  * format.  One activation row (batch-1 decode) runs the matrix-vector
  * kernels of matvec.cu, which read every weight byte once and keep the
  * activations float32 against exactly decoded weights.  2 to
- * KCU_MMD_MAX_ROWS rows (a decode batch) run mmd.cu: weights still read
- * once, the products on the tensor cores with FP16 activations scaled per
- * row.  Above that (prefill) the product is compute bound and runs through
- * cuBLASLt.  F16 and quantized weights: x becomes row-scaled FP16 (the
+ * KCU_MMD_MAX_ROWS rows (a decode batch) run mmd.cu when it is on
+ * (KILN_CUDA_MMD, KCU_MMD_DEFAULT): weights still read once, the products
+ * on the tensor cores with FP16 activations scaled per row; else the
+ * matvec kernels up to 8 rows.  Above that (prefill) the product is compute
+ * bound and runs through cuBLASLt.  With KILN_CUDA_GEMM=f16
+ * (KCU_GEMM_F16_DEFAULT), F16 and quantized weights: x becomes row-scaled FP16 (the
  * decode batch's k_mmd_prep) in cu->act_bf16's memory, F16 weights are used
  * in place and quantized ones are dequantized (exactly, then rounded to
  * FP16) into cu->wtile a chunk of whole rows at a time, one FP16 GEMM per
  * chunk, and the rows are scaled back with the bias added.  BF16 weights:
  * x is split into BF16 hi + lo parts, two accumulating GEMMs (BF16 weights
  * cannot meet FP16 activations in one cuBLASLt product, and one BF16
- * rounding of x, 2^-9, is what the split avoids).  KILN_CUDA_GEMM=bf16 /
- * split2 / split3 send every type through the BF16 path with 1 / 2 / 3
- * parts (weights dequantized to BF16 then).  FP16 rounds x and the
- * dequantized weight to 2^-12 relative each, float32 accumulation.
+ * rounding of x, 2^-9, is what the split avoids), and without f16 every
+ * type takes that path, weights dequantized to BF16 (KILN_CUDA_GEMM=bf16 /
+ * split3: 1 / 3 parts).  FP16 rounds x and the dequantized weight to 2^-12
+ * relative each, float32 accumulation.
  *
  * In cuBLASLt's column-major terms the row-major product is the TN GEMM
  * C (n_out x rows) = W^T' (n_out x n_in) X (n_in x rows): W's rows are the
@@ -536,6 +538,32 @@ static bool matmul_args_ok(kcu *cu, const kb_weight *w, const kb_weight *bias, c
     return true;
 }
 
+/* Batch-invariant mode (kb_reserve.deterministic): every row count on the
+ * decode-batch kernel, KCU_MMD_MAX_ROWS rows at a time, whose rows do not
+ * depend on each other (mmd.cu); a weight it cannot take is an error, not
+ * a silent fall back to a kernel whose sums depend on the step. */
+static void matmul_det(kcu *cu, const kb_weight *const *w, float *const *out,
+                       const float *const *bias, int n, const float *x, const float *up, int act,
+                       int rows)
+{
+    const int64_t n_in = w[0]->ne[0];
+    for (int r0 = 0; r0 < rows; r0 += KCU_MMD_MAX_ROWS) {
+        const int nr = rows - r0 < KCU_MMD_MAX_ROWS ? rows - r0 : KCU_MMD_MAX_ROWS;
+        float *o[KB_MM_GROUP_MAX];
+        for (int i = 0; i < n; i++)
+            o[i] = out[i] + (size_t)r0 * (size_t)w[i]->ne[1];
+        const size_t xo = (size_t)r0 * (size_t)n_in;
+        if (!kcu_mmd(cu, w, o, bias, n, x + xo, up ? up + xo : NULL, act, nr)) {
+            char tb[16];
+            KCU_BAD(cu, KILN_ERR_UNSUPPORTED, "cuda matmul %s: no batch-invariant kernel for a "
+                    "%lld x %lld %s weight (deterministic mode)", w[0]->name ? w[0]->name : "?",
+                    (long long)w[0]->ne[1], (long long)n_in,
+                    quant_type_name(w[0]->type, tb, sizeof tb));
+            return;
+        }
+    }
+}
+
 void kcu_matmul(kb_backend *be, float *out, /* (rows, n_out) */
                 const float *x,             /* (rows, n_in), not aliasing out */
                 const kb_weight *w,         /* (n_out, n_in) of w->type */
@@ -546,6 +574,10 @@ void kcu_matmul(kb_backend *be, float *out, /* (rows, n_out) */
     const float *bd;
     if (rows <= 0 || w->ne[1] <= 0 || !matmul_args_ok(cu, w, bias, &bd))
         return;
+    if (cu->res.deterministic) {
+        matmul_det(cu, &w, &out, &bd, 1, x, NULL, 0, rows);
+        return;
+    }
     if (cu->fast_act && rows <= KCU_MATVEC_MAX_ROWS && kcu_matvec_q8(cu, out, x, w, bd, rows))
         return; /* 8-bit activations (matvec_q8.cu), opted into */
     if (rows <= KCU_MMD_MAX_ROWS && kcu_mmd(cu, &w, &out, &bd, 1, x, NULL, 0, rows))
@@ -565,6 +597,11 @@ void kcu_matmul_glu(kb_backend *be, float *out, const float *gate, const float *
     const float *bd;
     if (rows <= 0 || w->ne[1] <= 0)
         return;
+    if (cu->res.deterministic) {
+        if (matmul_args_ok(cu, w, NULL, &bd))
+            matmul_det(cu, &w, &out, &bd, 1, gate, up, (int)act, rows);
+        return;
+    }
     /* with 8-bit activations opted into (matvec_q8.cu), glu then matmul */
     const bool q8 = rows <= KCU_MATVEC_MAX_ROWS && kcu_matvec_q8_takes(cu, w, rows);
     if (!q8 && rows <= KCU_MMD_MAX_ROWS) {
@@ -596,6 +633,19 @@ void kcu_matmul_group(kb_backend *be, const kb_mm *mm, int n, const float *x, in
         w[i] = mm[i].w;
         out[i] = mm[i].out;
         ok = w[i]->ne[1] > 0 && matmul_args_ok(cu, w[i], mm[i].bias, &bd[i]);
+    }
+    if (cu->res.deterministic) {
+        /* one launch takes weights of one type and input length */
+        bool good = rows > 0 && n > 0 && n <= KB_MM_GROUP_MAX, same = true;
+        for (int i = 0; good && i < n; i++) {
+            w[i] = mm[i].w;
+            out[i] = mm[i].out;
+            good = w[i]->ne[1] > 0 && matmul_args_ok(cu, w[i], mm[i].bias, &bd[i]);
+            same = same && w[i]->type == w[0]->type && w[i]->ne[0] == w[0]->ne[0];
+        }
+        for (int i = 0; good && i < n; i += same ? n : 1)
+            matmul_det(cu, w + i, out + i, bd + i, same ? n : 1, x, NULL, 0, rows);
+        return;
     }
     const bool mv = ok && rows <= KCU_MATVEC_MAX_ROWS;
     if (mv && cu->fast_act && kcu_matvec_q8_group(cu, w, out, bd, n, x, rows))
@@ -794,8 +844,7 @@ kiln_status kcu_matmul_reserve(kcu *cu, const kb_reserve *r)
      * KILN_CUDA_GEMM=split3 carries all 24 bits in three parts. */
     const char *mode = getenv("KILN_CUDA_GEMM");
     cu->gemm_parts = mode && !strcmp(mode, "bf16") ? 1 : mode && !strcmp(mode, "split3") ? 3 : 2;
-    cu->gemm_f16 = !(mode && (!strcmp(mode, "bf16") || !strcmp(mode, "split2") ||
-                              !strcmp(mode, "split3")));
+    cu->gemm_f16 = mode ? !strcmp(mode, "f16") : KCU_GEMM_F16_DEFAULT;
     /* the decode batch's FP16 rows live in the same memory */
     if (act < (size_t)KCU_MMD_MAX_ROWS * (size_t)r->max_n_in)
         act = (size_t)KCU_MMD_MAX_ROWS * (size_t)r->max_n_in;

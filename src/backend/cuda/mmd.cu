@@ -604,8 +604,10 @@ void kcu_mmd_prep(kcu *cu, const float *x, const float *up, int act, int rows, i
 bool kcu_mmd(kcu *cu, const kb_weight *const *w, float *const *out, const float *const *bias,
              int n, const float *x, const float *up, int act, int rows)
 {
-    if (!cu->mmd_on || rows < cu->mmd_min_rows || rows > KCU_MMD_MAX_ROWS || n < 1 ||
-        n > MMD_SEGS || !cu->mmd_part)
+    /* batch-invariant mode takes every row count here (matmul_det) */
+    const bool det = cu->res.deterministic;
+    if ((!det && (!cu->mmd_on || rows < cu->mmd_min_rows)) || rows < 1 ||
+        rows > KCU_MMD_MAX_ROWS || n < 1 || n > MMD_SEGS || !cu->mmd_part)
         return false;
     const kiln_type type = w[0]->type;
     const int n_in = (int)w[0]->ne[0], kc = mmd_kc(type);
@@ -693,7 +695,7 @@ kiln_status kcu_mmd_reserve(kcu *cu, const kb_reserve *r)
 {
     kcu_mmd_release(cu);
     const char *on = getenv("KILN_CUDA_MMD");
-    cu->mmd_on = !(on && !strcmp(on, "0"));
+    cu->mmd_on = on ? strcmp(on, "0") != 0 : KCU_MMD_DEFAULT;
     const char *mr = getenv("KILN_CUDA_MMD_MIN_ROWS");
     cu->mmd_min_rows = mr && atoi(mr) >= 1 && atoi(mr) <= KCU_MMD_MAX_ROWS ? atoi(mr) : 2;
     /* k splits fill at most one CTA an SM beyond the tiles: ks * tiles <

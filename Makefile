@@ -73,7 +73,7 @@ LIB_OBJ   := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 APP_OBJ   := $(APP_SRC:%.c=$(BUILD)/obj/%.o)
 APP_LIB   := $(BUILD)/libkiln-apps.a
 CU_OBJ    := $(CU_SRC:%.cu=$(BUILD)/obj/%.o)
-CU_HELPERS := $(BUILD)/obj/src/quant/types.o $(BUILD)/obj/src/util/misc.o
+CU_HELPERS := $(BUILD)/obj/src/util/misc.o
 CLI_OBJ   := $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
 TESTS     := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 GPU_TEST_SRC := $(sort $(wildcard tests/gpu/test_*.c))
@@ -116,8 +116,9 @@ $(APP_LIB): $(APP_OBJ) $(BUILD)/libkiln.a $(BUILD)/libkiln.so scripts/check-cli-
 	scripts/check-cli-symbols.sh $(BUILD) $(APP_OBJ)
 	rm -f $@ && ar rcs $@ $(APP_OBJ)
 
-$(BUILD)/libkiln-cuda.so: $(CU_OBJ) $(CU_HELPERS)
-	$(CC) -shared -o $@ $^ -Wl,-Bsymbolic -Wl,--no-undefined $(CUDA_LIBS) -lm
+$(BUILD)/libkiln-cuda.so: $(CU_OBJ) $(CU_HELPERS) src/backend/cuda/plugin.map
+	$(CC) -shared -o $@ $(CU_OBJ) $(CU_HELPERS) -Wl,-Bsymbolic -Wl,--no-undefined \
+	    -Wl,--version-script=src/backend/cuda/plugin.map $(CUDA_LIBS) -lm
 
 # What a program linking libkiln.a needs besides it (pkg-config --static):
 # the libraries that have a pkg-config file go to Requires.private, so that

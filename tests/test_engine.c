@@ -460,17 +460,6 @@ static void test_params(void **state)
         assert_int_equal(f->destroyed, 1); /* the runner is ours even on failure */
         fake_delete(f);
     }
-    /* deterministic mode: refused until the backends implement it */
-    {
-        fake *f = fake_new(64, FAKE_NEXT);
-        engine_runner r = fake_runner(f, NULL, 0);
-        kiln_engine_params p = params(64, 16, 0, 4, 64);
-        p.deterministic = 1;
-        kiln_engine *e = NULL;
-        assert_int_equal(engine_create_with_runner(&r, &p, &e), KILN_ERR_UNSUPPORTED);
-        assert_non_null(strstr(kiln_last_error(), "deterministic"));
-        fake_delete(f);
-    }
     /* defaults: the trained context capped at 8192, room for max_seqs */
     fake *f = fake_new(64, FAKE_NEXT);
     f->n_ctx_train = 100000;

@@ -9,7 +9,9 @@
 
 #include <cuda_runtime.h>
 
+extern "C" {
 #include "util/util.h"
+}
 
 int kcu_device_count(void)
 {

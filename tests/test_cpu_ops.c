@@ -551,9 +551,10 @@ static void check_matmul(kb_backend *be, kiln_type t, int n_in, int n_out, int r
     free((void *)w.data), free(wdeq), free(x), free(out), free(bias), free(adeq), free(aq);
 }
 
-/* The matmul cases, on the backends' current activation mode.  Fewer than
- * 9 rows stream the weight through the dot kernels, more run the GEMM (for
- * float activations). */
+/* The matmul cases, on the backends' current activation mode.  With float
+ * activations up to 8 rows run the fused multi-row kernels (where the build
+ * has them), more the GEMM; with 8-bit ones every row streams the weight
+ * through the dot kernels. */
 static void matmul_cases(void)
 {
     /* n_in multiples of 256 for the K-quants; odd n_out for uneven splits */
@@ -572,11 +573,12 @@ static void matmul_cases(void)
     check_matmul(g_be[1], KILN_TYPE_F32, 768, 24, 200, true);
     check_matmul(g_be[2], KILN_TYPE_Q8_0, 4096, 9, 130, false);
     check_matmul(g_be[1], KILN_TYPE_Q4_K, 4096, 1, 3, true);
-    /* fewer rows than threads: the conversion splits rows into block runs */
+    /* fewer rows than threads: the 8-bit conversion splits rows into block
+     * runs */
     check_matmul(g_be[2], KILN_TYPE_Q4_1, 576, 40, 2, true);
     check_matmul(g_be[2], KILN_TYPE_Q6_K, 512, 7, 1, false);
     /* GEMM: several column tiles (n_in > 1024) and row tiles (a thread with
-     * more than 64 rows), and 8 / 9 rows either side of the switch */
+     * more than 64 rows), and 8 / 9 rows either side of the kernel switch */
     check_matmul(g_be[0], KILN_TYPE_Q4_K, 2304, 150, 33, true);
     check_matmul(g_be[1], KILN_TYPE_Q5_0, 1088, 70, 9, false);
     check_matmul(g_be[1], KILN_TYPE_Q5_0, 1088, 70, 8, false);
@@ -651,7 +653,8 @@ static void matmul_invariant_cases(void)
 {
     for (size_t ti = 0; ti < N_WTYPES; ti++)
         if (quant_get_traits(g_wtypes[ti])->supported)
-            check_invariant(g_wtypes[ti], 768, 37); /* two column chunks */
+            check_invariant(g_wtypes[ti], 768, 37); /* one column chunk */
+    check_invariant(KILN_TYPE_Q6_K, 1280, 21);     /* chunks of 512, 512, 256 */
     check_invariant(KILN_TYPE_F32, 100, 9);        /* rows that are not whole vectors */
     check_invariant(KILN_TYPE_Q4_1, 1536, 70);     /* three chunks, uneven thread splits */
 }

@@ -214,9 +214,13 @@ KD_INLINE void kd_prep_q8_0(const void *blk, kd_scale *s)
 KD_INLINE void kd_group_q8_0(const void *blk, const kd_scale *s, int g, __m256 w[4])
 {
     (void)g;
+    /* each 8 bytes widened straight from memory: no shuffle to reach the
+     * upper halves */
     const int8_t *qs = ((const block_q8_0 *)blk)->qs;
-    kd_mul32(_mm_loadu_si128((const __m128i *)qs), _mm_loadu_si128((const __m128i *)(qs + 16)),
-             s->d, w);
+    w[0] = _mm256_mul_ps(kd_s8lo(_mm_loadl_epi64((const __m128i *)qs)), s->d);
+    w[1] = _mm256_mul_ps(kd_s8lo(_mm_loadl_epi64((const __m128i *)(qs + 8))), s->d);
+    w[2] = _mm256_mul_ps(kd_s8lo(_mm_loadl_epi64((const __m128i *)(qs + 16))), s->d);
+    w[3] = _mm256_mul_ps(kd_s8lo(_mm_loadl_epi64((const __m128i *)(qs + 24))), s->d);
 }
 
 /* ------------------------------------------------------------------------

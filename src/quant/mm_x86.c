@@ -45,25 +45,16 @@ static inline mm_vec mm_fma(mm_vec a, mm_vec b, mm_vec c) { return _mm256_fmadd_
 static inline mm_vec mm_group_vec(const __m256 v[4], int q) { return v[q]; }
 #endif
 
-/* Bytes ahead of the weights being decoded to prefetch, at least: the
+/* How far ahead of the weights being decoded to prefetch, at least: the
  * out-of-order window alone keeps too few misses in flight to stream the
  * weights from DRAM at speed while decoding them. */
-#define MM_PREFETCH 1024
+#define MM_PREFETCH 2048
 
-/* The same block nr rows (one row group) or more further on, at least
- * MM_PREFETCH bytes ahead: the rows of a group are decoded side by side, so
- * a plain distance along one row would fall inside the group. */
-static inline size_t mm_prefetch_offset(int nr, size_t ws)
-{
-    const size_t span = (size_t)nr * ws;
-    return span * ((MM_PREFETCH + span - 1) / span);
-}
-
-/* Every cache line of the len bytes at p. */
+/* Every cache line of the len bytes at p, MM_PREFETCH bytes on. */
 static inline void mm_prefetch(const char *p, size_t len)
 {
     for (size_t o = 0; o < len; o += 64)
-        _mm_prefetch(p + o, _MM_HINT_T0);
+        _mm_prefetch(p + MM_PREFETCH + o, _MM_HINT_T0);
 }
 
 /* Every loop over rows, accumulators and vectors is unrolled in full, so
@@ -73,15 +64,15 @@ static inline void mm_prefetch(const char *p, size_t len)
 /* Weight rows per call of the one- and two-row shapes. */
 #define MM_NR 4
 
-/* res (mr, nr) for the nr weight rows at w (stride ws bytes) against the mr
- * activation rows at x (stride xs floats), n elements.  Inlined with
- * constant mr, nr for each shape. */
+/* res[t * rs + r * rr] = dot(weight row r, activation row t) for the nr
+ * weight rows at w, ws bytes apart, and the mr activation rows at x (stride
+ * xs floats), n elements.  Inlined with constant mr, nr for each shape. */
 #define MM_TILE(name, btype, bs, state)                                        \
     KD_INLINE void mm_tile_##name(const int mr, const int nr, int64_t n, const uint8_t *w, \
-                                  size_t ws, const float *x, size_t xs, float *res, size_t rs) \
+                                  size_t ws, const float *x, size_t xs, float *res, size_t rs, \
+                                  size_t rr)                                   \
     {                                                                          \
         mm_vec acc[QUANT_MM_MAX_ROWS][MM_NR];                                  \
-        const size_t pf = mm_prefetch_offset(nr, ws);                          \
         MM_UNROLL for (int t = 0; t < mr; t++)                                 \
             MM_UNROLL for (int r = 0; r < nr; r++)                             \
                 acc[t][r] = mm_zero();                                         \
@@ -92,7 +83,7 @@ static inline void mm_prefetch(const char *p, size_t len)
                 MM_UNROLL for (int r = 0; r < nr; r++) {                       \
                     const btype *b = (const btype *)(w + (size_t)r * ws) + i;  \
                     if (g == 0) {                                              \
-                        mm_prefetch((const char *)b + pf, sizeof *b);          \
+                        mm_prefetch((const char *)b, sizeof *b);               \
                         kd_prep_##name(b, &st[r]);                             \
                     }                                                          \
                     __m256 v[4];                                               \
@@ -109,17 +100,24 @@ static inline void mm_prefetch(const char *p, size_t len)
         }                                                                      \
         MM_UNROLL for (int t = 0; t < mr; t++)                                 \
             MM_UNROLL for (int r = 0; r < nr; r++)                             \
-                res[(size_t)t * rs + r] = quant_mm_hsum(acc[t][r]);            \
+                res[(size_t)t * rs + (size_t)r * rr] = quant_mm_hsum(acc[t][r]); \
     }
 
-/* All n_w weight rows for a constant mr: groups of nr, then one at a time. */
+/* All n_w weight rows for a constant mr.  With nr > 1 the rows are dealt
+ * into nr strands of consecutive rows, and a tile takes row j of each: each
+ * strand then reads its part of the matrix as one ascending stream, which
+ * the hardware prefetchers follow (nr rows side by side would be nr
+ * interleaved streams in the same pages, which they do not, leaving a
+ * stream from DRAM at half speed).  Rows past the strands go one at a
+ * time. */
 #define MM_ROWS(name, mr, nr)                                                  \
     do {                                                                       \
-        int64_t r0 = 0;                                                        \
-        for (; (nr) > 1 && r0 + (nr) <= n_w; r0 += (nr))                       \
-            mm_tile_##name(mr, nr, n, wb + (size_t)r0 * ws, ws, x, xs, res + r0, rs); \
-        for (; r0 < n_w; r0++)                                                 \
-            mm_tile_##name(mr, 1, n, wb + (size_t)r0 * ws, ws, x, xs, res + r0, rs); \
+        const int64_t q = (nr) > 1 ? n_w / (nr) : 0;                           \
+        for (int64_t j = 0; j < q; j++)                                        \
+            mm_tile_##name(mr, nr, n, wb + (size_t)j * ws, (size_t)q * ws, x, xs, res + j, \
+                           rs, (size_t)q);                                     \
+        for (int64_t r0 = q * (nr); r0 < n_w; r0++)                            \
+            mm_tile_##name(mr, 1, n, wb + (size_t)r0 * ws, ws, x, xs, res + r0, rs, 1); \
     } while (0)
 
 #define MM_FN(name, btype, bs, state)                                          \

@@ -8,7 +8,7 @@
  *
  * One arithmetic serves every row count ("The exact path" below): each
  * output is the dequantized weight row times the activation row, summed by
- * FMA in vector lanes in element order over CPU_GEMM_KC-column chunks.  So
+ * FMA in vector lanes in element order over column chunks (gemm_chunk).  So
  * a token row's result, bit for bit, is the same whatever else shares its
  * step: the forward is batch-invariant without a mode for it, and decode
  * batches and prefill chunks agree with one-token steps.  Two shapes of
@@ -19,8 +19,8 @@
  *    block is decoded in registers once and applied to every row, so the
  *    weights are read and decoded once per step whatever the batch.
  *  - More rows (prefill, large batches), or a type or build without a fused
- *    kernel: each thread dequantizes a tile of weight rows x CPU_GEMM_KC
- *    columns into float32 (traits->dequantize, bitwise the values the
+ *    kernel: each thread dequantizes a tile of weight rows x one column
+ *    chunk into float32 (traits->dequantize, bitwise the values the
  *    fused kernels use) that stays in cache, and runs a register-blocked
  *    float32 micro-kernel over every row against it: the decoding is paid
  *    once per matmul.
@@ -48,16 +48,20 @@
  * than L1 (see matmul_exact). */
 #define CPU_GEMM_MIN_ROWS 9
 
-/* The column chunk of the exact arithmetic: each output is the sum of its
- * chunks' dot products, in order (see "The exact path" below).  A chunk of
- * QUANT_MM_MAX_ROWS activation rows (16 KiB) stays in L1 while the weight
- * rows stream past it.  A multiple of 256, so a chunk never splits a
- * K-quant super-block. */
+/* The column chunks of the exact arithmetic: each output is the sum of its
+ * chunks' dot products, in order (see "The exact path" below).  A row of
+ * up to CPU_GEMM_KC_WHOLE elements is one chunk, a longer one is cut into
+ * chunks of CPU_GEMM_KC: QUANT_MM_MAX_ROWS activation rows of a chunk
+ * (16-32 KiB) stay in L1 while the weight rows stream past them, and a
+ * short row is not left with a short tail chunk to pass over again.  Both
+ * are multiples of 256, so a chunk never splits a K-quant super-block. */
+#define CPU_GEMM_KC_WHOLE 1024
 #define CPU_GEMM_KC 512
 
-/* GEMM tile: CPU_GEMM_MC weight rows x CPU_GEMM_KC columns of float32
- * (256 KiB) per thread, in L2 while every token passes. */
-#define CPU_GEMM_MC 128
+/* GEMM tile: CPU_GEMM_MC weight rows x one chunk (at most
+ * CPU_GEMM_KC_WHOLE columns) of float32 (256 KiB) per thread, in L2 while
+ * every token passes. */
+#define CPU_GEMM_MC 64
 
 /* The tile of a step with fewer than CPU_GEMM_MIN_ROWS rows: half of a
  * 32 KiB L1, the activation rows and the weight bytes streaming in share
@@ -179,7 +183,7 @@ static void matmul_stream(kb_backend *be, float *out, const float *x, const kb_w
  *
  * What an output is, bit for bit, is fixed by (n_in, the weight row, the
  * activation row) alone: lane j of one accumulator sums w[k] x[k] for k = j
- * mod G_VL in k order over each CPU_GEMM_KC-column chunk, the lanes are
+ * mod G_VL in k order over each column chunk (gemm_chunk), the lanes are
  * added by g_hsum, and the chunks' sums are added to the bias in chunk
  * order.  Neither the tile shapes, nor the micro-kernel's mr, nor the thread
  * that computes it, nor the other rows of the step change it.
@@ -295,8 +299,14 @@ static inline void put_chunk(float *o, const float *res, int n, const float *bia
     }
 }
 
+/* The chunk length of a row of n_in elements. */
+static inline int64_t gemm_chunk(int64_t n_in)
+{
+    return n_in <= CPU_GEMM_KC_WHOLE ? n_in : CPU_GEMM_KC;
+}
+
 /* One thread's output rows [r0, r1) for every token.  tile: (mc_max,
- * CPU_GEMM_KC) floats of this thread's scratch.  The first column chunk
+ * CPU_GEMM_KC_WHOLE) floats of this thread's scratch.  The first column chunk
  * writes out (with the bias), later ones add to it. */
 static void gemm_rows(const quant_traits *tr, const kb_weight *w, int64_t r0, int64_t r1,
                       const float *x, /* (rows, n_in) */
@@ -305,8 +315,9 @@ static void gemm_rows(const quant_traits *tr, const kb_weight *w, int64_t r0, in
     const int64_t n_in = w->ne[0], n_out = w->ne[1];
     const uint8_t *wd = w->data;
     const bool direct = w->type == KILN_TYPE_F32; /* read in place, no copy */
-    for (int64_t k0 = 0; k0 < n_in; k0 += CPU_GEMM_KC) {
-        const int64_t kc = n_in - k0 < CPU_GEMM_KC ? n_in - k0 : CPU_GEMM_KC;
+    const int64_t chunk = gemm_chunk(n_in);
+    for (int64_t k0 = 0; k0 < n_in; k0 += chunk) {
+        const int64_t kc = n_in - k0 < chunk ? n_in - k0 : chunk;
         const size_t kb = (size_t)(k0 / tr->block_size) * tr->type_size;
         for (int64_t m0 = r0; m0 < r1; m0 += mc_max) {
             const int64_t mc = r1 - m0 < mc_max ? r1 - m0 : mc_max;
@@ -346,10 +357,11 @@ static void fused_rows(const quant_traits *tr, const kb_weight *w, int64_t r0, i
     const int64_t n_in = w->ne[0], n_out = w->ne[1];
     const uint8_t *wd = w->data;
     float res[QUANT_MM_MAX_ROWS * CPU_MM_BLOCK_ROWS]; /* (rows, mc) */
+    const int64_t chunk = gemm_chunk(n_in);
     for (int64_t m0 = r0; m0 < r1; m0 += CPU_MM_BLOCK_ROWS) {
         const int64_t mc = r1 - m0 < CPU_MM_BLOCK_ROWS ? r1 - m0 : CPU_MM_BLOCK_ROWS;
-        for (int64_t k0 = 0; k0 < n_in; k0 += CPU_GEMM_KC) {
-            const int64_t kc = n_in - k0 < CPU_GEMM_KC ? n_in - k0 : CPU_GEMM_KC;
+        for (int64_t k0 = 0; k0 < n_in; k0 += chunk) {
+            const int64_t kc = n_in - k0 < chunk ? n_in - k0 : chunk;
             const size_t kb = (size_t)(k0 / tr->block_size) * tr->type_size;
             tr->mm(kc, rows, wd + (size_t)m0 * w->row_bytes + kb, w->row_bytes, mc, x + k0,
                    (size_t)n_in, res, (size_t)mc);
@@ -365,7 +377,7 @@ static void matmul_exact(kb_backend *be, float *out, const float *x, const kb_we
 {
     const int64_t n_in = w->ne[0], n_out = w->ne[1];
     const int nth = be->n_threads;
-    const size_t tile_bytes = (size_t)CPU_GEMM_MC * CPU_GEMM_KC * sizeof(float);
+    const size_t tile_bytes = (size_t)CPU_GEMM_MC * CPU_GEMM_KC_WHOLE * sizeof(float);
     if (!scratch_reserve(be->impl, tile_bytes * (size_t)nth)) {
         KILN_LOGE("matmul: %s: cannot allocate %d weight tiles", w->name ? w->name : "?", nth);
         fill_nan(out, (size_t)rows * (size_t)n_out);
@@ -375,7 +387,7 @@ static void matmul_exact(kb_backend *be, float *out, const float *x, const kb_we
     /* A few rows (decode) pass a tile once or twice: one that stays in L1
      * spares its trip to L2 and back.  Many rows reuse it for every token
      * tile: a large one in L2 amortises the loop overheads. */
-    const int64_t kc = n_in < CPU_GEMM_KC ? n_in : CPU_GEMM_KC;
+    const int64_t kc = gemm_chunk(n_in);
     int64_t mc_max = CPU_GEMM_MC;
     if (rows < CPU_GEMM_MIN_ROWS) {
         mc_max = (int64_t)(CPU_GEMM_L1_TILE_BYTES / sizeof(float)) / kc / G_NR * G_NR;
@@ -394,7 +406,7 @@ static void matmul_exact(kb_backend *be, float *out, const float *x, const kb_we
             fused_rows(tr, w, r0, r1, x, rows, out, bias);
         else if (r0 < r1)
             gemm_rows(tr, w, r0, r1, x, rows, out, bias,
-                      tiles + (size_t)ith * CPU_GEMM_MC * CPU_GEMM_KC, mc_max);
+                      tiles + (size_t)ith * CPU_GEMM_MC * CPU_GEMM_KC_WHOLE, mc_max);
     }
 }
 
@@ -403,7 +415,7 @@ static void matmul_exact(kb_backend *be, float *out, const float *x, const kb_we
 kiln_status cpu_matmul_reserve(kb_backend *be, const kb_reserve *r)
 {
     /* the GEMM's per-thread weight tiles */
-    size_t need = (size_t)CPU_GEMM_MC * CPU_GEMM_KC * sizeof(float) * (size_t)be->n_threads;
+    size_t need = (size_t)CPU_GEMM_MC * CPU_GEMM_KC_WHOLE * sizeof(float) * (size_t)be->n_threads;
     /* the 8-bit path's converted activation rows, in the largest format */
     static const kiln_type act[] = {KILN_TYPE_Q8_0, KILN_TYPE_Q8_1, KILN_TYPE_Q8_K};
     for (size_t i = 0; i < sizeof act / sizeof act[0]; i++) {

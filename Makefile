@@ -1,6 +1,8 @@
 # kiln - build, test and set-up.
 #
-#   make              build/kiln, build/libkiln.a, build/libkiln.so, build/kiln.pc
+#   make              build/kiln, build/libkiln.a, build/libkiln.so, build/kiln.pc,
+#                     and with CUDA build/libkiln-cuda.so (the CUDA backend,
+#                     loaded by libkiln on the first request for a GPU)
 #   make setup        install system packages and fetch the default model
 #   make run          set up, build, and run kiln's main job on the default model
 #   make check        set up, build, run every test (release + ASan/UBSan) and
@@ -38,15 +40,19 @@ OPT       := $(if $(filter 1,$(DEBUG)),-O0 -DKILN_DEBUG,-O2)
 SAN_ON    := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -DKILN_DEBUG
 SANFLAGS  := $(if $(filter 1,$(SANITIZE)),$(SAN_ON))
 CFLAGS    ?=
-CFLAGS    += $(CSTD) $(OPT) -g $(ARCH) -fPIC -fopenmp $(WARN) $(SANFLAGS) -Iinclude -Isrc -MMD -MP
-LDLIBS    := -ljansson -lpcre2-8 -lutf8proc -lxxhash -lm -lpthread
+CFLAGS    += $(CSTD) $(OPT) -g $(ARCH) -fPIC -fvisibility=hidden -fopenmp $(WARN) $(SANFLAGS) -Iinclude -Isrc -MMD -MP
+LDLIBS    := -ljansson -lpcre2-8 -lutf8proc -lxxhash -lm -lpthread -ldl
 LDFLAGS   += -fopenmp $(SANFLAGS)
 
+# The CUDA backend is a shared object of its own (src/backend/plugin.h):
+# libkiln links none of the CUDA libraries and loads it on the first request
+# for a CUDA device.  It carries copies of the pure helpers it calls.
 ifeq ($(CUDA),1)
-CFLAGS    += -DKILN_HAVE_CUDA
-NVCCFLAGS ?= -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-Wall,-Werror -Iinclude -Isrc
-LDLIBS    += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lcublasLt -lstdc++
+CFLAGS    += -DKILN_HAVE_CUDA -DKILN_CUDA_PLUGIN_DIR='"$(abspath $(BUILD))"'
+NVCCFLAGS ?= -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-fvisibility=hidden,-Wall,-Werror -Iinclude -Isrc
+CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lcublasLt -lstdc++
 CU_SRC    := $(sort $(shell find src -name '*.cu'))
+CUDA_PLUGIN := $(BUILD)/libkiln-cuda.so
 endif
 
 LIB_SRC   := $(sort $(shell find src -name '*.c'))
@@ -55,7 +61,9 @@ TEST_SRC  := $(sort $(wildcard tests/test_*.c))
 EX_SRC    := $(sort $(wildcard examples/*.c))
 FUZZ_SRC  := $(sort $(wildcard tests/fuzz/fuzz_*.c))
 
-LIB_OBJ   := $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(CU_SRC:%.cu=$(BUILD)/obj/%.o)
+LIB_OBJ   := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
+CU_OBJ    := $(CU_SRC:%.cu=$(BUILD)/obj/%.o)
+CU_HELPERS := $(BUILD)/obj/src/quant/types.o $(BUILD)/obj/src/util/misc.o
 CLI_OBJ   := $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
 TESTS     := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 GPU_TEST_SRC := $(sort $(wildcard tests/gpu/test_*.c))
@@ -67,9 +75,9 @@ EXAMPLES  := $(EX_SRC:examples/%.c=$(BUILD)/examples/%)
 
 .PHONY: all lib setup run check test test-gpu test-asan test-asan-run refdata parity-ref hf-tiny-ref fuzz fuzz-smoke fuzz-build clean tests examples
 all: lib $(BUILD)/kiln examples
-lib: $(BUILD)/libkiln.a $(BUILD)/libkiln.so $(BUILD)/kiln.pc
+lib: $(BUILD)/libkiln.a $(BUILD)/libkiln.so $(BUILD)/kiln.pc $(CUDA_PLUGIN)
 examples: $(EXAMPLES)
-tests: $(TESTS) $(GPU_TESTS) $(GPU_BENCH)
+tests: $(TESTS) $(GPU_TESTS) $(GPU_BENCH) $(CUDA_PLUGIN)
 
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -83,15 +91,24 @@ $(BUILD)/libkiln.a: $(LIB_OBJ)
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
 
-$(BUILD)/libkiln.so: $(LIB_OBJ)
-	$(CC) -shared -o $@ $^ $(LDFLAGS) $(LDLIBS)
+# Only what kiln.h and kiln_tools.h declare (KILN_API) is exported;
+# check-exports.sh fails the build on anything else.
+$(BUILD)/libkiln.so: $(LIB_OBJ) scripts/check-exports.sh
+	$(CC) -shared -o $@ $(LIB_OBJ) $(LDFLAGS) $(LDLIBS)
+	scripts/check-exports.sh $@
+
+$(BUILD)/libkiln-cuda.so: $(CU_OBJ) $(CU_HELPERS)
+	$(CC) -shared -o $@ $^ -Wl,-Bsymbolic -Wl,--no-undefined $(CUDA_LIBS) -lm
 
 $(BUILD)/kiln.pc: scripts/kiln.pc.in
 	@mkdir -p $(dir $@)
 	sed -e 's|@PREFIX@|$(abspath .)|' -e 's|@VERSION@|0.1.0|' \
 	    -e 's|@LIBS@|$(LDLIBS)|' $< > $@
 
-$(BUILD)/kiln: $(CLI_OBJ) $(BUILD)/libkiln.a
+# The CLI links the static library but may call only what libkiln.so
+# exports, and util/ (check-cli-symbols.sh).
+$(BUILD)/kiln: $(CLI_OBJ) $(BUILD)/libkiln.a $(BUILD)/libkiln.so scripts/check-cli-symbols.sh
+	scripts/check-cli-symbols.sh $(BUILD) $(CLI_OBJ)
 	$(CC) -o $@ $(CLI_OBJ) $(BUILD)/libkiln.a $(LDFLAGS) $(LDLIBS)
 
 $(BUILD)/tests/%: tests/%.c $(BUILD)/libkiln.a
@@ -158,7 +175,7 @@ check: setup
 # binaries here for a GPU machine without kiln's libraries.
 test-gpu: all tests
 	@mkdir -p $(BUILD)/gpu-bin
-	cp $(BUILD)/kiln $(GPU_TESTS) $(BUILD)/gpu-bin/
+	cp $(BUILD)/kiln $(GPU_TESTS) $(CUDA_PLUGIN) $(BUILD)/gpu-bin/
 	scripts/gpu/test.sh $(BUILD)/gpu-bin
 
 test-asan: refdata

@@ -35,13 +35,10 @@
 #include <unistd.h>
 
 #include "cli.h"
-#include "format/gguf.h"
-#include "format/safetensors.h"
-#include "load/load.h"
-#include "model/model.h"
+#include "util/util.h"
 
 #define BL_MAX_REPS 50
-#define BL_MAX_FILES 4096
+#define BL_MAX_FILES KILN_TOOLS_MAX_FILES
 #define BL_PROBE_BYTES ((size_t)1 << 30)      /* pinned copy probe */
 #define BL_PROBE_CHUNK ((size_t)64 << 20)
 #define BL_PAGEABLE_BYTES ((size_t)256 << 20)
@@ -58,17 +55,12 @@ typedef struct bl_cfg {
     bool cold, json, sweep, no_probe;
 } bl_cfg;
 
-typedef struct bl_files {
-    char *path[BL_MAX_FILES];
-    uint64_t size[BL_MAX_FILES];
-    int n;
-    uint64_t bytes;
-} bl_files;
+typedef kiln_tools_files bl_files;
 
 typedef struct bl_run {
     kiln_status st;
-    ld_times t;
-    ld_stats s;
+    kiln_tools_load_times t;
+    kiln_tools_load_stats s;
     int64_t rss_base, rss_peak; /* bytes; -1 when unknown */
 } bl_run;
 
@@ -86,35 +78,15 @@ typedef struct bl_probe {
 
 static bool list_files(const char *path, bl_files *f)
 {
-    model_source src = {0};
-    if (model_source_open(path, &src) != KILN_OK) {
-        cli_report(path, KILN_ERR_IO);
+    kiln_status st = kiln_tools_model_files(path, f);
+    if (st != KILN_OK) {
+        cli_report(path, st);
         return false;
     }
-    memset(f, 0, sizeof *f);
-    if (src.gguf) {
-        f->path[0] = kiln_strdup(src.gguf->path);
-        f->size[0] = src.gguf->size;
-        f->n = 1;
-    } else {
-        for (uint32_t i = 0; i < src.hf->n_shards && i < BL_MAX_FILES; i++) {
-            f->path[i] = kiln_strdup(src.hf->shards[i]->path);
-            f->size[i] = src.hf->shards[i]->size;
-            f->n++;
-        }
-    }
-    model_source_close(&src);
-    for (int i = 0; i < f->n; i++)
-        f->bytes += f->size[i];
     return true;
 }
 
-static void free_files(bl_files *f)
-{
-    for (int i = 0; i < f->n; i++)
-        kiln_free(f->path[i]);
-    f->n = 0;
-}
+static void free_files(bl_files *f) { kiln_tools_files_free(f); }
 
 /* Share of the files' pages in the page cache (mincore), or -1. */
 static double resident(const bl_files *f)
@@ -291,74 +263,19 @@ static void reset_peak_rss(void)
  * Ceilings: copies to the device
  * ---------------------------------------------------------------------- */
 
-static kiln_status make_backend(const char *dev, int threads, kb_backend **out)
-{
-    if (!dev || !strcmp(dev, "cpu"))
-        return kb_cpu_create(threads, out);
-    int idx = 0;
-    if (!strncmp(dev, "cuda:", 5))
-        idx = atoi(dev + 5);
-    return kb_cuda_create(idx, out);
-}
-
-/* Seconds for `bytes` of copies from host to dev in BL_PROBE_CHUNK pieces
- * round-robin over n streams, start to all-complete. */
-static double time_copies(kb_backend *be, uint8_t *dev, const uint8_t *host, size_t bytes, int n,
-                          kb_event **ev)
-{
-    double t0 = kiln_now_sec();
-    size_t k = 0;
-    for (size_t off = 0; off < bytes; off += BL_PROBE_CHUNK, k++) {
-        size_t len = bytes - off < BL_PROBE_CHUNK ? bytes - off : BL_PROBE_CHUNK;
-        if (be->ops->upload_async(be, (int)(k % (size_t)n), dev + off, host + off, len))
-            return -1;
-    }
-    for (int s = 0; s < n; s++)
-        if (be->ops->event_record(be, ev[s], s) || be->ops->event_sync(be, ev[s]))
-            return -1;
-    return kiln_now_sec() - t0;
-}
-
 static void probe_h2d(const bl_cfg *c, bl_probe *p)
 {
     memset(p, 0, sizeof *p);
-    kb_backend *be = NULL;
-    if (make_backend(c->o.device, c->o.threads, &be) != KILN_OK || !kb_has_async(be)) {
-        kb_destroy(be);
+    kiln_tools_copy_probe r;
+    if (kiln_tools_probe_copies(c->o.device, c->o.load_streams, BL_PROBE_BYTES, BL_PAGEABLE_BYTES,
+                                BL_PROBE_CHUNK, &r) != KILN_OK)
         return;
-    }
-    int n = c->o.load_streams > 0 ? c->o.load_streams : LD_DEFAULT_STREAMS;
-    p->n_streams = n;
-    kb_event *ev[KB_MAX_STREAMS] = {0};
-    double t0 = kiln_now_sec();
-    uint8_t *host = be->ops->host_alloc(be, BL_PROBE_BYTES, "copy probe");
-    if (host)
-        memset(host, 1, BL_PROBE_BYTES);
-    double t_pin = kiln_now_sec() - t0;
-    uint8_t *dev = be->ops->alloc(be, BL_PROBE_BYTES, "copy probe");
-    uint8_t *pageable = kiln_malloc(BL_PAGEABLE_BYTES);
-    bool ok = host && dev && pageable && be->ops->upload_streams(be, n) == KILN_OK;
-    for (int s = 0; ok && s < n; s++)
-        ok = be->ops->event_create(be, &ev[s]) == KILN_OK;
-    if (ok) {
-        memset(pageable, 2, BL_PAGEABLE_BYTES);
-        p->pin_gbs = (double)BL_PROBE_BYTES / t_pin / 1e9;
-        time_copies(be, dev, host, BL_PROBE_BYTES, n, ev); /* warm-up */
-        double t1 = time_copies(be, dev, host, BL_PROBE_BYTES, 1, ev);
-        double tn = time_copies(be, dev, host, BL_PROBE_BYTES, n, ev);
-        double tp = time_copies(be, dev, pageable, BL_PAGEABLE_BYTES, 1, ev);
-        p->h2d_1 = t1 > 0 ? (double)BL_PROBE_BYTES / t1 / 1e9 : 0;
-        p->h2d_n = tn > 0 ? (double)BL_PROBE_BYTES / tn / 1e9 : 0;
-        p->pageable = tp > 0 ? (double)BL_PAGEABLE_BYTES / tp / 1e9 : 0;
-        p->ok = t1 > 0 && tn > 0;
-    }
-    for (int s = 0; s < n; s++)
-        if (ev[s])
-            be->ops->event_free(be, ev[s]);
-    kiln_free(pageable);
-    be->ops->free(be, dev);
-    be->ops->host_free(be, host);
-    kb_destroy(be);
+    p->pin_gbs = r.pin_gbs;
+    p->h2d_1 = r.h2d_1;
+    p->h2d_n = r.h2d_n;
+    p->pageable = r.pageable;
+    p->n_streams = r.n_streams;
+    p->ok = true;
 }
 
 /* ------------------------------------------------------------------------
@@ -377,22 +294,14 @@ static void one_load(const bl_cfg *c, const run_opts *o, kiln_load_io io, uint64
     p.load_threads = o->load_threads;
     p.load_ring_bytes = (uint64_t)o->load_ring_mib << 20;
     p.load_io = (int)io;
-    ld_model_opts lo;
-    model_load_opts_from(&p, &lo);
-    lo.pipe.no_upload = no_upload;
-    lo.pipe.slot_bytes = slot;
-    lo.stats = &r->s;
-    lo.times = &r->t;
     reset_peak_rss();
     int64_t base = status_kib("VmRSS");
-    kiln_model *km = NULL;
-    r->st = model_load_ex(c->o.model, &p, NULL, &lo, &km);
+    r->st = kiln_tools_load_timed(c->o.model, &p, slot, no_upload, &r->t, &r->s);
     int64_t peak = status_kib("VmHWM");
     r->rss_base = base >= 0 ? base << 10 : -1;
     r->rss_peak = peak >= 0 ? peak << 10 : -1;
     if (r->st)
         cli_report(c->o.model, r->st);
-    kiln_model_free(km);
 }
 
 static int cmp_run(const void *a, const void *b)
@@ -416,7 +325,7 @@ static void print_run_text(const char *label, const bl_run *r, uint64_t bytes, c
            label, r->t.total_sec, r->t.open_sec, r->t.backend_sec, r->t.weights_sec,
            dev ? "(" : "+", r->t.tokenizer_sec, dev ? " alongside)" : "",
            gbs(bytes, r->t.weights_sec), note);
-    const ld_stats *s = &r->s;
+    const kiln_tools_load_stats *s = &r->s;
     if (s->n_batches)
         printf("         pipeline %d threads, %d streams, %d x %.1f MiB slots, %llu batches; "
                "thread-s: read %.3f convert %.3f stall %.3f pin %.3f; copies span %.3f s "
@@ -428,7 +337,7 @@ static void print_run_text(const char *label, const bl_run *r, uint64_t bytes, c
 
 static void print_run_json(const char *key, const bl_run *r, uint64_t bytes)
 {
-    const ld_stats *s = &r->s;
+    const kiln_tools_load_stats *s = &r->s;
     printf(", \"%s\": {\"ready_s\": %.4f, \"open_s\": %.4f, \"backend_s\": %.4f, "
            "\"weights_s\": %.4f, \"tokenizer_s\": %.4f, \"gb_s\": %.2f, \"threads\": %d, "
            "\"streams\": %d, \"slots\": %d, \"slot_bytes\": %llu, \"read_thread_s\": %.4f, "

@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "kiln.h"
+#include "kiln_tools.h"
 
 int cmd_inspect(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);

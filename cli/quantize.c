@@ -3,7 +3,7 @@
  * or a Hugging Face model directory) as a GGUF file of TYPE (a type or a
  * llama.cpp mix such as Q4_K_M), by round-to-nearest quantization.
  *
- * The work is model_quantize's (src/model/convert.c); this file parses the
+ * The work is kiln_tools_quantize's (src/model/convert.c); this file parses the
  * arguments, draws a progress bar on a terminal, prints the notes the
  * quantizer gives (tensors that fell back to another type, tokenizer
  * settings GGUF cannot carry) and a one-line summary.  Exit status: 0 on
@@ -15,8 +15,7 @@
 #include <unistd.h>
 
 #include "cli.h"
-#include "model/model.h"
-#include "quant/quant.h"
+#include "util/util.h"
 
 #define QUANTIZE_MAX_THREADS 1024
 
@@ -73,8 +72,8 @@ static void on_progress(uint64_t done, uint64_t total, void *user)
 
 int cmd_quantize(int argc, char **argv)
 {
-    model_quantize_params qp;
-    model_quantize_params_default(&qp);
+    kiln_tools_quantize_params qp;
+    kiln_tools_quantize_params_default(&qp);
     cli_state s = {0};
     const char *pos[3];
     int n_pos = 0;
@@ -116,9 +115,9 @@ int cmd_quantize(int argc, char **argv)
     qp.note_user = &s;
     qp.progress = on_progress;
     qp.progress_user = &s;
-    model_quantize_stats stats;
+    kiln_tools_quantize_stats stats;
     double t0 = kiln_now_sec();
-    kiln_status st = model_quantize(pos[0], pos[1], pos[2], &qp, &stats);
+    kiln_status st = kiln_tools_quantize(pos[0], pos[1], pos[2], &qp, &stats);
     if (s.started)
         kiln_progress_finish(&s.bar);
     if (st != KILN_OK) {
@@ -127,11 +126,11 @@ int cmd_quantize(int argc, char **argv)
     }
     if (!s.quiet) {
         char bi[32], bo[32];
-        const quant_mix *mix = quant_mix_find(pos[2]);
+        const char *mix = kiln_tools_quant_mix_name(pos[2]);
         fprintf(stderr,
                 "kiln: quantize: wrote %s: %s %s, %s%s, %llu tensors (%llu converted, %llu "
                 "fallbacks), %s -> %s in %.1f s\n",
-                pos[1], stats.source_kind, stats.arch, mix ? mix->name : pos[2],
+                pos[1], stats.source_kind, stats.arch, mix ? mix : pos[2],
                 qp.pure ? " (pure)" : "", (unsigned long long)stats.n_tensors,
                 (unsigned long long)stats.n_converted, (unsigned long long)stats.n_fallback,
                 kiln_fmt_bytes(stats.bytes_in, bi, sizeof bi),

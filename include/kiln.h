@@ -17,6 +17,14 @@
 extern "C" {
 #endif
 
+/* Marks what libkiln exports: the library is built with hidden visibility,
+ * so a function without it is not part of the shared library's interface. */
+#if defined(__GNUC__) || defined(__clang__)
+#define KILN_API __attribute__((visibility("default")))
+#else
+#define KILN_API
+#endif
+
 #define KILN_VERSION_MAJOR 0
 #define KILN_VERSION_MINOR 1
 #define KILN_VERSION_PATCH 0
@@ -41,15 +49,15 @@ typedef enum kiln_status {
 } kiln_status;
 
 /* A short constant name for a status ("format error", ...). Never NULL. */
-const char *kiln_status_str(kiln_status st);
+KILN_API const char *kiln_status_str(kiln_status st);
 
 /* The message of the last failing kiln call on this thread, or "" if none.
  * The string is owned by kiln and valid until the next failing call on the
  * same thread. */
-const char *kiln_last_error(void);
+KILN_API const char *kiln_last_error(void);
 
 /* The library version string, e.g. "0.1.0". */
-const char *kiln_version(void);
+KILN_API const char *kiln_version(void);
 
 
 /* ------------------------------------------------------------------------
@@ -86,46 +94,46 @@ typedef struct kiln_model_params {
                                  float32 */
 } kiln_model_params;
 
-void kiln_model_params_default(kiln_model_params *p);
+KILN_API void kiln_model_params_default(kiln_model_params *p);
 
 /* Load a GGUF file or a Hugging Face model directory.  On success *out owns
  * everything; free with kiln_model_free.  On failure *out is NULL and
  * kiln_last_error() names what is wrong (missing tensor, shape mismatch,
  * unknown architecture, unsupported type, ...). */
-kiln_status kiln_model_load(const char *path, const kiln_model_params *p,
+KILN_API kiln_status kiln_model_load(const char *path, const kiln_model_params *p,
                             kiln_model **out);
-void kiln_model_free(kiln_model *m); /* NULL is a no-op */
+KILN_API void kiln_model_free(kiln_model *m); /* NULL is a no-op */
 
-int kiln_model_n_vocab(const kiln_model *m);
-int kiln_model_n_ctx_train(const kiln_model *m);
+KILN_API int kiln_model_n_vocab(const kiln_model *m);
+KILN_API int kiln_model_n_ctx_train(const kiln_model *m);
 /* Architecture name as kiln knows it ("llama", "qwen2", "qwen3", "gemma3"). */
-const char *kiln_model_arch(const kiln_model *m);
+KILN_API const char *kiln_model_arch(const kiln_model *m);
 
 /* Facts for benchmarks: the bytes of weights one decode step reads (every
  * matrix once; the token embedding table only where it is also the output
  * projection), the multiply-adds per token of the matrices (prefill FLOPs are
  * twice that per token, plus attention), and the bytes of K and V one token
  * of context takes. */
-uint64_t kiln_model_decode_bytes(const kiln_model *m);
-uint64_t kiln_model_matrix_params(const kiln_model *m);
-uint64_t kiln_model_kv_bytes_per_token(const kiln_model *m, int kv_f32);
+KILN_API uint64_t kiln_model_decode_bytes(const kiln_model *m);
+KILN_API uint64_t kiln_model_matrix_params(const kiln_model *m);
+KILN_API uint64_t kiln_model_kv_bytes_per_token(const kiln_model *m, int kv_f32);
 /* Attention multiply-adds of one token at context position `pos` (q.k and
  * p.v over pos + 1 keys, all layers and heads). */
-uint64_t kiln_model_attn_macs(const kiln_model *m, int pos);
+KILN_API uint64_t kiln_model_attn_macs(const kiln_model *m, int pos);
 /* The model's device memory bandwidth, measured by a device-to-device copy
  * of `bytes` (bytes read plus bytes written, per second; median of a few
  * copies).  CPU: memcpy.  Call before creating an engine (which takes most
  * of a GPU's memory for its KV cache). */
-kiln_status kiln_model_copy_bandwidth(kiln_model *m, size_t bytes, double *bytes_per_sec);
+KILN_API kiln_status kiln_model_copy_bandwidth(kiln_model *m, size_t bytes, double *bytes_per_sec);
 /* The model's device's dense matrix-product rate in FLOP/s, measured: on a
  * GPU an FP16 8192^3 product on the tensor cores (float32 accumulation), on
  * the CPU the backend's matmul of float32 activations against an F16
  * weight.  With kiln_model_copy_bandwidth it gives a step's roofline:
  * max(bytes moved / bandwidth, FLOPs / rate).  Call before creating an
  * engine. */
-kiln_status kiln_model_matmul_rate(kiln_model *m, double *flops_per_sec);
+KILN_API kiln_status kiln_model_matmul_rate(kiln_model *m, double *flops_per_sec);
 /* The model's tokenizer, owned by the model. */
-const struct kiln_tokenizer *kiln_model_tokenizer(const kiln_model *m);
+KILN_API const struct kiln_tokenizer *kiln_model_tokenizer(const kiln_model *m);
 
 /* ------------------------------------------------------------------------
  * Asynchronous loading
@@ -175,21 +183,21 @@ typedef struct kiln_load_progress {
 /* Start loading path with p (NULL: defaults; copied, device string too) on
  * a new thread.  *out is owned by the caller: kiln_model_loader_free.  The
  * progress callback of p, if any, is called on the loading thread. */
-kiln_status kiln_model_load_async(const char *path, const kiln_model_params *p,
+KILN_API kiln_status kiln_model_load_async(const char *path, const kiln_model_params *p,
                                   kiln_model_loader **out);
 /* A snapshot of the load's progress; any thread, any time. */
-void kiln_model_load_progress(const kiln_model_loader *l, kiln_load_progress *out);
+KILN_API void kiln_model_load_progress(const kiln_model_loader *l, kiln_load_progress *out);
 /* Ask the load to stop; any thread, any number of times.  Once the load
  * has finished it has no effect. */
-void kiln_model_load_cancel(kiln_model_loader *l);
+KILN_API void kiln_model_load_cancel(kiln_model_loader *l);
 /* Wait for the load to end.  On success *out is the model, owned by the
  * caller (kiln_model_free); on failure or cancellation (KILN_ERR_CANCELLED)
  * *out is NULL and kiln_last_error() says why.  Only the first call hands
  * the model over; later calls return the same status and NULL. */
-kiln_status kiln_model_load_wait(kiln_model_loader *l, kiln_model **out);
+KILN_API kiln_status kiln_model_load_wait(kiln_model_loader *l, kiln_model **out);
 /* Cancel if still running, wait, free a model never handed over, free l.
  * NULL is a no-op. */
-void kiln_model_loader_free(kiln_model_loader *l);
+KILN_API void kiln_model_loader_free(kiln_model_loader *l);
 
 /* ------------------------------------------------------------------------
  * Engine and requests
@@ -227,13 +235,13 @@ typedef struct kiln_engine_params {
                               Default off; kiln eval turns it on. */
 } kiln_engine_params;
 
-void kiln_engine_params_default(kiln_engine_params *p);
+KILN_API void kiln_engine_params_default(kiln_engine_params *p);
 
-kiln_status kiln_engine_create(kiln_model *m, const kiln_engine_params *p,
+KILN_API kiln_status kiln_engine_create(kiln_model *m, const kiln_engine_params *p,
                                kiln_engine **out);
 /* Stops the engine thread (if started), cancels every request (their
  * callbacks see KILN_FINISH_CANCELLED) and frees the engine. */
-void kiln_engine_free(kiln_engine *e);
+KILN_API void kiln_engine_free(kiln_engine *e);
 
 #define KILN_MAX_STOP 8          /* stop strings per request */
 #define KILN_MAX_STOP_LEN 256    /* bytes of one stop string */
@@ -266,7 +274,7 @@ typedef struct kiln_sampling {
                                  its prompt events (log-likelihood scoring) */
 } kiln_sampling;
 
-void kiln_sampling_default(kiln_sampling *s);
+KILN_API void kiln_sampling_default(kiln_sampling *s);
 
 typedef enum kiln_finish {
     KILN_FINISH_NONE = 0,  /* more events follow */
@@ -289,7 +297,7 @@ typedef struct kiln_request_timings {
 
 /* Seconds on a monotonic clock (CLOCK_MONOTONIC), the clock of
  * kiln_request_timings. */
-double kiln_time_now(void);
+KILN_API double kiln_time_now(void);
 
 /* Prompt logprobs of positions first .. first + n - 1 of the prompt
  * (kiln_sampling.prompt_logprobs): entry i is log p(prompt[first + i] |
@@ -337,7 +345,7 @@ typedef void (*kiln_token_fn)(const kiln_token_event *ev, void *user);
 /* Queue a request.  The prompt and stop strings are copied.  Errors: prompt
  * empty or longer than n_ctx (KILN_ERR_RANGE, message gives both lengths),
  * bad sampling values (KILN_ERR_INVALID_ARG naming the field). */
-kiln_status kiln_engine_submit(kiln_engine *e, const int32_t *prompt,
+KILN_API kiln_status kiln_engine_submit(kiln_engine *e, const int32_t *prompt,
                                size_t n_prompt, const kiln_sampling *s,
                                kiln_token_fn cb, void *user, uint64_t *id);
 /* Requests with the same prompt submitted together (OpenAI's n > 1) compute
@@ -346,12 +354,12 @@ kiln_status kiln_engine_submit(kiln_engine *e, const int32_t *prompt,
 
 /* Cancel a queued or running request; its blocks return to the pool at the
  * next step.  KILN_ERR_NOT_FOUND if the id is unknown or already finished. */
-kiln_status kiln_engine_cancel(kiln_engine *e, uint64_t id);
+KILN_API kiln_status kiln_engine_cancel(kiln_engine *e, uint64_t id);
 
 /* Run steps on the calling thread until no request is left. */
-kiln_status kiln_engine_run(kiln_engine *e);
+KILN_API kiln_status kiln_engine_run(kiln_engine *e);
 /* Run steps on a background thread until kiln_engine_free. */
-kiln_status kiln_engine_start(kiln_engine *e);
+KILN_API kiln_status kiln_engine_start(kiln_engine *e);
 
 typedef struct kiln_engine_stats {
     int n_waiting;
@@ -372,7 +380,7 @@ typedef struct kiln_engine_stats {
     uint64_t n_finished[KILN_FINISH_ERROR + 1]; /* finished requests by reason */
 } kiln_engine_stats;
 
-void kiln_engine_get_stats(kiln_engine *e, kiln_engine_stats *st);
+KILN_API void kiln_engine_get_stats(kiln_engine *e, kiln_engine_stats *st);
 
 /* ------------------------------------------------------------------------
  * Tokenizer
@@ -400,7 +408,7 @@ typedef struct kiln_text {
     size_t cap;
 } kiln_text;
 
-void kiln_text_free(kiln_text *t);
+KILN_API void kiln_text_free(kiln_text *t);
 
 /* A growable list of token ids that kiln functions append to.
  * Zero-initialise; free with kiln_tokens_free. */
@@ -410,16 +418,16 @@ typedef struct kiln_tokens {
     size_t cap;
 } kiln_tokens;
 
-void kiln_tokens_free(kiln_tokens *t);
+KILN_API void kiln_tokens_free(kiln_tokens *t);
 
 /* Load the tokenizer of a GGUF file or an HF model directory.  On success
  * *out is owned by the caller (kiln_tokenizer_free); on failure it is NULL
  * and the message names the key or entry at fault (unknown pre-tokenizer,
  * merge naming an unknown token, duplicate token, id out of range, ...). */
-kiln_status kiln_tokenizer_load(const char *path, kiln_tokenizer **out);
-void kiln_tokenizer_free(kiln_tokenizer *tok); /* NULL is a no-op */
+KILN_API kiln_status kiln_tokenizer_load(const char *path, kiln_tokenizer **out);
+KILN_API void kiln_tokenizer_free(kiln_tokenizer *tok); /* NULL is a no-op */
 
-int32_t kiln_tokenizer_n_vocab(const kiln_tokenizer *tok);
+KILN_API int32_t kiln_tokenizer_n_vocab(const kiln_tokenizer *tok);
 
 typedef enum kiln_special {
     KILN_TOKEN_BOS = 0,
@@ -431,10 +439,10 @@ typedef enum kiln_special {
 } kiln_special;
 
 /* The id of a special token, or -1 when the model has none. */
-int32_t kiln_tokenizer_special(const kiln_tokenizer *tok, kiln_special which);
+KILN_API int32_t kiln_tokenizer_special(const kiln_tokenizer *tok, kiln_special which);
 /* True when id ends generation: EOS, EOT, EOM, or the end-of-turn token of
  * the model's chat format (<|im_end|>, <|eot_id|>, <end_of_turn>). */
-int kiln_tokenizer_is_eog(const kiln_tokenizer *tok, int32_t id);
+KILN_API int kiln_tokenizer_is_eog(const kiln_tokenizer *tok, int32_t id);
 
 /* Encode flags. */
 #define KILN_ENCODE_ADD_SPECIAL 1u   /* add BOS / EOS as the model says */
@@ -445,7 +453,7 @@ int kiln_tokenizer_is_eog(const kiln_tokenizer *tok, int32_t id);
                                         matched, as in the reference. */
 
 /* Tokenize text[0..len) and append the ids to *out. */
-kiln_status kiln_tokenizer_encode(const kiln_tokenizer *tok, const char *text,
+KILN_API kiln_status kiln_tokenizer_encode(const kiln_tokenizer *tok, const char *text,
                                   size_t len, unsigned flags, kiln_tokens *out);
 
 /* Decode flags. */
@@ -454,17 +462,17 @@ kiln_status kiln_tokenizer_encode(const kiln_tokenizer *tok, const char *text,
 /* Append the text of ids to *out.  Bytes are emitted as the tokens hold
  * them, so a cut through a UTF-8 sequence stays cut (use the streaming
  * decoder for partial output).  An id out of range is KILN_ERR_RANGE. */
-kiln_status kiln_tokenizer_decode(const kiln_tokenizer *tok,
+KILN_API kiln_status kiln_tokenizer_decode(const kiln_tokenizer *tok,
                                   const int32_t *ids, size_t n,
                                   unsigned flags, kiln_text *out);
 
 /* The bytes token id stands for (not NUL-terminated, owned by the
  * tokenizer) and their length, or NULL when id is out of range. */
-const char *kiln_tokenizer_piece(const kiln_tokenizer *tok, int32_t id,
+KILN_API const char *kiln_tokenizer_piece(const kiln_tokenizer *tok, int32_t id,
                                  size_t *len);
 /* The token's spelling in the vocabulary ("Ġthe", "▁the", "<0x0A>"),
  * NUL-terminated, owned by the tokenizer; NULL when out of range. */
-const char *kiln_tokenizer_token_text(const kiln_tokenizer *tok, int32_t id);
+KILN_API const char *kiln_tokenizer_token_text(const kiln_tokenizer *tok, int32_t id);
 
 /* Streaming decoder: fed one token at a time, it emits only complete UTF-8
  * and holds the bytes of a character cut between tokens until the rest
@@ -472,13 +480,13 @@ const char *kiln_tokenizer_token_text(const kiln_tokenizer *tok, int32_t id);
  * U+FFFD. */
 typedef struct kiln_detok kiln_detok;
 
-kiln_status kiln_detok_new(const kiln_tokenizer *tok, unsigned flags,
+KILN_API kiln_status kiln_detok_new(const kiln_tokenizer *tok, unsigned flags,
                            kiln_detok **out);
 /* Append what token id completes to *out (maybe nothing). */
-kiln_status kiln_detok_push(kiln_detok *d, int32_t id, kiln_text *out);
+KILN_API kiln_status kiln_detok_push(kiln_detok *d, int32_t id, kiln_text *out);
 /* End of stream: held bytes (an unfinished character) become U+FFFD. */
-kiln_status kiln_detok_flush(kiln_detok *d, kiln_text *out);
-void kiln_detok_free(kiln_detok *d); /* NULL is a no-op */
+KILN_API kiln_status kiln_detok_flush(kiln_detok *d, kiln_text *out);
+KILN_API void kiln_detok_free(kiln_detok *d); /* NULL is a no-op */
 
 /* Chat rendering.  kiln renders the chat formats it knows natively (no
  * Jinja): chatml (SmolLM2 and generic), qwen2 (Qwen2/2.5), qwen3 (with its
@@ -503,19 +511,19 @@ typedef struct kiln_chat_params {
                                   -1 (default) and 1 leave it to the model */
 } kiln_chat_params;
 
-void kiln_chat_params_default(kiln_chat_params *p);
+KILN_API void kiln_chat_params_default(kiln_chat_params *p);
 
 /* Render messages into *out (appended).  Without a name or text the
  * model's own template is used; a template kiln does not know is
  * KILN_ERR_UNSUPPORTED with a message saying how to choose one
  * (--chat-template NAME).  Roles a family does not allow (Gemma's
  * alternation) are KILN_ERR_INVALID_ARG naming the message. */
-kiln_status kiln_chat_render(const kiln_tokenizer *tok,
+KILN_API kiln_status kiln_chat_render(const kiln_tokenizer *tok,
                              const kiln_chat_message *msgs, size_t n,
                              const kiln_chat_params *p, kiln_text *out);
 /* The chat family kiln detects in the model's template ("chatml", ...),
  * or NULL when it has none or kiln does not know it. */
-const char *kiln_tokenizer_chat_family(const kiln_tokenizer *tok);
+KILN_API const char *kiln_tokenizer_chat_family(const kiln_tokenizer *tok);
 
 #ifdef __cplusplus
 }

@@ -99,8 +99,8 @@ static void parity_runner_init(parity_runner *r, model *m, int cap, kiln_type kv
     kb_kv_desc d = {m->hp.n_layer, r->n_blocks, PARITY_BLOCK, m->hp.n_head_kv, m->hp.head_dim,
                     m->hp.head_dim_v, kv_type};
     assert_int_equal(m->be->ops->kv_create(m->be, &d, &r->kv), KILN_OK);
-    assert_int_equal(model_scratch_init(m, &r->s, PARITY_CHUNK, PARITY_CHUNK), KILN_OK);
-    assert_int_equal(model_backend_reserve(m, PARITY_CHUNK, 1, r->n_blocks * PARITY_BLOCK, 64),
+    assert_int_equal(model_scratch_init(m, m->be, &r->s, PARITY_CHUNK, PARITY_CHUNK), KILN_OK);
+    assert_int_equal(model_backend_reserve(m, m->be, PARITY_CHUNK, 1, r->n_blocks * PARITY_BLOCK, 64),
                      KILN_OK);
     r->host_logits = NULL;
     if (!m->be->host_memory) {

@@ -80,7 +80,7 @@ static int32_t fake_next(int mode, int V, const int32_t *hist, int n)
     return (int32_t)(XXH3_64bits(hist, (size_t)n * sizeof *hist) % (uint64_t)V);
 }
 
-static kiln_status fake_prepare(void *ctx, engine_prepare *ep)
+static kiln_status fake_prepare(void *ctx, model_prepare *ep)
 {
     fake *f = ctx;
     if (ep->n_blocks == 0)
@@ -214,9 +214,9 @@ static void fake_delete(fake *f)
     free(f->kv), free(f->slot_stamp), free(f->wr), free(f->logits), free(f);
 }
 
-static engine_runner fake_runner(fake *f, const int32_t *eos, int n_eos)
+static model_runner fake_runner(fake *f, const int32_t *eos, int n_eos)
 {
-    engine_runner r = {
+    model_runner r = {
         .ctx = f, .n_vocab = f->V, .n_ctx_train = f->n_ctx_train, .n_eos = n_eos,
         .prepare = fake_prepare, .kv_block_bytes = fake_block_bytes,
         .forward = fake_forward, .token_text = fake_token_text, .destroy = fake_destroy,
@@ -241,7 +241,7 @@ static kiln_engine_params params(int n_ctx, int block_size, int n_blocks, int ma
 /* An engine over f (params_default when p.max_seqs is 0). */
 static kiln_engine *engine_new(fake *f, kiln_engine_params p, const int32_t *eos, int n_eos)
 {
-    engine_runner r = fake_runner(f, eos, n_eos);
+    model_runner r = fake_runner(f, eos, n_eos);
     kiln_engine *e = NULL;
     kiln_status st = engine_create_with_runner(&r, p.max_seqs ? &p : NULL, &e);
     if (st)
@@ -393,7 +393,7 @@ static void test_params(void **state)
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         fake *f = fake_new(64, FAKE_NEXT);
-        engine_runner r = fake_runner(f, NULL, 0);
+        model_runner r = fake_runner(f, NULL, 0);
         kiln_engine_params p = params(bad[i].v[0], bad[i].v[1], bad[i].v[2], bad[i].v[3], bad[i].v[4]);
         kiln_engine *e = (kiln_engine *)1;
         assert_int_equal(engine_create_with_runner(&r, &p, &e), KILN_ERR_INVALID_ARG);
@@ -962,7 +962,7 @@ static void test_alloc_failures(void **state)
 {
     for (long n = 0; n < 40; n++) {
         fake *f = fake_new(64, FAKE_NEXT);
-        engine_runner r = fake_runner(f, NULL, 0);
+        model_runner r = fake_runner(f, NULL, 0);
         kiln_engine_params p = params(64, 4, 0, 2, 32);
         kiln_engine *e = NULL;
         kiln_alloc_fail_after(n);

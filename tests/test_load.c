@@ -80,7 +80,8 @@ struct kb_event {
 };
 
 struct mock {
-    kb_backend be;
+    kb_backend be;        /* the main context of dev */
+    kb_device dev;
     kb_ops ops;
     mstream st[KB_MAX_STREAMS];
     int n_streams;
@@ -381,6 +382,10 @@ static kiln_status mock_event_elapsed(kb_backend *be, kb_event *a, kb_event *b, 
 
 static void mock_destroy(kb_backend *be) { mock_of(be)->destroyed++; }
 
+static void mock_device_destroy(kb_device *d) { (void)d; }
+
+static const kb_device_ops mock_device_ops = {.destroy = mock_device_destroy};
+
 static mock *mock_new(bool f32_to_bf16, int max_delay_us)
 {
     mock *mk = calloc(1, sizeof *mk);
@@ -414,6 +419,10 @@ static mock *mock_new(bool f32_to_bf16, int max_delay_us)
     mk->be.impl = mk;
     mk->be.n_threads = 1;
     mk->be.host_memory = false;
+    mk->be.dev = &mk->dev;
+    mk->dev.ops = &mock_device_ops;
+    snprintf(mk->dev.name, sizeof mk->dev.name, "mock");
+    mk->dev.main = &mk->be;
     return mk;
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # pack.sh [OUT_DIR] - build kiln and its GPU tests for the GPU machine and
 # gather what they need to run there into OUT_DIR (default .dev, ignored by
-# git): bin/ (kiln, the GPU tests, the bench programs) and lib/ (the shared
+# git): bin/ (kiln, the CUDA backend libkiln-cuda.so that kiln loads from
+# beside itself, the GPU tests, the bench programs) and lib/ (the shared
 # libraries the GPU machine's image lacks).  Built for x86-64-v3 so the
 # binaries run on any current x86 host; CUDA code for sm_90a.
 #
@@ -16,7 +17,7 @@ build=${BUILD_DEV:-build/dev}
 make -s -j"$(nproc)" BUILD="$build" ARCH=-march=x86-64-v3 CUDA=1 all tests >/dev/null
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/lib"
-cp "$build/kiln" "$out/bin/"
+cp "$build/kiln" "$build/libkiln-cuda.so" "$out/bin/"
 for t in "$build"/tests/gpu/test_*; do [ -x "$t" ] && cp "$t" "$out/bin/"; done
 for b in "$build"/bench/*; do [ -x "$b" ] && [ -f "$b" ] && cp "$b" "$out/bin/"; done
 for lib in libjansson.so.4 libpcre2-8.so.0 libutf8proc.so.2 libxxhash.so.0 libcmocka.so.0 libgomp.so.1; do

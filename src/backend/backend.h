@@ -27,7 +27,8 @@
 #include "quant/quant.h"
 #include "util/util.h"
 
-typedef struct kb_backend kb_backend;
+typedef struct kb_backend kb_backend; /* an execution context (below) */
+typedef struct kb_device kb_device;   /* a device (below) */
 typedef struct kb_event kb_event; /* see "Asynchronous transfers and events" */
 
 /* A weight matrix or vector in its storage format. */
@@ -289,14 +290,120 @@ typedef struct kb_ops {
     void (*destroy)(kb_backend *be);
 } kb_ops;
 
+/* ------------------------------------------------------------------------
+ * Devices and execution contexts
+ *
+ * A device (kb_device) owns what every user of one GPU (or of the host)
+ * shares: its memory and the weights in it, peer access to other devices,
+ * the upload streams of the loader.  An execution context (kb_backend, the
+ * handle every op takes) lives on a device and owns what one stream of work
+ * needs to itself: the compute stream, the scratch reserved for it, its
+ * CUDA graphs, its cuBLASLt handle and its error slot.  A context is made
+ * on the whole device or on a partition of its SMs (a CUDA green context),
+ * so two engines on one model, or a prefill and a decode engine on two
+ * partitions of one GPU, never share scratch.
+ *
+ * Each device has one context of its own, `main`, made with it: the loader
+ * places weights through it and memory allocated through any context of a
+ * device is the device's (every context of it may read it).  Every entry
+ * point of a device backend binds its device itself (cudaSetDevice), so any
+ * thread may drive any context; one context is driven by one thread at a
+ * time.  The ops of one step run on the thread that began it with
+ * batch_upload (or graph_launch), which has bound the device.
+ * ---------------------------------------------------------------------- */
+
+/* What an execution context asks of its device. */
+typedef struct kb_context_params {
+    int sm_count;      /* 0: the whole device; > 0: a partition of this many
+                          SMs (rounded up to the device's granularity); -1:
+                          every SM no earlier partition took ("rest") */
+    int n_threads;     /* CPU: worker threads; 0 = the device's */
+} kb_context_params;
+
+typedef struct kb_device_ops {
+    /* A new execution context on d (see kb_context_params).  A partition
+     * that the device cannot make (no green contexts in the driver, too few
+     * SMs left) falls back to an unpartitioned context after logging one
+     * line that names what is missing; *out->sm_count says what was made. */
+    kiln_status (*context_create)(kb_device *d, const kb_context_params *p, kb_backend **out);
+    /* Copy blocks of layer il of src (a KV cache of src_ctx) into dst (a KV
+     * cache of dst_ctx, same shape and type, on this or another device of
+     * the same kind): K and V of block src_blocks[i] -> dst_blocks[i], i < n.
+     * Ordered after everything enqueued on src_ctx so far, and landed once
+     * kv_send_wait(src_ctx) returns; it does not hold up src_ctx's later
+     * work (a transfer stream on devices).  The block arrays are host
+     * memory, read before the call returns. */
+    kiln_status (*kv_send)(kb_backend *src_ctx, const kb_kv *src, kb_backend *dst_ctx,
+                           kb_kv *dst, int il, const int32_t *src_blocks,
+                           const int32_t *dst_blocks, int n);
+    /* Block until every kv_send from src_ctx has landed. */
+    kiln_status (*kv_send_wait)(kb_backend *src_ctx);
+    /* Free the device's own state (its contexts are gone by then). */
+    void (*destroy)(kb_device *d);
+} kb_device_ops;
+
+struct kb_device {
+    const kb_device_ops *ops;
+    void *impl;            /* backend-private state */
+    char name[24];         /* "cpu", "cuda:1": for messages */
+    int index;             /* CUDA ordinal; 0 on the CPU */
+    bool host_memory;      /* device pointers are host pointers (CPU) */
+    int n_threads;         /* CPU: worker threads of a context by default */
+    int n_sms;             /* streaming multiprocessors (0: not partitionable) */
+    int sm_granularity;    /* SMs a partition is a multiple of (0: no partitions) */
+    bool fast_activations; /* contexts made from now on start with it */
+    kb_backend *main;      /* the device's own context, owned */
+};
+
 struct kb_backend {
     const kb_ops *ops;
     void *impl;        /* backend-private state */
     int n_threads;     /* CPU: worker threads */
     bool host_memory;  /* device pointers are host pointers (CPU) */
+    kb_device *dev;    /* the device it runs on */
+    int sm_count;      /* SMs of its partition; 0 = the whole device */
 };
 
-/* Create the CPU backend with n_threads worker threads (<= 0: all cores). */
+/* A device string, as users write it (--device, --pd):
+ *   cpu | cuda | cuda:N      optionally followed by
+ *   @sm=N | @sm=rest         (CUDA only) an SM partition of N SMs, or of
+ *                            the SMs earlier partitions left
+ * parsed by one function for every caller. */
+#define KB_MAX_DEVICE_INDEX 255       /* cuda:N */
+#define KB_MAX_SM_COUNT 4096          /* @sm=N */
+#define KB_DEVICE_SPEC_MAX 64         /* bytes of a device string */
+
+typedef enum kb_kind { KB_KIND_CPU = 0, KB_KIND_CUDA = 1 } kb_kind;
+
+typedef struct kb_device_spec {
+    kb_kind kind;
+    int index;        /* cuda:N; 0 for "cuda" and "cpu" */
+    int sm_count;     /* 0: whole device; N; -1: "rest" */
+} kb_device_spec;
+
+/* Parse text[0..len) (a device string; len may stop short of a NUL, e.g.
+ * at a ',' of a --pd list).  Bad input is KILN_ERR_INVALID_ARG with a
+ * message that quotes it and says what was expected. */
+kiln_status kb_device_spec_parse(const char *text, size_t len, kb_device_spec *out);
+/* Make the device a spec names (its sm_count is for contexts, not here);
+ * n_threads for the CPU (<= 0: all cores). */
+kiln_status kb_device_open(const kb_device_spec *s, int n_threads, kb_device **out);
+
+/* A new execution context on d (p NULL: the whole device).  Free with
+ * kb_destroy; every context of a device goes before the device. */
+kiln_status kb_context_create(kb_device *d, const kb_context_params *p, kb_backend **out);
+/* Free a device and its main context; NULL is a no-op. */
+void kb_device_free(kb_device *d);
+/* The CPU as a device (n_threads <= 0: all cores). */
+kiln_status kb_cpu_device_create(int n_threads, kb_device **out);
+/* CUDA device `index` (loads the CUDA backend on first use). */
+kiln_status kb_cuda_device_create(int index, kb_device **out);
+/* Set the fast-activation choice (below) of d's main context and of every
+ * context made on d from now on. */
+void kb_device_set_fast_activations(kb_device *d, bool on);
+
+/* Create the CPU backend with n_threads worker threads (<= 0: all cores):
+ * the main context of a CPU device of its own, which kb_destroy frees. */
 kiln_status kb_cpu_create(int n_threads, kb_backend **out);
 /* Choose how a CPU backend's matmuls treat activations with quantized
  * weights.  false (the default): the activations stay float32 and the
@@ -320,9 +427,12 @@ void kb_cpu_set_fast_activations(kb_backend *be, bool on);
  * is unaffected.  A no-op for other backends, for NULL and in a build
  * without CUDA. */
 void kb_cuda_set_fast_activations(kb_backend *be, bool on);
-/* Create the CUDA backend on device `device`. */
+/* Create the CUDA backend on device `device`: the main context of a device
+ * of its own, which kb_destroy frees. */
 kiln_status kb_cuda_create(int device, kb_backend **out);
-/* Destroy any backend through its ops->destroy; kb_destroy(NULL) is a no-op. */
+/* Destroy a context made by kb_context_create, or a device's main context
+ * made by kb_cpu_create / kb_cuda_create together with its device;
+ * kb_destroy(NULL) is a no-op. */
 void kb_destroy(kb_backend *be);
 
 /* ------------------------------------------------------------------------

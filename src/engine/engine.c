@@ -25,8 +25,8 @@
 
 #define ENGINE_PIECE_INIT 256 /* bytes of the token-text scratch at start */
 
-KILN_STATIC_ASSERT(sizeof(((engine_runner *)0)->eos_ids) / sizeof(int32_t) == ENGINE_MAX_EOS,
-               "ENGINE_MAX_EOS must match engine_runner.eos_ids");
+KILN_STATIC_ASSERT(sizeof(((model_runner *)0)->eos_ids) / sizeof(int32_t) == ENGINE_MAX_EOS,
+               "ENGINE_MAX_EOS must match model_runner.eos_ids");
 
 void kiln_engine_params_default(kiln_engine_params *p)
 {
@@ -41,7 +41,7 @@ void kiln_engine_params_default(kiln_engine_params *p)
  * Creation
  * ---------------------------------------------------------------------- */
 
-static kiln_status check_runner(const engine_runner *r)
+static kiln_status check_runner(const model_runner *r)
 {
     if (!r->prepare || !r->forward || !r->token_text)
         return KILN_FAIL(KILN_ERR_INVALID_ARG,
@@ -73,7 +73,7 @@ static void engine_free_sampling(kiln_engine *e)
 }
 
 /* Fill the defaults of *p from the runner and check every field. */
-static kiln_status resolve_params(const engine_runner *r, kiln_engine_params *p)
+static kiln_status resolve_params(const model_runner *r, kiln_engine_params *p)
 {
 #define BAD(...) return KILN_FAIL(KILN_ERR_INVALID_ARG, __VA_ARGS__)
     if (p->n_ctx < 0 || p->n_ctx > ENGINE_MAX_CTX)
@@ -113,7 +113,7 @@ static kiln_status resolve_params(const engine_runner *r, kiln_engine_params *p)
 #undef BAD
 }
 
-kiln_status engine_create_with_runner(const engine_runner *r,
+kiln_status engine_create_with_runner(const model_runner *r,
                                       const kiln_engine_params *params,
                                       kiln_engine **out)
 {
@@ -149,7 +149,7 @@ kiln_status engine_create_with_runner(const engine_runner *r,
     if (!ck_mul(per_seq, (size_t)p.max_seqs, &host_blocks) ||
         !kv_blocks_fit_slots(host_blocks, p.block_size))
         host_blocks = (size_t)INT32_MAX / (size_t)p.block_size;
-    engine_prepare ep = {
+    model_prepare ep = {
         .n_blocks = p.n_kv_blocks,
         .host_blocks = (int)host_blocks,
         .block_size = p.block_size,
@@ -233,8 +233,8 @@ kiln_status kiln_engine_create(kiln_model *m, const kiln_engine_params *p,
         *out = NULL;
     if (!m || !out)
         return KILN_FAIL(KILN_ERR_INVALID_ARG, "kiln_engine_create: model and out are required");
-    engine_runner r;
-    kiln_status st = engine_runner_for_model(m, &r);
+    model_runner r;
+    kiln_status st = model_runner_create(m, NULL, &r);
     if (st)
         return st;
     return engine_create_with_runner(&r, p, out);

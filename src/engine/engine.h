@@ -2,11 +2,12 @@
  * engine.h - the engine's internal interfaces: what it needs of a model (a
  * runner), the KV block pool with its prefix cache, and the sampler.
  *
- * The engine never touches weights or kernels.  It sees a model through an
- * engine_runner: prepare the engine-scoped buffers once, run a forward step
- * over a batch and hand back logits, turn tokens into text.  kiln_engine_create
- * builds the runner from a kiln_model (engine/runner.c); tests build fake
- * runners to drive the scheduler without a model.
+ * The engine never touches weights or kernels.  It sees a model through a
+ * model_runner (model/runner.h): prepare the engine-scoped buffers once,
+ * run a forward step over a batch and hand back logits, turn tokens into
+ * text.  kiln_engine_create builds the plain runner from a kiln_model
+ * (model/runner.c); tests build fake runners to drive the scheduler
+ * without a model.
  */
 #ifndef KILN_ENGINE_H
 #define KILN_ENGINE_H
@@ -16,65 +17,15 @@
 
 #include "backend/backend.h"
 #include "kiln.h"
+#include "model/runner.h"
 #include "util/util.h"
 
-/* What the engine asks a runner to allocate. */
-typedef struct engine_prepare {
-    int n_blocks;       /* in: KV blocks wanted; 0 = size the pool from the
-                           device's memory (host_blocks on a host backend);
-                           out: the blocks the pool holds */
-    int host_blocks;    /* max_seqs sequences of n_ctx tokens */
-    int block_size;
-    int n_ctx;          /* tokens of one sequence */
-    int max_tokens;     /* tokens of one step */
-    int max_out;        /* logit rows of one step (= max_seqs) */
-    int max_seqs;
-    bool kv_f32;
-    bool eager;         /* no CUDA graphs */
-    float mem_fraction; /* of the device's memory, for weights + scratch + KV */
-} engine_prepare;
-
-typedef struct engine_runner {
-    void *ctx;
-    int n_vocab;
-    int n_ctx_train;
-    int32_t eos_ids[8];   /* end-of-generation tokens (eos, eot, ...) */
-    int n_eos;
-    /* Allocate the engine-scoped buffers (KV pool, scratch, graphs) once,
-     * before any forward; see engine_prepare. */
-    kiln_status (*prepare)(void *ctx, engine_prepare *p);
-    /* Bytes one KV block takes (all layers, K and V) - for sizing the pool. */
-    uint64_t (*kv_block_bytes)(void *ctx, int block_size, bool kv_f32);
-    /* Run one step.  On success *logits points at (b->n_out, n_vocab) host
-     * floats, row i for token row b->out_rows[i], valid until the next call. */
-    kiln_status (*forward)(void *ctx, const kb_batch_host *b,
-                           const float **logits);
-    /* Optional: run one step and sample each output row on the device
-     * (rows[i] for b->out_rows[i]), handing back only ids and log-probs.
-     * max_pen bounds rows[i].n_pen; NULL / 0: the engine samples on the
-     * host from forward's logits. */
-    kiln_status (*forward_sample)(void *ctx, const kb_batch_host *b,
-                                  const kb_sample_row *rows, int32_t *ids,
-                                  float *logprobs);
-    int max_pen;
-    /* Copy whole KV blocks (copy-on-write of a shared prefix block). */
-    void (*copy_blocks)(void *ctx, const int32_t *src, const int32_t *dst, int n);
-    /* The bytes token `id` adds to the text when it follows token `prev`
-     * (-1 at the start of the generated text).  Writes at most cap bytes to
-     * out and returns the full length. */
-    size_t (*token_text)(void *ctx, int32_t prev, int32_t id, char *out,
-                         size_t cap);
-    void (*destroy)(void *ctx);
-} engine_runner;
 
 /* Create an engine over a runner (takes ownership of runner->ctx through
  * runner->destroy, which kiln_engine_free calls). */
-kiln_status engine_create_with_runner(const engine_runner *r,
+kiln_status engine_create_with_runner(const model_runner *r,
                                       const kiln_engine_params *p,
                                       kiln_engine **out);
-
-/* Build the runner for a loaded model (engine/runner.c). */
-kiln_status engine_runner_for_model(kiln_model *m, engine_runner *out);
 
 /* ========================================================================
  * Engine internals (engine.c, sched.c, kvpool.c, request.c, sampler.c,
@@ -96,7 +47,7 @@ kiln_status engine_runner_for_model(kiln_model *m, engine_runner *out);
 #define ENGINE_MAX_SEQS_LIMIT 4096
 #define ENGINE_MAX_BATCH_TOKENS (1 << 20)
 #define ENGINE_MAX_VOCAB (1 << 24)
-#define ENGINE_MAX_EOS 8                 /* == length of engine_runner.eos_ids */
+#define ENGINE_MAX_EOS 8                 /* == length of model_runner.eos_ids */
 #define ENGINE_MAX_PIECE (64 * 1024)     /* bytes of one token's text */
 #define ENGINE_MAX_PENALTY_ABS 2.0f      /* |presence|, |frequency| (OpenAI range) */
 #define ENGINE_DEFAULT_GPU_MEM_FRACTION 0.90f
@@ -364,7 +315,7 @@ void sched_remove(sched *sc, engine_request *r);
  * ---------------------------------------------------------------------- */
 
 struct kiln_engine {
-    engine_runner r;
+    model_runner r;
     int n_vocab;
     int n_ctx;
     int n_kv_blocks;

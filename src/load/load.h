@@ -37,6 +37,7 @@
 #include <stdint.h>
 
 #include "backend/backend.h"
+#include "kiln_tools.h"
 
 #define LD_DEFAULT_STREAMS 4
 #define LD_DEFAULT_RING ((uint64_t)512 << 20)
@@ -110,23 +111,8 @@ typedef struct ld_params {
     const ld_hooks *hooks; /* NULL: none */
 } ld_params;
 
-/* What one run did, for kiln bench load.  Thread times are summed over
- * the workers. */
-typedef struct ld_stats {
-    int n_threads, n_streams, n_slots;
-    uint64_t slot_bytes;
-    uint64_t n_batches, n_pieces;
-    uint64_t bytes_read;       /* from files and host memory */
-    uint64_t bytes_converted;  /* of those, converted */
-    uint64_t bytes_uploaded;
-    double run_sec;            /* workers start -> last copy complete */
-    double read_sec;           /* worker time reading */
-    double convert_sec;        /* worker time converting */
-    double stall_sec;          /* worker time waiting for a slot's copies */
-    double alloc_sec;          /* worker time allocating pinned slots */
-    double upload_span_sec;    /* device: first copy start -> last copy end */
-    bool direct_fallback;      /* O_DIRECT was refused; pread was used */
-} ld_stats;
+/* What one run did, for kiln bench load (kiln_tools.h). */
+typedef kiln_tools_load_stats ld_stats;
 
 void ld_params_default(ld_params *p);
 
@@ -143,48 +129,5 @@ kiln_status ld_run(kb_backend *be, const ld_file *files, int n_files, const ld_j
  * finite block scales (block types); on false *bad_at is the byte offset
  * of the first bad element or block.  Types without a check pass. */
 bool ld_check_data(kiln_type t, const void *data, uint64_t nbytes, uint64_t *bad_at);
-
-/* ------------------------------------------------------------------------
- * Loading a model with pipeline options (model/kmodel.c, model/load.c).
- * Declared here rather than in model/model.h so that the load layer's
- * callers (the public API, kiln bench load, the tests) find the options
- * and the entry points in one place.
- * ---------------------------------------------------------------------- */
-
-struct model;
-struct model_source;
-
-/* Wall time of each phase of a model load. */
-typedef struct ld_times {
-    double open_sec;        /* files opened, headers parsed, hparams */
-    double backend_sec;     /* backend created (CUDA context) */
-    double weights_sec;     /* bound and placed (the pipeline on a device) */
-    double tokenizer_sec;   /* tokenizer loaded (overlaps weights on a device) */
-    double total_sec;
-} ld_times;
-
-typedef struct ld_model_opts {
-    ld_params pipe;   /* from kiln_model_params by model_load_opts_from */
-    bool sync;        /* the plain synchronous load: one allocation and one
-                         blocking upload per tensor (the tests' reference) */
-    ld_stats *stats;  /* filled when non-NULL (device pipeline loads) */
-    ld_times *times;  /* filled when non-NULL */
-} ld_model_opts;
-
-/* Options from the load fields of p (p may be NULL: defaults). */
-void model_load_opts_from(const kiln_model_params *p, ld_model_opts *o);
-
-/* kiln_model_load with options.  be: a backend to use instead of one made
- * from p->device, or NULL; the model takes it over (kiln_model_free
- * destroys it), also when the load fails.  o may be NULL (defaults from
- * p). */
-kiln_status model_load_ex(const char *path, const kiln_model_params *p, kb_backend *be,
-                          const ld_model_opts *o, kiln_model **out);
-
-/* model_weights_load with options: on a backend with the asynchronous
- * transfer ops (and !o->sync), tensors are bound first, then placed in one
- * device allocation through ld_run. */
-kiln_status model_weights_load_ex(struct model *m, const struct model_source *src,
-                                  const ld_model_opts *o);
 
 #endif /* KILN_LOAD_H */

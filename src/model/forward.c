@@ -12,11 +12,13 @@
 #include "model/model.h"
 
 /* Scratch is engine-scoped: sized once for the largest step. */
-kiln_status model_scratch_init(model *m, model_scratch *s, int max_tokens, int max_out)
+kiln_status model_scratch_init(model *m, kb_backend *ctx, model_scratch *s, int max_tokens,
+                               int max_out)
 {
     const model_hparams *hp = &m->hp;
-    kb_backend *be = m->be;
+    kb_backend *be = ctx;
     memset(s, 0, sizeof *s);
+    s->be = ctx;
     s->max_tokens = max_tokens;
     s->max_out = max_out;
     size_t T = (size_t)max_tokens, O = (size_t)max_out;
@@ -57,7 +59,7 @@ void model_scratch_free(model *m, model_scratch *s)
                      &s->gate, &s->up, &s->out_x, &s->logits};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         if (*all[i])
-            m->be->ops->free(m->be, *all[i]);
+            s->be->ops->free(s->be, *all[i]);
         *all[i] = NULL;
     }
 }
@@ -90,11 +92,11 @@ static const kb_weight *bias_of(const kb_weight *b) { return kb_weight_present(b
 
 static int max_i(int a, int b) { return a > b ? a : b; }
 
-kiln_status model_backend_reserve(model *m, int max_tokens, int max_seqs, int max_ctx,
-                                  int max_pen)
+kiln_status model_backend_reserve(model *m, kb_backend *ctx, int max_tokens, int max_seqs,
+                                  int max_ctx, int max_pen)
 {
     const model_hparams *hp = &m->hp;
-    kb_backend *be = m->be;
+    kb_backend *be = ctx;
     if (!be->ops->reserve)
         return KILN_OK;
     int q_dim = hp->n_head * hp->head_dim, o_dim = hp->n_head * hp->head_dim_v;
@@ -115,7 +117,7 @@ kiln_status model_backend_reserve(model *m, int max_tokens, int max_seqs, int ma
 void model_forward(model *m, kb_kv *kv, model_scratch *s, const kb_batch *b)
 {
     const model_hparams *hp = &m->hp;
-    kb_backend *be = m->be;
+    kb_backend *be = s->be;
     const kb_ops *op = be->ops;
     const int n = b->n_tokens;
     const int E = hp->n_embd;
@@ -155,6 +157,8 @@ void model_forward(model *m, kb_kv *kv, model_scratch *s, const kb_batch *b)
             op->rope(be, s->k, b, hp->n_head_kv, hp->head_dim, rope);
             op->kv_store(be, kv, il, b, s->k, s->v);
         }
+        if (s->layer_done) /* this layer's K/V are in place: they may leave */
+            s->layer_done(s->layer_user, il);
         kb_attn a = {
             .n_heads = hp->n_head,
             .n_kv_heads = hp->n_head_kv,

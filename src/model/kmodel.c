@@ -11,36 +11,12 @@
 
 #include "format/gguf.h"
 #include "format/safetensors.h"
-#include "load/load.h"
 #include "model/model.h"
 
 void kiln_model_params_default(kiln_model_params *p)
 {
     memset(p, 0, sizeof *p);
     p->device = "cpu";
-}
-
-/* "cpu", "cuda", "cuda:N" */
-static kiln_status backend_for_device(const char *dev, int n_threads, kb_backend **out)
-{
-    if (!dev || !*dev || !strcmp(dev, "cpu"))
-        return kb_cpu_create(n_threads, out);
-    if (!strncmp(dev, "cuda", 4)) {
-        int idx = 0;
-        if (dev[4] == ':') {
-            char *end;
-            long v = strtol(dev + 5, &end, 10);
-            if (end == dev + 5 || *end || v < 0 || v > 255)
-                return KILN_FAIL(KILN_ERR_INVALID_ARG,
-                                 "device '%s': expected cuda or cuda:N", dev);
-            idx = (int)v;
-        } else if (dev[4] != '\0') {
-            return KILN_FAIL(KILN_ERR_INVALID_ARG, "device '%s': expected cpu, cuda or cuda:N",
-                             dev);
-        }
-        return kb_cuda_create(idx, out);
-    }
-    return KILN_FAIL(KILN_ERR_INVALID_ARG, "device '%s': expected cpu, cuda or cuda:N", dev);
 }
 
 /* The tokenizer, loaded on its own thread while the weights travel. */
@@ -88,8 +64,23 @@ kiln_status model_load_ex(const char *path, const kiln_model_params *p, kb_backe
         kb_destroy(be);
         return KILN_FAIL(KILN_ERR_NOMEM, "out of memory");
     }
-    km->be = km->m.be = be;
+    if (be && !be->dev) {
+        kiln_free(km);
+        kb_destroy(be);
+        return KILN_FAIL(KILN_ERR_INVALID_ARG, "%s: the backend given has no device", path);
+    }
+    if (be) {
+        km->dev = be->dev;
+        km->be = km->m.be = be;
+    }
     kiln_status st;
+    kb_device_spec spec = {0};
+    if (!be) {
+        const char *dev = p->device && *p->device ? p->device : "cpu";
+        if ((st = kb_device_spec_parse(dev, strlen(dev), &spec)))
+            goto fail;
+        km->sm_count = spec.sm_count;
+    }
     if (!(km->path = kiln_strdup(path))) {
         st = KILN_FAIL(KILN_ERR_NOMEM, "out of memory");
         goto fail;
@@ -103,18 +94,13 @@ kiln_status model_load_ex(const char *path, const kiln_model_params *p, kb_backe
      * the device context comes up, then alongside the weights. */
     tok_task tt = {.km = km};
     pthread_t tok_thread;
-    bool on_device = km->be ? !km->be->host_memory
-                            : p->device && *p->device && strcmp(p->device, "cpu") != 0;
+    bool on_device = km->be ? !km->be->host_memory : spec.kind != KB_KIND_CPU;
     bool tok_async = on_device && pthread_create(&tok_thread, NULL, tok_main, &tt) == 0;
     t = kiln_now_sec();
-    if (!km->be)
-        st = backend_for_device(p->device, p->n_threads, &km->be);
-    km->m.be = km->be;
-    if (st == KILN_OK && p->fast_activations) {
-        /* each a no-op for the other backend */
-        kb_cpu_set_fast_activations(km->be, true);
-        kb_cuda_set_fast_activations(km->be, true);
-    }
+    if (!km->dev && (st = kb_device_open(&spec, p->n_threads, &km->dev)) == KILN_OK)
+        km->be = km->m.be = km->dev->main;
+    if (st == KILN_OK && p->fast_activations)
+        kb_device_set_fast_activations(km->dev, true);
     tm.backend_sec = kiln_now_sec() - t;
     if (st == KILN_OK && load_cancelled(o))
         st = KILN_FAIL(KILN_ERR_CANCELLED, "%s: loading cancelled before the weights", path);
@@ -156,9 +142,9 @@ void kiln_model_free(kiln_model *km)
     if (!km)
         return;
     model_tokenizer_free(km);
-    if (km->be) {
+    if (km->dev) {
         model_weights_free(&km->m);
-        kb_destroy(km->be);
+        kb_device_free(km->dev);
     }
     model_source_close(&km->src);
     kiln_free(km->path);

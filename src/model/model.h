@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "backend/backend.h"
+#include "load/load.h"
 #include "util/util.h"
 
 #define MODEL_MAX_LAYERS 512
@@ -72,8 +73,15 @@ typedef struct model_layer {
 } model_layer;
 
 /* Engine-scoped activation scratch for steps of up to max_tokens tokens and
- * max_out logit rows, in the backend's memory. */
+ * max_out logit rows, in the memory of the execution context that owns it
+ * and that model_forward runs the step on. */
 typedef struct model_scratch {
+    kb_backend *be; /* the execution context (not owned) */
+    /* Called after layer il's K/V are stored (enqueued), before the next
+     * layer: what the prefill side of a prefill/decode split hands its KV
+     * blocks off with.  NULL: none. */
+    void (*layer_done)(void *user, int il);
+    void *layer_user;
     int max_tokens;
     int max_out;
     float *x;      /* (max_tokens, n_embd) residual stream */
@@ -93,7 +101,8 @@ typedef struct model model;
 /* The weights and descriptor of a loaded model.  Owned by kiln_model. */
 struct model {
     model_hparams hp;
-    kb_backend *be;
+    kb_backend *be;         /* the device's main context: weights are placed
+                               through it (engines run on contexts of their own) */
     kb_weight tok_embd;     /* (n_vocab, n_embd) */
     kb_weight output_norm;  /* (n_embd) */
     kb_weight output;       /* (n_vocab, n_embd); == tok_embd when tied */
@@ -110,11 +119,14 @@ typedef struct model_source {
 } model_source;
 
 /* The public kiln_model: the source (kept open: the CPU backend computes on
- * its mapping), the backend, the weights and the tokenizer. */
+ * its mapping), the device, the weights and the tokenizer. */
 struct kiln_model {
     model m;
     model_source src;
-    kb_backend *be;
+    kb_device *dev;         /* owned */
+    kb_backend *be;         /* dev->main */
+    int sm_count;           /* the device string's @sm= (kb_device_spec):
+                               engines' contexts default to this partition */
     struct kiln_tokenizer *tok;
     char *path;
 };
@@ -141,18 +153,19 @@ void *model_hf_rope_params(const struct hf_model *m);
 /* Bytes of K and V per token over all layers, for a KV element of kv_bytes. */
 uint64_t model_kv_bytes_per_token(const model_hparams *hp, size_t kv_bytes);
 
-kiln_status model_scratch_init(model *m, model_scratch *s, int max_tokens,
+/* Scratch on execution context ctx (a context of the model's device). */
+kiln_status model_scratch_init(model *m, kb_backend *ctx, model_scratch *s, int max_tokens,
                                int max_out);
 void model_scratch_free(model *m, model_scratch *s);
-/* Have the backend reserve its own scratch (kb_ops.reserve, where it has
- * one) for steps of up to max_tokens tokens (or logit rows) over max_seqs
- * sequences of up to max_ctx tokens, sampling rows with up to max_pen
- * penalty entries; the weight shapes come from the model. */
-kiln_status model_backend_reserve(model *m, int max_tokens, int max_seqs, int max_ctx,
-                                  int max_pen);
+/* Have execution context ctx reserve its own scratch (kb_ops.reserve, where
+ * it has one) for steps of up to max_tokens tokens (or logit rows) over
+ * max_seqs sequences of up to max_ctx tokens, sampling rows with up to
+ * max_pen penalty entries; the weight shapes come from the model. */
+kiln_status model_backend_reserve(model *m, kb_backend *ctx, int max_tokens, int max_seqs,
+                                  int max_ctx, int max_pen);
 
-/* Run the layers over batch b (already in the backend's memory) and leave
- * the logits of b->out_rows in s->logits (b->n_out, n_vocab). */
+/* Run the layers over batch b (already in the memory of s->be) on s->be
+ * and leave the logits of b->out_rows in s->logits (b->n_out, n_vocab). */
 void model_forward(model *m, kb_kv *kv, model_scratch *s, const kb_batch *b);
 
 const char *model_arch_name(model_arch a);
@@ -165,6 +178,37 @@ void model_tokenizer_free(kiln_model *km);
 size_t model_token_text(const kiln_model *km, int32_t prev, int32_t id, char *out, size_t cap);
 /* End-of-generation token ids (eos, eot, ...); returns how many (<= max). */
 int model_eog_ids(const kiln_model *km, int32_t *ids, int max);
+
+/* ------------------------------------------------------------------------
+ * Loading a model with pipeline options (kmodel.c, load.c): what the
+ * public API, kiln bench load and the tests use.
+ * ---------------------------------------------------------------------- */
+
+/* Wall time of each phase of a model load (kiln_tools.h). */
+typedef kiln_tools_load_times ld_times;
+
+typedef struct ld_model_opts {
+    ld_params pipe;   /* from kiln_model_params by model_load_opts_from */
+    bool sync;        /* the plain synchronous load: one allocation and one
+                         blocking upload per tensor (the tests' reference) */
+    ld_stats *stats;  /* filled when non-NULL (device pipeline loads) */
+    ld_times *times;  /* filled when non-NULL */
+} ld_model_opts;
+
+/* Options from the load fields of p (p may be NULL: defaults). */
+void model_load_opts_from(const kiln_model_params *p, ld_model_opts *o);
+
+/* kiln_model_load with options.  be: the main context of a device to use
+ * instead of one made from p->device, or NULL; the model takes its device
+ * over (kiln_model_free frees it), also when the load fails.  o may be
+ * NULL (defaults from p). */
+kiln_status model_load_ex(const char *path, const kiln_model_params *p, kb_backend *be,
+                          const ld_model_opts *o, kiln_model **out);
+
+/* model_weights_load with options: on a backend with the asynchronous
+ * transfer ops (and !o->sync), tensors are bound first, then placed in one
+ * device allocation through ld_run. */
+kiln_status model_weights_load_ex(model *m, const model_source *src, const ld_model_opts *o);
 
 /* ------------------------------------------------------------------------
  * Quantize and convert (convert.c): `kiln quantize IN OUT TYPE`
@@ -185,28 +229,11 @@ int model_eog_ids(const kiln_model *km, int32_t *ids, int max);
 
 #define QUANTIZE_CHUNK_BYTES (16u << 20) /* F32 bytes of rows converted at once */
 
-/* A note for the user (a tensor that fell back to another type, a
- * tokenizer setting GGUF cannot carry); msg is valid during the call. */
-typedef void (*model_note_fn)(const char *msg, void *user);
-
-typedef struct model_quantize_params {
-    bool pure;                  /* every weight matrix the mix's base type */
-    int n_threads;              /* 0 = OpenMP's default */
-    model_note_fn note;         /* NULL: notes are dropped */
-    void *note_user;
-    kiln_progress_fn progress;  /* bytes of tensor data written / to write */
-    void *progress_user;
-} model_quantize_params;
-
-typedef struct model_quantize_stats {
-    uint64_t n_tensors;
-    uint64_t n_converted;       /* tensors whose bytes were recomputed */
-    uint64_t n_fallback;        /* tensors whose row length forced another type */
-    uint64_t bytes_in;          /* tensor bytes of the source */
-    uint64_t bytes_out;         /* tensor bytes written */
-    char arch[32];
-    const char *source_kind;    /* "GGUF" or "Hugging Face" */
-} model_quantize_stats;
+/* The options and results of `kiln quantize`, as the tools layer
+ * (kiln_tools.h) publishes them. */
+typedef kiln_tools_note_fn model_note_fn;
+typedef kiln_tools_quantize_params model_quantize_params;
+typedef kiln_tools_quantize_stats model_quantize_stats;
 
 void model_quantize_params_default(model_quantize_params *p);
 

@@ -4,11 +4,12 @@
  * place), the paged KV cache (allocated once, stored F16 or F32), and the
  * ops table that ties in the kernels of ops.c, matmul.c and attention.c.
  *
- * kb_destroy lives here too: it dispatches through ops->destroy, so it frees
- * a CUDA backend as well as this one.
+ * The CPU as a device: host memory, contexts that differ only in their
+ * scratch (and thread count), KV transfers that are memcpy.
  */
 #include <assert.h>
 #include <omp.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "backend/cpu/cpu_impl.h"
@@ -249,7 +250,10 @@ static const kb_ops cpu_ops = {
     .destroy = cpu_destroy,
 };
 
-kiln_status kb_cpu_create(int n_threads, kb_backend **out)
+/* A CPU context: its own matmul scratch and rope tables (ops are not
+ * reentrant), the device's threads unless asked for others. */
+static kiln_status cpu_context_create(kb_device *d, const kb_context_params *p,
+                                      kb_backend **out)
 {
     *out = NULL;
     kb_backend *be = kiln_calloc(1, sizeof *be);
@@ -261,20 +265,95 @@ kiln_status kb_cpu_create(int n_threads, kb_backend **out)
     }
     be->ops = &cpu_ops;
     be->impl = st;
-    be->n_threads = n_threads > 0 ? n_threads : omp_get_num_procs();
+    be->n_threads = p && p->n_threads > 0 ? p->n_threads : d->n_threads;
     be->host_memory = true;
+    be->dev = d;
+    st->fast_activations = d->fast_activations;
     *out = be;
     return KILN_OK;
+}
+
+/* Both caches are host memory: the copy is done when the call returns. */
+static kiln_status cpu_kv_send(kb_backend *src_ctx, const kb_kv *src, kb_backend *dst_ctx,
+                               kb_kv *dst, int il, const int32_t *src_blocks,
+                               const int32_t *dst_blocks, int n)
+{
+    (void)src_ctx;
+    (void)dst_ctx;
+    if (src->d.n_layers != dst->d.n_layers ||
+        src->d.block_size != dst->d.block_size || src->d.n_kv_heads != dst->d.n_kv_heads ||
+        src->d.head_dim_k != dst->d.head_dim_k || src->d.head_dim_v != dst->d.head_dim_v ||
+        src->d.type != dst->d.type)
+        return KILN_FAIL(KILN_ERR_INVALID_ARG, "kv transfer: the two caches differ in shape");
+    if (il < 0 || il >= src->d.n_layers)
+        return KILN_FAIL(KILN_ERR_INVALID_ARG, "kv transfer: layer %d of %d", il,
+                         src->d.n_layers);
+    const size_t kb = src->k_block_elems * src->elt, vb = src->v_block_elems * src->elt;
+    const uint8_t *ks = src->k + (size_t)il * src->k_layer_bytes;
+    const uint8_t *vs = src->v + (size_t)il * src->v_layer_bytes;
+    uint8_t *kd = dst->k + (size_t)il * dst->k_layer_bytes;
+    uint8_t *vd = dst->v + (size_t)il * dst->v_layer_bytes;
+    for (int i = 0; i < n; i++) {
+        if (src_blocks[i] < 0 || src_blocks[i] >= src->d.n_blocks || dst_blocks[i] < 0 ||
+            dst_blocks[i] >= dst->d.n_blocks)
+            return KILN_FAIL(KILN_ERR_INVALID_ARG,
+                             "kv transfer: block %d -> %d outside the pools (%d, %d blocks)",
+                             src_blocks[i], dst_blocks[i], src->d.n_blocks, dst->d.n_blocks);
+        memcpy(kd + (size_t)dst_blocks[i] * kb, ks + (size_t)src_blocks[i] * kb, kb);
+        memcpy(vd + (size_t)dst_blocks[i] * vb, vs + (size_t)src_blocks[i] * vb, vb);
+    }
+    return KILN_OK;
+}
+
+static kiln_status cpu_kv_send_wait(kb_backend *dst_ctx)
+{
+    (void)dst_ctx;
+    return KILN_OK;
+}
+
+static void cpu_device_destroy(kb_device *d)
+{
+    kiln_free(d);
+}
+
+static const kb_device_ops cpu_device_ops = {
+    .context_create = cpu_context_create,
+    .kv_send = cpu_kv_send,
+    .kv_send_wait = cpu_kv_send_wait,
+    .destroy = cpu_device_destroy,
+};
+
+kiln_status kb_cpu_device_create(int n_threads, kb_device **out)
+{
+    *out = NULL;
+    kb_device *d = kiln_calloc(1, sizeof *d);
+    if (!d)
+        return KILN_FAIL(KILN_ERR_NOMEM, "cpu backend: out of memory");
+    d->ops = &cpu_device_ops;
+    snprintf(d->name, sizeof d->name, "cpu");
+    d->host_memory = true;
+    d->n_threads = n_threads > 0 ? n_threads : omp_get_num_procs();
+    kiln_status st = cpu_context_create(d, NULL, &d->main);
+    if (st) {
+        kiln_free(d);
+        return st;
+    }
+    *out = d;
+    return KILN_OK;
+}
+
+kiln_status kb_cpu_create(int n_threads, kb_backend **out)
+{
+    *out = NULL;
+    kb_device *d;
+    kiln_status st = kb_cpu_device_create(n_threads, &d);
+    if (st == KILN_OK)
+        *out = d->main;
+    return st;
 }
 
 void kb_cpu_set_fast_activations(kb_backend *be, bool on)
 {
     if (be && be->ops == &cpu_ops)
         ((cpu_state *)be->impl)->fast_activations = on;
-}
-
-void kb_destroy(kb_backend *be)
-{
-    if (be)
-        be->ops->destroy(be);
 }

@@ -205,6 +205,17 @@ void kcu_kv_free(kb_backend *be, kb_kv *kv)
     kiln_free(kv);
 }
 
+kcu_kv_view kcu_kv_layer(const kb_kv *kv, int il)
+{
+    kcu_kv_view v;
+    v.d = kv->d;
+    v.k = kv->k + (size_t)il * kv->k_layer_bytes;
+    v.v = kv->v + (size_t)il * kv->v_layer_bytes;
+    v.k_block_bytes = kv->k_block_bytes;
+    v.v_block_bytes = kv->v_block_bytes;
+    return v;
+}
+
 /* ------------------------------------------------------------------------
  * kv_store: one CTA per token writes its K and V head rows into its slot
  * ---------------------------------------------------------------------- */

@@ -1,5 +1,7 @@
 /*
- * cuda.cu - the CUDA backend's plumbing: the device and its stream, memory,
+ * cuda.cu - the CUDA backend's plumbing: devices and their execution
+ * contexts (each with its stream, on the whole device or an SM partition),
+ * memory,
  * the batch (one pinned mirror, one device buffer at fixed offsets, so a
  * captured graph's pointers stay valid from step to step), scratch
  * reservation, graphs, errors, and the ops table that ties in the kernel
@@ -51,7 +53,9 @@ static void *cuda_alloc(kb_backend *be, size_t bytes, const char *what)
 {
     kcu *cu = kcu_of(be);
     void *p = NULL;
-    cudaError_t e = cudaMalloc(&p, bytes ? bytes : 1);
+    cudaError_t e = cudaSetDevice(cu->device);
+    if (e == cudaSuccess)
+        e = cudaMalloc(&p, bytes ? bytes : 1);
     if (e != cudaSuccess) {
         cudaGetLastError(); /* clear the sticky-free error state */
         char buf[32];
@@ -69,8 +73,7 @@ static void *cuda_alloc(kb_backend *be, size_t bytes, const char *what)
 
 static void cuda_free(kb_backend *be, void *p)
 {
-    (void)be;
-    if (p)
+    if (p && cudaSetDevice(kcu_of(be)->device) == cudaSuccess)
         cudaFree(p);
 }
 
@@ -79,6 +82,7 @@ static kiln_status cuda_upload(kb_backend *be, void *dst, const void *src, size_
     kcu *cu = kcu_of(be);
     if (!n)
         return KILN_OK;
+    KCU_BIND(cu);
     KCU_TRY(cu, cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, cu->stream));
     KCU_TRY(cu, cudaStreamSynchronize(cu->stream));
     return kcu_take_error(cu);
@@ -87,6 +91,7 @@ static kiln_status cuda_upload(kb_backend *be, void *dst, const void *src, size_
 static kiln_status cuda_download(kb_backend *be, void *dst, const void *src, size_t n)
 {
     kcu *cu = kcu_of(be);
+    KCU_BIND(cu);
     if (n)
         KCU_TRY(cu, cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, cu->stream));
     KCU_TRY(cu, cudaStreamSynchronize(cu->stream));
@@ -96,13 +101,39 @@ static kiln_status cuda_download(kb_backend *be, void *dst, const void *src, siz
 static void cuda_copy_d2d(kb_backend *be, void *dst, const void *src, size_t n)
 {
     kcu *cu = kcu_of(be);
+    KCU_CHECK(cu, cudaSetDevice(cu->device));
     if (n)
         KCU_CHECK(cu, cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, cu->stream));
+}
+
+/* The KV cache's entry points that run outside a step bind the device
+ * before attention.cu's code runs. */
+static kiln_status cuda_kv_create(kb_backend *be, const kb_kv_desc *d, kb_kv **out)
+{
+    kcu *cu = kcu_of(be);
+    *out = NULL;
+    KCU_BIND(cu);
+    return kcu_kv_create(be, d, out);
+}
+
+static void cuda_kv_free(kb_backend *be, kb_kv *kv)
+{
+    if (cudaSetDevice(kcu_of(be)->device) == cudaSuccess)
+        kcu_kv_free(be, kv);
+}
+
+static void cuda_kv_copy_blocks(kb_backend *be, kb_kv *kv, const int32_t *src, const int32_t *dst,
+                                int n)
+{
+    kcu *cu = kcu_of(be);
+    KCU_CHECK(cu, cudaSetDevice(cu->device));
+    kcu_kv_copy_blocks(be, kv, src, dst, n);
 }
 
 static kiln_status cuda_sync(kb_backend *be)
 {
     kcu *cu = kcu_of(be);
+    KCU_BIND(cu);
     KCU_TRY(cu, cudaStreamSynchronize(cu->stream));
     return kcu_take_error(cu);
 }
@@ -110,6 +141,7 @@ static kiln_status cuda_sync(kb_backend *be)
 static kiln_status cuda_mem_info(kb_backend *be, size_t *free_bytes, size_t *total_bytes)
 {
     kcu *cu = kcu_of(be);
+    KCU_BIND(cu);
     KCU_TRY(cu, cudaMemGetInfo(free_bytes, total_bytes));
     return KILN_OK;
 }
@@ -156,6 +188,7 @@ static kiln_status batch_reserve(kcu *cu, size_t max_tokens, size_t table)
 static kiln_status cuda_batch_upload(kb_backend *be, const kb_batch_host *h, const kb_batch **dev)
 {
     kcu *cu = kcu_of(be);
+    KCU_BIND(cu); /* a step starts here: its ops run on this thread */
     size_t T = (size_t)h->n_tokens > (size_t)h->n_out ? (size_t)h->n_tokens : (size_t)h->n_out;
     size_t table = (size_t)h->n_seqs * (size_t)h->max_blocks;
     if (!cu->bat_dev || T > cu->bat_tokens || table > cu->bat_table) {
@@ -207,6 +240,7 @@ static kiln_status cuda_reserve(kb_backend *be, const kb_reserve *r)
     if (r->max_tokens <= 0 || r->max_seqs <= 0 || r->max_ctx <= 0 || r->max_n_in <= 0 ||
         r->max_n_out <= 0 || r->n_heads <= 0 || r->head_dim <= 0)
         return KILN_FAIL(KILN_ERR_INVALID_ARG, "cuda: reserve needs positive sizes");
+    KCU_BIND(cu);
     cu->reserved = false;
     kiln_status st = batch_reserve(cu, (size_t)r->max_tokens,
                                    (size_t)r->max_seqs * (size_t)r->max_ctx);
@@ -226,6 +260,7 @@ static kiln_status cuda_reserve(kb_backend *be, const kb_reserve *r)
 static kiln_status cuda_graph_begin(kb_backend *be)
 {
     kcu *cu = kcu_of(be);
+    KCU_BIND(cu);
     KCU_TRY(cu, cudaStreamSynchronize(cu->stream));
     if (kcu_take_error(cu))
         return KILN_ERR_DEVICE;
@@ -267,6 +302,7 @@ static kiln_status cuda_graph_end(kb_backend *be, kb_graph **out)
 static kiln_status cuda_graph_launch(kb_backend *be, kb_graph *g)
 {
     kcu *cu = kcu_of(be);
+    KCU_BIND(cu);
     KCU_TRY(cu, cudaGraphLaunch(g->exec, cu->stream));
     return KILN_OK;
 }
@@ -295,7 +331,7 @@ static void cuda_destroy(kb_backend *be)
         kcu_matmul_release(cu);
         kcu_attention_release(cu);
         kcu_sample_release(cu);
-        kcu_transfer_release(cu);
+        kcu_xfer_release(cu);
         if (cu->bat_dev)
             cudaFree(cu->bat_dev);
         if (cu->bat_pin)
@@ -306,6 +342,8 @@ static void cuda_destroy(kb_backend *be)
             cublasLtDestroy(cu->lt);
         if (cu->stream)
             cudaStreamDestroy(cu->stream);
+        if (cu->green_ctx)
+            kcu_green_ctx_free(cu->dev, cu->green_ctx);
         kiln_free(cu);
     }
     kiln_free(be);
@@ -320,10 +358,10 @@ static const kb_ops cuda_ops = {
     .sync = cuda_sync,
     .copy = cuda_copy_d2d,
     .batch_upload = cuda_batch_upload,
-    .kv_create = kcu_kv_create,
-    .kv_free = kcu_kv_free,
+    .kv_create = cuda_kv_create,
+    .kv_free = cuda_kv_free,
     .kv_store = kcu_kv_store,
-    .kv_copy_blocks = kcu_kv_copy_blocks,
+    .kv_copy_blocks = cuda_kv_copy_blocks,
     .embed = kcu_embed,
     .rmsnorm = kcu_rmsnorm,
     .matmul = kcu_matmul,
@@ -359,31 +397,29 @@ static const kb_ops cuda_ops = {
     .destroy = cuda_destroy,
 };
 
-extern "C" kiln_status kb_cuda_create(int device, kb_backend **out)
+/* An execution context on d: its own stream (on a green context of
+ * p->sm_count SMs when asked and possible), cuBLASLt handle and scratch. */
+static kiln_status cuda_context_create(kb_device *d, const kb_context_params *p,
+                                       kb_backend **out)
 {
     *out = NULL;
-    int n = 0;
-    cudaError_t e = cudaGetDeviceCount(&n);
-    if (e != cudaSuccess || n == 0) {
-        cudaGetLastError();
-        return KILN_FAIL(KILN_ERR_UNSUPPORTED, "device cuda:%d: no CUDA device is available (%s)",
-                         device, e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
-    }
-    if (device < 0 || device >= n)
-        return KILN_FAIL(KILN_ERR_INVALID_ARG, "device cuda:%d: this machine has %d CUDA device%s "
-                         "(cuda:0..cuda:%d)", device, n, n == 1 ? "" : "s", n - 1);
+    kcu_dev *dv = kcu_dev_of(d);
     kb_backend *be = (kb_backend *)kiln_calloc(1, sizeof *be);
     kcu *cu = (kcu *)kiln_calloc(1, sizeof *cu);
     if (!be || !cu) {
         kiln_free(be);
         kiln_free(cu);
-        return KILN_FAIL(KILN_ERR_NOMEM, "cuda backend: out of memory");
+        return KILN_FAIL(KILN_ERR_NOMEM, "%s: out of memory for an execution context", d->name);
     }
     be->ops = &cuda_ops;
     be->impl = cu;
     be->n_threads = 1;
     be->host_memory = false;
-    cu->device = device;
+    be->dev = d;
+    cu->device = dv->device;
+    cu->prop = dv->prop;
+    cu->dev = dv;
+    cu->fast_act = d->fast_activations;
     kiln_status st = KILN_OK;
     cublasStatus_t bs;
 #define STEP(call)                                                              \
@@ -394,15 +430,14 @@ extern "C" kiln_status kb_cuda_create(int device, kb_backend **out)
             goto fail;                                                          \
         }                                                                       \
     } while (0)
-    STEP(cudaSetDevice(device));
-    STEP(cudaGetDeviceProperties(&cu->prop, device));
-    if (cu->prop.major < 8) {
-        st = KILN_FAIL(KILN_ERR_UNSUPPORTED, "device cuda:%d (%s): compute capability %d.%d; "
-                       "kiln's CUDA kernels need 8.0 or newer", device, cu->prop.name,
-                       cu->prop.major, cu->prop.minor);
-        goto fail;
+    STEP(cudaSetDevice(dv->device));
+    if (p && p->sm_count != 0) {
+        int granted = 0;
+        if (kcu_green_stream(dv, p->sm_count, &cu->stream, &cu->green_ctx, &granted) == KILN_OK)
+            be->sm_count = granted;
     }
-    STEP(cudaStreamCreateWithFlags(&cu->stream, cudaStreamNonBlocking));
+    if (!cu->stream)
+        STEP(cudaStreamCreateWithFlags(&cu->stream, cudaStreamNonBlocking));
     {
         /* programmatic dependent launch: Hopper and newer */
         const char *pdl = getenv("KILN_CUDA_PDL");
@@ -412,7 +447,7 @@ extern "C" kiln_status kb_cuda_create(int device, kb_backend **out)
     }
     bs = cublasLtCreate(&cu->lt);
     if (bs != CUBLAS_STATUS_SUCCESS) {
-        st = KILN_FAIL(KILN_ERR_DEVICE, "cuda:%d: cublasLtCreate failed (status %d)", device,
+        st = KILN_FAIL(KILN_ERR_DEVICE, "%s: cublasLtCreate failed (status %d)", d->name,
                        (int)bs);
         goto fail;
     }
@@ -422,5 +457,74 @@ extern "C" kiln_status kb_cuda_create(int device, kb_backend **out)
     return KILN_OK;
 fail:
     cuda_destroy(be);
+    return st;
+}
+
+static void cuda_device_destroy(kb_device *d)
+{
+    kcu_dev *dv = kcu_dev_of(d);
+    if (dv) {
+        cudaSetDevice(dv->device);
+        kcu_transfer_release(dv);
+        kcu_green_release(dv);
+        kiln_free(dv);
+    }
+    kiln_free(d);
+}
+
+static const kb_device_ops cuda_device_ops = {
+    .context_create = cuda_context_create,
+    .kv_send = kcu_kv_send,
+    .kv_send_wait = kcu_kv_send_wait,
+    .destroy = cuda_device_destroy,
+};
+
+kiln_status kcu_device_create(int index, kb_device **out)
+{
+    *out = NULL;
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0) {
+        cudaGetLastError();
+        return KILN_FAIL(KILN_ERR_UNSUPPORTED, "device cuda:%d: no CUDA device is available (%s)",
+                         index, e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+    }
+    if (index < 0 || index >= n)
+        return KILN_FAIL(KILN_ERR_INVALID_ARG, "device cuda:%d: this machine has %d CUDA device%s "
+                         "(cuda:0..cuda:%d)", index, n, n == 1 ? "" : "s", n - 1);
+    kb_device *d = (kb_device *)kiln_calloc(1, sizeof *d);
+    kcu_dev *dv = (kcu_dev *)kiln_calloc(1, sizeof *dv);
+    if (!d || !dv) {
+        kiln_free(d);
+        kiln_free(dv);
+        return KILN_FAIL(KILN_ERR_NOMEM, "cuda backend: out of memory");
+    }
+    d->ops = &cuda_device_ops;
+    d->impl = dv;
+    snprintf(d->name, sizeof d->name, "cuda:%d", index);
+    d->index = index;
+    d->host_memory = false;
+    d->n_threads = 1;
+    dv->device = index;
+    kiln_status st;
+    if ((e = cudaSetDevice(index)) != cudaSuccess ||
+        (e = cudaGetDeviceProperties(&dv->prop, index)) != cudaSuccess) {
+        st = kcu_fail(NULL, e, "cudaGetDeviceProperties", __FILE__, __LINE__);
+        goto fail;
+    }
+    if (dv->prop.major < 8) {
+        st = KILN_FAIL(KILN_ERR_UNSUPPORTED, "device cuda:%d (%s): compute capability %d.%d; "
+                       "kiln's CUDA kernels need 8.0 or newer", index, dv->prop.name,
+                       dv->prop.major, dv->prop.minor);
+        goto fail;
+    }
+    d->n_sms = dv->prop.multiProcessorCount;
+    d->sm_granularity = kcu_green_granularity(dv);
+    if ((st = cuda_context_create(d, NULL, &d->main)))
+        goto fail;
+    *out = d;
+    return KILN_OK;
+fail:
+    cuda_device_destroy(d);
     return st;
 }

@@ -3,8 +3,15 @@
  * the error checks every CUDA call goes through, and the entry points each
  * kernel file gives the ops table (cuda.cu).
  *
- * The backend drives one device through one stream.  Ops are enqueued on
- * that stream and return at once; ops that return void record the first
+ * A device (kcu_dev) holds the device's properties, the loader's upload
+ * streams and what green contexts need; an execution context (kcu, the
+ * impl of a kb_backend) drives the device through one stream of its own
+ * (a green context's stream on an SM partition), with its own scratch,
+ * cuBLASLt handle and error slot.  Every entry point of cuda.cu and
+ * transfer.cu that a thread may call first binds the device (kcu_bind);
+ * the kernel files' ops run inside a step, after batch_upload or
+ * graph_launch has bound it on the stepping thread.  Ops are enqueued on
+ * the context's stream and return at once; ops that return void record the first
  * failure (the CUDA call, file and line, the CUDA error string) in the state,
  * and `sync` returns it, so a fault inside a step surfaces at the step's end
  * with its origin named.  Every buffer an op needs beyond its arguments is
@@ -51,10 +58,27 @@ struct kb_graph {
     cudaGraphExec_t exec;
 };
 
-typedef struct kcu {
+/* A device: what its contexts share. */
+typedef struct kcu_dev {
     int device;
     cudaDeviceProp prop;
+    /* kvxfer.cu: KV blocks sent to another context (prefill -> decode) */
+    cudaStream_t xfer_stream; /* copies, behind xfer_ready events */
+    cudaEvent_t xfer_ready;   /* recorded on stream before each layer's copy */
+    int32_t *xfer_ids;        /* (2, xfer_cap) device: source, destination */
+    int32_t *xfer_pin;        /* pinned mirror */
+    int xfer_cap;
+    int xfer_n;               /* pairs in xfer_ids now */
+    struct kcu_green *green;  /* green.cu: driver entry points, SMs not yet
+                                 given to a partition; NULL until asked */
+} kcu_dev;
+
+typedef struct kcu {
+    int device;               /* dev->device and dev->prop, copied for the */
+    cudaDeviceProp prop;      /* kernel files */
+    kcu_dev *dev;
     cudaStream_t stream;
+    void *green_ctx;          /* CUgreenCtx behind stream, or NULL */
 
     /* The first failure of an op since the last sync (KILN_OK if none);
      * its message is already in kiln_last_error's buffer of the thread
@@ -125,9 +149,13 @@ typedef struct kcu {
     int *mmd_count;           /* per tile: splits finished (the last one adds them) */
     int mmd_count_elems;
 
-    /* transfer.cu */
-    cudaStream_t up_stream[KB_MAX_STREAMS]; /* upload streams 0..n_up_streams-1 */
-    int n_up_streams;
+    /* kvxfer.cu: KV blocks sent to another context (prefill -> decode) */
+    cudaStream_t xfer_stream; /* copies, behind xfer_ready events */
+    cudaEvent_t xfer_ready;   /* recorded on stream before each layer's copy */
+    int32_t *xfer_ids;        /* (2, xfer_cap) device: source, destination */
+    int32_t *xfer_pin;        /* pinned mirror */
+    int xfer_cap;
+    int xfer_n;               /* pairs in xfer_ids now */
 
     /* matvec_q8.cu: the opt-in 8-bit activation decode path
      * (kb_cuda_set_fast_activations); q8_act holds the quantized activation
@@ -142,6 +170,7 @@ typedef struct kcu {
 } kcu;
 
 static inline kcu *kcu_of(kb_backend *be) { return (kcu *)be->impl; }
+static inline kcu_dev *kcu_dev_of(kb_device *d) { return (kcu_dev *)d->impl; }
 
 /* ------------------------------------------------------------------------
  * Errors
@@ -171,6 +200,10 @@ void kcu_note(kcu *cu, kiln_status st);
 
 /* After a kernel launch <<<...>>>: the launch's own error. */
 #define KCU_LAUNCHED(cu) KCU_CHECK((cu), cudaGetLastError())
+
+/* Make the context's device current on the calling thread (in a function
+ * returning kiln_status). */
+#define KCU_BIND(cu) KCU_TRY((cu), cudaSetDevice((cu)->device))
 
 /* A failure that is not a CUDA error (bad shape, missing scratch): recorded
  * with its message. */
@@ -358,7 +391,7 @@ void kcu_get_rows(kb_backend *be, float *out, const float *x, const int32_t *idx
 
 /* transfer.cu: pinned staging memory, upload streams and events (the
  * asynchronous transfer ops of backend.h); kcu_transfer_release destroys
- * the upload streams (cuda_destroy). */
+ * the device's upload streams (device destroy). */
 void *kcu_host_alloc(kb_backend *be, size_t bytes, const char *what);
 void kcu_host_free(kb_backend *be, void *p);
 kiln_status kcu_upload_streams(kb_backend *be, int n);
@@ -369,7 +402,33 @@ kiln_status kcu_event_record(kb_backend *be, kb_event *ev, int stream);
 kiln_status kcu_event_query(kb_backend *be, kb_event *ev, bool *done);
 kiln_status kcu_event_sync(kb_backend *be, kb_event *ev);
 kiln_status kcu_event_elapsed(kb_backend *be, kb_event *start, kb_event *end, float *ms);
-void kcu_transfer_release(kcu *cu);
+void kcu_transfer_release(kcu_dev *dv);
+
+/* attention.cu: where layer il's blocks of a KV cache are (kvxfer.cu) */
+typedef struct kcu_kv_view {
+    kb_kv_desc d;
+    uint8_t *k, *v;           /* layer il: (n_blocks, block bytes) */
+    size_t k_block_bytes, v_block_bytes;
+} kcu_kv_view;
+kcu_kv_view kcu_kv_layer(const kb_kv *kv, int il);
+
+/* kvxfer.cu: the device ops of backend.h that move KV blocks */
+kiln_status kcu_kv_send(kb_backend *src_ctx, const kb_kv *src, kb_backend *dst_ctx, kb_kv *dst,
+                        int il, const int32_t *src_blocks, const int32_t *dst_blocks, int n);
+kiln_status kcu_kv_send_wait(kb_backend *src_ctx);
+void kcu_xfer_release(kcu *cu);
+
+/* green.cu: SM partitions.  A stream on a green context of sm_count SMs
+ * (-1: all SMs no earlier partition took) of dv, into *stream and *gctx,
+ * *granted the SMs it has; KILN_ERR_UNSUPPORTED (one log line said what is
+ * missing) when the driver or the device cannot make it: the caller then
+ * makes an ordinary stream. */
+kiln_status kcu_green_stream(kcu_dev *dv, int sm_count, cudaStream_t *stream, void **gctx,
+                             int *granted);
+void kcu_green_ctx_free(kcu_dev *dv, void *gctx);
+/* SMs a partition is a multiple of on dv (0: no green contexts). */
+int kcu_green_granularity(kcu_dev *dv);
+void kcu_green_release(kcu_dev *dv);
 
 /* ------------------------------------------------------------------------
  * matvec_q8.cu: fast (8-bit) activations for quantized decode matvecs

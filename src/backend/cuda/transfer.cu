@@ -5,7 +5,8 @@
  * reuse a staging buffer once the copy out of it has completed, and `kiln
  * bench load` to time copies on the device.
  *
- * Upload streams are created on demand (upload_streams) and are separate
+ * Upload streams belong to the device (every context of it sees the same
+ * ones); they are created on demand (upload_streams) and are separate
  * from the compute stream, non-blocking, so uploads overlap each other and
  * any ops.  Events block the waiting thread instead of spinning
  * (cudaEventBlockingSync): the loader's waiting workers leave their cores to
@@ -25,10 +26,10 @@ static cudaStream_t stream_of(kcu *cu, int s)
 {
     if (s == KB_STREAM_COMPUTE)
         return cu->stream;
-    if (s >= 0 && s < cu->n_up_streams)
-        return cu->up_stream[s];
+    if (s >= 0 && s < cu->dev->n_up_streams)
+        return cu->dev->up_stream[s];
     KILN_FAIL(KILN_ERR_INVALID_ARG, "cuda:%d: no upload stream %d (%d made)", cu->device, s,
-              cu->n_up_streams);
+              cu->dev->n_up_streams);
     return NULL;
 }
 
@@ -65,10 +66,10 @@ kiln_status kcu_upload_streams(kb_backend *be, int n)
         return KILN_FAIL(KILN_ERR_INVALID_ARG, "cuda:%d: %d upload streams (1..%d)", cu->device,
                          n, KB_MAX_STREAMS);
     KCU_TRY(cu, cudaSetDevice(cu->device));
-    while (cu->n_up_streams < n) {
-        KCU_TRY(cu, cudaStreamCreateWithFlags(&cu->up_stream[cu->n_up_streams],
+    while (cu->dev->n_up_streams < n) {
+        KCU_TRY(cu, cudaStreamCreateWithFlags(&cu->dev->up_stream[cu->dev->n_up_streams],
                                               cudaStreamNonBlocking));
-        cu->n_up_streams++;
+        cu->dev->n_up_streams++;
     }
     return KILN_OK;
 }
@@ -160,14 +161,14 @@ kiln_status kcu_event_elapsed(kb_backend *be, kb_event *start, kb_event *end, fl
     return KILN_OK;
 }
 
-void kcu_transfer_release(kcu *cu)
+void kcu_transfer_release(kcu_dev *dv)
 {
-    for (int i = 0; i < cu->n_up_streams; i++) {
-        if (cu->up_stream[i]) {
-            cudaStreamSynchronize(cu->up_stream[i]);
-            cudaStreamDestroy(cu->up_stream[i]);
+    for (int i = 0; i < dv->n_up_streams; i++) {
+        if (dv->up_stream[i]) {
+            cudaStreamSynchronize(dv->up_stream[i]);
+            cudaStreamDestroy(dv->up_stream[i]);
         }
-        cu->up_stream[i] = NULL;
+        dv->up_stream[i] = NULL;
     }
-    cu->n_up_streams = 0;
+    dv->n_up_streams = 0;
 }

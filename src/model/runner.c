@@ -1,8 +1,9 @@
 /*
- * runner.c - the engine's view of a loaded model: an engine_runner that owns
- * the engine-scoped buffers (KV cache, activation scratch, the backend's own
- * scratch, decode graphs; all made once in prepare) and runs the model's
- * forward pass over each step's batch.
+ * runner.c - the plain runner (runner.h): one loaded model on an execution
+ * context of its own, owning the engine-scoped buffers (KV cache,
+ * activation scratch, the context's own scratch, decode graphs; all made
+ * once in prepare) and running the model's forward pass over each step's
+ * batch on that context.
  *
  * On a device backend the KV pool takes what the memory fraction leaves
  * after weights and scratch, and pure decode steps replay CUDA graphs
@@ -10,15 +11,19 @@
  * B sequences runs the graph of the smallest bucket >= B, its extra rows
  * padded with a dummy token whose K/V goes to a block kept aside for it.
  */
-#include "engine/engine.h"
+#include <stdio.h>
+
 #include "model/model.h"
+#include "model/runner.h"
 
 #define RUNNER_MAX_GRAPHS 16
 /* Penalty entries per row that device sampling takes (more: host sampling). */
 #define RUNNER_MAX_PEN 4096
 
-typedef struct model_runner {
+typedef struct plain_runner {
     kiln_model *km;
+    kb_backend *be;     /* the execution context, owned */
+    const char *role;   /* for messages, or NULL */
     kb_kv *kv;
     model_scratch scratch;
     bool scratch_ready;
@@ -34,37 +39,56 @@ typedef struct model_runner {
     int graph_blocks;   /* block-table width of graph steps */
     kb_batch_host pad;  /* the padded batch of a graph step */
     int32_t *pad_mem;
-} model_runner;
+} plain_runner;
 
 static uint64_t runner_kv_block_bytes(void *ctx, int block_size, bool kv_f32)
 {
-    model_runner *r = ctx;
+    plain_runner *r = ctx;
     return (uint64_t)block_size * model_kv_bytes_per_token(&r->km->m.hp, kv_f32 ? 4 : 2);
 }
 
-/* KV blocks for a device: what the memory fraction leaves after weights and
- * scratch (already allocated), less one block for graph padding. */
-static kiln_status size_kv_pool(model_runner *r, engine_prepare *ep, uint64_t block_bytes)
+/* The engine a message is about: "the decode engine on cuda:0 (64 SMs)". */
+static void runner_name(const plain_runner *r, char *buf, size_t cap)
 {
-    kb_backend *be = r->km->m.be;
+    char sms[32] = "";
+    if (r->be->sm_count > 0)
+        snprintf(sms, sizeof sms, " (%d SMs)", r->be->sm_count);
+    snprintf(buf, cap, "the %s%sengine on %s%s", r->role ? r->role : "", r->role ? " " : "",
+             r->be->dev->name, sms);
+}
+
+/* KV blocks for a device: kv_share of what the memory fraction leaves after
+ * weights and scratch (already allocated), less one block for graph
+ * padding.  When not one sequence fits, the message names the engine's
+ * device, what one sequence needs and what is free. */
+static kiln_status size_kv_pool(plain_runner *r, model_prepare *ep, uint64_t block_bytes)
+{
+    kb_backend *be = r->be;
     size_t free_b = 0, total_b = 0;
     kiln_status st = be->ops->mem_info(be, &free_b, &total_b);
     if (st)
         return st;
     double keep = (1.0 - (double)ep->mem_fraction) * (double)total_b;
     double budget = (double)free_b - keep;
+    double share = ep->kv_share > 0 && ep->kv_share < 1 ? (double)ep->kv_share : 1.0;
+    budget *= share;
     uint64_t per_seq = ((uint64_t)ep->n_ctx + (uint64_t)ep->block_size - 1) /
                        (uint64_t)ep->block_size;
     double n = budget > 0 ? budget / (double)block_bytes - 1.0 : 0.0;
     if (n < (double)per_seq) {
-        char need[32], fr[32], tot[32];
+        char who[96], need[32], fr[32], devfree[32], tot[32], part[64] = "";
+        runner_name(r, who, sizeof who);
+        if (share < 1.0)
+            snprintf(part, sizeof part, " (its share %.2f of that)", share);
         return KILN_FAIL(KILN_ERR_NOMEM,
-                         "KV cache: one sequence of %d tokens needs %s of device memory, but "
-                         "only %s is free after the weights and scratch within "
-                         "--gpu-mem-fraction %.2f of %s (lower --ctx, or raise the fraction)",
-                         ep->n_ctx,
+                         "KV cache of %s: one sequence of %d tokens needs %s, but %s is free "
+                         "for it%s: %s of the device is free after the weights and scratch, "
+                         "less what --gpu-mem-fraction %.2f of %s keeps back (lower --ctx, or "
+                         "raise the fraction)",
+                         who, ep->n_ctx,
                          kiln_fmt_bytes((size_t)(per_seq + 1) * block_bytes, need, sizeof need),
-                         kiln_fmt_bytes(budget > 0 ? (size_t)budget : 0, fr, sizeof fr),
+                         kiln_fmt_bytes(budget > 0 ? (size_t)budget : 0, fr, sizeof fr), part,
+                         kiln_fmt_bytes(free_b, devfree, sizeof devfree),
                          (double)ep->mem_fraction, kiln_fmt_bytes(total_b, tot, sizeof tot));
     }
     double cap = (double)(INT32_MAX / ep->block_size) - 1.0;
@@ -84,7 +108,7 @@ static bool is_pure_decode(const kb_batch_host *b)
 
 /* Lay out the padded batch of `rows` rows whose first b->n_tokens rows are
  * b's (b may be NULL: all rows padding). */
-static void pad_batch(model_runner *r, const kb_batch_host *b, int rows)
+static void pad_batch(plain_runner *r, const kb_batch_host *b, int rows)
 {
     kb_batch_host *p = &r->pad;
     int n = b ? b->n_tokens : 0;
@@ -117,10 +141,10 @@ static void pad_batch(model_runner *r, const kb_batch_host *b, int rows)
 
 /* Capture one graph per decode bucket, after one eager run of each (which
  * loads the kernels and settles the GEMM algorithm choices). */
-static kiln_status capture_graphs(model_runner *r, const engine_prepare *ep)
+static kiln_status capture_graphs(plain_runner *r, const model_prepare *ep)
 {
     model *m = &r->km->m;
-    kb_backend *be = m->be;
+    kb_backend *be = r->be;
     int max_rows = ep->max_seqs < ep->max_tokens ? ep->max_seqs : ep->max_tokens;
     r->graph_blocks = (ep->n_ctx + ep->block_size - 1) / ep->block_size;
     size_t per_row = 5 + (size_t)r->graph_blocks;
@@ -152,19 +176,19 @@ static kiln_status capture_graphs(model_runner *r, const engine_prepare *ep)
     return KILN_OK;
 }
 
-static kiln_status runner_prepare(void *ctx, engine_prepare *ep)
+static kiln_status runner_prepare(void *ctx, model_prepare *ep)
 {
-    model_runner *r = ctx;
+    plain_runner *r = ctx;
     model *m = &r->km->m;
-    kb_backend *be = m->be;
+    kb_backend *be = r->be;
     kiln_status st;
     r->block_size = ep->block_size;
-    if ((st = model_scratch_init(m, &r->scratch, ep->max_tokens, ep->max_out)))
+    if ((st = model_scratch_init(m, be, &r->scratch, ep->max_tokens, ep->max_out)))
         return st;
     r->scratch_ready = true;
     r->max_out = ep->max_out;
     int max_rows = ep->max_tokens > ep->max_out ? ep->max_tokens : ep->max_out;
-    if ((st = model_backend_reserve(m, max_rows, ep->max_seqs, ep->n_ctx, RUNNER_MAX_PEN)))
+    if ((st = model_backend_reserve(m, be, max_rows, ep->max_seqs, ep->n_ctx, RUNNER_MAX_PEN)))
         return st;
     if (!be->host_memory) {
         r->logits_host = kiln_malloc_array((size_t)ep->max_out * (size_t)m->hp.n_vocab,
@@ -208,10 +232,10 @@ static kiln_status runner_prepare(void *ctx, engine_prepare *ep)
 }
 
 /* Enqueue one step's forward: a decode graph where one fits, else op by op. */
-static kiln_status run_step(model_runner *r, const kb_batch_host *b)
+static kiln_status run_step(plain_runner *r, const kb_batch_host *b)
 {
     model *m = &r->km->m;
-    kb_backend *be = m->be;
+    kb_backend *be = r->be;
     const kb_batch *dev;
     kiln_status st;
     int g = -1;
@@ -234,9 +258,9 @@ static kiln_status run_step(model_runner *r, const kb_batch_host *b)
 
 static kiln_status runner_forward(void *ctx, const kb_batch_host *b, const float **logits)
 {
-    model_runner *r = ctx;
+    plain_runner *r = ctx;
     model *m = &r->km->m;
-    kb_backend *be = m->be;
+    kb_backend *be = r->be;
     kiln_status st = run_step(r, b);
     if (st)
         return st;
@@ -255,8 +279,8 @@ static kiln_status runner_forward_sample(void *ctx, const kb_batch_host *b,
                                          const kb_sample_row *rows, int32_t *ids,
                                          float *logprobs)
 {
-    model_runner *r = ctx;
-    kb_backend *be = r->km->m.be;
+    plain_runner *r = ctx;
+    kb_backend *be = r->be;
     kiln_status st = run_step(r, b);
     if (st)
         return st;
@@ -266,41 +290,53 @@ static kiln_status runner_forward_sample(void *ctx, const kb_batch_host *b,
 
 static void runner_copy_blocks(void *ctx, const int32_t *src, const int32_t *dst, int n)
 {
-    model_runner *r = ctx;
-    kb_backend *be = r->km->m.be;
+    plain_runner *r = ctx;
+    kb_backend *be = r->be;
     be->ops->kv_copy_blocks(be, r->kv, src, dst, n);
 }
 
 static size_t runner_token_text(void *ctx, int32_t prev, int32_t id, char *out, size_t cap)
 {
-    model_runner *r = ctx;
+    plain_runner *r = ctx;
     return model_token_text(r->km, prev, id, out, cap);
 }
 
 static void runner_destroy(void *ctx)
 {
-    model_runner *r = ctx;
+    plain_runner *r = ctx;
     if (!r)
         return;
-    kb_backend *be = r->km->m.be;
-    if (r->kv)
-        be->ops->kv_free(be, r->kv);
-    for (int i = 0; i < r->n_graphs; i++)
-        be->ops->graph_free(be, r->graphs[i]);
-    if (r->scratch_ready)
-        model_scratch_free(&r->km->m, &r->scratch);
+    kb_backend *be = r->be;
+    if (be) {
+        /* nothing of this engine may still run when its buffers go */
+        be->ops->sync(be);
+        if (r->kv)
+            be->ops->kv_free(be, r->kv);
+        for (int i = 0; i < r->n_graphs; i++)
+            be->ops->graph_free(be, r->graphs[i]);
+        if (r->scratch_ready)
+            model_scratch_free(&r->km->m, &r->scratch);
+        kb_destroy(be);
+    }
     kiln_free(r->logits_host);
     kiln_free(r->pad_mem);
     kiln_free(r);
 }
 
-kiln_status engine_runner_for_model(kiln_model *km, engine_runner *out)
+kiln_status model_runner_create(kiln_model *km, const model_runner_opts *o, model_runner *out)
 {
-    model_runner *r = kiln_calloc(1, sizeof *r);
+    memset(out, 0, sizeof *out);
+    plain_runner *r = kiln_calloc(1, sizeof *r);
     if (!r)
         return KILN_FAIL(KILN_ERR_NOMEM, "out of memory");
     r->km = km;
-    memset(out, 0, sizeof *out);
+    r->role = o ? o->role : NULL;
+    kb_context_params cp = {.sm_count = o ? o->sm_count : km->sm_count};
+    kiln_status st = kb_context_create(km->dev, &cp, &r->be);
+    if (st) {
+        kiln_free(r);
+        return st;
+    }
     out->ctx = r;
     out->n_vocab = km->m.hp.n_vocab;
     out->n_ctx_train = km->m.hp.n_ctx_train;
@@ -309,11 +345,22 @@ kiln_status engine_runner_for_model(kiln_model *km, engine_runner *out)
     out->kv_block_bytes = runner_kv_block_bytes;
     out->forward = runner_forward;
     out->copy_blocks = runner_copy_blocks;
-    if (km->m.be->ops->sample) {
+    if (r->be->ops->sample) {
         out->forward_sample = runner_forward_sample;
         out->max_pen = RUNNER_MAX_PEN;
     }
     out->token_text = runner_token_text;
     out->destroy = runner_destroy;
     return KILN_OK;
+}
+
+kb_backend *model_runner_exec(void *ctx) { return ((plain_runner *)ctx)->be; }
+
+kb_kv *model_runner_kv(void *ctx) { return ((plain_runner *)ctx)->kv; }
+
+void model_runner_set_layer_hook(void *ctx, void (*fn)(void *user, int il), void *user)
+{
+    plain_runner *r = ctx;
+    r->scratch.layer_done = fn;
+    r->scratch.layer_user = user;
 }

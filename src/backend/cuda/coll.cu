@@ -1,0 +1,298 @@
+/*
+ * coll.cu - collectives over device memory for tensor parallelism: the
+ * kb_device_ops coll_* entry points on NCCL.
+ *
+ * Each rank's end of a group is one NCCL communicator, made non-blocking
+ * (ncclConfig_t.blocking = 0) so that no NCCL call can block the process
+ * for good: a call that answers ncclInProgress is polled with
+ * ncclCommGetAsyncError until it is done, a failure is reported, or the
+ * group's timeout passes, and then the communicator is aborted
+ * (ncclCommAbort stops the kernels still waiting for a peer).  The same
+ * holds for the work on the stream: coll_wait records an event after it
+ * and polls the event and the communicator's error together, so a peer
+ * that died mid-collective ends this rank with a message instead of a
+ * kernel that spins forever.  Collectives enqueue on the context's stream
+ * and are captured like any op when a decode graph is recorded.
+ *
+ * NVLink SHARP (NVLS, multicast) stays off: NCCL_NVLS_ENABLE=0 is set
+ * before NCCL reads its environment unless the user set it.
+ */
+#include <nccl.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "backend/cuda/cuda_impl.h"
+
+/* Busy polls of a wait before it starts sleeping between polls. */
+#define KCU_COLL_SPIN_SEC 0.002
+#define KCU_COLL_SLEEP_NS 50000L
+
+struct kb_coll {
+    ncclComm_t comm;
+    int rank, n_ranks;
+    int device;
+    double timeout_sec;
+    cudaEvent_t done;     /* coll_wait's marker */
+    bool failed;          /* aborted or errored: coll_free only */
+};
+
+static double coll_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void coll_nvls_off(void) { setenv("NCCL_NVLS_ENABLE", "0", 0); }
+
+static kiln_status coll_fail_nccl(kb_coll *c, ncclResult_t r, const char *what)
+{
+    const char *last = c && c->comm ? ncclGetLastError(c->comm) : NULL;
+    return KILN_FAIL(KILN_ERR_DEVICE, "tensor parallel: rank %d of %d on cuda:%d: %s: %s%s%s",
+                     c ? c->rank : -1, c ? c->n_ranks : 0, c ? c->device : -1, what,
+                     ncclGetErrorString(r), last && *last ? ": " : "", last ? last : "");
+}
+
+/* Abort the communicator (it is unusable from here on). */
+static void coll_abort(kb_coll *c)
+{
+    if (c->comm && !c->failed) {
+        c->failed = true;
+        ncclCommAbort(c->comm);
+        c->comm = NULL;
+    }
+    c->failed = true;
+}
+
+/* Poll until the communicator's pending call is done.  r is what the call
+ * returned. */
+static kiln_status coll_settle(kb_coll *c, ncclResult_t r, const char *what)
+{
+    double t0 = coll_now();
+    while (r == ncclInProgress) {
+        if (coll_now() - t0 > c->timeout_sec) {
+            coll_abort(c);
+            return KILN_FAIL(KILN_ERR_DEVICE,
+                             "tensor parallel: rank %d of %d on cuda:%d: %s did not complete in "
+                             "%.0f s: a peer rank is dead or hung (NCCL communicator aborted)",
+                             c->rank, c->n_ranks, c->device, what, c->timeout_sec);
+        }
+        sched_yield();
+        ncclResult_t q = ncclCommGetAsyncError(c->comm, &r);
+        if (q != ncclSuccess)
+            r = q;
+    }
+    if (r != ncclSuccess) {
+        kiln_status st = coll_fail_nccl(c, r, what);
+        coll_abort(c);
+        return st;
+    }
+    return KILN_OK;
+}
+
+kiln_status kcu_coll_id(kb_device *d, void *id)
+{
+    coll_nvls_off();
+    ncclUniqueId u;
+    ncclResult_t r = ncclGetUniqueId(&u);
+    if (r != ncclSuccess)
+        return KILN_FAIL(KILN_ERR_DEVICE, "tensor parallel on %s: ncclGetUniqueId: %s", d->name,
+                         ncclGetErrorString(r));
+    KILN_STATIC_ASSERT(sizeof u == KB_COLL_ID_BYTES, "NCCL id size");
+    memcpy(id, &u, sizeof u);
+    return KILN_OK;
+}
+
+kiln_status kcu_coll_create(kb_device *d, const void *id, int n_ranks, int rank,
+                                       double timeout_sec, kb_coll **out)
+{
+    *out = NULL;
+    coll_nvls_off();
+    kcu_dev *dv = kcu_dev_of(d);
+    kb_coll *c = (kb_coll *)kiln_calloc(1, sizeof *c);
+    if (!c)
+        return KILN_FAIL(KILN_ERR_NOMEM, "tensor parallel: out of memory");
+    c->rank = rank;
+    c->n_ranks = n_ranks;
+    c->device = dv->device;
+    c->timeout_sec = timeout_sec > 0 ? timeout_sec : 1e9;
+    cudaError_t e = cudaSetDevice(dv->device);
+    if (e == cudaSuccess)
+        e = cudaEventCreateWithFlags(&c->done, cudaEventDisableTiming);
+    if (e != cudaSuccess) {
+        kiln_free(c);
+        return kcu_fail(NULL, e, "cudaEventCreate", __FILE__, __LINE__);
+    }
+    ncclUniqueId u;
+    memcpy(&u, id, sizeof u);
+    ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+    cfg.blocking = 0;
+    ncclResult_t r = ncclCommInitRankConfig(&c->comm, n_ranks, u, rank, &cfg);
+    kiln_status st;
+    if (r == ncclSuccess || r == ncclInProgress) {
+        /* coll_settle aborts the communicator on failure */
+        st = coll_settle(c, r, "joining the NCCL group (ncclCommInitRank)");
+    } else {
+        st = coll_fail_nccl(c, r, "ncclCommInitRankConfig");
+        if (c->comm)
+            ncclCommAbort(c->comm);
+    }
+    if (st) {
+        cudaEventDestroy(c->done);
+        kiln_free(c);
+        return st;
+    }
+    *out = c;
+    return KILN_OK;
+}
+
+void kcu_coll_free(kb_coll *c)
+{
+    if (!c)
+        return;
+    cudaSetDevice(c->device);
+    if (c->comm) {
+        /* a clean leave: finalize flushes what is pending (non-blocking:
+         * poll it), then destroy; anything wrong: abort */
+        ncclResult_t r = ncclCommFinalize(c->comm);
+        if (r == ncclSuccess || r == ncclInProgress) {
+            double t0 = coll_now();
+            while (r == ncclInProgress && coll_now() - t0 < c->timeout_sec) {
+                sched_yield();
+                if (ncclCommGetAsyncError(c->comm, &r) != ncclSuccess)
+                    break;
+            }
+        }
+        if (r == ncclSuccess)
+            ncclCommDestroy(c->comm);
+        else
+            ncclCommAbort(c->comm);
+        c->comm = NULL;
+    }
+    cudaEventDestroy(c->done);
+    kiln_free(c);
+}
+
+/* The stream of an op, with the device bound; NULL (error set) when the
+ * group is no longer usable. */
+static kcu *coll_ctx(kb_backend *ctx, kb_coll *c, kiln_status *st)
+{
+    kcu *cu = kcu_of(ctx);
+    *st = KILN_OK;
+    if (c->failed || !c->comm) {
+        *st = KILN_FAIL(KILN_ERR_DEVICE, "tensor parallel: rank %d of %d: the NCCL group has "
+                        "failed already", c->rank, c->n_ranks);
+        return NULL;
+    }
+    cudaError_t e = cudaSetDevice(cu->device);
+    if (e != cudaSuccess) {
+        *st = kcu_fail(cu, e, "cudaSetDevice", __FILE__, __LINE__);
+        return NULL;
+    }
+    return cu;
+}
+
+kiln_status kcu_coll_all_reduce(kb_backend *ctx, kb_coll *c, float *buf, size_t n)
+{
+    kiln_status st;
+    kcu *cu = coll_ctx(ctx, c, &st);
+    if (!cu)
+        return st;
+    return coll_settle(c, ncclAllReduce(buf, buf, n, ncclFloat32, ncclSum, c->comm, cu->stream),
+                       "ncclAllReduce");
+}
+
+kiln_status kcu_coll_all_gather(kb_backend *ctx, kb_coll *c, const void *in,
+                                           void *out, size_t bytes)
+{
+    kiln_status st;
+    kcu *cu = coll_ctx(ctx, c, &st);
+    if (!cu)
+        return st;
+    return coll_settle(c, ncclAllGather(in, out, bytes, ncclUint8, c->comm, cu->stream),
+                       "ncclAllGather");
+}
+
+kiln_status kcu_coll_broadcast(kb_backend *ctx, kb_coll *c, void *buf, size_t bytes,
+                                          int root)
+{
+    kiln_status st;
+    kcu *cu = coll_ctx(ctx, c, &st);
+    if (!cu)
+        return st;
+    return coll_settle(c, ncclBroadcast(buf, buf, bytes, ncclUint8, root, c->comm, cu->stream),
+                       "ncclBroadcast");
+}
+
+kiln_status kcu_coll_send(kb_backend *ctx, kb_coll *c, const void *buf, size_t bytes,
+                                     int peer)
+{
+    kiln_status st;
+    kcu *cu = coll_ctx(ctx, c, &st);
+    if (!cu)
+        return st;
+    return coll_settle(c, ncclSend(buf, bytes, ncclUint8, peer, c->comm, cu->stream), "ncclSend");
+}
+
+kiln_status kcu_coll_recv(kb_backend *ctx, kb_coll *c, void *buf, size_t bytes,
+                                     int peer)
+{
+    kiln_status st;
+    kcu *cu = coll_ctx(ctx, c, &st);
+    if (!cu)
+        return st;
+    return coll_settle(c, ncclRecv(buf, bytes, ncclUint8, peer, c->comm, cu->stream), "ncclRecv");
+}
+
+kiln_status kcu_coll_wait(kb_backend *ctx, kb_coll *c, double timeout_sec)
+{
+    kiln_status st;
+    kcu *cu = coll_ctx(ctx, c, &st);
+    if (!cu)
+        return st;
+    KCU_TRY(cu, cudaEventRecord(c->done, cu->stream));
+    double t0 = coll_now(), limit = timeout_sec > 0 ? timeout_sec : c->timeout_sec;
+    for (unsigned it = 0;; it++) {
+        cudaError_t e = cudaEventQuery(c->done);
+        if (e == cudaSuccess)
+            break;
+        if (e != cudaErrorNotReady) {
+            st = kcu_fail(cu, e, "cudaEventQuery (a tensor-parallel step)", __FILE__, __LINE__);
+            coll_abort(c);
+            return st;
+        }
+        double dt = coll_now() - t0;
+        if (dt < KCU_COLL_SPIN_SEC && it % 256 != 255)
+            continue;
+        ncclResult_t r = ncclSuccess;
+        if (ncclCommGetAsyncError(c->comm, &r) != ncclSuccess ||
+            (r != ncclSuccess && r != ncclInProgress)) {
+            st = coll_fail_nccl(c, r, "a collective of this step failed");
+            coll_abort(c);
+            return st;
+        }
+        if (dt > limit) {
+            coll_abort(c);
+            return KILN_FAIL(KILN_ERR_DEVICE,
+                             "tensor parallel: rank %d of %d on cuda:%d: the step's collectives "
+                             "did not complete in %.0f s: a peer rank is dead or hung (NCCL "
+                             "communicator aborted)",
+                             c->rank, c->n_ranks, c->device, limit);
+        }
+        if (dt >= KCU_COLL_SPIN_SEC) {
+            struct timespec ts = {0, KCU_COLL_SLEEP_NS};
+            nanosleep(&ts, NULL);
+        }
+    }
+    /* what an op of the step recorded */
+    if (cu->err != KILN_OK) {
+        st = cu->err;
+        KILN_FAIL(st, "%s", cu->err_msg);
+        cu->err = KILN_OK;
+        return st;
+    }
+    return KILN_OK;
+}

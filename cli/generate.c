@@ -107,6 +107,10 @@ int cli_parse_common(run_opts *o, int argc, char **argv, int *i)
             return -1;
         }
         o->sampling.stop[o->sampling.n_stop++] = s;
+    } else if (!strcmp(a, "--pd")) {
+        o->pd = VALUE();
+    } else if (!strcmp(a, "--decode-pipeline")) {
+        o->decode_pipeline = VALUE();
     } else if (!strcmp(a, "--eager")) {
         o->eager = 1;
     } else if (!strcmp(a, "--fast-activations")) {
@@ -174,6 +178,8 @@ kiln_engine *cli_make_engine(kiln_model *m, const run_opts *o, int max_seqs, int
     if (o->gpu_mem_fraction > 0)
         ep.gpu_mem_fraction = o->gpu_mem_fraction;
     ep.eager = o->eager;
+    ep.pd = o->pd;
+    ep.decode_pipeline = o->decode_pipeline;
     kiln_engine *e = NULL;
     kiln_status st = kiln_engine_create(m, &ep, &e);
     if (st != KILN_OK) {
@@ -300,6 +306,13 @@ static void generate_usage(FILE *f)
             "  --gpu-mem-fraction F     GPU memory kiln may use, the KV cache taking what\n"
             "                           weights and scratch leave (default 0.90)\n"
             "  --eager                  GPU: no CUDA graphs for decode steps\n"
+            "  --pd prefill=DEV,decode=DEV\n"
+            "                           prefill and decode in two engines, KV handed over\n"
+            "                           layer by layer (DEV: cpu, cuda:N, cuda:N@sm=M,\n"
+            "                           cuda:N@sm=rest)\n"
+            "  --decode-pipeline attn_sm=N,ffn_sm=M\n"
+            "                           GPU: decode as two micro-batches, attention and\n"
+            "                           feed-forward on separate SM partitions\n"
             "  --fast-activations       quantized matmuls round activations to 8 bits per\n"
             "                           block (llama.cpp's way): faster on GPUs, slightly\n"
             "                           less accurate (default: exact float32)\n"

@@ -240,6 +240,21 @@ typedef struct kiln_engine_params {
                               prompt was chunked (every op reduces in a
                               fixed order whatever the batch); slower.
                               Default off; kiln eval turns it on. */
+    const char *pd;        /* prefill/decode disaggregation: NULL or "" = one
+                              engine; "prefill=DEV,decode=DEV" = a prefill
+                              engine and a decode engine, KV blocks handed
+                              from one to the other layer by layer (DEV:
+                              cpu, cuda:N, cuda:N@sm=M, cuda:N@sm=rest, e.g.
+                              "prefill=cuda:0@sm=32,decode=cuda:0@sm=rest"
+                              or "prefill=cuda:0,decode=cuda:1").  Copied at
+                              create.  With a split, callbacks come from
+                              either engine's thread (one at a time for a
+                              request: its first token from the prefill
+                              engine, the rest from the decode engine). */
+    const char *decode_pipeline; /* GPU: NULL or "" = off; "attn_sm=N,ffn_sm=M":
+                              decode steps run as two micro-batches, one's
+                              attention on N SMs while the other's
+                              feed-forward runs on M (green contexts) */
 } kiln_engine_params;
 
 KILN_API void kiln_engine_params_default(kiln_engine_params *p);
@@ -388,6 +403,29 @@ typedef struct kiln_engine_stats {
 } kiln_engine_stats;
 
 KILN_API void kiln_engine_get_stats(kiln_engine *e, kiln_engine_stats *st);
+
+/* Latency and KV-transfer figures since the engine was created: time to
+ * first token (submit -> first generated token) and inter-token latency
+ * (between a request's consecutive tokens), as percentiles of a
+ * histogram with 1/8-octave buckets (within ~9 %); and, with a
+ * prefill/decode split, the KV handed from the prefill to the decode
+ * engine. */
+typedef struct kiln_latency_stats {
+    uint64_t n_ttft;              /* first tokens measured */
+    double ttft_p50_sec, ttft_p99_sec;
+    uint64_t n_itl;               /* token gaps measured */
+    double itl_p50_sec, itl_p99_sec;
+    uint64_t n_transfers;         /* requests whose KV moved (split only) */
+    uint64_t kv_bytes;            /* bytes of K and V moved */
+    double transfer_sec;          /* time the prefill engine's steps spent
+                                     sending KV (device: waiting for copies
+                                     after the step, the part that did not
+                                     overlap compute) */
+    int n_backpressure;           /* requests waiting for room in the decode
+                                     pool now */
+} kiln_latency_stats;
+
+KILN_API void kiln_engine_get_latency(kiln_engine *e, kiln_latency_stats *st);
 
 /* ------------------------------------------------------------------------
  * Tensor parallel (docs/dist.md)

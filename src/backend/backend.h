@@ -344,6 +344,12 @@ typedef struct kb_device_ops {
                            const int32_t *dst_blocks, int n);
     /* Block until every kv_send from src_ctx has landed. */
     kiln_status (*kv_send_wait)(kb_backend *src_ctx);
+    /* Make ctx's compute stream wait, without blocking the host, until ev
+     * (recorded on a stream of any context of the device, event_record)
+     * has been reached: how two contexts' work is ordered (the decode
+     * pipeline's micro-batches).  Host-memory devices run ops at once: a
+     * no-op there. */
+    kiln_status (*wait_event)(kb_backend *ctx, kb_event *ev);
     /* Free the device's own state (its contexts are gone by then). */
     void (*destroy)(kb_device *d);
 
@@ -438,6 +444,11 @@ kiln_status kb_device_open(const kb_device_spec *s, int n_threads, kb_device **o
 /* A new execution context on d (p NULL: the whole device).  Free with
  * kb_destroy; every context of a device goes before the device. */
 kiln_status kb_context_create(kb_device *d, const kb_context_params *p, kb_backend **out);
+/* "attn_sm=N,ffn_sm=M" (M may be "rest"): the SM partitions of the decode
+ * pipeline (kiln_engine_params.decode_pipeline); counts as in a device
+ * string's @sm=. */
+kiln_status kb_sm_pair_parse(const char *text, int *attn_sm, int *ffn_sm);
+
 /* Free a device and its main context; NULL is a no-op. */
 void kb_device_free(kb_device *d);
 /* The CPU as a device (n_threads <= 0: all cores). */

@@ -70,14 +70,23 @@ kiln_status kb_cuda_device_create(int index, kb_device **out)
     return pl->device_create(index, out);
 }
 
+/* The main context of a device just made (st its status). */
+static kiln_status main_of(kiln_status st, kb_device *d, kb_backend **out)
+{
+    *out = st == KILN_OK ? d->main : NULL;
+    return st;
+}
+
+kiln_status kb_cpu_create(int n_threads, kb_backend **out)
+{
+    kb_device *d = NULL;
+    return main_of(kb_cpu_device_create(n_threads, &d), d, out);
+}
+
 kiln_status kb_cuda_create(int device, kb_backend **out)
 {
-    *out = NULL;
-    kb_device *d;
-    kiln_status st = kb_cuda_device_create(device, &d);
-    if (st == KILN_OK)
-        *out = d->main;
-    return st;
+    kb_device *d = NULL;
+    return main_of(kb_cuda_device_create(device, &d), d, out);
 }
 
 void kb_cuda_set_fast_activations(kb_backend *be, bool on)

@@ -90,3 +90,39 @@ kiln_status kb_device_open(const kb_device_spec *s, int n_threads, kb_device **o
         return kb_cpu_device_create(n_threads, out);
     return kb_cuda_device_create(s->index, out);
 }
+
+/* One "key=N" or "key=rest" item of text[0..len); -1 for rest. */
+static bool sm_item(const char *p, size_t len, const char *key, int *out)
+{
+    size_t k = strlen(key);
+    if (len <= k + 1 || memcmp(p, key, k) || p[k] != '=')
+        return false;
+    p += k + 1;
+    len -= k + 1;
+    long v;
+    if (len == 4 && !memcmp(p, "rest", 4)) {
+        *out = -1;
+        return true;
+    }
+    if (!parse_num(p, len, 1, KB_MAX_SM_COUNT, &v))
+        return false;
+    *out = (int)v;
+    return true;
+}
+
+kiln_status kb_sm_pair_parse(const char *text, int *attn_sm, int *ffn_sm)
+{
+    *attn_sm = *ffn_sm = 0;
+    size_t len = text ? strnlen(text, KB_DEVICE_SPEC_MAX + 1) : 0;
+    const char *comma = text ? memchr(text, ',', len) : NULL;
+    if (!text || len > KB_DEVICE_SPEC_MAX || !comma ||
+        !sm_item(text, (size_t)(comma - text), "attn_sm", attn_sm) ||
+        !sm_item(comma + 1, len - (size_t)(comma + 1 - text), "ffn_sm", ffn_sm))
+        return KILN_FAIL(KILN_ERR_INVALID_ARG,
+                         "decode pipeline '%.64s': expected attn_sm=N,ffn_sm=M (N, M in 1..%d "
+                         "or rest)", text ? text : "", KB_MAX_SM_COUNT);
+    if (*attn_sm < 0 && *ffn_sm < 0)
+        return KILN_FAIL(KILN_ERR_INVALID_ARG,
+                         "decode pipeline '%s': only one of the two may be 'rest'", text);
+    return KILN_OK;
+}

@@ -25,6 +25,7 @@
 #include "dist/tp.h"
 
 #define ENGINE_PIECE_INIT 256 /* bytes of the token-text scratch at start */
+#define ENGINE_PD_IDLE_NS 50000000L /* a split's idle engine rechecks its queues */
 
 KILN_STATIC_ASSERT(sizeof(((model_runner *)0)->eos_ids) / sizeof(int32_t) == ENGINE_MAX_EOS,
                "ENGINE_MAX_EOS must match model_runner.eos_ids");
@@ -169,6 +170,7 @@ kiln_status engine_create_with_runner(const model_runner *r,
     }
     p.n_kv_blocks = ep.n_blocks;
     e->n_kv_blocks = p.n_kv_blocks;
+    e->submit_blocks = p.n_kv_blocks;
     if ((size_t)p.n_kv_blocks < per_seq)
         KILN_LOGW("a KV pool of %d blocks holds less than one sequence of n_ctx %d "
                   "tokens (%zu blocks): longer requests will be refused",
@@ -234,10 +236,20 @@ kiln_status kiln_engine_create(kiln_model *m, const kiln_engine_params *p,
         *out = NULL;
     if (!m || !out)
         return KILN_FAIL(KILN_ERR_INVALID_ARG, "kiln_engine_create: model and out are required");
+    bool tp = dist_group_get()->active;
+    if (tp && p && ((p->pd && *p->pd) || (p->decode_pipeline && *p->decode_pipeline)))
+        return KILN_FAIL(KILN_ERR_UNSUPPORTED, "tensor parallel with %s: not supported (one "
+                         "or the other)", p->pd && *p->pd ? "--pd" : "--decode-pipeline");
+    if (p && p->pd && *p->pd)
+        return engine_pd_create(m, p, out);
+    model_runner_opts o = {.sm_count = MODEL_RUNNER_SM_OF_MODEL};
+    kiln_status st;
+    if (p && p->decode_pipeline && *p->decode_pipeline &&
+        (st = kb_sm_pair_parse(p->decode_pipeline, &o.pipe_attn_sm, &o.pipe_ffn_sm)))
+        return st;
     /* in a tensor-parallel group rank 0's engine drives every rank */
     model_runner r;
-    kiln_status st = dist_group_get()->active ? dist_tp_runner_create(m, &r)
-                                              : model_runner_create(m, NULL, &r);
+    st = tp ? dist_tp_runner_create(m, &r) : model_runner_create(m, &o, &r);
     if (st)
         return st;
     return engine_create_with_runner(&r, p, out);
@@ -247,7 +259,7 @@ kiln_status kiln_engine_create(kiln_model *m, const kiln_engine_params *p,
  * Live list (under e->mu)
  * ---------------------------------------------------------------------- */
 
-static void live_link(kiln_engine *e, engine_request *r)
+void engine_live_link(kiln_engine *e, engine_request *r)
 {
     r->live_prev = NULL;
     r->live_next = e->live;
@@ -257,7 +269,7 @@ static void live_link(kiln_engine *e, engine_request *r)
     e->n_live++;
 }
 
-static void live_unlink(kiln_engine *e, engine_request *r)
+void engine_live_unlink(kiln_engine *e, engine_request *r)
 {
     if (r->live_prev)
         r->live_prev->live_next = r->live_next;
@@ -297,6 +309,16 @@ static void stats_snapshot_locked(kiln_engine *e)
 static void emit(kiln_engine *e, engine_request *r, int32_t tok,
                  const sampler_result *res, kiln_finish fin)
 {
+    if (tok >= 0) {
+        double now = kiln_now_sec();
+        pthread_mutex_lock(&e->mu);
+        if (r->n_generated == 1)
+            lat_add(&e->ttft, now - r->lat_submit);
+        else
+            lat_add(&e->itl, now - r->lat_last);
+        pthread_mutex_unlock(&e->mu);
+        r->lat_last = now;
+    }
     if (!r->cb)
         return;
     /* a NUL after the text spares C callers a copy; text_len stays exact */
@@ -329,11 +351,19 @@ static void finish(kiln_engine *e, engine_request *r, int32_t tok,
                   (unsigned long long)r->id, kiln_last_error());
     if (live) {
         pthread_mutex_lock(&e->mu);
-        live_unlink(e, r);
+        engine_live_unlink(e, r);
         pthread_mutex_unlock(&e->mu);
     }
     emit(e, r, tok, res, fin);
+    if (e->pd && r->n_dst)
+        pd_release(e, r);
     request_free(r);
+}
+
+void engine_finish(kiln_engine *e, engine_request *r, kiln_finish fin, bool live)
+{
+    e->text.len = 0;
+    finish(e, r, -1, NULL, fin, live);
 }
 
 static bool is_eos(const kiln_engine *e, int32_t tok)
@@ -392,6 +422,8 @@ static void accept_token(kiln_engine *e, engine_request *r, const sampler_result
     r->last_generated = tok;
     if (fin == KILN_FINISH_NONE) {
         emit(e, r, tok, &res, fin);
+        if (pd_is_prefill(e))
+            pd_handoff(e, r);
         return;
     }
     sched_remove(&e->sc, r);
@@ -458,15 +490,20 @@ kiln_status engine_step(kiln_engine *e, bool *progress)
     *progress = false;
 
     pthread_mutex_lock(&e->mu);
-    intake_locked(e);
+    if (pd_is_decode(e))
+        *progress = pd_decode_intake_locked(e);
+    else
+        intake_locked(e);
     stats_snapshot_locked(e); /* the inbox moved to waiting */
     if (e->cancel_pending) {
+        if (pd_is_decode(e))
+            cancelled = pd_take_cancelled_locked(e);
         for (engine_request *r = e->live, *nx; r; r = nx) {
             nx = r->live_next;
             if (!r->cancel)
                 continue;
             sched_remove(&e->sc, r);
-            live_unlink(e, r);
+            engine_live_unlink(e, r);
             r->next = cancelled;
             cancelled = r;
         }
@@ -488,10 +525,12 @@ kiln_status engine_step(kiln_engine *e, bool *progress)
         double t0 = kiln_now_sec();
         const float *logits = NULL;
         bool dev = prepare_device_sampling(e, nb);
-        if (dev)
+        if (pd_is_prefill(e))
+            st = pd_prefill_sends(e);
+        if (!st && dev)
             st = e->r.forward_sample(e->r.ctx, &e->sc.batch, e->dev_rows, e->dev_ids,
                                      e->dev_logprobs);
-        else
+        else if (!st)
             st = e->r.forward(e->r.ctx, &e->sc.batch, &logits);
         if (st) {
             kiln_error_prefix("engine step of %d tokens: ", e->sc.batch.n_tokens);
@@ -557,9 +596,10 @@ kiln_status kiln_engine_submit(kiln_engine *e, const int32_t *prompt,
         return KILN_FAIL(KILN_ERR_INVALID_ARG, "kiln_engine_submit: engine is NULL");
     engine_request *r;
     kiln_status st = request_create(prompt, n_prompt, s, e->n_vocab, e->n_ctx,
-                                    e->sc.block_size, e->n_kv_blocks, cb, user, &r);
+                                    e->sc.block_size, e->submit_blocks, cb, user, &r);
     if (st)
         return st;
+    r->lat_submit = kiln_now_sec();
     pthread_mutex_lock(&e->mu);
     if (e->stop) {
         pthread_mutex_unlock(&e->mu);
@@ -574,7 +614,7 @@ kiln_status kiln_engine_submit(kiln_engine *e, const int32_t *prompt,
         e->inbox_head = r;
     e->inbox_tail = r;
     e->n_inbox++;
-    live_link(e, r);
+    engine_live_link(e, r);
     if (id)
         *id = r->id;
     pthread_cond_signal(&e->cv);
@@ -586,6 +626,8 @@ kiln_status kiln_engine_cancel(kiln_engine *e, uint64_t id)
 {
     if (!e)
         return KILN_FAIL(KILN_ERR_INVALID_ARG, "kiln_engine_cancel: engine is NULL");
+    if (e->pd)
+        return pd_cancel(e, id);
     pthread_mutex_lock(&e->mu);
     engine_request *r = e->live;
     while (r && r->id != id)
@@ -611,6 +653,8 @@ kiln_status kiln_engine_run(kiln_engine *e)
 {
     if (!e)
         return KILN_FAIL(KILN_ERR_INVALID_ARG, "kiln_engine_run: engine is NULL");
+    if (e->pd)
+        return pd_run(e);
     pthread_mutex_lock(&e->mu);
     if (e->started || e->stepping) {
         pthread_mutex_unlock(&e->mu);
@@ -647,7 +691,8 @@ static void *engine_thread(void *arg)
     kiln_engine *e = arg;
     pthread_mutex_lock(&e->mu);
     for (;;) {
-        while (!e->stop && e->n_live == 0)
+        while (!e->stop && e->n_live == 0 &&
+               !(pd_is_decode(e) && pd_has_release_locked(e)))
             pthread_cond_wait(&e->cv, &e->mu);
         if (e->stop)
             break;
@@ -657,7 +702,17 @@ static void *engine_thread(void *arg)
         if (st)
             KILN_LOGE("engine step failed: %s", kiln_last_error());
         pthread_mutex_lock(&e->mu);
-        if (!st && !progress && e->n_live > 0 && !e->stop) {
+        if (!st && !progress && e->pd && !e->stop) {
+            /* a split's engine waits for the other one: it signals */
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += ENGINE_PD_IDLE_NS;
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            pthread_cond_timedwait(&e->cv, &e->mu, &ts);
+        } else if (!st && !progress && e->n_live > 0 && !e->stop) {
             /* not reachable while the scheduler keeps its promise; never spin */
             KILN_LOGE("engine: %d live requests but no step could run", e->n_live);
             struct timespec ts;
@@ -674,6 +729,13 @@ kiln_status kiln_engine_start(kiln_engine *e)
 {
     if (!e)
         return KILN_FAIL(KILN_ERR_INVALID_ARG, "kiln_engine_start: engine is NULL");
+    if (e->pd)
+        return pd_start(e);
+    return engine_start_thread(e);
+}
+
+kiln_status engine_start_thread(kiln_engine *e)
+{
     pthread_mutex_lock(&e->mu);
     if (e->started || e->stepping) {
         pthread_mutex_unlock(&e->mu);
@@ -703,10 +765,42 @@ void kiln_engine_get_stats(kiln_engine *e, kiln_engine_stats *st)
         memset(st, 0, sizeof *st);
         return;
     }
+    if (pd_is_decode(e)) {
+        pd_get_stats(e, st);
+        return;
+    }
     pthread_mutex_lock(&e->mu);
     *st = e->stats;
     st->n_waiting += e->n_inbox;
     pthread_mutex_unlock(&e->mu);
+}
+
+void kiln_engine_get_latency(kiln_engine *e, kiln_latency_stats *st)
+{
+    if (!st)
+        return;
+    memset(st, 0, sizeof *st);
+    if (!e)
+        return;
+    if (pd_is_decode(e)) {
+        pd_get_latency(e, st);
+        return;
+    }
+    pthread_mutex_lock(&e->mu);
+    engine_latency_locked(e, &e->ttft, &e->itl, st);
+    pthread_mutex_unlock(&e->mu);
+}
+
+void engine_latency_locked(kiln_engine *e, const lat_hist *ttft, const lat_hist *itl,
+                           kiln_latency_stats *st)
+{
+    (void)e;
+    st->n_ttft = ttft->n;
+    st->ttft_p50_sec = lat_quantile(ttft, 0.50);
+    st->ttft_p99_sec = lat_quantile(ttft, 0.99);
+    st->n_itl = itl->n;
+    st->itl_p50_sec = lat_quantile(itl, 0.50);
+    st->itl_p99_sec = lat_quantile(itl, 0.99);
 }
 
 void kiln_engine_free(kiln_engine *e)
@@ -720,12 +814,15 @@ void kiln_engine_free(kiln_engine *e)
     pthread_mutex_unlock(&e->mu);
     if (started)
         pthread_join(e->thread, NULL);
+    bool decode_of_split = pd_is_decode(e);
+    if (decode_of_split)
+        pd_stop(e); /* the prefill engine goes first; what it held comes back */
 
     /* every request left is cancelled; submit now refuses (e->stop) */
     pthread_mutex_lock(&e->mu);
     intake_locked(e);
     while (e->live)
-        live_unlink(e, e->live);
+        engine_live_unlink(e, e->live);
     pthread_mutex_unlock(&e->mu);
     sched *sc = &e->sc;
     while (sc->n_running > 0 || sc->wait_head) {
@@ -738,6 +835,8 @@ void kiln_engine_free(kiln_engine *e)
 
     if (e->r.destroy)
         e->r.destroy(e->r.ctx);
+    if (decode_of_split)
+        pd_destroy(e); /* after the runner: it may run on the split's own model */
     sched_free(&e->sc);
     sampler_free(&e->sm);
     engine_free_sampling(e);

@@ -6,8 +6,9 @@
  * model_runner (model/runner.h): prepare the engine-scoped buffers once,
  * run a forward step over a batch and hand back logits, turn tokens into
  * text.  kiln_engine_create builds the plain runner from a kiln_model
- * (model/runner.c); tests build fake runners to drive the scheduler
- * without a model.
+ * (model/runner.c), or two of them split into prefill and decode
+ * (dist/pd.h); tests build fake runners to drive the scheduler without a
+ * model.
  */
 #ifndef KILN_ENGINE_H
 #define KILN_ENGINE_H
@@ -250,6 +251,14 @@ struct engine_request {
     /* under the engine lock */
     bool cancel;
     engine_request *live_prev, *live_next;
+    /* latency (latency.c): when it was submitted, when its last token went out */
+    double lat_submit, lat_last;
+    /* prefill/decode split (pd.c), prefill side: the decode pool's blocks
+     * reserved for its prompt, and how many leading ones hold their KV */
+    int32_t *dst_blocks;        /* (n_dst) owned */
+    int n_dst;
+    int n_sent;
+    int n_sent_tokens;          /* leading tokens whose K/V went across */
 };
 
 /* Check a request against the engine's limits and copy it.  On success
@@ -294,6 +303,8 @@ typedef struct sched {
     /* counters (read under the engine lock by stats) */
     uint64_t n_hit_tokens;
     uint64_t n_preemptions;
+    int n_reserved;             /* sequence slots promised to requests not
+                                   running yet (pd.c): admission leaves them */
 } sched;
 
 kiln_status sched_init(sched *sc, int n_blocks, int block_size, int n_ctx,
@@ -309,6 +320,31 @@ void sched_commit(sched *sc);
 /* Take a request out of the scheduler (waiting or running), returning its
  * blocks.  The request is not freed. */
 void sched_remove(sched *sc, engine_request *r);
+/* Make r running with the blocks it holds (r->blocks[0..n_blocks), the
+ * K/V of its first n_computed tokens in them): a request whose prompt
+ * another engine computed (pd.c).  The caller has checked that a sequence
+ * slot is free. */
+void sched_adopt(sched *sc, engine_request *r);
+
+/* ------------------------------------------------------------------------
+ * Latency histograms (latency.c): 1/8-octave buckets from 1 us, so a
+ * percentile is exact to ~9 % whatever the spread, in constant memory.
+ * ---------------------------------------------------------------------- */
+
+#define LAT_BUCKETS_PER_OCTAVE 8
+#define LAT_OCTAVES 40                 /* 1 us .. ~12 days */
+#define LAT_MIN_SEC 1e-6
+#define LAT_N_BUCKETS (LAT_BUCKETS_PER_OCTAVE * LAT_OCTAVES)
+
+typedef struct lat_hist {
+    uint64_t n;
+    uint64_t count[LAT_N_BUCKETS];
+} lat_hist;
+
+void lat_add(lat_hist *h, double sec);
+void lat_merge(lat_hist *dst, const lat_hist *src);
+/* The q-quantile (0 < q < 1) in seconds, 0 when empty. */
+double lat_quantile(const lat_hist *h, double q);
 
 /* ------------------------------------------------------------------------
  * The engine (engine.c)
@@ -319,6 +355,8 @@ struct kiln_engine {
     int n_vocab;
     int n_ctx;
     int n_kv_blocks;
+    int submit_blocks;          /* the most KV blocks a request may need:
+                                   n_kv_blocks (a split: the smaller pool) */
     sched sc;                   /* stepping thread only */
     sampler sm;                 /* stepping thread only */
     kb_sample_row *dev_rows;    /* (max_seqs) device sampling parameters */
@@ -340,10 +378,79 @@ struct kiln_engine {
     bool started, stop, stepping;
     pthread_t thread;
     kiln_engine_stats stats;
+    lat_hist ttft, itl;         /* under mu */
+    struct engine_pd *pd;       /* prefill/decode split (pd.c), or NULL */
 };
 
 /* Run one step (intake, cancels, schedule, forward, sample, emit) on the
  * calling thread; *progress is set when a request advanced or finished. */
 kiln_status engine_step(kiln_engine *e, bool *progress);
+
+/* What pd.c needs of engine.c. */
+void engine_live_link(kiln_engine *e, engine_request *r);   /* under e->mu */
+void engine_live_unlink(kiln_engine *e, engine_request *r); /* under e->mu */
+/* End r with a final event carrying no token (blocks already returned);
+ * live: it is still on e's live list. */
+void engine_finish(kiln_engine *e, engine_request *r, kiln_finish fin, bool live);
+/* The background thread of one engine (kiln_engine_start without a split). */
+kiln_status engine_start_thread(kiln_engine *e);
+void engine_latency_locked(kiln_engine *e, const lat_hist *ttft, const lat_hist *itl,
+                           kiln_latency_stats *st);
+
+/* ------------------------------------------------------------------------
+ * Prefill/decode disaggregation (pd.c)
+ *
+ * Two engines over two runners (dist/pd.h): the public engine is the
+ * decode engine; it owns the prefill engine.  A submitted request waits in
+ * the decode engine until its pool can take the prompt's blocks (back-
+ * pressure), which are then reserved for it; it is prefilled by the prefill
+ * engine, whose runner sends each step's K/V into the reserved blocks layer
+ * by layer; the prefill engine samples and emits the first token and hands
+ * the request to the decode engine, which adopts it with its blocks and
+ * decodes the rest.  A request that ends in the prefill engine (cancelled,
+ * first token final, error) hands its reservation back.  Queues between the
+ * two live under the decode engine's mutex; where both mutexes are held,
+ * the decode engine's is taken first.
+ * ---------------------------------------------------------------------- */
+
+typedef struct engine_pd engine_pd;
+
+/* An engine split by p->pd (kiln_engine_create calls it). */
+kiln_status engine_pd_create(kiln_model *m, const kiln_engine_params *p, kiln_engine **out);
+/* Decode engine, under e->mu, at the start of a step: return finished
+ * reservations, adopt handed-off requests, reserve for new ones and send
+ * them to the prefill engine.  True when anything moved. */
+bool pd_decode_intake_locked(kiln_engine *e);
+/* Prefill engine, before a step's forward: tell its runner which blocks
+ * this step's K/V goes to (a failure fails the step). */
+kiln_status pd_prefill_sends(kiln_engine *e);
+/* Prefill engine: r has its first token and goes on: hand it over. */
+void pd_handoff(kiln_engine *e, engine_request *r);
+/* Prefill engine: r ends here; give its reservation back. */
+void pd_release(kiln_engine *e, engine_request *r);
+/* Search both engines for a live request and cancel it. */
+kiln_status pd_cancel(kiln_engine *e, uint64_t id);
+/* Run both engines on the caller's thread until no request is left. */
+kiln_status pd_run(kiln_engine *e);
+kiln_status pd_start(kiln_engine *e);
+void pd_get_stats(kiln_engine *e, kiln_engine_stats *st);
+void pd_get_latency(kiln_engine *e, kiln_latency_stats *st);
+/* Before the decode engine frees its own requests: free the prefill
+ * engine (its requests end cancelled) and take back what it handed over. */
+void pd_stop(kiln_engine *e);
+/* After the decode engine's runner is gone: the split's own state. */
+void pd_destroy(kiln_engine *e);
+bool pd_is_prefill(const kiln_engine *e);
+bool pd_is_decode(const kiln_engine *e);
+/* For tests: the prefill engine of a split's (decode) engine, or NULL;
+ * how many requests ended in the prefill engine after part of their K/V
+ * had been sent. */
+kiln_engine *pd_prefill_engine(kiln_engine *e);
+uint64_t pd_released_after_send(kiln_engine *e);
+/* Decode engine, under e->mu: reservations are waiting to come back. */
+bool pd_has_release_locked(const kiln_engine *e);
+/* Decode engine, under e->mu: unlink its cancelled pending requests (not
+ * in the scheduler) from the live list and return them, linked by next. */
+engine_request *pd_take_cancelled_locked(kiln_engine *e);
 
 #endif /* KILN_ENGINE_H */

@@ -81,6 +81,7 @@ void request_free(engine_request *r)
     kiln_free(r->tokens);
     kiln_free(r->blocks);
     kiln_free(r->hashes);
+    kiln_free(r->dst_blocks);
     kiln_free(r);
 }
 

@@ -148,6 +148,12 @@ void sched_remove(sched *sc, engine_request *r)
     release_blocks(sc, r);
 }
 
+void sched_adopt(sched *sc, engine_request *r)
+{
+    r->running = true;
+    sc->running[sc->n_running++] = r;
+}
+
 /* Preempt the most recently admitted running request (recompute later). */
 static engine_request *preempt_last(sched *sc)
 {
@@ -288,7 +294,7 @@ int sched_build(sched *sc)
     }
 
     while (!preempted && sc->wait_head && budget > 0 &&
-           sc->n_running < sc->max_seqs) {
+           sc->n_running + sc->n_reserved < sc->max_seqs) {
         engine_request *r = sc->wait_head;
         int hits = take_cached_prefix(sc, r);
         int n = r->n_tokens - r->n_computed;

@@ -142,89 +142,111 @@ static void sharded_logits(model *m, kb_backend *be, model_scratch *s, int rows)
     }
 }
 
-void model_forward(model *m, kb_kv *kv, model_scratch *s, const kb_batch *b)
+/* The forward pass in pieces (model.h): the embedding, each layer's
+ * attention block and feed-forward block, the logits.  model_forward runs
+ * them in order on s->be; the decode pipeline (runner.c) runs the blocks
+ * of two micro-batches on two SM partitions, interleaved. */
+
+void model_forward_begin(model *m, kb_backend *be, model_scratch *s, const kb_batch *b)
 {
     const model_hparams *hp = &m->hp;
-    kb_backend *be = s->be;
     const kb_ops *op = be->ops;
     const int n = b->n_tokens;
     const int E = hp->n_embd;
-
-    kb_rope rope_swa = hp->rope;
-    rope_swa.theta = hp->rope_theta_swa;
-    rope_swa.freq_scale = 1.0f;
-    rope_swa.freq_factors = NULL;
-
     op->embed(be, s->x, &m->tok_embd, b); /* x: (n, E) */
     if (hp->embd_scale != 1.0f)
         op->scale(be, s->x, hp->embd_scale, (size_t)n * E);
-
     /* The residual stream x is updated in place; xb holds each block's
      * normed input, then its output, which the next add folds into x while
      * norming the next block's input. */
     op->rmsnorm(be, s->xb, s->x, &m->layers[0].attn_norm, n, E, hp->rms_eps);
-    for (int il = 0; il < hp->n_layer; il++) {
-        const model_layer *L = &m->layers[il];
-        const kb_rope *rope = L->is_swa ? &rope_swa : &hp->rope;
+}
 
-        /* attention block (xb = attn_norm(x)) */
-        const kb_mm qkv[3] = {{s->q, &L->wq, bias_of(&L->bq)},
-                              {s->k, &L->wk, bias_of(&L->bk)},
-                              {s->v, &L->wv, bias_of(&L->bv)}};
-        matmul_group(be, qkv, 3, s->xb, n);
-        if (hp->qk_norm) {
-            op->rmsnorm(be, s->q, s->q, &L->q_norm, n * hp->n_head, hp->head_dim, hp->rms_eps);
-            op->rmsnorm(be, s->k, s->k, &L->k_norm, n * hp->n_head_kv, hp->head_dim,
-                        hp->rms_eps);
-        }
-        if (op->rope_kv_store) {
-            op->rope_kv_store(be, s->q, s->k, s->v, kv, il, b, hp->n_head, hp->n_head_kv,
-                              hp->head_dim, rope);
-        } else {
-            op->rope(be, s->q, b, hp->n_head, hp->head_dim, rope);
-            op->rope(be, s->k, b, hp->n_head_kv, hp->head_dim, rope);
-            op->kv_store(be, kv, il, b, s->k, s->v);
-        }
-        if (s->layer_done) /* this layer's K/V are in place: they may leave */
-            s->layer_done(s->layer_user, il);
-        kb_attn a = {
-            .n_heads = hp->n_head,
-            .n_kv_heads = hp->n_head_kv,
-            .head_dim = hp->head_dim,
-            .head_dim_v = hp->head_dim_v,
-            .scale = hp->attn_scale,
-            .window = L->is_swa ? hp->sliding_window : 0,
-            .softcap = hp->attn_softcap,
-        };
-        op->attention(be, s->attn, s->q, kv, il, b, &a);
-        op->matmul(be, s->xb, s->attn, &L->wo, NULL, n);
-        if (s->tp) /* each rank's heads gave a partial sum */
-            s->tp->all_reduce(s->tp->user, be, s->xb, (size_t)n * E);
-        if (hp->sandwich_norm)
-            op->rmsnorm(be, s->xb, s->xb, &L->post_attn_norm, n, E, hp->rms_eps);
-        add_then_norm(be, s->xb, s->x, s->xb, &L->ffn_norm, n, E, hp->rms_eps);
+/* attention block of layer il: xb = attn_norm(x) in, x += attention, xb =
+ * ffn_norm(x) out */
+void model_forward_attn(model *m, kb_backend *be, kb_kv *kv, model_scratch *s,
+                        const kb_batch *b, int il)
+{
+    const model_hparams *hp = &m->hp;
+    const kb_ops *op = be->ops;
+    const int n = b->n_tokens;
+    const int E = hp->n_embd;
+    const model_layer *L = &m->layers[il];
+    kb_rope rope_swa = hp->rope;
+    rope_swa.theta = hp->rope_theta_swa;
+    rope_swa.freq_scale = 1.0f;
+    rope_swa.freq_factors = NULL;
+    const kb_rope *rope = L->is_swa ? &rope_swa : &hp->rope;
 
-        /* feed-forward block (xb = ffn_norm(x)) */
-        const kb_mm gate_up[2] = {{s->gate, &L->w_gate, NULL}, {s->up, &L->w_up, NULL}};
-        matmul_group(be, gate_up, 2, s->xb, n);
-        if (op->matmul_glu) {
-            op->matmul_glu(be, s->xb, s->gate, s->up, &L->w_down, n, hp->act);
-        } else {
-            op->glu(be, s->gate, s->gate, s->up, n, hp->n_ff, hp->act);
-            op->matmul(be, s->xb, s->gate, &L->w_down, NULL, n);
-        }
-        if (s->tp) /* each rank's FFN rows gave a partial sum */
-            s->tp->all_reduce(s->tp->user, be, s->xb, (size_t)n * E);
-        if (hp->sandwich_norm)
-            op->rmsnorm(be, s->xb, s->xb, &L->post_ffn_norm, n, E, hp->rms_eps);
-        if (il + 1 < hp->n_layer)
-            add_then_norm(be, s->xb, s->x, s->xb, &m->layers[il + 1].attn_norm, n, E,
-                          hp->rms_eps);
-        else
-            op->add(be, s->x, s->x, s->xb, (size_t)n * E);
+    const kb_mm qkv[3] = {{s->q, &L->wq, bias_of(&L->bq)},
+                          {s->k, &L->wk, bias_of(&L->bk)},
+                          {s->v, &L->wv, bias_of(&L->bv)}};
+    matmul_group(be, qkv, 3, s->xb, n);
+    if (hp->qk_norm) {
+        op->rmsnorm(be, s->q, s->q, &L->q_norm, n * hp->n_head, hp->head_dim, hp->rms_eps);
+        op->rmsnorm(be, s->k, s->k, &L->k_norm, n * hp->n_head_kv, hp->head_dim, hp->rms_eps);
     }
+    if (op->rope_kv_store) {
+        op->rope_kv_store(be, s->q, s->k, s->v, kv, il, b, hp->n_head, hp->n_head_kv,
+                          hp->head_dim, rope);
+    } else {
+        op->rope(be, s->q, b, hp->n_head, hp->head_dim, rope);
+        op->rope(be, s->k, b, hp->n_head_kv, hp->head_dim, rope);
+        op->kv_store(be, kv, il, b, s->k, s->v);
+    }
+    if (s->layer_done) /* this layer's K/V are in place: they may leave */
+        s->layer_done(s->layer_user, il);
+    kb_attn a = {
+        .n_heads = hp->n_head,
+        .n_kv_heads = hp->n_head_kv,
+        .head_dim = hp->head_dim,
+        .head_dim_v = hp->head_dim_v,
+        .scale = hp->attn_scale,
+        .window = L->is_swa ? hp->sliding_window : 0,
+        .softcap = hp->attn_softcap,
+    };
+    op->attention(be, s->attn, s->q, kv, il, b, &a);
+    op->matmul(be, s->xb, s->attn, &L->wo, NULL, n);
+    if (s->tp) /* each rank's heads gave a partial sum */
+        s->tp->all_reduce(s->tp->user, be, s->xb, (size_t)n * E);
+    if (hp->sandwich_norm)
+        op->rmsnorm(be, s->xb, s->xb, &L->post_attn_norm, n, E, hp->rms_eps);
+    add_then_norm(be, s->xb, s->x, s->xb, &L->ffn_norm, n, E, hp->rms_eps);
+}
 
-    /* logits for the requested rows only */
+/* feed-forward block of layer il: xb = ffn_norm(x) in, x += ffn, xb = the
+ * next layer's attn_norm(x) out (the last layer: x only) */
+void model_forward_ffn(model *m, kb_backend *be, model_scratch *s, const kb_batch *b, int il)
+{
+    const model_hparams *hp = &m->hp;
+    const kb_ops *op = be->ops;
+    const int n = b->n_tokens;
+    const int E = hp->n_embd;
+    const model_layer *L = &m->layers[il];
+    const kb_mm gate_up[2] = {{s->gate, &L->w_gate, NULL}, {s->up, &L->w_up, NULL}};
+    matmul_group(be, gate_up, 2, s->xb, n);
+    if (op->matmul_glu) {
+        op->matmul_glu(be, s->xb, s->gate, s->up, &L->w_down, n, hp->act);
+    } else {
+        op->glu(be, s->gate, s->gate, s->up, n, hp->n_ff, hp->act);
+        op->matmul(be, s->xb, s->gate, &L->w_down, NULL, n);
+    }
+    if (s->tp) /* each rank's FFN rows gave a partial sum */
+        s->tp->all_reduce(s->tp->user, be, s->xb, (size_t)n * E);
+    if (hp->sandwich_norm)
+        op->rmsnorm(be, s->xb, s->xb, &L->post_ffn_norm, n, E, hp->rms_eps);
+    if (il + 1 < hp->n_layer)
+        add_then_norm(be, s->xb, s->x, s->xb, &m->layers[il + 1].attn_norm, n, E, hp->rms_eps);
+    else
+        op->add(be, s->x, s->x, s->xb, (size_t)n * E);
+}
+
+/* logits for the requested rows only */
+void model_forward_end(model *m, kb_backend *be, model_scratch *s, const kb_batch *b)
+{
+    const model_hparams *hp = &m->hp;
+    const kb_ops *op = be->ops;
+    const int E = hp->n_embd;
     if (b->n_out > 0) {
         op->get_rows(be, s->out_x, s->x, b->out_rows, b->n_out, E);
         op->rmsnorm(be, s->out_x, s->out_x, &m->output_norm, b->n_out, E, hp->rms_eps);
@@ -233,4 +255,15 @@ void model_forward(model *m, kb_kv *kv, model_scratch *s, const kb_batch *b)
         else
             op->matmul(be, s->logits, s->out_x, &m->output, NULL, b->n_out);
     }
+}
+
+void model_forward(model *m, kb_kv *kv, model_scratch *s, const kb_batch *b)
+{
+    kb_backend *be = s->be;
+    model_forward_begin(m, be, s, b);
+    for (int il = 0; il < m->hp.n_layer; il++) {
+        model_forward_attn(m, be, kv, s, b, il);
+        model_forward_ffn(m, be, s, b, il);
+    }
+    model_forward_end(m, be, s, b);
 }

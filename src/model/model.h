@@ -249,6 +249,15 @@ kiln_status model_backend_reserve(model *m, kb_backend *ctx, int max_tokens, int
 /* Run the layers over batch b (already in the memory of s->be) on s->be
  * and leave the logits of b->out_rows in s->logits (b->n_out, n_vocab). */
 void model_forward(model *m, kb_kv *kv, model_scratch *s, const kb_batch *b);
+/* model_forward in pieces, each issued on `be` (any context of the
+ * model's device): begin (embedding, first norm), per layer the attention
+ * block then the feed-forward block, end (logits).  For runners that
+ * schedule the blocks themselves (the decode pipeline). */
+void model_forward_begin(model *m, kb_backend *be, model_scratch *s, const kb_batch *b);
+void model_forward_attn(model *m, kb_backend *be, kb_kv *kv, model_scratch *s,
+                        const kb_batch *b, int il);
+void model_forward_ffn(model *m, kb_backend *be, model_scratch *s, const kb_batch *b, int il);
+void model_forward_end(model *m, kb_backend *be, model_scratch *s, const kb_batch *b);
 
 const char *model_arch_name(model_arch a);
 
@@ -260,6 +269,29 @@ void model_tokenizer_free(kiln_model *km);
 size_t model_token_text(const kiln_model *km, int32_t prev, int32_t id, char *out, size_t cap);
 /* End-of-generation token ids (eos, eot, ...); returns how many (<= max). */
 int model_eog_ids(const kiln_model *km, int32_t *ids, int max);
+
+/* ------------------------------------------------------------------------
+ * The decode pipeline (pipeline.c): pure decode steps as two micro-batches
+ * whose attention and feed-forward blocks alternate between two SM
+ * partitions of the device.
+ * ---------------------------------------------------------------------- */
+
+typedef struct model_pipeline model_pipeline;
+
+/* Two execution contexts on km's device, attention on attn_sm SMs and the
+ * feed-forward block on ffn_sm (kb_context_params.sm_count each), and the
+ * events between them. */
+kiln_status model_pipeline_create(kiln_model *km, int attn_sm, int ffn_sm,
+                                  model_pipeline **out);
+/* Scratch and reservations for steps of up to max_seqs sequences of up to
+ * n_ctx tokens. */
+kiln_status model_pipeline_prepare(model_pipeline *p, int max_seqs, int n_ctx, int max_pen);
+/* One pure decode step (token i is sequence i, every row wants logits) of
+ * 2 or more rows: its K/V into kv, its logits (b->n_out, n_vocab) into
+ * `logits` (device memory); both partitions are idle when it returns. */
+kiln_status model_pipeline_step(model_pipeline *p, kb_kv *kv, const kb_batch_host *b,
+                                float *logits);
+void model_pipeline_free(model_pipeline *p); /* NULL is a no-op */
 
 /* ------------------------------------------------------------------------
  * Loading a model with pipeline options (kmodel.c, load.c): what the

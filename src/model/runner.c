@@ -10,6 +10,9 @@
  * captured at start-up for batch-size buckets 1, 2, 4, 8, 16, ...: a step of
  * B sequences runs the graph of the smallest bucket >= B, its extra rows
  * padded with a dummy token whose K/V goes to a block kept aside for it.
+ * With the decode pipeline (pipeline.c), pure decode steps of
+ * RUNNER_PIPE_MIN_ROWS sequences or more run as two micro-batches on two
+ * SM partitions instead, op by op.
  */
 #include <stdio.h>
 
@@ -19,6 +22,8 @@
 #define RUNNER_MAX_GRAPHS 16
 /* Penalty entries per row that device sampling takes (more: host sampling). */
 #define RUNNER_MAX_PEN 4096
+/* Decode steps at least this large take the pipeline (when on). */
+#define RUNNER_PIPE_MIN_ROWS 2
 
 typedef struct plain_runner {
     kiln_model *km;
@@ -40,6 +45,8 @@ typedef struct plain_runner {
     kb_batch_host pad;  /* the padded batch of a graph step */
     int32_t *pad_mem;
     const model_tp_hooks *tp; /* a sharded model's collectives, or NULL */
+
+    model_pipeline *pipe; /* the decode pipeline, or NULL */
 } plain_runner;
 
 /* A step's work is enqueued: with collectives in it, wait for it through
@@ -238,6 +245,8 @@ static kiln_status runner_prepare(void *ctx, model_prepare *ep)
     }
     if (graphs && (st = capture_graphs(r, ep)))
         return st;
+    if (r->pipe && (st = model_pipeline_prepare(r->pipe, ep->max_seqs, ep->n_ctx, RUNNER_MAX_PEN)))
+        return st;
     return KILN_OK;
 }
 
@@ -248,6 +257,8 @@ static kiln_status run_step(plain_runner *r, const kb_batch_host *b)
     kb_backend *be = r->be;
     const kb_batch *dev;
     kiln_status st;
+    if (r->pipe && b->n_tokens >= RUNNER_PIPE_MIN_ROWS && is_pure_decode(b))
+        return model_pipeline_step(r->pipe, r->kv, b, r->scratch.logits);
     int g = -1;
     if (r->n_graphs && is_pure_decode(b) && b->max_blocks <= r->graph_blocks)
         for (int i = 0; i < r->n_graphs && g < 0; i++)
@@ -328,6 +339,7 @@ static void runner_destroy(void *ctx)
             be->ops->graph_free(be, r->graphs[i]);
         if (r->scratch_ready)
             model_scratch_free(&r->km->m, &r->scratch);
+        model_pipeline_free(r->pipe);
         kb_destroy(be);
     }
     kiln_free(r->logits_host);
@@ -343,10 +355,16 @@ kiln_status model_runner_create(kiln_model *km, const model_runner_opts *o, mode
         return KILN_FAIL(KILN_ERR_NOMEM, "out of memory");
     r->km = km;
     r->role = o ? o->role : NULL;
-    kb_context_params cp = {.sm_count = o ? o->sm_count : km->sm_count};
+    kb_context_params cp = {.sm_count = o && o->sm_count != MODEL_RUNNER_SM_OF_MODEL
+                                            ? o->sm_count : km->sm_count};
     kiln_status st = kb_context_create(km->dev, &cp, &r->be);
     if (st) {
         kiln_free(r);
+        return st;
+    }
+    if (o && (o->pipe_attn_sm || o->pipe_ffn_sm) &&
+        (st = model_pipeline_create(km, o->pipe_attn_sm, o->pipe_ffn_sm, &r->pipe))) {
+        runner_destroy(r);
         return st;
     }
     out->ctx = r;

@@ -75,11 +75,19 @@ typedef struct model_runner {
     void (*destroy)(void *ctx);
 } model_runner;
 
+/* model_runner_opts.sm_count: the partition the model's device string
+ * named (kiln_model_params.device "cuda:0@sm=N"), or the whole device. */
+#define MODEL_RUNNER_SM_OF_MODEL (-1000)
+
 /* How the plain runner is made. */
 typedef struct model_runner_opts {
     int sm_count;        /* its context: 0 the whole device, > 0 that many
-                            SMs, -1 the SMs left (kb_context_params) */
+                            SMs, -1 the SMs left (kb_context_params), or
+                            MODEL_RUNNER_SM_OF_MODEL */
     const char *role;    /* "prefill", "decode" or NULL: for messages */
+    /* the decode pipeline (pipeline.c): both 0 = off; else the SMs of the
+     * attention and feed-forward partitions (-1: the rest) */
+    int pipe_attn_sm, pipe_ffn_sm;
 } model_runner_opts;
 
 /* The plain runner over a loaded model (o may be NULL: the whole device,

@@ -320,6 +320,13 @@ static kiln_status cpu_kv_send_wait(kb_backend *dst_ctx)
     return KILN_OK;
 }
 
+static kiln_status cpu_wait_event(kb_backend *ctx, kb_event *ev)
+{
+    (void)ctx;
+    (void)ev;
+    return KILN_OK;
+}
+
 static void cpu_device_destroy(kb_device *d)
 {
     kiln_free(d);
@@ -329,6 +336,7 @@ static const kb_device_ops cpu_device_ops = {
     .context_create = cpu_context_create,
     .kv_send = cpu_kv_send,
     .kv_send_wait = cpu_kv_send_wait,
+    .wait_event = cpu_wait_event,
     .destroy = cpu_device_destroy,
 };
 
@@ -349,16 +357,6 @@ kiln_status kb_cpu_device_create(int n_threads, kb_device **out)
     }
     *out = d;
     return KILN_OK;
-}
-
-kiln_status kb_cpu_create(int n_threads, kb_backend **out)
-{
-    *out = NULL;
-    kb_device *d;
-    kiln_status st = kb_cpu_device_create(n_threads, &d);
-    if (st == KILN_OK)
-        *out = d->main;
-    return st;
 }
 
 void kb_cpu_set_fast_activations(kb_backend *be, bool on)

@@ -486,6 +486,7 @@ static const kb_device_ops cuda_device_ops = {
     .context_create = cuda_context_create,
     .kv_send = kcu_kv_send,
     .kv_send_wait = kcu_kv_send_wait,
+    .wait_event = kcu_wait_event,
     .destroy = cuda_device_destroy,
     .coll_id = kcu_coll_id,
     .coll_create = kcu_coll_create,

@@ -62,13 +62,9 @@ struct kb_graph {
 typedef struct kcu_dev {
     int device;
     cudaDeviceProp prop;
-    /* kvxfer.cu: KV blocks sent to another context (prefill -> decode) */
-    cudaStream_t xfer_stream; /* copies, behind xfer_ready events */
-    cudaEvent_t xfer_ready;   /* recorded on stream before each layer's copy */
-    int32_t *xfer_ids;        /* (2, xfer_cap) device: source, destination */
-    int32_t *xfer_pin;        /* pinned mirror */
-    int xfer_cap;
-    int xfer_n;               /* pairs in xfer_ids now */
+    /* transfer.cu */
+    cudaStream_t up_stream[KB_MAX_STREAMS]; /* upload streams 0..n_up_streams-1 */
+    int n_up_streams;
     struct kcu_green *green;  /* green.cu: driver entry points, SMs not yet
                                  given to a partition; NULL until asked */
 } kcu_dev;
@@ -402,6 +398,7 @@ kiln_status kcu_event_record(kb_backend *be, kb_event *ev, int stream);
 kiln_status kcu_event_query(kb_backend *be, kb_event *ev, bool *done);
 kiln_status kcu_event_sync(kb_backend *be, kb_event *ev);
 kiln_status kcu_event_elapsed(kb_backend *be, kb_event *start, kb_event *end, float *ms);
+kiln_status kcu_wait_event(kb_backend *be, kb_event *ev);
 void kcu_transfer_release(kcu_dev *dv);
 
 /* attention.cu: where layer il's blocks of a KV cache are (kvxfer.cu) */

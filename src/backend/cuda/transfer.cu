@@ -161,6 +161,14 @@ kiln_status kcu_event_elapsed(kb_backend *be, kb_event *start, kb_event *end, fl
     return KILN_OK;
 }
 
+kiln_status kcu_wait_event(kb_backend *be, kb_event *ev)
+{
+    kcu *cu = kcu_of(be);
+    KCU_BIND(cu);
+    KCU_TRY(cu, cudaStreamWaitEvent(cu->stream, ev->ev, 0));
+    return KILN_OK;
+}
+
 void kcu_transfer_release(kcu_dev *dv)
 {
     for (int i = 0; i < dv->n_up_streams; i++) {

@@ -29,6 +29,7 @@
 void cli_opts_default(run_opts *o)
 {
     memset(o, 0, sizeof *o);
+    o->tp = 1;
     kiln_sampling_default(&o->sampling);
     o->sampling.max_tokens = DEFAULT_MAX_TOKENS;
     o->device = "cpu";
@@ -58,6 +59,8 @@ static const num_opt num_opts[] = {
     {"--load-streams", NULL, 1, 16, offsetof(run_opts, load_streams), false},
     {"--load-ring", NULL, 1, 1 << 20, offsetof(run_opts, load_ring_mib), false},
     {"--load-threads", NULL, 1, 64, offsetof(run_opts, load_threads), false},
+    {"--tp", NULL, 1, 64, offsetof(run_opts, tp), false},
+    {"--tp-timeout", NULL, 1, 86400, offsetof(run_opts, tp_timeout), true},
 };
 
 /* Options every model command takes.  Returns 1 when argv[*i] was one of
@@ -113,6 +116,10 @@ int cli_parse_common(run_opts *o, int argc, char **argv, int *i)
         o->decode_pipeline = VALUE();
     } else if (!strcmp(a, "--eager")) {
         o->eager = 1;
+    } else if (!strcmp(a, "--kv-f32")) {
+        o->kv_f32 = 1;
+    } else if (!strcmp(a, "--tp-comm")) {
+        o->tp_comm = 1;
     } else if (!strcmp(a, "--fast-activations")) {
         o->fast_activations = 1;
     } else if (!strcmp(a, "--ignore-eos")) {
@@ -150,12 +157,27 @@ kiln_model *cli_load_model(const run_opts *o, double *load_sec)
     mp.load_ring_bytes = (uint64_t)o->load_ring_mib << 20;
     mp.load_threads = o->load_threads;
     mp.fast_activations = o->fast_activations;
+    kiln_tp_info tpi;
+    kiln_tp_get_info(&tpi);
+    if ((o->tp > 1 || o->tp_comm) && !tpi.active) {
+        fprintf(stderr, "kiln: --tp: this command does not run tensor parallel (generate and "
+                "bench do)\n");
+        return NULL;
+    }
+    char tp_dev[64];
+    kiln_status st = kiln_tp_model_params(&mp, tp_dev, sizeof tp_dev);
+    if (st != KILN_OK) {
+        cli_report(o->model, st);
+        return NULL;
+    }
     kiln_progress bar = {0};
-    mp.progress = progress_cb;
-    mp.progress_user = &bar;
+    if (!o->quiet_load) {
+        mp.progress = progress_cb;
+        mp.progress_user = &bar;
+    }
     double t0 = kiln_now_sec();
     kiln_model *m = NULL;
-    kiln_status st = kiln_model_load(o->model, &mp, &m);
+    st = kiln_model_load(o->model, &mp, &m);
     if (bar.total)
         kiln_progress_finish(&bar);
     if (st != KILN_OK) {
@@ -175,6 +197,7 @@ kiln_engine *cli_make_engine(kiln_model *m, const run_opts *o, int max_seqs, int
     if (!o->ctx && ep.n_ctx > train)
         ep.n_ctx = train;
     ep.max_seqs = max_seqs;
+    ep.kv_f32 = o->kv_f32;
     if (o->gpu_mem_fraction > 0)
         ep.gpu_mem_fraction = o->gpu_mem_fraction;
     ep.eager = o->eager;
@@ -219,6 +242,7 @@ kiln_status cli_encode_prompt(const kiln_model *m, const run_opts *o,
 
 typedef struct stream_state {
     kiln_text reply;   /* the whole generated text (chat history) */
+    FILE *logprobs;    /* --logprobs-out, or NULL */
     kiln_finish finish;
     int n_generated;
     bool failed;
@@ -227,6 +251,13 @@ typedef struct stream_state {
 static void on_token(const kiln_token_event *ev, void *user)
 {
     stream_state *s = user;
+    if (s->logprobs && ev->token >= 0) {
+        /* one line a token: id, log-probability, then the best alternatives */
+        fprintf(s->logprobs, "%d %.9g", ev->token, (double)ev->logprob);
+        for (int i = 0; i < ev->n_logprobs; i++)
+            fprintf(s->logprobs, " %d:%.9g", ev->top_ids[i], (double)ev->top_logprobs[i]);
+        fputc('\n', s->logprobs);
+    }
     if (ev->text_len) {
         fwrite(ev->text, 1, ev->text_len, stdout);
         fflush(stdout);
@@ -301,11 +332,15 @@ static void generate_usage(FILE *f)
             "  --ignore-eos             keep generating past end-of-generation tokens\n"
             "  -c, --ctx N              context length (default: min(model, %d))\n"
             "  --truncate               drop the start of a prompt that does not fit\n"
+            "  --logprobs-out FILE      write each generated token's id and log-probability\n"
+            "                           and its %d best alternatives (id:logprob), a line\n"
+            "                           a token\n"
             "  -t, --threads N          CPU threads (default: all cores)\n"
             "  --device DEV             cpu (default), cuda, cuda:N\n"
             "  --gpu-mem-fraction F     GPU memory kiln may use, the KV cache taking what\n"
             "                           weights and scratch leave (default 0.90)\n"
             "  --eager                  GPU: no CUDA graphs for decode steps\n"
+            "  --kv-f32                 keep the KV cache in F32 (default F16)\n"
             "  --pd prefill=DEV,decode=DEV\n"
             "                           prefill and decode in two engines, KV handed over\n"
             "                           layer by layer (DEV: cpu, cuda:N, cuda:N@sm=M,\n"
@@ -320,8 +355,10 @@ static void generate_usage(FILE *f)
             "  --load-ring MIB          GPU loading: bound on the pinned staging memory\n"
             "                           (default 512; 80 are used at the defaults)\n"
             "  --load-threads N         GPU loading: read / convert threads (default:\n"
-            "                           min(cores, 12))\n",
-            DEFAULT_MAX_TOKENS, KILN_MAX_STOP, DEFAULT_CPU_CTX);
+            "                           min(cores, 12))\n"
+            "%s",
+            DEFAULT_MAX_TOKENS, KILN_MAX_STOP, DEFAULT_CPU_CTX, KILN_MAX_LOGPROBS,
+            CLI_TP_USAGE);
 }
 
 static char *read_all(FILE *f)
@@ -355,7 +392,7 @@ int cmd_generate(int argc, char **argv)
 {
     run_opts o;
     cli_opts_default(&o);
-    const char *prompt = NULL, *prompt_file = NULL;
+    const char *prompt = NULL, *prompt_file = NULL, *logprobs_path = NULL;
     bool chat = false, truncate = false;
     for (int i = 1; i < argc; i++) {
         int r = cli_parse_common(&o, argc, argv, &i);
@@ -372,6 +409,8 @@ int cmd_generate(int argc, char **argv)
             chat = true;
         } else if (!strcmp(a, "--truncate")) {
             truncate = true;
+        } else if (!strcmp(a, "--logprobs-out") && i + 1 < argc) {
+            logprobs_path = argv[++i];
         } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             generate_usage(stdout);
             return 0;
@@ -386,12 +425,25 @@ int cmd_generate(int argc, char **argv)
         generate_usage(stderr);
         return 2;
     }
+    int rc = 1;
+    if (cli_tp_begin(&o, "generate", &rc))
+        return rc;
+    rc = 1;
+    double load_sec = 0;
+    kiln_engine *e = NULL;
+    kiln_tokens toks = {0};
+    stream_state ss = {0};
+    kiln_model *m = NULL;
     char *owned_prompt = NULL;
+    if (logprobs_path && !(ss.logprobs = fopen(logprobs_path, "w"))) {
+        fprintf(stderr, "kiln: generate: cannot write %s\n", logprobs_path);
+        goto out;
+    }
     if (prompt_file || !strcmp(prompt, "-")) {
         FILE *f = prompt_file ? fopen(prompt_file, "rb") : stdin;
         if (!f) {
             fprintf(stderr, "kiln: generate: cannot open %s\n", prompt_file);
-            return 1;
+            goto out;
         }
         owned_prompt = read_all(f);
         if (f != stdin)
@@ -399,17 +451,13 @@ int cmd_generate(int argc, char **argv)
         if (!owned_prompt) {
             fprintf(stderr, "kiln: generate: cannot read the prompt (limit %u MiB)\n",
                     MAX_PROMPT_FILE >> 20);
-            return 1;
+            goto out;
         }
         prompt = owned_prompt;
     }
-
-    int rc = 1;
-    double load_sec = 0;
-    kiln_engine *e = NULL;
-    kiln_tokens toks = {0};
-    stream_state ss = {0};
-    kiln_model *m = cli_load_model(&o, &load_sec);
+    if (ss.logprobs)
+        o.sampling.n_logprobs = KILN_MAX_LOGPROBS;
+    m = cli_load_model(&o, &load_sec);
     if (!m)
         goto out;
     kiln_chat_message msgs[2];
@@ -444,11 +492,16 @@ int cmd_generate(int argc, char **argv)
     if ((rc = run_one(e, &o, &toks, &ss)) == 0)
         print_timings(e, load_sec);
 out:
+    if (ss.logprobs && fclose(ss.logprobs) != 0 && rc == 0) {
+        fprintf(stderr, "kiln: generate: cannot write %s\n", logprobs_path);
+        rc = 1;
+    }
     kiln_free(ss.reply.data);
     kiln_tokens_free(&toks);
     kiln_engine_free(e);
     kiln_model_free(m);
     kiln_free(owned_prompt);
+    cli_tp_end(rc);
     return rc;
 }
 

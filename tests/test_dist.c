@@ -31,7 +31,6 @@
  * group's timeout (KILN_TP_TIMEOUT=4) with a message naming it stopped.
  * Bad --tp values and mismatched mpirun sizes are refused.
  */
-#include <dirent.h>
 #include <limits.h>
 #include <math.h>
 #include <setjmp.h>
@@ -45,6 +44,7 @@
 #include <cmocka.h>
 
 #include "cli_run.h"
+#include "tp_test.h"
 #include "dist/comm.h"
 #include "dist/tp.h"
 #include "model/model.h"
@@ -53,7 +53,6 @@
 #define TINY "tests/data/hf-tiny/"
 #define TOL_F32 1e-3
 #define TOL_F16 5e-2
-#define MAX_STEPS 64
 #define FAIL_BOUND_SEC 30.0  /* killed rank to the end of the run */
 #define HANG_TIMEOUT "4"      /* KILN_TP_TIMEOUT of the hung-rank test */
 
@@ -313,69 +312,6 @@ static void test_tp_init_bad_values(void **state)
  * Whole runs
  * ---------------------------------------------------------------------- */
 
-typedef struct step_lp {
-    int token;
-    int n;
-    int ids[KILN_MAX_LOGPROBS];
-    float lp[KILN_MAX_LOGPROBS];
-} step_lp;
-
-/* --logprobs-out's lines; returns the steps read. */
-static int read_logprobs(const char *path, step_lp *s, int max)
-{
-    FILE *f = fopen(path, "r");
-    assert_non_null(f);
-    char line[4096];
-    int n = 0;
-    while (n < max && fgets(line, sizeof line, f)) {
-        char *p = line, *end;
-        float first;
-        s[n].token = (int)strtol(p, &end, 10);
-        first = strtof(end, &p);
-        (void)first;
-        s[n].n = 0;
-        while (s[n].n < KILN_MAX_LOGPROBS) {
-            long id = strtol(p, &end, 10);
-            if (end == p || *end != ':')
-                break;
-            s[n].ids[s[n].n] = (int)id;
-            s[n].lp[s[n].n++] = strtof(end + 1, &p);
-        }
-        n++;
-    }
-    fclose(f);
-    return n;
-}
-
-/* Same greedy tokens (up to the first near-tie of the reference) and every
- * top-20 log-probability both runs report within tol. */
-static void compare_logprobs(const char *ref, const char *got, double tol, int want_steps)
-{
-    static step_lp a[MAX_STEPS], b[MAX_STEPS];
-    int na = read_logprobs(ref, a, MAX_STEPS), nb = read_logprobs(got, b, MAX_STEPS);
-    assert_int_equal(na, want_steps);
-    assert_int_equal(nb, want_steps);
-    double worst = 0;
-    for (int i = 0; i < na; i++) {
-        assert_true(a[i].n >= 2);
-        if (a[i].lp[0] - a[i].lp[1] < 2 * tol)
-            break; /* a near-tie: either token is right; the rest may differ */
-        if (a[i].token != b[i].token)
-            fail_msg("%s vs %s: step %d: token %d vs %d", ref, got, i, a[i].token, b[i].token);
-        for (int j = 0; j < a[i].n; j++)
-            for (int k = 0; k < b[i].n; k++)
-                if (a[i].ids[j] == b[i].ids[k]) {
-                    double d = fabs((double)a[i].lp[j] - (double)b[i].lp[k]);
-                    worst = d > worst ? d : worst;
-                    if (d > tol)
-                        fail_msg("%s vs %s: step %d, token %d: log-probability %.6f vs "
-                                 "%.6f (tolerance %g)", ref, got, i, a[i].ids[j], a[i].lp[j],
-                                 b[i].lp[k], tol);
-                }
-    }
-    print_message("  %s: max |dlogprob| %.3g (tolerance %g)\n", got, worst, tol);
-}
-
 static run_result run_args(const char *const *args)
 {
     return cli_run(kiln_bin, args, 0);
@@ -562,137 +498,23 @@ static void test_tp1_comm(void **state)
     compare_logprobs(ref, got, 0.0, 8);
 }
 
-/* The process (not `except`) whose command line holds marker and whose
- * environment holds env ("VAR=value"); 0 when none. */
-static pid_t find_rank(const char *marker, const char *env, pid_t except)
-{
-    DIR *d = opendir("/proc");
-    assert_non_null(d);
-    struct dirent *e;
-    pid_t found = 0;
-    while (!found && (e = readdir(d))) {
-        char *end;
-        long pid = strtol(e->d_name, &end, 10);
-        if (*end || pid <= 0 || pid == except)
-            continue;
-        char path[64], buf[8192];
-        snprintf(path, sizeof path, "/proc/%ld/cmdline", pid);
-        FILE *f = fopen(path, "r");
-        if (!f)
-            continue;
-        size_t n = fread(buf, 1, sizeof buf - 1, f);
-        fclose(f);
-        bool has = false;
-        for (size_t i = 0; i < n; i += strlen(buf + i) + 1) {
-            buf[n] = '\0';
-            if (strstr(buf + i, marker))
-                has = true;
-        }
-        if (!has)
-            continue;
-        snprintf(path, sizeof path, "/proc/%ld/environ", pid);
-        if (!(f = fopen(path, "r")))
-            continue;
-        n = fread(buf, 1, sizeof buf - 1, f);
-        fclose(f);
-        buf[n] = '\0';
-        for (size_t i = 0; i < n; i += strlen(buf + i) + 1)
-            if (!strcmp(buf + i, env))
-                found = (pid_t)pid;
-    }
-    closedir(d);
-    return found;
-}
-
-static double now_sec(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static off_t file_size(const char *path)
-{
-    struct stat st;
-    return stat(path, &st) == 0 ? st.st_size : 0;
-}
-
-/* Start a long TP 3 run (self-launched, or under mpirun), wait until it is
- * generating, signal rank 1 with sig, and check the whole run ends within
- * bound seconds, non-zero, with stderr holding every string of want. */
-static void fail_rank(bool under_mpirun, int sig, const char *timeout, double bound,
+/* A long TP 3 run (self-launched, or under mpirun) whose rank 1 gets sig
+ * once it is generating (tp_signal_run). */
+static void fail_rank(bool under_mpirun, int sig, const char *timeout_env, double bound,
                       const char *const *want)
 {
-    char marker[64], out[PATH_MAX], err[PATH_MAX], prompt[128];
+    char marker[64], prompt[128];
     snprintf(marker, sizeof marker, "tpfail%d%s%d", (int)getpid(), under_mpirun ? "m" : "s",
              sig);
     snprintf(prompt, sizeof prompt, "Once upon a time %s", marker);
-    tmp_path(out, sizeof out, "fail.out");
-    tmp_path(err, sizeof err, "fail.err");
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        setpgid(0, 0);
-        int fo = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        int fe = open(err, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        int nul = open("/dev/null", O_RDONLY);
-        dup2(nul, 0);
-        dup2(fo, 1);
-        dup2(fe, 2);
-        if (timeout)
-            setenv("KILN_TP_TIMEOUT", timeout, 1);
-        if (under_mpirun)
-            execl("/usr/bin/env", "env", "mpirun", "-np", "3", "--oversubscribe", "--bind-to",
-                  "none", kiln_bin, "generate", "-m", SMOLLM2, "-p", prompt, "-n", "4000",
-                  "--temp", "0", "--ignore-eos", "--tp", "3", (char *)NULL);
-        else
-            execl(kiln_bin, kiln_bin, "generate", "-m", SMOLLM2, "-p", prompt, "-n", "4000",
-                  "--temp", "0", "--ignore-eos", "--tp", "3", (char *)NULL);
-        _exit(127);
-    }
-    /* generating: rank 0's text has reached the output */
-    double t0 = now_sec();
-    pid_t victim = 0;
-    while (now_sec() - t0 < 120 && (!victim || file_size(out) == 0)) {
-        if (!victim)
-            victim = find_rank(marker, "OMPI_COMM_WORLD_RANK=1", pid);
-        struct timespec ts = {0, 50000000};
-        nanosleep(&ts, NULL);
-    }
-    if (!victim || file_size(out) == 0) {
-        kill(-pid, SIGKILL);
-        waitpid(pid, NULL, 0);
-        fail_msg("the TP 3 run did not start generating in 120 s (rank 1: %d)", (int)victim);
-    }
-    kill(victim, sig);
-    double t_sig = now_sec();
-    int status = 0;
-    pid_t w = 0;
-    while ((w = waitpid(pid, &status, WNOHANG)) == 0 && now_sec() - t_sig < bound + 60) {
-        struct timespec ts = {0, 20000000};
-        nanosleep(&ts, NULL);
-    }
-    double took = now_sec() - t_sig;
-    if (w == 0) {
-        kill(-pid, SIGKILL);
-        kill(victim, SIGKILL);
-        waitpid(pid, NULL, 0);
-        fail_msg("the run was still going %.0f s after rank 1 got signal %d", took, sig);
-    }
-    kill(victim, SIGKILL); /* a stopped rank that the launcher left */
-    int fd = open(err, O_RDONLY);
-    assert_true(fd >= 0);
-    char *text = slurp_fd(fd);
-    close(fd);
-    print_message("  signal %d to rank 1 (%s): the run ended after %.1f s, status %d\n", sig,
-                  under_mpirun ? "under mpirun" : "self-launched", took,
-                  WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
-    assert_true(took <= bound);
-    assert_false(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-    for (int i = 0; want[i]; i++)
-        if (!strstr(text, want[i]))
-            fail_msg("stderr lacks '%s':\n%s", want[i], text);
-    free(text);
+    char *gen[] = {kiln_bin, "generate", "-m", SMOLLM2, "-p", prompt, "-n", "4000", "--temp",
+                   "0", "--ignore-eos", "--tp", "3", NULL};
+    char *mpi[] = {"/usr/bin/env", "mpirun", "-np", "3", "--oversubscribe", "--bind-to",
+                   "none", kiln_bin, "generate", "-m", SMOLLM2, "-p", prompt, "-n", "4000",
+                   "--temp", "0", "--ignore-eos", "--tp", "3", NULL};
+    print_message("  %s:\n", under_mpirun ? "under mpirun" : "self-launched");
+    tp_signal_run(under_mpirun ? mpi : gen, tmpdir, timeout_env, marker,
+                  "OMPI_COMM_WORLD_RANK=1", sig, bound, want);
 }
 
 static void test_killed_rank(void **state)
@@ -713,7 +535,8 @@ static void test_hung_rank(void **state)
     /* nothing dies: kiln's own timeout ends the run, naming the stopped rank */
     const char *want[] = {"did not complete in " HANG_TIMEOUT " s", "rank 1 (pid",
                           "is stopped", NULL};
-    fail_rank(false, SIGSTOP, HANG_TIMEOUT, atof(HANG_TIMEOUT) + FAIL_BOUND_SEC, want);
+    fail_rank(false, SIGSTOP, "KILN_TP_TIMEOUT=" HANG_TIMEOUT, atof(HANG_TIMEOUT) + FAIL_BOUND_SEC,
+              want);
 }
 
 int main(int argc, char **argv)

@@ -60,8 +60,9 @@ endif
 # for a CUDA device.  It carries copies of the pure helpers it calls.
 ifeq ($(CUDA),1)
 CFLAGS    += -DKILN_HAVE_CUDA -DKILN_CUDA_PLUGIN_DIR='"$(abspath $(BUILD))"'
-NVCCFLAGS ?= -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-fvisibility=hidden,-Wall,-Werror -Iinclude -Isrc
-CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lcublasLt -lnccl -lstdc++
+NVCCFLAGS ?= -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-fvisibility=hidden,-Wall,-Werror -Iinclude -Isrc \
+             -DKCU_NCCL_FALLBACK='"$(CUDA_HOME)/lib64/libnccl.so.2"'
+CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lcublasLt -lstdc++
 CU_SRC    := $(sort $(shell find src -name '*.cu'))
 CUDA_PLUGIN := $(BUILD)/libkiln-cuda.so
 endif

@@ -14,10 +14,16 @@
  * kernel that spins forever.  Collectives enqueue on the context's stream
  * and are captured like any op when a decode graph is recorded.
  *
+ * NCCL itself is loaded on the first collective asked for (dlopen of
+ * libnccl.so.2, or $KILN_NCCL_LIB): the CUDA backend then loads and runs
+ * on a machine without NCCL, which only tensor parallelism needs.
+ *
  * NVLink SHARP (NVLS, multicast) stays off: NCCL_NVLS_ENABLE=0 is set
  * before NCCL reads its environment unless the user set it.
  */
+#include <dlfcn.h>
 #include <nccl.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,6 +31,62 @@
 #include <time.h>
 
 #include "backend/cuda/cuda_impl.h"
+
+/* ------------------------------------------------------------------------
+ * NCCL, loaded on first use
+ * ---------------------------------------------------------------------- */
+
+#ifndef KCU_NCCL_FALLBACK
+#define KCU_NCCL_FALLBACK "/usr/local/cuda/lib64/libnccl.so.2"
+#endif
+
+#define KCU_NCCL_FNS(X)                                                         \
+    X(ncclGetUniqueId) X(ncclCommInitRankConfig) X(ncclCommGetAsyncError)      \
+    X(ncclCommAbort) X(ncclCommFinalize) X(ncclCommDestroy)                    \
+    X(ncclGetErrorString) X(ncclGetLastError) X(ncclAllReduce)                 \
+    X(ncclAllGather) X(ncclBroadcast) X(ncclSend) X(ncclRecv)
+
+static struct {
+#define KCU_NCCL_PTR(f) decltype(&::f) f;
+    KCU_NCCL_FNS(KCU_NCCL_PTR)
+#undef KCU_NCCL_PTR
+} nccl;
+static pthread_once_t nccl_once = PTHREAD_ONCE_INIT;
+static char nccl_err[512];
+
+static void nccl_load(void)
+{
+    const char *env = getenv("KILN_NCCL_LIB");
+    const char *tries[] = {env && *env ? env : "libnccl.so.2", KCU_NCCL_FALLBACK};
+    void *h = NULL;
+    size_t len = 0;
+    for (size_t i = 0; i < sizeof tries / sizeof tries[0] && !h; i++) {
+        h = dlopen(tries[i], RTLD_NOW | RTLD_GLOBAL);
+        if (!h && len < sizeof nccl_err)
+            len += (size_t)snprintf(nccl_err + len, sizeof nccl_err - len, "%s%s",
+                                    len ? "; " : "", dlerror());
+    }
+    if (!h)
+        return;
+#define KCU_NCCL_SYM(f)                                                         \
+    if (!(nccl.f = (decltype(nccl.f))dlsym(h, #f))) {                           \
+        snprintf(nccl_err, sizeof nccl_err, "%s has no %s", tries[0], #f);      \
+        nccl.ncclGetUniqueId = NULL;                                            \
+        return;                                                                 \
+    }
+    KCU_NCCL_FNS(KCU_NCCL_SYM)
+#undef KCU_NCCL_SYM
+}
+
+/* NCCL's entry points, or a failure saying why they are not there. */
+static kiln_status nccl_ready(const char *dev)
+{
+    pthread_once(&nccl_once, nccl_load);
+    if (nccl.ncclGetUniqueId && nccl.ncclRecv)
+        return KILN_OK;
+    return KILN_FAIL(KILN_ERR_UNSUPPORTED, "tensor parallel on %s needs NCCL (libnccl.so.2, or "
+                     "KILN_NCCL_LIB): %s", dev, nccl_err);
+}
 
 /* Busy polls of a wait before it starts sleeping between polls. */
 #define KCU_COLL_SPIN_SEC 0.002
@@ -50,10 +112,10 @@ static void coll_nvls_off(void) { setenv("NCCL_NVLS_ENABLE", "0", 0); }
 
 static kiln_status coll_fail_nccl(kb_coll *c, ncclResult_t r, const char *what)
 {
-    const char *last = c && c->comm ? ncclGetLastError(c->comm) : NULL;
+    const char *last = c && c->comm ? nccl.ncclGetLastError(c->comm) : NULL;
     return KILN_FAIL(KILN_ERR_DEVICE, "tensor parallel: rank %d of %d on cuda:%d: %s: %s%s%s",
                      c ? c->rank : -1, c ? c->n_ranks : 0, c ? c->device : -1, what,
-                     ncclGetErrorString(r), last && *last ? ": " : "", last ? last : "");
+                     nccl.ncclGetErrorString(r), last && *last ? ": " : "", last ? last : "");
 }
 
 /* Abort the communicator (it is unusable from here on). */
@@ -61,7 +123,7 @@ static void coll_abort(kb_coll *c)
 {
     if (c->comm && !c->failed) {
         c->failed = true;
-        ncclCommAbort(c->comm);
+        nccl.ncclCommAbort(c->comm);
         c->comm = NULL;
     }
     c->failed = true;
@@ -81,7 +143,7 @@ static kiln_status coll_settle(kb_coll *c, ncclResult_t r, const char *what)
                              c->rank, c->n_ranks, c->device, what, c->timeout_sec);
         }
         sched_yield();
-        ncclResult_t q = ncclCommGetAsyncError(c->comm, &r);
+        ncclResult_t q = nccl.ncclCommGetAsyncError(c->comm, &r);
         if (q != ncclSuccess)
             r = q;
     }
@@ -96,11 +158,14 @@ static kiln_status coll_settle(kb_coll *c, ncclResult_t r, const char *what)
 kiln_status kcu_coll_id(kb_device *d, void *id)
 {
     coll_nvls_off();
+    kiln_status st = nccl_ready(d->name);
+    if (st)
+        return st;
     ncclUniqueId u;
-    ncclResult_t r = ncclGetUniqueId(&u);
+    ncclResult_t r = nccl.ncclGetUniqueId(&u);
     if (r != ncclSuccess)
         return KILN_FAIL(KILN_ERR_DEVICE, "tensor parallel on %s: ncclGetUniqueId: %s", d->name,
-                         ncclGetErrorString(r));
+                         nccl.ncclGetErrorString(r));
     KILN_STATIC_ASSERT(sizeof u == KB_COLL_ID_BYTES, "NCCL id size");
     memcpy(id, &u, sizeof u);
     return KILN_OK;
@@ -111,6 +176,9 @@ kiln_status kcu_coll_create(kb_device *d, const void *id, int n_ranks, int rank,
 {
     *out = NULL;
     coll_nvls_off();
+    kiln_status ready = nccl_ready(d->name);
+    if (ready)
+        return ready;
     kcu_dev *dv = kcu_dev_of(d);
     kb_coll *c = (kb_coll *)kiln_calloc(1, sizeof *c);
     if (!c)
@@ -130,7 +198,7 @@ kiln_status kcu_coll_create(kb_device *d, const void *id, int n_ranks, int rank,
     memcpy(&u, id, sizeof u);
     ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
     cfg.blocking = 0;
-    ncclResult_t r = ncclCommInitRankConfig(&c->comm, n_ranks, u, rank, &cfg);
+    ncclResult_t r = nccl.ncclCommInitRankConfig(&c->comm, n_ranks, u, rank, &cfg);
     kiln_status st;
     if (r == ncclSuccess || r == ncclInProgress) {
         /* coll_settle aborts the communicator on failure */
@@ -138,7 +206,7 @@ kiln_status kcu_coll_create(kb_device *d, const void *id, int n_ranks, int rank,
     } else {
         st = coll_fail_nccl(c, r, "ncclCommInitRankConfig");
         if (c->comm)
-            ncclCommAbort(c->comm);
+            nccl.ncclCommAbort(c->comm);
     }
     if (st) {
         cudaEventDestroy(c->done);
@@ -157,19 +225,19 @@ void kcu_coll_free(kb_coll *c)
     if (c->comm) {
         /* a clean leave: finalize flushes what is pending (non-blocking:
          * poll it), then destroy; anything wrong: abort */
-        ncclResult_t r = ncclCommFinalize(c->comm);
+        ncclResult_t r = nccl.ncclCommFinalize(c->comm);
         if (r == ncclSuccess || r == ncclInProgress) {
             double t0 = coll_now();
             while (r == ncclInProgress && coll_now() - t0 < c->timeout_sec) {
                 sched_yield();
-                if (ncclCommGetAsyncError(c->comm, &r) != ncclSuccess)
+                if (nccl.ncclCommGetAsyncError(c->comm, &r) != ncclSuccess)
                     break;
             }
         }
         if (r == ncclSuccess)
-            ncclCommDestroy(c->comm);
+            nccl.ncclCommDestroy(c->comm);
         else
-            ncclCommAbort(c->comm);
+            nccl.ncclCommAbort(c->comm);
         c->comm = NULL;
     }
     cudaEventDestroy(c->done);
@@ -201,8 +269,8 @@ kiln_status kcu_coll_all_reduce(kb_backend *ctx, kb_coll *c, float *buf, size_t 
     kcu *cu = coll_ctx(ctx, c, &st);
     if (!cu)
         return st;
-    return coll_settle(c, ncclAllReduce(buf, buf, n, ncclFloat32, ncclSum, c->comm, cu->stream),
-                       "ncclAllReduce");
+    ncclResult_t r = nccl.ncclAllReduce(buf, buf, n, ncclFloat32, ncclSum, c->comm, cu->stream);
+    return coll_settle(c, r, "ncclAllReduce");
 }
 
 kiln_status kcu_coll_all_gather(kb_backend *ctx, kb_coll *c, const void *in,
@@ -212,8 +280,8 @@ kiln_status kcu_coll_all_gather(kb_backend *ctx, kb_coll *c, const void *in,
     kcu *cu = coll_ctx(ctx, c, &st);
     if (!cu)
         return st;
-    return coll_settle(c, ncclAllGather(in, out, bytes, ncclUint8, c->comm, cu->stream),
-                       "ncclAllGather");
+    ncclResult_t r = nccl.ncclAllGather(in, out, bytes, ncclUint8, c->comm, cu->stream);
+    return coll_settle(c, r, "ncclAllGather");
 }
 
 kiln_status kcu_coll_broadcast(kb_backend *ctx, kb_coll *c, void *buf, size_t bytes,
@@ -223,8 +291,8 @@ kiln_status kcu_coll_broadcast(kb_backend *ctx, kb_coll *c, void *buf, size_t by
     kcu *cu = coll_ctx(ctx, c, &st);
     if (!cu)
         return st;
-    return coll_settle(c, ncclBroadcast(buf, buf, bytes, ncclUint8, root, c->comm, cu->stream),
-                       "ncclBroadcast");
+    ncclResult_t r = nccl.ncclBroadcast(buf, buf, bytes, ncclUint8, root, c->comm, cu->stream);
+    return coll_settle(c, r, "ncclBroadcast");
 }
 
 kiln_status kcu_coll_send(kb_backend *ctx, kb_coll *c, const void *buf, size_t bytes,
@@ -234,7 +302,8 @@ kiln_status kcu_coll_send(kb_backend *ctx, kb_coll *c, const void *buf, size_t b
     kcu *cu = coll_ctx(ctx, c, &st);
     if (!cu)
         return st;
-    return coll_settle(c, ncclSend(buf, bytes, ncclUint8, peer, c->comm, cu->stream), "ncclSend");
+    ncclResult_t r = nccl.ncclSend(buf, bytes, ncclUint8, peer, c->comm, cu->stream);
+    return coll_settle(c, r, "ncclSend");
 }
 
 kiln_status kcu_coll_recv(kb_backend *ctx, kb_coll *c, void *buf, size_t bytes,
@@ -244,7 +313,8 @@ kiln_status kcu_coll_recv(kb_backend *ctx, kb_coll *c, void *buf, size_t bytes,
     kcu *cu = coll_ctx(ctx, c, &st);
     if (!cu)
         return st;
-    return coll_settle(c, ncclRecv(buf, bytes, ncclUint8, peer, c->comm, cu->stream), "ncclRecv");
+    ncclResult_t r = nccl.ncclRecv(buf, bytes, ncclUint8, peer, c->comm, cu->stream);
+    return coll_settle(c, r, "ncclRecv");
 }
 
 kiln_status kcu_coll_wait(kb_backend *ctx, kb_coll *c, double timeout_sec)
@@ -268,7 +338,7 @@ kiln_status kcu_coll_wait(kb_backend *ctx, kb_coll *c, double timeout_sec)
         if (dt < KCU_COLL_SPIN_SEC && it % 256 != 255)
             continue;
         ncclResult_t r = ncclSuccess;
-        if (ncclCommGetAsyncError(c->comm, &r) != ncclSuccess ||
+        if (nccl.ncclCommGetAsyncError(c->comm, &r) != ncclSuccess ||
             (r != ncclSuccess && r != ncclInProgress)) {
             st = coll_fail_nccl(c, r, "a collective of this step failed");
             coll_abort(c);

@@ -7,6 +7,9 @@
 #define KILN_TEST_CLI_RUN_H
 
 #include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/resource.h>
@@ -83,6 +86,23 @@ static run_result cli_run(char *bin, const char *const *args, rlim_t fsize_limit
     waitpid(pid, &st, 0);
     r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
     return r;
+}
+
+/* The path of `rel` beside this test's own binary (BUILD/tests/test_x with
+ * "../kiln" -> BUILD/tests/../kiln) into out; argv0 when /proc is absent. */
+static __attribute__((unused)) void cli_run_beside(const char *argv0, const char *rel, char *out,
+                                                   size_t cap)
+{
+    char self[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n <= 0)
+        snprintf(self, sizeof self, "%s", argv0);
+    else
+        self[n] = '\0';
+    char *slash = strrchr(self, '/');
+    if (slash)
+        *slash = '\0';
+    snprintf(out, cap, "%s/%s", self, rel);
 }
 
 static __attribute__((unused)) void run_free(run_result *r)

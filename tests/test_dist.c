@@ -476,6 +476,12 @@ static void test_refusals(void **state)
     assert_int_not_equal(r.status, 0);
     assert_non_null(strstr(r.err, "started 2 ranks but --tp is 4"));
     run_free(&r);
+    const char *mp3[] = {"env", "mpirun", "-np", "2", "--oversubscribe", kiln_bin, "generate",
+                         "-m", TINY "llama", "-p", "hi", NULL};
+    r = cli_run("/usr/bin/env", mp3, 0);
+    assert_int_not_equal(r.status, 0);
+    assert_non_null(strstr(r.err, "started 2 ranks but --tp is 1 (pass --tp 2)"));
+    run_free(&r);
 }
 
 /* --tp 1 through the communicator (a group of one over MPI): exactly the
@@ -542,16 +548,7 @@ static void test_hung_rank(void **state)
 int main(int argc, char **argv)
 {
     (void)argc;
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
-    if (n <= 0)
-        snprintf(self, sizeof self, "%s", argv[0]);
-    else
-        self[n] = '\0';
-    char *slash = strrchr(self, '/');
-    if (slash)
-        *slash = '\0';
-    snprintf(kiln_bin, sizeof kiln_bin, "%s/../kiln", self);
+    cli_run_beside(argv[0], "../kiln", kiln_bin, sizeof kiln_bin);
     snprintf(tmpdir, sizeof tmpdir, "/tmp/kiln-test-dist-XXXXXX");
     if (!mkdtemp(tmpdir)) {
         perror("mkdtemp");

@@ -45,22 +45,44 @@ static uint64_t host_hash(void)
     return XXH3_64bits(name, strlen(name));
 }
 
+/* The state letter of a process from /proc/PID/stat ('R', 'S', 'T' stopped,
+ * 'Z' exited but not reaped), or 0 when it is gone or unreadable. */
+static char proc_state(int pid)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    const char *paren = strrchr(buf, ')'); /* the name may hold spaces */
+    return paren && paren[1] == ' ' ? paren[2] : 0;
+}
+
 void dist_comm_describe_peers(const dist_comm *c, char *buf, size_t cap)
 {
     size_t len = 0;
     buf[0] = '\0';
     if (c->peer_pid) {
         uint64_t me = host_hash();
-        for (int r = 0; r < c->size; r++) {
+        for (int r = 0; r < c->size && len < cap; r++) {
             if (r == c->rank || c->peer_host[r] != me || c->peer_pid[r] <= 0)
                 continue;
-            if (kill((pid_t)c->peer_pid[r], 0) != 0 && errno == ESRCH && len < cap)
-                len += (size_t)snprintf(buf + len, cap - len, "%srank %d (pid %d) has exited",
-                                        len ? ", " : "", r, c->peer_pid[r]);
+            const char *what = NULL;
+            char s = proc_state(c->peer_pid[r]);
+            if ((kill((pid_t)c->peer_pid[r], 0) != 0 && errno == ESRCH) || s == 'Z' || s == 'X')
+                what = "has exited";
+            else if (s == 'T' || s == 't')
+                what = "is stopped";
+            if (what)
+                len += (size_t)snprintf(buf + len, cap - len, "%srank %d (pid %d) %s",
+                                        len ? ", " : "", r, c->peer_pid[r], what);
         }
     }
     if (len == 0)
-        snprintf(buf, cap, "a peer rank is dead or hung (no rank on this host has exited)");
+        snprintf(buf, cap, "a peer rank is dead or hung (every rank on this host is running)");
 }
 
 kiln_status dist_comm_timeout(dist_comm *c, const char *what, double sec)

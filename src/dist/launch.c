@@ -467,6 +467,16 @@ kiln_status kiln_tp_init(const kiln_tp_params *p, kiln_tp_role *role, int *exit_
     if (n < 1 || n > MODEL_MAX_TP)
         return KILN_FAIL(KILN_ERR_INVALID_ARG, "--tp %d: the ranks must number 1 to %d", n,
                          MODEL_MAX_TP);
+    if (n == 1 && !p->comm_always) {
+        /* --tp 1: a process of its own, unless a launcher started several */
+        int world = 1;
+        bool set;
+        kiln_status wst = env_int("OMPI_COMM_WORLD_SIZE", 1, 1 << 20, &world, &set);
+        if (wst == KILN_OK && world > 1)
+            return KILN_FAIL(KILN_ERR_INVALID_ARG, "tensor parallel: mpirun started %d ranks "
+                             "but --tp is 1 (pass --tp %d)", world, world);
+        return KILN_OK;
+    }
     kiln_status st;
     bool cpu = device_is_cpu(p->device, &st);
     if (st)
@@ -509,8 +519,6 @@ kiln_status kiln_tp_init(const kiln_tp_params *p, kiln_tp_role *role, int *exit_
             return st;
         *role = KILN_TP_LAUNCHER;
         return cpu ? launch_mpirun(p, self, exit_code) : launch_direct(p, self, exit_code);
-    } else if (!p->comm_always) {
-        return KILN_OK; /* --tp 1: a process of its own */
     } else {
         /* one rank through the communicator: a group of one */
         g->rank = g->local_rank = 0;

@@ -215,9 +215,10 @@ static kiln_status tp_prepare(void *ctx, model_prepare *p)
     return st;
 }
 
-static kiln_status tp_forward(void *ctx, const kb_batch_host *b, const float **logits)
+/* Lock the communicator and send the step's batch; on success the caller
+ * runs the step and unlocks. */
+static kiln_status send_step(tp_runner *t, const kb_batch_host *b)
 {
-    tp_runner *t = ctx;
     dist_msg_hdr h;
     uint64_t bytes = dist_msg_step_bytes(b->n_tokens, b->n_seqs, b->max_blocks, b->n_out);
     if (bytes > t->cap)
@@ -226,8 +227,18 @@ static kiln_status tp_forward(void *ctx, const kb_batch_host *b, const float **l
     dist_msg_encode_step(b, &h, t->buf);
     dist_comm_lock(t->comm);
     kiln_status st = send_locked(t, &h, t->buf);
-    if (st == KILN_OK)
-        st = t->inner.forward(t->inner.ctx, b, logits);
+    if (st)
+        dist_comm_unlock(t->comm);
+    return st;
+}
+
+static kiln_status tp_forward(void *ctx, const kb_batch_host *b, const float **logits)
+{
+    tp_runner *t = ctx;
+    kiln_status st = send_step(t, b);
+    if (st)
+        return st;
+    st = t->inner.forward(t->inner.ctx, b, logits);
     dist_comm_unlock(t->comm);
     return st;
 }
@@ -236,16 +247,10 @@ static kiln_status tp_forward_sample(void *ctx, const kb_batch_host *b,
                                      const kb_sample_row *rows, int32_t *ids, float *logprobs)
 {
     tp_runner *t = ctx;
-    dist_msg_hdr h;
-    uint64_t bytes = dist_msg_step_bytes(b->n_tokens, b->n_seqs, b->max_blocks, b->n_out);
-    if (bytes > t->cap)
-        return KILN_FAIL(KILN_ERR_INTERNAL, "tensor parallel: a step of %llu message bytes "
-                         "beyond the %zu prepared", (unsigned long long)bytes, t->cap);
-    dist_msg_encode_step(b, &h, t->buf);
-    dist_comm_lock(t->comm);
-    kiln_status st = send_locked(t, &h, t->buf);
-    if (st == KILN_OK)
-        st = t->inner.forward_sample(t->inner.ctx, b, rows, ids, logprobs);
+    kiln_status st = send_step(t, b);
+    if (st)
+        return st;
+    st = t->inner.forward_sample(t->inner.ctx, b, rows, ids, logprobs);
     dist_comm_unlock(t->comm);
     return st;
 }
@@ -503,7 +508,6 @@ kiln_status kiln_tp_follow(kiln_model *km, int *exit_code)
     kiln_free(f.buf);
     if (st) {
         g->failed = true;
-        kiln_error_prefix("rank %d of %d: ", g->rank, g->size);
         return st;
     }
     *exit_code = status;

@@ -150,16 +150,7 @@ static void test_hung_rank(void **state)
 int main(int argc, char **argv)
 {
     (void)argc;
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
-    if (n <= 0)
-        snprintf(self, sizeof self, "%s", argv[0]);
-    else
-        self[n] = '\0';
-    char *slash = strrchr(self, '/');
-    if (slash)
-        *slash = '\0';
-    snprintf(kiln_bin, sizeof kiln_bin, "%s/kiln", self);
+    cli_run_beside(argv[0], "kiln", kiln_bin, sizeof kiln_bin);
     snprintf(tmpdir, sizeof tmpdir, "/tmp/kiln-test-gpu-tp-XXXXXX");
     if (!mkdtemp(tmpdir)) {
         perror("mkdtemp");

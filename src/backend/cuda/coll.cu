@@ -90,6 +90,9 @@ static kiln_status nccl_ready(const char *dev)
 
 /* Busy polls of a wait before it starts sleeping between polls. */
 #define KCU_COLL_SPIN_SEC 0.002
+/* A clean leave's flush; past it the communicator is aborted (a peer that
+ * has gone already must not hold the process up). */
+#define KCU_COLL_FINALIZE_SEC 10.0
 #define KCU_COLL_SLEEP_NS 50000L
 
 struct kb_coll {
@@ -228,7 +231,7 @@ void kcu_coll_free(kb_coll *c)
         ncclResult_t r = nccl.ncclCommFinalize(c->comm);
         if (r == ncclSuccess || r == ncclInProgress) {
             double t0 = coll_now();
-            while (r == ncclInProgress && coll_now() - t0 < c->timeout_sec) {
+            while (r == ncclInProgress && coll_now() - t0 < KCU_COLL_FINALIZE_SEC) {
                 sched_yield();
                 if (nccl.ncclCommGetAsyncError(c->comm, &r) != ncclSuccess)
                     break;
@@ -263,58 +266,49 @@ static kcu *coll_ctx(kb_backend *ctx, kb_coll *c, kiln_status *st)
     return cu;
 }
 
+/* Enqueue one NCCL call on ctx's stream: call(stream) issues it. */
+template <typename F>
+static kiln_status coll_enqueue(kb_backend *ctx, kb_coll *c, const char *what, F call)
+{
+    kiln_status st;
+    kcu *cu = coll_ctx(ctx, c, &st);
+    return cu ? coll_settle(c, call(cu->stream), what) : st;
+}
+
 kiln_status kcu_coll_all_reduce(kb_backend *ctx, kb_coll *c, float *buf, size_t n)
 {
-    kiln_status st;
-    kcu *cu = coll_ctx(ctx, c, &st);
-    if (!cu)
-        return st;
-    ncclResult_t r = nccl.ncclAllReduce(buf, buf, n, ncclFloat32, ncclSum, c->comm, cu->stream);
-    return coll_settle(c, r, "ncclAllReduce");
+    return coll_enqueue(ctx, c, "ncclAllReduce", [&](cudaStream_t s) {
+        return nccl.ncclAllReduce(buf, buf, n, ncclFloat32, ncclSum, c->comm, s);
+    });
 }
 
-kiln_status kcu_coll_all_gather(kb_backend *ctx, kb_coll *c, const void *in,
-                                           void *out, size_t bytes)
+kiln_status kcu_coll_all_gather(kb_backend *ctx, kb_coll *c, const void *in, void *out,
+                                size_t bytes)
 {
-    kiln_status st;
-    kcu *cu = coll_ctx(ctx, c, &st);
-    if (!cu)
-        return st;
-    ncclResult_t r = nccl.ncclAllGather(in, out, bytes, ncclUint8, c->comm, cu->stream);
-    return coll_settle(c, r, "ncclAllGather");
+    return coll_enqueue(ctx, c, "ncclAllGather", [&](cudaStream_t s) {
+        return nccl.ncclAllGather(in, out, bytes, ncclUint8, c->comm, s);
+    });
 }
 
-kiln_status kcu_coll_broadcast(kb_backend *ctx, kb_coll *c, void *buf, size_t bytes,
-                                          int root)
+kiln_status kcu_coll_broadcast(kb_backend *ctx, kb_coll *c, void *buf, size_t bytes, int root)
 {
-    kiln_status st;
-    kcu *cu = coll_ctx(ctx, c, &st);
-    if (!cu)
-        return st;
-    ncclResult_t r = nccl.ncclBroadcast(buf, buf, bytes, ncclUint8, root, c->comm, cu->stream);
-    return coll_settle(c, r, "ncclBroadcast");
+    return coll_enqueue(ctx, c, "ncclBroadcast", [&](cudaStream_t s) {
+        return nccl.ncclBroadcast(buf, buf, bytes, ncclUint8, root, c->comm, s);
+    });
 }
 
-kiln_status kcu_coll_send(kb_backend *ctx, kb_coll *c, const void *buf, size_t bytes,
-                                     int peer)
+kiln_status kcu_coll_send(kb_backend *ctx, kb_coll *c, const void *buf, size_t bytes, int peer)
 {
-    kiln_status st;
-    kcu *cu = coll_ctx(ctx, c, &st);
-    if (!cu)
-        return st;
-    ncclResult_t r = nccl.ncclSend(buf, bytes, ncclUint8, peer, c->comm, cu->stream);
-    return coll_settle(c, r, "ncclSend");
+    return coll_enqueue(ctx, c, "ncclSend", [&](cudaStream_t s) {
+        return nccl.ncclSend(buf, bytes, ncclUint8, peer, c->comm, s);
+    });
 }
 
-kiln_status kcu_coll_recv(kb_backend *ctx, kb_coll *c, void *buf, size_t bytes,
-                                     int peer)
+kiln_status kcu_coll_recv(kb_backend *ctx, kb_coll *c, void *buf, size_t bytes, int peer)
 {
-    kiln_status st;
-    kcu *cu = coll_ctx(ctx, c, &st);
-    if (!cu)
-        return st;
-    ncclResult_t r = nccl.ncclRecv(buf, bytes, ncclUint8, peer, c->comm, cu->stream);
-    return coll_settle(c, r, "ncclRecv");
+    return coll_enqueue(ctx, c, "ncclRecv", [&](cudaStream_t s) {
+        return nccl.ncclRecv(buf, bytes, ncclUint8, peer, c->comm, s);
+    });
 }
 
 kiln_status kcu_coll_wait(kb_backend *ctx, kb_coll *c, double timeout_sec)

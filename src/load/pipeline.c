@@ -355,15 +355,8 @@ static kiln_status short_read(ld_pipe *pp, const ld_job *j, uint64_t off, uint64
                      (unsigned long long)off);
 }
 
-/* Drop the whole pages of [p, p + n) of a file mapping from this process
- * (they stay in the page cache), so mmap reads do not grow the resident set
- * beyond the ring. */
-static void drop_mapped(const uint8_t *p, uint64_t n)
-{
-    uintptr_t a = align_up((uintptr_t)p, LD_ALIGN), e = ((uintptr_t)p + n) / LD_ALIGN * LD_ALIGN;
-    if (e > a)
-        madvise((void *)a, e - a, MADV_DONTNEED);
-}
+/* mmap reads do not grow the resident set beyond the ring. */
+static void drop_mapped(const uint8_t *p, uint64_t n) { kiln_map_drop(p, (size_t)n); }
 
 /* The n bytes at src_off of a strided job (ld_job.row_pitch), gathered
  * row piece by row piece into buf: from the mapping or host memory, else

@@ -467,15 +467,20 @@ static kiln_status slice_tensor(const found_tensor *t, const model_slice *sl, in
     return KILN_OK;
 }
 
-/* Copy a column slice (rows of `take` bytes, `pitch` apart from `src`) into
- * new host memory; NULL when out of memory. */
-static void *gather_columns(const void *src, uint64_t pitch, uint64_t take, int64_t rows)
+/* Copy a column slice (rows of `take` bytes, `pitch` apart from `src`, a
+ * file mapping when `mapped`) into new host memory; NULL when out of
+ * memory. */
+static void *gather_columns(const void *src, uint64_t pitch, uint64_t take, int64_t rows,
+                            bool mapped)
 {
     uint8_t *buf = kiln_aligned_alloc(64, (size_t)(take * (uint64_t)rows) + 1);
     if (!buf)
         return NULL;
     for (int64_t r = 0; r < rows; r++)
         memcpy(buf + (uint64_t)r * take, (const uint8_t *)src + (uint64_t)r * pitch, take);
+    /* the other ranks' columns were read with ours: not this rank's memory */
+    if (mapped)
+        kiln_map_drop(src, (size_t)(pitch * (uint64_t)rows));
     return buf;
 }
 
@@ -607,7 +612,7 @@ static kiln_status bind(load_ctx *c, kb_weight *w, int layer, const char *suffix
          * own copy, a device gets it uploaded like a whole tensor */
         void *cols = NULL;
         if (pitch) {
-            if (!(cols = gather_columns(t.data, pitch, row_bytes, (int64_t)want1)))
+            if (!(cols = gather_columns(t.data, pitch, row_bytes, (int64_t)want1, t.file >= 0)))
                 return KILN_FAIL(KILN_ERR_NOMEM, "tensor %s: out of memory for this rank's "
                                  "columns", fname);
             t.data = cols;
@@ -784,7 +789,8 @@ static kiln_status bind_all(load_ctx *c)
     }
     if ((st = bind(c, &m->output_norm, -1, "output_norm.weight", E, 0, true, norm_add, W0)))
         return st;
-    if (!hp->tied_output && (st = bind(c, &m->output, -1, "output.weight", E, V, true, 0, MODEL_W_OUTPUT)))
+    if (!hp->tied_output &&
+        (st = bind(c, &m->output, -1, "output.weight", E, V, true, 0, MODEL_W_OUTPUT)))
         return st;
     return bind_rope_freqs(c);
 }

@@ -75,7 +75,7 @@ FUZZ_SRC  := $(sort $(wildcard tests/fuzz/fuzz_*.c))
 
 LIB_OBJ   := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 CU_OBJ    := $(CU_SRC:%.cu=$(BUILD)/obj/%.o)
-CU_HELPERS := $(BUILD)/obj/src/quant/types.o $(BUILD)/obj/src/util/misc.o
+CU_HELPERS := $(BUILD)/obj/src/util/misc.o
 CLI_OBJ   := $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
 TESTS     := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 GPU_TEST_SRC := $(sort $(wildcard tests/gpu/test_*.c))
@@ -109,8 +109,9 @@ $(BUILD)/libkiln.so: $(LIB_OBJ) scripts/check-exports.sh
 	$(CC) -shared -o $@ $(LIB_OBJ) $(LDFLAGS) $(LDLIBS)
 	scripts/check-exports.sh $@
 
-$(BUILD)/libkiln-cuda.so: $(CU_OBJ) $(CU_HELPERS)
-	$(CC) -shared -o $@ $^ -Wl,-Bsymbolic -Wl,--no-undefined $(CUDA_LIBS) -lm
+$(BUILD)/libkiln-cuda.so: $(CU_OBJ) $(CU_HELPERS) src/backend/cuda/plugin.map
+	$(CC) -shared -o $@ $(CU_OBJ) $(CU_HELPERS) -Wl,-Bsymbolic -Wl,--no-undefined \
+	    -Wl,--version-script=src/backend/cuda/plugin.map $(CUDA_LIBS) -lm
 
 $(BUILD)/kiln.pc: scripts/kiln.pc.in
 	@mkdir -p $(dir $@)

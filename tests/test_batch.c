@@ -18,6 +18,7 @@
 
 #include <cmocka.h>
 
+#include "engine_util.h"
 #include "kiln.h"
 
 #define SMOLLM2 "models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -60,17 +61,8 @@ static void collect(const kiln_token_event *ev, void *user)
 
 static void submit(kiln_engine *e, const kiln_tokenizer *tok, const char *text, collected *c)
 {
-    kiln_tokens t = {0};
-    assert_int_equal(kiln_tokenizer_encode(tok, text, strlen(text), KILN_ENCODE_ADD_SPECIAL, &t),
-                     KILN_OK);
-    kiln_sampling s;
-    kiln_sampling_default(&s);
-    s.temperature = 0;
-    s.max_tokens = N_GEN;
-    s.ignore_eos = 1;
     uint64_t id;
-    assert_int_equal(kiln_engine_submit(e, t.ids, t.n, &s, collect, c, &id), KILN_OK);
-    kiln_tokens_free(&t);
+    submit_greedy(e, tok, text, N_GEN, collect, c, &id);
 }
 
 static void test_batching_invariance(void **state)

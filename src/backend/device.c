@@ -71,7 +71,7 @@ kiln_status kb_cuda_device_create(int index, kb_device **out)
 }
 
 /* The main context of a device just made (st its status). */
-static kiln_status main_of(kiln_status st, kb_device *d, kb_backend **out)
+static kiln_status main_of(kiln_status st, const kb_device *d, kb_backend **out)
 {
     *out = st == KILN_OK ? d->main : NULL;
     return st;
@@ -80,13 +80,15 @@ static kiln_status main_of(kiln_status st, kb_device *d, kb_backend **out)
 kiln_status kb_cpu_create(int n_threads, kb_backend **out)
 {
     kb_device *d = NULL;
-    return main_of(kb_cpu_device_create(n_threads, &d), d, out);
+    kiln_status st = kb_cpu_device_create(n_threads, &d);
+    return main_of(st, d, out);
 }
 
 kiln_status kb_cuda_create(int device, kb_backend **out)
 {
     kb_device *d = NULL;
-    return main_of(kb_cuda_device_create(device, &d), d, out);
+    kiln_status st = kb_cuda_device_create(device, &d);
+    return main_of(st, d, out);
 }
 
 void kb_cuda_set_fast_activations(kb_backend *be, bool on)

@@ -27,6 +27,9 @@ static const kb_host_services host_services = {
     .calloc = kiln_calloc,
     .realloc = kiln_realloc,
     .free = kiln_free,
+    .quant_get_traits = quant_get_traits,
+    .quant_type_name = quant_type_name,
+    .quant_row_size = quant_row_size,
 };
 
 const kb_cuda_plugin *kb_cuda_plugin_loaded(void) { return plugin_table; }

@@ -6,9 +6,9 @@
  * and a machine without them runs kiln on the CPU all the same.
  *
  * The plugin exports one symbol, KB_CUDA_PLUGIN_ENTRY, which takes the
- * host's services (errors, logging, allocation: one error slot per thread
- * and one allocator for the whole process, whichever object calls them)
- * and returns its table.  Both sides check KB_CUDA_PLUGIN_ABI.
+ * host's services (errors, logging, allocation, the block-format table:
+ * one error slot per thread, one allocator and one table for the whole
+ * process, whichever object calls them) and returns its table.  Both sides check KB_CUDA_PLUGIN_ABI.
  *
  * Where it is looked for, first hit wins: $KILN_CUDA_LIB (a path); the
  * directory of the object that holds libkiln's code (the kiln binary, a
@@ -21,7 +21,7 @@
 
 #include "backend/backend.h"
 
-#define KB_CUDA_PLUGIN_ABI 1
+#define KB_CUDA_PLUGIN_ABI 2
 #define KB_CUDA_PLUGIN_NAME "libkiln-cuda.so"
 #define KB_CUDA_PLUGIN_ENTRY "kiln_cuda_plugin_init"
 
@@ -36,6 +36,10 @@ typedef struct kb_host_services {
     void *(*calloc)(size_t n, size_t size);
     void *(*realloc)(void *p, size_t n);
     void (*free)(void *p);
+    /* the block-format table (quant/types.c), one for the process */
+    const quant_traits *(*quant_get_traits)(uint32_t type);
+    const char *(*quant_type_name)(uint32_t type, char *buf, size_t n);
+    kiln_status (*quant_row_size)(uint32_t type, uint64_t n, uint64_t *bytes, const char *what);
 } kb_host_services;
 
 /* What the plugin offers libkiln. */

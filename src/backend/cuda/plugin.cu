@@ -1,11 +1,12 @@
 /*
  * plugin.cu - the CUDA backend as a shared object of its own
  * (libkiln-cuda.so, backend/plugin.h): its one exported entry point, and
- * the few services of libkiln's util layer its code calls (errors, logging,
- * allocation), forwarded to the host's, so that an error raised here is
- * the one kiln_last_error() returns and every allocation goes through the
- * host's allocator (and its failure injection).  The pure helpers it uses
- * (quant/types.c, util/misc.c) are linked into the object as copies.
+ * the few services of libkiln's util and quant layers its code calls
+ * (errors, logging, allocation, the block-format table), forwarded to the
+ * host's, so that an error raised here is the one kiln_last_error()
+ * returns and every allocation goes through the host's allocator (and its
+ * failure injection).  The pure helpers of util/misc.c are linked into the
+ * object as a copy.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -51,6 +52,21 @@ extern "C" void *kiln_malloc(size_t n) { return host->malloc(n); }
 extern "C" void *kiln_calloc(size_t n, size_t size) { return host->calloc(n, size); }
 extern "C" void *kiln_realloc(void *p, size_t n) { return host->realloc(p, n); }
 extern "C" void kiln_free(void *p) { host->free(p); }
+
+extern "C" const quant_traits *quant_get_traits(uint32_t type)
+{
+    return host->quant_get_traits(type);
+}
+
+extern "C" const char *quant_type_name(uint32_t type, char *buf, size_t n)
+{
+    return host->quant_type_name(type, buf, n);
+}
+
+extern "C" kiln_status quant_row_size(uint32_t type, uint64_t n, uint64_t *bytes, const char *what)
+{
+    return host->quant_row_size(type, n, bytes, what);
+}
 
 static const kb_cuda_plugin table = {
     KB_CUDA_PLUGIN_ABI,

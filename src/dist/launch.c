@@ -224,12 +224,45 @@ static int status_code(int status)
     return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
 }
 
+/* Whether every process mpirun started has ended (a zombie it has not
+ * reaped) while mpirun lives on: seen when a rank dies in MPI's own exit
+ * path.  False when it has no children or /proc cannot tell. */
+static bool ranks_all_ended(pid_t mpirun)
+{
+    char path[96], buf[4096];
+    snprintf(path, sizeof path, "/proc/%d/task/%d/children", (int)mpirun, (int)mpirun);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return false;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    int seen = 0;
+    for (char *p = buf, *end; *p; p = end) {
+        long pid = strtol(p, &end, 10);
+        if (end == p)
+            break;
+        snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+        FILE *st = fopen(path, "r");
+        char line[512] = "";
+        size_t k = st ? fread(line, 1, sizeof line - 1, st) : 0;
+        if (st)
+            fclose(st);
+        line[k] = '\0';
+        const char *paren = strrchr(line, ')');
+        if (!paren || paren[1] != ' ' || paren[2] != 'Z')
+            return false;
+        seen++;
+    }
+    return seen > 0;
+}
+
 /* Wait for every child, relaying rank 0's NCCL id, ending the others when
  * one fails; returns the exit status the launcher should end with. */
 static int supervise(child *ch, int n)
 {
     int alive = n, code = -1, rank0_code = 0;
-    double deadline = 0, kill_at = 0;
+    double deadline = 0, kill_at = 0, ended_since = 0;
     bool failed = false;
     uint8_t id[KB_COLL_ID_BYTES];
     while (alive > 0) {
@@ -293,6 +326,21 @@ static int supervise(child *ch, int n)
         if (pid < 0 && errno == ECHILD)
             break;
         double now = kiln_now_sec();
+        /* mpirun whose ranks are all gone: give it the exit grace, then end it */
+        if (n == 1 && ch[0].rank < 0 && ch[0].alive && !failed) {
+            if (!ranks_all_ended(ch[0].pid))
+                ended_since = 0;
+            else if (ended_since == 0)
+                ended_since = now;
+            else if (now - ended_since > KILN_TP_EXIT_GRACE_SEC) {
+                fprintf(stderr, "kiln: tensor parallel: every rank has ended but mpirun has not "
+                        "for %.0f s; ending it\n", KILN_TP_EXIT_GRACE_SEC);
+                failed = true;
+                code = 1;
+                kill(ch[0].pid, SIGTERM);
+                kill_at = now + KILN_TP_KILL_GRACE_SEC;
+            }
+        }
         if (deadline > 0 && now > deadline && !failed && alive > 0) {
             fprintf(stderr, "kiln: tensor parallel: rank 0 ended %.0f s ago but %d rank%s did "
                     "not; ending %s\n", KILN_TP_EXIT_GRACE_SEC, alive, alive == 1 ? "" : "s",

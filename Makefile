@@ -48,12 +48,24 @@ LDLIBS    := -ljansson -lpcre2-8 -lutf8proc -lxxhash -lm -lpthread -ldl
 APP_LDLIBS := -lmicrohttpd -lcurl
 LDFLAGS   += -fopenmp $(SANFLAGS)
 
+# MPI (OpenMPI, from scripts/setup.sh): CPU ranks of tensor parallelism and
+# ranks started by mpirun (src/dist).  Found through pkg-config; MPI=0
+# builds without it, and kiln then refuses CPU tensor parallelism.
+ifeq ($(origin MPI),undefined)
+MPI       := $(if $(shell pkg-config --exists ompi-c 2>/dev/null && echo 1),1,0)
+endif
+ifeq ($(MPI),1)
+CFLAGS    += -DKILN_HAVE_MPI $(shell pkg-config --cflags ompi-c)
+LDLIBS    += $(shell pkg-config --libs ompi-c)
+endif
+
 # The CUDA backend is a shared object of its own (src/backend/plugin.h):
 # libkiln links none of the CUDA libraries and loads it on the first request
 # for a CUDA device.  It carries copies of the pure helpers it calls.
 ifeq ($(CUDA),1)
 CFLAGS    += -DKILN_HAVE_CUDA -DKILN_CUDA_PLUGIN_DIR='"$(abspath $(BUILD))"'
-NVCCFLAGS ?= -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-fvisibility=hidden,-Wall,-Werror -Iinclude -Isrc
+NVCCFLAGS ?= -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-fvisibility=hidden,-Wall,-Werror -Iinclude -Isrc \
+             -DKCU_NCCL_FALLBACK='"$(CUDA_HOME)/lib64/libnccl.so.2"'
 CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lcublasLt -lstdc++
 CU_SRC    := $(sort $(shell find src -name '*.cu'))
 CUDA_PLUGIN := $(BUILD)/libkiln-cuda.so

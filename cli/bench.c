@@ -129,7 +129,8 @@ static void bench_usage(FILE *f)
                "  -n N       tokens each request generates (default 128; 0 skips it)\n"
                "  -b B,...   requests decoding at once, one figure per value (default 1)\n"
                "  --reps R   runs per figure, median reported (default 3)\n"
-               "  --json     one JSON object instead of the table\n\n"
+               "  --json     one JSON object instead of the table\n"
+               CLI_TP_USAGE "\n"
                "Generation also reports the bandwidth it achieved (weights once per step plus\n"
                "the K/V read) against a device-to-device copy measured in the same run, and\n"
                "every figure its share of the roofline (bytes / copy rate or FLOPs / matrix\n"
@@ -191,69 +192,9 @@ static double pct(double got, double roof)
     return roof > 0 ? 100.0 * got / roof : 0.0;
 }
 
-int cmd_bench(int argc, char **argv)
+/* Load the model, run the benchmark, print it; the exit status. */
+static int bench_model(run_opts o, bench_cfg c)
 {
-    if (argc > 1 && !strcmp(argv[1], "load"))
-        return cmd_bench_load(argc - 1, argv + 1);
-    if (argc > 1 && !strcmp(argv[1], "workload"))
-        return cmd_bench_workload(argc - 1, argv + 1);
-    if (argc > 1 && !strcmp(argv[1], "mixed"))
-        return cmd_bench_mixed(argc - 1, argv + 1);
-    run_opts o;
-    cli_opts_default(&o);
-    bench_cfg c = {.pp = 512, .tg = 128, .batch = {1}, .n_batch = 1, .reps = 3};
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        long long v;
-        if (!strcmp(a, "-b")) {
-            if (i + 1 >= argc) {
-                fprintf(stderr, "kiln: bench: -b needs a value\n");
-                return 2;
-            }
-            if (!parse_batches(argv[++i], c.batch, &c.n_batch))
-                return 2;
-            continue;
-        }
-        if ((!strcmp(a, "-p") || !strcmp(a, "-n") || !strcmp(a, "--reps"))) {
-            if (i + 1 >= argc) {
-                fprintf(stderr, "kiln: bench: %s needs a value\n", a);
-                return 2;
-            }
-            long long lo = !strcmp(a, "--reps") ? 1 : 0;
-            long long hi = !strcmp(a, "--reps") ? MAX_REPS : 1 << 20;
-            if (!cli_parse_int(a, argv[++i], lo, hi, &v))
-                return 2;
-            if (!strcmp(a, "-p"))
-                c.pp = (int)v;
-            else if (!strcmp(a, "-n"))
-                c.tg = (int)v;
-            else
-                c.reps = (int)v;
-            continue;
-        }
-        if (!strcmp(a, "--json")) {
-            c.json = true;
-            continue;
-        }
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            bench_usage(stdout);
-            return 0;
-        }
-        int r = cli_parse_common(&o, argc, argv, &i);
-        if (r < 0)
-            return 2;
-        if (r == 0) {
-            fprintf(stderr, "kiln: bench: unknown option '%s'\n", a);
-            bench_usage(stderr);
-            return 2;
-        }
-    }
-    if (!o.model) {
-        fprintf(stderr, "kiln: bench: -m MODEL is required\n");
-        return 2;
-    }
-    if (!cli_check_opts(&o, "bench"))
-        return 2;
     double load_sec;
     kiln_model *m = cli_load_model(&o, &load_sec);
     if (!m)
@@ -395,4 +336,75 @@ int cmd_bench(int argc, char **argv)
     kiln_engine_free(e);
     kiln_model_free(m);
     return ok ? 0 : 1;
+}
+
+int cmd_bench(int argc, char **argv)
+{
+    if (argc > 1 && !strcmp(argv[1], "load"))
+        return cmd_bench_load(argc - 1, argv + 1);
+    if (argc > 1 && !strcmp(argv[1], "workload"))
+        return cmd_bench_workload(argc - 1, argv + 1);
+    if (argc > 1 && !strcmp(argv[1], "mixed"))
+        return cmd_bench_mixed(argc - 1, argv + 1);
+    run_opts o;
+    cli_opts_default(&o);
+    bench_cfg c = {.pp = 512, .tg = 128, .batch = {1}, .n_batch = 1, .reps = 3};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        long long v;
+        if (!strcmp(a, "-b")) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "kiln: bench: -b needs a value\n");
+                return 2;
+            }
+            if (!parse_batches(argv[++i], c.batch, &c.n_batch))
+                return 2;
+            continue;
+        }
+        if ((!strcmp(a, "-p") || !strcmp(a, "-n") || !strcmp(a, "--reps"))) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "kiln: bench: %s needs a value\n", a);
+                return 2;
+            }
+            long long lo = !strcmp(a, "--reps") ? 1 : 0;
+            long long hi = !strcmp(a, "--reps") ? MAX_REPS : 1 << 20;
+            if (!cli_parse_int(a, argv[++i], lo, hi, &v))
+                return 2;
+            if (!strcmp(a, "-p"))
+                c.pp = (int)v;
+            else if (!strcmp(a, "-n"))
+                c.tg = (int)v;
+            else
+                c.reps = (int)v;
+            continue;
+        }
+        if (!strcmp(a, "--json")) {
+            c.json = true;
+            continue;
+        }
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            bench_usage(stdout);
+            return 0;
+        }
+        int r = cli_parse_common(&o, argc, argv, &i);
+        if (r < 0)
+            return 2;
+        if (r == 0) {
+            fprintf(stderr, "kiln: bench: unknown option '%s'\n", a);
+            bench_usage(stderr);
+            return 2;
+        }
+    }
+    if (!o.model) {
+        fprintf(stderr, "kiln: bench: -m MODEL is required\n");
+        return 2;
+    }
+    if (!cli_check_opts(&o, "bench"))
+        return 2;
+    int rc;
+    if (cli_tp_begin(&o, "bench", &rc))
+        return rc;
+    rc = bench_model(o, c);
+    cli_tp_end(rc);
+    return rc;
 }

@@ -35,6 +35,7 @@ typedef struct run_opts {
     int ctx;                /* 0 = default */
     float gpu_mem_fraction; /* 0 = the engine's default */
     int eager;              /* no CUDA graphs */
+    int kv_f32;             /* F32 KV cache */
     const char *pd;         /* --pd: prefill/decode split, or NULL */
     const char *decode_pipeline; /* --decode-pipeline, or NULL */
     int fast_activations;   /* 8-bit activations in quantized matmuls */
@@ -43,9 +44,34 @@ typedef struct run_opts {
     int load_streams;       /* device loading: upload streams (0 = default) */
     int load_ring_mib;      /* device loading: pinned staging ring (0 = default) */
     int load_threads;       /* device loading: read / convert workers (0 = auto) */
+    int tp;                 /* --tp: tensor-parallel ranks (1 = none) */
+    float tp_timeout;       /* --tp-timeout: seconds (0 = the default) */
+    int tp_comm;            /* --tp-comm: --tp 1 through the communicator */
+    bool quiet_load;        /* no progress bar (ranks other than 0) */
 } run_opts;
 
 /* The defaults; the seed is a fresh one each run (see fresh_seed). */
+/* The whole command line (main.c): tensor parallelism runs it again for
+ * each rank. */
+extern int cli_argc;
+extern char **cli_argv;
+
+/* Tensor parallelism for a model command (tp.c), after its options are
+ * parsed: true when the command is over here with *rc its exit status (this
+ * process launched the ranks, or was a rank other than 0 and has followed
+ * rank 0 to the end, or --tp was refused); false: go on as usual (rank 0,
+ * or no tensor parallelism), and call cli_tp_end(rc) before returning. */
+bool cli_tp_begin(run_opts *o, const char *cmd, int *rc);
+/* The --tp options' help lines. */
+#define CLI_TP_USAGE                                                                          \
+    "  --tp N                   tensor parallel over N ranks (started here, or by mpirun\n"   \
+    "                           -np N): CPU ranks over MPI, GPU ranks (cuda:K..K+N-1)\n"      \
+    "                           over NCCL\n"                                                  \
+    "  --tp-timeout SEC         a step or a silence of rank 0 longer than this ends every\n"  \
+    "                           rank (default 300)\n"                                         \
+    "  --tp-comm                --tp 1 through the communicator all the same (its cost)\n"
+void cli_tp_end(int rc);
+
 void cli_opts_default(run_opts *o);
 /* 1: argv[*i] was a common option (consumed with its value), 0: not one,
  * -1: a bad value (message printed). */

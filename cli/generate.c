@@ -13,6 +13,7 @@
  * sampled run, so it can be repeated) go to stderr, so stdout holds only
  * what was asked for.
  */
+#include <errno.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -52,6 +53,7 @@ static uint64_t fresh_seed(void)
 void cli_opts_default(run_opts *o)
 {
     memset(o, 0, sizeof *o);
+    o->tp = 1;
     kiln_sampling_default(&o->sampling);
     o->sampling.max_tokens = DEFAULT_MAX_TOKENS;
     o->sampling.seed = fresh_seed();
@@ -86,6 +88,8 @@ static const num_opt num_opts[] = {
     {"--load-streams", NULL, 1, KILN_MAX_LOAD_STREAMS, offsetof(run_opts, load_streams), false},
     {"--load-ring", NULL, 1, 1 << 20, offsetof(run_opts, load_ring_mib), false},
     {"--load-threads", NULL, 1, 64, offsetof(run_opts, load_threads), false},
+    {"--tp", NULL, 1, 64, offsetof(run_opts, tp), false},
+    {"--tp-timeout", NULL, 1, 86400, offsetof(run_opts, tp_timeout), true},
 };
 
 /* Options every model command takes.  Returns 1 when argv[*i] was one of
@@ -141,6 +145,10 @@ int cli_parse_common(run_opts *o, int argc, char **argv, int *i)
         o->decode_pipeline = VALUE();
     } else if (!strcmp(a, "--eager")) {
         o->eager = 1;
+    } else if (!strcmp(a, "--kv-f32")) {
+        o->kv_f32 = 1;
+    } else if (!strcmp(a, "--tp-comm")) {
+        o->tp_comm = 1;
     } else if (!strcmp(a, "--fast-activations")) {
         o->fast_activations = 1;
     } else if (!strcmp(a, "--deterministic")) {
@@ -197,12 +205,27 @@ kiln_model *cli_load_model(const run_opts *o, double *load_sec)
     mp.load_ring_bytes = (uint64_t)o->load_ring_mib << 20;
     mp.load_threads = o->load_threads;
     mp.fast_activations = o->fast_activations;
+    kiln_tp_info tpi;
+    kiln_tp_get_info(&tpi);
+    if ((o->tp > 1 || o->tp_comm) && !tpi.active) {
+        fprintf(stderr, "kiln: --tp: this command does not run tensor parallel (generate, "
+                "bench and serve do)\n");
+        return NULL;
+    }
+    char tp_dev[64];
+    kiln_status st = kiln_tp_model_params(&mp, tp_dev, sizeof tp_dev);
+    if (st != KILN_OK) {
+        cli_report(o->model, st);
+        return NULL;
+    }
     kiln_progress bar = {0};
-    mp.progress = progress_cb;
-    mp.progress_user = &bar;
+    if (!o->quiet_load) {
+        mp.progress = progress_cb;
+        mp.progress_user = &bar;
+    }
     double t0 = kiln_now_sec();
     kiln_model *m = NULL;
-    kiln_status st = kiln_model_load(o->model, &mp, &m);
+    st = kiln_model_load(o->model, &mp, &m);
     if (bar.total)
         kiln_progress_finish(&bar);
     if (st != KILN_OK) {
@@ -222,6 +245,7 @@ kiln_engine *cli_make_engine(kiln_model *m, const run_opts *o, int max_seqs, int
     if (!o->ctx && ep.n_ctx > train)
         ep.n_ctx = train;
     ep.max_seqs = max_seqs;
+    ep.kv_f32 = o->kv_f32;
     if (o->gpu_mem_fraction > 0)
         ep.gpu_mem_fraction = o->gpu_mem_fraction;
     ep.eager = o->eager;
@@ -299,11 +323,19 @@ typedef struct gen_state {
     bool keep_tokens;   /* record every token (--logprobs, --json) */
     gen_token *toks;    /* (n_toks) */
     size_t n_toks, cap_toks;
+    FILE *logprobs_out; /* --logprobs-out, or NULL */
 } gen_state;
 
 static void gen_on_token(const kiln_token_event *ev, void *user)
 {
     gen_state *g = user;
+    if (g->logprobs_out && ev->token >= 0) {
+        /* one line a token: id, log-probability, then the best alternatives */
+        fprintf(g->logprobs_out, "%d %.9g", ev->token, (double)ev->logprob);
+        for (int i = 0; i < ev->n_logprobs; i++)
+            fprintf(g->logprobs_out, " %d:%.9g", ev->top_ids[i], (double)ev->top_logprobs[i]);
+        fputc('\n', g->logprobs_out);
+    }
     if (g->echo && ev->text_len) {
         fwrite(ev->text, 1, ev->text_len, stdout);
         fflush(stdout);
@@ -522,11 +554,15 @@ static void generate_usage(FILE *f)
             "                           its logprob (and --logprobs N alternatives)\n"
             "  -c, --ctx N              context length (default: min(model, %d))\n"
             "  --truncate               drop the start of a prompt that does not fit\n"
+            "  --logprobs-out FILE      write each generated token's id and log-probability\n"
+            "                           and its %d best alternatives (id:logprob), a line\n"
+            "                           a token\n"
             "  -t, --threads N          CPU threads (default: all cores)\n"
             "  --device DEV             cpu (default), cuda, cuda:N\n"
             "  --gpu-mem-fraction F     GPU memory kiln may use, the KV cache taking what\n"
             "                           weights and scratch leave (default 0.90)\n"
             "  --eager                  GPU: no CUDA graphs for decode steps\n"
+            "  --kv-f32                 keep the KV cache in F32 (default F16)\n"
             "  --pd prefill=DEV,decode=DEV\n"
             "                           prefill and decode in two engines, KV handed over\n"
             "                           layer by layer (DEV: cpu, cuda:N, cuda:N@sm=M,\n"
@@ -543,8 +579,10 @@ static void generate_usage(FILE *f)
             "  --load-ring MIB          GPU loading: bound on the pinned staging memory\n"
             "                           (default 512; 80 are used at the defaults)\n"
             "  --load-threads N         GPU loading: read / convert threads (default:\n"
-            "                           min(cores, 12))\n",
-            DEFAULT_MAX_TOKENS, KILN_MAX_STOP, KILN_MAX_LOGPROBS, DEFAULT_CPU_CTX);
+            "                           min(cores, 12))\n"
+            "%s",
+            DEFAULT_MAX_TOKENS, KILN_MAX_STOP, KILN_MAX_LOGPROBS, DEFAULT_CPU_CTX,
+            KILN_MAX_LOGPROBS, CLI_TP_USAGE);
 }
 
 /* The prompt's bytes and length: -p TEXT, -p - (standard input) or -f FILE. */
@@ -592,7 +630,7 @@ int cmd_generate(int argc, char **argv)
 {
     run_opts o;
     cli_opts_default(&o);
-    const char *prompt_arg = NULL, *prompt_file = NULL;
+    const char *prompt_arg = NULL, *prompt_file = NULL, *logprobs_path = NULL;
     bool chat = false, truncate = false, json = false;
     for (int i = 1; i < argc; i++) {
         int r = cli_parse_common(&o, argc, argv, &i);
@@ -616,6 +654,8 @@ int cmd_generate(int argc, char **argv)
             chat = true;
         } else if (!strcmp(a, "--truncate")) {
             truncate = true;
+        } else if (!strcmp(a, "--logprobs-out") && i + 1 < argc) {
+            logprobs_path = argv[++i];
         } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             generate_usage(stdout);
             return 0;
@@ -647,11 +687,26 @@ int cmd_generate(int argc, char **argv)
     }
 
     int rc = 1;
+    if (cli_tp_begin(&o, "generate", &rc)) {
+        kiln_free(prompt);
+        return rc;
+    }
+    rc = 1;
     double load_sec = 0;
     kiln_engine *e = NULL;
     kiln_tokens toks = {0};
     gen_state g = {.echo = !json, .keep_tokens = json || o.sampling.n_logprobs > 0};
-    kiln_model *m = cli_load_model(&o, &load_sec);
+    kiln_model *m = NULL;
+    if (logprobs_path) {
+        if (!(g.logprobs_out = fopen(logprobs_path, "w"))) {
+            fprintf(stderr, "kiln: generate: cannot write %s: %s\n", logprobs_path,
+                    strerror(errno));
+            goto out;
+        }
+        if (o.sampling.n_logprobs < KILN_MAX_LOGPROBS)
+            o.sampling.n_logprobs = KILN_MAX_LOGPROBS;
+    }
+    m = cli_load_model(&o, &load_sec);
     if (!m)
         goto out;
     const kiln_tokenizer *tok = kiln_model_tokenizer(m);
@@ -707,11 +762,16 @@ int cmd_generate(int argc, char **argv)
         rc = 1;
     }
 out:
+    if (g.logprobs_out && fclose(g.logprobs_out) != 0 && rc == 0) {
+        fprintf(stderr, "kiln: generate: cannot write %s\n", logprobs_path);
+        rc = 1;
+    }
     kiln_text_free(&g.reply.text);
     kiln_free(g.toks);
     kiln_tokens_free(&toks);
     kiln_engine_free(e);
     kiln_model_free(m);
     kiln_free(prompt);
+    cli_tp_end(rc);
     return rc;
 }

@@ -116,8 +116,13 @@ void cli_report(const char *what, kiln_status st)
     fprintf(stderr, "kiln: %s: %s\n", what, msg[0] ? msg : kiln_status_str(st));
 }
 
+int cli_argc;
+char **cli_argv;
+
 int main(int argc, char **argv)
 {
+    cli_argc = argc;
+    cli_argv = argv;
     if (argc < 2) {
         usage(stderr);
         return 2;

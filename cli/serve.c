@@ -55,7 +55,9 @@ static void serve_usage(FILE *f)
             "  --chat-template NAME      chatml, qwen2, qwen3, llama3, gemma\n"
             "  -t, --threads N           CPU threads (default: all cores)\n"
             "  --gpu-mem-fraction F, --eager, --fast-activations, --load-streams N,\n"
-            "  --load-ring MIB, --load-threads N   as for kiln generate\n\n"
+            "  --load-ring MIB, --load-threads N   as for kiln generate\n"
+            "  --tp N, --tp-timeout SEC  tensor parallel over N ranks, as for kiln generate\n"
+            "                            (across hosts: mpirun -np N kiln serve --tp N)\n\n"
             "Defaults for requests that leave a field out (else OpenAI's):\n"
             "  --temp T, --top-k K, --top-p P, --min-p P, --repeat-penalty X,\n"
             "  --presence-penalty X, --frequency-penalty X, --seed S, --stop TEXT,\n"
@@ -183,6 +185,9 @@ int cmd_serve(int argc, char **argv)
         serve_usage(stderr);
         return 2;
     }
+    int rc;
+    if (cli_tp_begin(&o, "serve", &rc))
+        return rc; /* the launcher, or a rank other than 0 that followed to the end */
     so.model_path = o.model;
     so.chat_template = o.chat_template;
     so.mp.device = o.device;
@@ -199,6 +204,13 @@ int cmd_serve(int argc, char **argv)
     so.default_max_tokens = o.sampling.max_tokens;
     so.defaults.max_tokens = 0;
     so.seed_given = seed_given;
+    char tp_dev[64];
+    kiln_status st = kiln_tp_model_params(&so.mp, tp_dev, sizeof tp_dev);
+    if (st != KILN_OK) {
+        cli_report("serve", st);
+        cli_tp_end(1);
+        return 1;
+    }
 
     /* every thread the server starts inherits this mask */
     sigset_t set;
@@ -209,9 +221,10 @@ int cmd_serve(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
 
     server *s = NULL;
-    kiln_status st = server_start(&so, &s);
+    st = server_start(&so, &s);
     if (st != KILN_OK) {
         cli_report("serve", st);
+        cli_tp_end(1);
         return 1;
     }
     fprintf(stderr, "kiln serve: listening on http://%s:%d (loading %s)\n", so.host,
@@ -226,6 +239,7 @@ int cmd_serve(int argc, char **argv)
             server_shutdown(s);
             server_free(s);
             fprintf(stderr, "kiln serve: stopped\n");
+            cli_tp_end(0);
             return 0;
         }
         server_state state = server_get_state(s);
@@ -235,6 +249,7 @@ int cmd_serve(int argc, char **argv)
         } else if (state == SERVER_FAILED) {
             fprintf(stderr, "kiln: serve: %s\n", server_error(s));
             server_free(s);
+            cli_tp_end(1);
             return 1;
         }
     }

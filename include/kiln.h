@@ -113,6 +113,13 @@ typedef struct kiln_model_params {
                                  per block, llama.cpp's way: faster on GPUs,
                                  slightly less accurate; default off = exact
                                  float32 */
+    /* Tensor parallel (see "Tensor parallel" below): load only the share
+     * of rank tp_rank of tp_size ranks (attention heads, FFN rows, output
+     * vocabulary); 0 or 1 = the whole model.  kiln_tp_init gives a process
+     * its rank.  Head counts that do not divide among the ranks are
+     * KILN_ERR_UNSUPPORTED naming them. */
+    int tp_size;
+    int tp_rank;
 } kiln_model_params;
 
 KILN_API void kiln_model_params_default(kiln_model_params *p);
@@ -447,6 +454,85 @@ typedef struct kiln_latency_stats {
 } kiln_latency_stats;
 
 KILN_API void kiln_engine_get_latency(kiln_engine *e, kiln_latency_stats *st);
+
+/* ------------------------------------------------------------------------
+ * Tensor parallel (docs/dist.md)
+ *
+ * A model runs on n ranks (processes), each holding 1/n of its attention
+ * heads, feed-forward rows and output vocabulary, on one device each: n
+ * GPUs, talking over NCCL, or n CPU processes, talking over MPI; across
+ * hosts the ranks come from mpirun.  Rank 0 runs the program (scheduler,
+ * sampling, output, HTTP); each of its engine's steps is sent to the other
+ * ranks, which follow it.  A program becomes tensor parallel in four calls:
+ *
+ *   kiln_tp_init(&params, &role, &code)        before loading; by role:
+ *     KILN_TP_LAUNCHER: the ranks were started from here and have ended:
+ *                       exit with `code` (nothing else to do)
+ *     KILN_TP_NONE, KILN_TP_LEADER: carry on as usual, and
+ *     KILN_TP_FOLLOWER: only load the model, then kiln_tp_follow
+ *   kiln_tp_model_params(&mp, buf, cap)        this rank's share and device
+ *   kiln_model_load(...)
+ *   leader: kiln_engine_create (it drives the group) ... ; follower:
+ *   kiln_tp_follow(model, &code) until rank 0 is done
+ *   kiln_tp_finalize(code)                     every role, at the end
+ *
+ * A rank that dies, or a collective that waits past the timeout, ends
+ * every rank with a message naming the rank where it can be known.
+ * ---------------------------------------------------------------------- */
+
+typedef enum kiln_tp_role {
+    KILN_TP_NONE = 0,    /* not tensor parallel */
+    KILN_TP_LEADER,      /* rank 0: run the program */
+    KILN_TP_FOLLOWER,    /* another rank: load the model, kiln_tp_follow */
+    KILN_TP_LAUNCHER,    /* started the ranks, which have ended: exit */
+} kiln_tp_role;
+
+typedef struct kiln_tp_params {
+    int n_ranks;              /* --tp N (1 = not tensor parallel) */
+    const char *device;       /* the model's device: "cpu" ranks talk over
+                                 MPI, "cuda[:K]" ranks over NCCL (rank r of
+                                 a host takes cuda:K+r) */
+    int argc;                 /* the program's command line: with no MPI */
+    char *const *argv;        /* launcher around it, n_ranks > 1 starts the
+                                 ranks by running it again (CPU: under
+                                 mpirun; GPU: directly) */
+    double timeout_sec;       /* a step, or rank 0's silence, longer than
+                                 this ends the group (0 = 300; the
+                                 KILN_TP_TIMEOUT environment variable wins) */
+    int comm_always;          /* n_ranks 1 through the communicator all the
+                                 same (what it costs: scripts/gpu/tp_bench.sh) */
+} kiln_tp_params;
+
+KILN_API void kiln_tp_params_default(kiln_tp_params *p);
+/* Join, or start, a group of p->n_ranks ranks (see above).  Under an MPI
+ * launcher the world's size must be n_ranks.  Bad values are
+ * KILN_ERR_INVALID_ARG naming them; a launcher's ranks that fail end it
+ * with *exit_code non-zero (and a message naming the rank). */
+KILN_API kiln_status kiln_tp_init(const kiln_tp_params *p, kiln_tp_role *role, int *exit_code);
+
+typedef struct kiln_tp_info {
+    int active;               /* this process is a rank of a group */
+    int rank, size;
+    int local_rank, local_size; /* among the ranks of this host */
+} kiln_tp_info;
+
+KILN_API void kiln_tp_get_info(kiln_tp_info *out);
+/* Set what this rank loads: mp->tp_size and tp_rank, its device (GPU rank
+ * r of a host: cuda:K+r, written to device_buf) and, on the CPU, its share
+ * of the host's cores when mp->n_threads is 0.  No-op outside a group. */
+KILN_API kiln_status kiln_tp_model_params(kiln_model_params *mp, char *device_buf, size_t cap);
+/* A rank other than 0: run rank 0's engines' steps on this rank's shard
+ * until rank 0 finishes (kiln_tp_finalize); *exit_code is rank 0's. */
+KILN_API kiln_status kiln_tp_follow(kiln_model *m, int *exit_code);
+/* Leave the group: rank 0 tells the others to end with exit_code, the
+ * communicators and MPI are closed.  After a failure it closes nothing
+ * that could wait on a dead rank: exit non-zero, and the launcher ends the
+ * rest.  No-op outside a group. */
+KILN_API void kiln_tp_finalize(int exit_code);
+/* Whether the model at path can run on n_ranks ranks (its head counts
+ * divide, its block-quantized columns cut between blocks), without loading
+ * it: KILN_OK, or KILN_ERR_UNSUPPORTED naming the counts or the tensor. */
+KILN_API kiln_status kiln_model_check_tp(const char *path, int n_ranks);
 
 /* ------------------------------------------------------------------------
  * Tokenizer

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 APT_PKGS=(gcc make pkg-config clang libclang-rt-14-dev libomp-dev
           libcmocka-dev libjansson-dev libpcre2-dev libutf8proc-dev
-          libxxhash-dev libmicrohttpd-dev
+          libxxhash-dev libmicrohttpd-dev openmpi-bin libopenmpi-dev
           # kiln eval: HTTP client for --endpoint, the report's plots and its
           # headless check, the sandbox's Python, the geospatial questions' facts
           libcurl4-openssl-dev gnuplot-nox chromium python3 tzdata

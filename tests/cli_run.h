@@ -9,10 +9,12 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdlib.h>
-#include <string.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -52,6 +54,15 @@ static bool capture_read(run_capture *c, int fd)
     c->len += keep;
     c->buf[c->len] = '\0';
     return true;
+}
+
+/* Everything fd holds until its end (cut at CLI_RUN_OUT_MAX), NUL-terminated. */
+static __attribute__((unused)) char *slurp_fd(int fd)
+{
+    run_capture c = {0};
+    while (capture_read(&c, fd))
+        ;
+    return c.buf ? c.buf : calloc(1, 1);
 }
 
 static int wait_status(pid_t pid)
@@ -147,6 +158,23 @@ static __attribute__((unused)) run_result cli_run(char *bin, const char *const *
                                                   rlim_t fsize_limit)
 {
     return cli_run_input(bin, args, NULL, 0, fsize_limit);
+}
+
+/* The path of `rel` beside this test's own binary (BUILD/tests/test_x with
+ * "../kiln" -> BUILD/tests/../kiln) into out; argv0 when /proc is absent. */
+static __attribute__((unused)) void cli_run_beside(const char *argv0, const char *rel, char *out,
+                                                   size_t cap)
+{
+    char self[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n <= 0)
+        snprintf(self, sizeof self, "%s", argv0);
+    else
+        self[n] = '\0';
+    char *slash = strrchr(self, '/');
+    if (slash)
+        *slash = '\0';
+    snprintf(out, cap, "%s/%s", self, rel);
 }
 
 static __attribute__((unused)) void run_free(run_result *r)

@@ -655,16 +655,7 @@ int main(int argc, char **argv)
 {
     (void)argc;
     /* BUILD/tests/test_cli -> BUILD/kiln */
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
-    if (n <= 0)
-        snprintf(self, sizeof self, "%s", argv[0]);
-    else
-        self[n] = '\0';
-    char *slash = strrchr(self, '/');
-    if (slash)
-        *slash = '\0';
-    snprintf(kiln_bin, sizeof kiln_bin, "%s/../kiln", self);
+    cli_run_beside(argv[0], "../kiln", kiln_bin, sizeof kiln_bin);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_inspect_corrupt_gguf),
         cmocka_unit_test(test_inspect_corrupt_safetensors),

@@ -1293,16 +1293,7 @@ int main(int argc, char **argv)
 {
     (void)argc;
     /* BUILD/tests/test_quantize -> BUILD/kiln */
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
-    if (n <= 0)
-        snprintf(self, sizeof self, "%s", argv[0]);
-    else
-        self[n] = '\0';
-    char *slash = strrchr(self, '/');
-    if (slash)
-        *slash = '\0';
-    snprintf(kiln_bin, sizeof kiln_bin, "%s/../kiln", self);
+    cli_run_beside(argv[0], "../kiln", kiln_bin, sizeof kiln_bin);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_writer_roundtrip),
         cmocka_unit_test(test_writer_misuse),

@@ -4,7 +4,9 @@
 # git): bin/ (kiln, the CUDA backend libkiln-cuda.so that kiln loads from
 # beside itself, the GPU tests, the bench programs) and lib/ (the shared
 # libraries the GPU machine's image lacks).  Built for x86-64-v3 so the
-# binaries run on any current x86 host; CUDA code for sm_90a.
+# binaries run on any current x86 host; CUDA code for sm_90a.  Built without
+# MPI (MPI=0): the GPU machine has no OpenMPI, and GPU ranks of one host
+# (kiln --tp N --device cuda) need none; NCCL is the machine's own.
 #
 # Each binary carries the CUDA kernels (~12 MB), so OUT_DIR/kiln-bin.tar.xz
 # holds bin/ and lib/ compressed (~15 MB) for the trip:
@@ -14,7 +16,7 @@
 set -euo pipefail
 out=${1:-.dev}
 build=${BUILD_DEV:-build/dev}
-make -s -j"$(nproc)" BUILD="$build" ARCH=-march=x86-64-v3 CUDA=1 all tests >/dev/null
+make -s -j"$(nproc)" BUILD="$build" ARCH=-march=x86-64-v3 CUDA=1 MPI=0 all tests >/dev/null
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/lib"
 cp "$build/kiln" "$build/libkiln-cuda.so" "$out/bin/"

@@ -30,6 +30,7 @@
 typedef struct kb_backend kb_backend; /* an execution context (below) */
 typedef struct kb_device kb_device;   /* a device (below) */
 typedef struct kb_event kb_event; /* see "Asynchronous transfers and events" */
+typedef struct kb_coll kb_coll;   /* a collective group's end (kb_device_ops) */
 
 /* A weight matrix or vector in its storage format. */
 typedef struct kb_weight {
@@ -162,6 +163,11 @@ typedef struct kb_ops {
     kiln_status (*sync)(kb_backend *be);
     /* Device-to-device copy of n bytes, in stream order. */
     void (*copy)(kb_backend *be, void *dst, const void *src, size_t n);
+    /* Device-to-device copy of `rows` rows of `width` bytes, row r from
+     * src + r * src_pitch to dst + r * dst_pitch, in stream order (the
+     * tensor-parallel logits: each rank's slice of every row put in place). */
+    void (*copy_2d)(kb_backend *be, void *dst, size_t dst_pitch, const void *src,
+                    size_t src_pitch, size_t width, size_t rows);
     /* Copy the host batch into the backend's persistent batch buffers and
      * return the device view (valid until the next batch_upload).  A
      * host-memory backend (CPU) returns `host` itself: the caller keeps it
@@ -353,7 +359,47 @@ typedef struct kb_device_ops {
     kiln_status (*wait_event)(kb_backend *ctx, kb_event *ev);
     /* Free the device's own state (its contexts are gone by then). */
     void (*destroy)(kb_device *d);
+
+    /* --- collectives over device memory (tensor parallel; NCCL on CUDA).
+     * NULL on the CPU, whose ranks dist/ joins through MPI on host memory.
+     * A kb_coll is one rank's end of a group of n_ranks devices (one per
+     * process or per device); every rank issues the same collectives in
+     * the same order.  The ops enqueue on ctx's stream and return at once
+     * (a CUDA graph being captured on ctx records them); coll_wait is
+     * where a dead or hung peer shows: it waits for ctx's work while
+     * polling the group's asynchronous error, and past its timeout aborts
+     * the group so that nothing stays blocked.  After any failure the
+     * group is unusable (coll_free only). */
+    /* A new group id (KB_COLL_ID_BYTES bytes), made by the rank that every
+     * other rank then receives it from; the making process must live while
+     * the group forms. */
+    kiln_status (*coll_id)(kb_device *d, void *id);
+    /* Join the group `id` as `rank` of n_ranks, waiting at most timeout_sec
+     * for every rank to join. */
+    kiln_status (*coll_create)(kb_device *d, const void *id, int n_ranks, int rank,
+                               double timeout_sec, kb_coll **out);
+    /* Leave the group (abort it when it failed or ops are pending); NULL is
+     * a no-op. */
+    void (*coll_free)(kb_coll *c);
+    /* buf (n floats) = the sum over ranks of buf, in place. */
+    kiln_status (*coll_all_reduce)(kb_backend *ctx, kb_coll *c, float *buf, size_t n);
+    /* out (n_ranks * bytes) = every rank's `in` (bytes), in rank order. */
+    kiln_status (*coll_all_gather)(kb_backend *ctx, kb_coll *c, const void *in, void *out,
+                                   size_t bytes);
+    /* buf (bytes) of `root` to every rank. */
+    kiln_status (*coll_broadcast)(kb_backend *ctx, kb_coll *c, void *buf, size_t bytes,
+                                  int root);
+    kiln_status (*coll_send)(kb_backend *ctx, kb_coll *c, const void *buf, size_t bytes,
+                             int peer);
+    kiln_status (*coll_recv)(kb_backend *ctx, kb_coll *c, void *buf, size_t bytes, int peer);
+    /* Wait until everything enqueued on ctx so far has run, polling the
+     * group's error; a failure, or more than timeout_sec, aborts the group
+     * and fails naming what happened. */
+    kiln_status (*coll_wait)(kb_backend *ctx, kb_coll *c, double timeout_sec);
 } kb_device_ops;
+
+/* Bytes of a collective group's id (NCCL_UNIQUE_ID_BYTES). */
+#define KB_COLL_ID_BYTES 128
 
 struct kb_device {
     const kb_device_ops *ops;

@@ -25,6 +25,7 @@
 #include <time.h>
 
 #include "engine/engine.h"
+#include "dist/tp.h"
 
 #define ENGINE_PIECE_INIT 256 /* bytes of the token-text scratch at start */
 #define ENGINE_PD_IDLE_NS 50000000L /* a split's idle engine rechecks its queues */
@@ -263,6 +264,10 @@ kiln_status kiln_engine_create(kiln_model *m, const kiln_engine_params *p,
         *out = NULL;
     if (!m || !out)
         return KILN_FAIL(KILN_ERR_INVALID_ARG, "kiln_engine_create: model and out are required");
+    bool tp = dist_group_get()->active;
+    if (tp && p && ((p->pd && *p->pd) || (p->decode_pipeline && *p->decode_pipeline)))
+        return KILN_FAIL(KILN_ERR_UNSUPPORTED, "tensor parallel with %s: not supported (one "
+                         "or the other)", p->pd && *p->pd ? "--pd" : "--decode-pipeline");
     if (p && p->pd && *p->pd)
         return engine_pd_create(m, p, out);
     model_runner_opts o = {.sm_count = MODEL_RUNNER_SM_OF_MODEL};
@@ -270,8 +275,9 @@ kiln_status kiln_engine_create(kiln_model *m, const kiln_engine_params *p,
     if (p && p->decode_pipeline && *p->decode_pipeline &&
         (st = kb_sm_pair_parse(p->decode_pipeline, &o.pipe_attn_sm, &o.pipe_ffn_sm)))
         return st;
+    /* in a tensor-parallel group rank 0's engine drives every rank */
     model_runner r;
-    st = model_runner_create(m, &o, &r);
+    st = tp ? dist_tp_runner_create(m, &r) : model_runner_create(m, &o, &r);
     if (st)
         return st;
     return engine_create_with_runner(&r, p, out);

@@ -76,6 +76,11 @@ typedef struct ld_job {
     int64_t row_elems;    /* elements of one row (n_in) */
     void *dst;            /* (dst_bytes) device memory */
     uint64_t dst_bytes;
+    /* A column slice (tensor parallel): the job's rows are row_take bytes
+     * each, row_pitch apart in the source, the first at offset (host);
+     * src_bytes = rows * row_take.  row_pitch 0: the bytes are contiguous. */
+    uint64_t row_pitch;
+    uint64_t row_take;
 } ld_job;
 
 /* Shared between a running load and whoever watches it (any thread). */

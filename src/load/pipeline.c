@@ -212,7 +212,8 @@ static kiln_status plan(ld_pipe *pp)
                 pc.dst_off = done / src_row * dst_row;
                 pc.dst_len = n * dst_row;
             } else {
-                uint64_t head = j->file >= 0 ? (j->offset + done) % LD_ALIGN : 0;
+                /* a strided job is gathered row by row, never read whole */
+                uint64_t head = j->file >= 0 && !j->row_pitch ? (j->offset + done) % LD_ALIGN : 0;
                 uint64_t avail = space > head ? (space - head) / granule * granule : 0;
                 uint64_t n;
                 if (avail >= left)
@@ -354,14 +355,42 @@ static kiln_status short_read(ld_pipe *pp, const ld_job *j, uint64_t off, uint64
                      (unsigned long long)off);
 }
 
-/* Drop the whole pages of [p, p + n) of a file mapping from this process
- * (they stay in the page cache), so mmap reads do not grow the resident set
- * beyond the ring. */
-static void drop_mapped(const uint8_t *p, uint64_t n)
+/* mmap reads do not grow the resident set beyond the ring. */
+static void drop_mapped(const uint8_t *p, uint64_t n) { kiln_map_drop(p, (size_t)n); }
+
+/* The n bytes at src_off of a strided job (ld_job.row_pitch), gathered
+ * row piece by row piece into buf: from the mapping or host memory, else
+ * by pread (its files are never opened with O_DIRECT, see open_files). */
+static kiln_status read_strided(ld_worker *w, const ld_job *j, uint64_t src_off, uint64_t n,
+                                uint8_t *buf, uint64_t allowed)
 {
-    uintptr_t a = align_up((uintptr_t)p, LD_ALIGN), e = ((uintptr_t)p + n) / LD_ALIGN * LD_ALIGN;
-    if (e > a)
-        madvise((void *)a, e - a, MADV_DONTNEED);
+    ld_pipe *pp = w->pp;
+    bool from_map = j->file < 0 || pp->p->io == KILN_LOAD_IO_MMAP;
+    for (uint64_t done = 0; done < n;) {
+        uint64_t at = src_off + done, r = at / j->row_take, in = at % j->row_take;
+        uint64_t seg = j->row_take - in < n - done ? j->row_take - in : n - done;
+        uint64_t off = j->offset + r * j->row_pitch + in;
+        if (done + seg > allowed)
+            return short_read(pp, j, off, seg, allowed > done ? allowed - done : 0);
+        if (j->file < 0) {
+            memcpy(buf + done, (const uint8_t *)j->host + r * j->row_pitch + in, seg);
+        } else if (from_map) {
+            const ld_file *f = &pp->files[j->file];
+            if (!f->map || off + seg > f->size)
+                return short_read(pp, j, off, seg, 0);
+            memcpy(buf + done, f->map + off, seg);
+        } else {
+            int64_t got = pread_full(pp->fds[j->file], buf + done, seg, off);
+            if (got < 0)
+                return KILN_FAIL(KILN_ERR_IO, "tensor %s: cannot read %s at offset %llu: %s",
+                                 j->name, pp->files[j->file].path, (unsigned long long)off,
+                                 strerror(errno));
+            if ((uint64_t)got < seg)
+                return short_read(pp, j, off, seg, (uint64_t)got);
+        }
+        done += seg;
+    }
+    return KILN_OK;
 }
 
 /* Make the n source bytes at src_off of job j available at *data.  Host
@@ -377,7 +406,13 @@ static kiln_status read_bytes(ld_worker *w, const ld_job *j, uint64_t src_off, u
     uint64_t allowed = hk && hk->read ? hk->read(hk->user, j, src_off, n) : n;
     double t = kiln_now_sec();
     kiln_status st = KILN_OK;
-    if (j->file < 0 || pp->p->io == KILN_LOAD_IO_MMAP) {
+    if (j->row_pitch) {
+        if (n > cap)
+            st = KILN_FAIL(KILN_ERR_INTERNAL, "tensor %s: read of %llu bytes into %llu",
+                           j->name, (unsigned long long)n, (unsigned long long)cap);
+        else if ((st = read_strided(w, j, src_off, n, buf, allowed)) == KILN_OK)
+            *data = buf;
+    } else if (j->file < 0 || pp->p->io == KILN_LOAD_IO_MMAP) {
         const uint8_t *src = j->file < 0 ? (const uint8_t *)j->host + src_off
                                          : pp->files[j->file].map + j->offset + src_off;
         if (j->file >= 0 && (!pp->files[j->file].map ||
@@ -465,7 +500,7 @@ static kiln_status fill_converted(ld_worker *w, const ld_piece *pc, uint8_t *slo
     if (chunk_rows == 0)
         return KILN_FAIL(KILN_ERR_INTERNAL, "tensor %s: conversion buffer below one row", j->name);
     uint8_t *out = slot + pc->slot_off;
-    bool zero_copy = j->file < 0 || pp->p->io == KILN_LOAD_IO_MMAP;
+    bool zero_copy = (j->file < 0 || pp->p->io == KILN_LOAD_IO_MMAP) && !j->row_pitch;
     for (uint64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
         uint64_t n = rows - r0 < chunk_rows ? rows - r0 : chunk_rows;
         const uint8_t *src = NULL;
@@ -697,7 +732,11 @@ static kiln_status open_files(ld_pipe *pp, ld_stats *stats)
     for (int i = 0; i < pp->n_files; i++) {
         const char *path = pp->files[i].path;
         int fd = -1;
-        if (pp->p->io == KILN_LOAD_IO_DIRECT) {
+        /* strided jobs read pieces of rows at any offset: not O_DIRECT */
+        bool strided = false;
+        for (size_t k = 0; k < pp->n_jobs && !strided; k++)
+            strided = pp->jobs[k].file == i && pp->jobs[k].row_pitch;
+        if (pp->p->io == KILN_LOAD_IO_DIRECT && !strided) {
             fd = open(path, O_RDONLY | O_CLOEXEC | O_DIRECT);
             if (fd >= 0)
                 pp->direct[i] = true;

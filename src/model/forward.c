@@ -22,6 +22,10 @@ kiln_status model_scratch_init(model *m, kb_backend *ctx, model_scratch *s, int 
     s->max_tokens = max_tokens;
     s->max_out = max_out;
     size_t T = (size_t)max_tokens, O = (size_t)max_out;
+    /* a sharded model computes its slice of each logits row, then gathers
+     * every rank's (sharded_logits) */
+    const model_shard *sh = &m->shard;
+    size_t part = sh->n_ranks > 1 ? O * (size_t)sh->vocab_pad : 0;
     struct {
         float **p;
         size_t n;
@@ -37,9 +41,13 @@ kiln_status model_scratch_init(model *m, kb_backend *ctx, model_scratch *s, int 
         {&s->up, T * hp->n_ff, "FFN up"},
         {&s->out_x, O * hp->n_embd, "output rows"},
         {&s->logits, O * hp->n_vocab, "logits"},
+        {&s->logits_part, part, "this rank's logits"},
+        {&s->gathered, part * (size_t)sh->n_ranks, "gathered logits"},
     };
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
         size_t bytes;
+        if (bufs[i].n == 0) /* the whole model's slice buffers */
+            continue;
         if (!ck_mul(bufs[i].n, sizeof(float), &bytes)) {
             model_scratch_free(m, s);
             return KILN_FAIL(KILN_ERR_RANGE, "scratch for %s overflows", bufs[i].what);
@@ -56,7 +64,7 @@ kiln_status model_scratch_init(model *m, kb_backend *ctx, model_scratch *s, int 
 void model_scratch_free(model *m, model_scratch *s)
 {
     float **all[] = {&s->x, &s->xb, &s->q, &s->k, &s->v, &s->attn,
-                     &s->gate, &s->up, &s->out_x, &s->logits};
+                     &s->gate, &s->up, &s->out_x, &s->logits, &s->logits_part, &s->gathered};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         if (*all[i])
             s->be->ops->free(s->be, *all[i]);
@@ -113,6 +121,26 @@ kiln_status model_backend_reserve(model *m, kb_backend *ctx, int max_tokens, int
         .deterministic = deterministic,
     };
     return be->ops->reserve(be, &rs);
+}
+
+/* logits (rows, n_vocab) of a sharded model: this rank's vocabulary rows,
+ * every rank's gathered (rank r's (rows, its vocab_rows) at r * rows *
+ * vocab_pad floats), each put in its columns of the logits rows. */
+static void sharded_logits(model *m, kb_backend *be, model_scratch *s, int rows)
+{
+    const model_shard *sh = &m->shard;
+    const kb_ops *op = be->ops;
+    const size_t V = (size_t)m->hp.n_vocab, pad = (size_t)sh->vocab_pad;
+    op->matmul(be, s->logits_part, s->out_x, &m->output, NULL, rows);
+    s->tp->all_gather(s->tp->user, be, s->logits_part, s->gathered,
+                      (size_t)rows * pad * sizeof(float));
+    for (int r = 0; r < sh->n_ranks; r++) {
+        size_t begin = (size_t)r * pad;
+        size_t cols = V - begin < pad ? V - begin : pad;
+        op->copy_2d(be, s->logits + begin, V * sizeof(float),
+                    s->gathered + (size_t)r * (size_t)rows * pad, cols * sizeof(float),
+                    cols * sizeof(float), (size_t)rows);
+    }
 }
 
 /* The forward pass in pieces (model.h): the embedding, each layer's
@@ -180,6 +208,8 @@ void model_forward_attn(model *m, kb_backend *be, kb_kv *kv, model_scratch *s,
     };
     op->attention(be, s->attn, s->q, kv, il, b, &a);
     op->matmul(be, s->xb, s->attn, &L->wo, NULL, n);
+    if (s->tp) /* each rank's heads gave a partial sum */
+        s->tp->all_reduce(s->tp->user, be, s->xb, (size_t)n * E);
     if (hp->sandwich_norm)
         op->rmsnorm(be, s->xb, s->xb, &L->post_attn_norm, n, E, hp->rms_eps);
     add_then_norm(be, s->xb, s->x, s->xb, &L->ffn_norm, n, E, hp->rms_eps);
@@ -202,6 +232,8 @@ void model_forward_ffn(model *m, kb_backend *be, model_scratch *s, const kb_batc
         op->glu(be, s->gate, s->gate, s->up, n, hp->n_ff, hp->act);
         op->matmul(be, s->xb, s->gate, &L->w_down, NULL, n);
     }
+    if (s->tp) /* each rank's FFN rows gave a partial sum */
+        s->tp->all_reduce(s->tp->user, be, s->xb, (size_t)n * E);
     if (hp->sandwich_norm)
         op->rmsnorm(be, s->xb, s->xb, &L->post_ffn_norm, n, E, hp->rms_eps);
     if (il + 1 < hp->n_layer)
@@ -219,7 +251,10 @@ void model_forward_end(model *m, kb_backend *be, model_scratch *s, const kb_batc
     if (b->n_out > 0) {
         op->get_rows(be, s->out_x, s->x, b->out_rows, b->n_out, E);
         op->rmsnorm(be, s->out_x, s->out_x, &m->output_norm, b->n_out, E, hp->rms_eps);
-        op->matmul(be, s->logits, s->out_x, &m->output, NULL, b->n_out);
+        if (s->tp && m->shard.n_ranks > 1)
+            sharded_logits(m, be, s, b->n_out);
+        else
+            op->matmul(be, s->logits, s->out_x, &m->output, NULL, b->n_out);
     }
 }
 

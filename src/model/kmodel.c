@@ -89,6 +89,14 @@ kiln_status model_load_ex(const char *path, const kiln_model_params *p, kb_backe
         goto fail;
     if ((st = model_hparams_load(&km->src, &km->m.hp)))
         goto fail;
+    km->m.shard.n_ranks = 1;
+    if (p->tp_size > 1) {
+        if ((st = model_shard_plan(&km->m.hp, p->tp_size, p->tp_rank, &km->m.shard))) {
+            kiln_error_prefix("%s: ", path);
+            goto fail;
+        }
+        model_shard_apply(&km->m.shard, &km->m.hp);
+    }
     tm.open_sec = kiln_now_sec() - t0;
     /* On a device the tokenizer loads on its own thread meanwhile: while
      * the device context comes up, then alongside the weights. */
@@ -129,6 +137,20 @@ fail:
     if (o->times)
         *o->times = tm;
     kiln_model_free(km);
+    return st;
+}
+
+kiln_status kiln_model_check_tp(const char *path, int n_ranks)
+{
+    if (!path)
+        return KILN_FAIL(KILN_ERR_INVALID_ARG, "kiln_model_check_tp: no path");
+    model_source src = {0};
+    model_hparams hp;
+    kiln_status st = model_source_open(path, &src);
+    if (st == KILN_OK && (st = model_hparams_load(&src, &hp)) == KILN_OK &&
+        (st = model_shard_check_source(&src, &hp, n_ranks)))
+        kiln_error_prefix("%s: ", path);
+    model_source_close(&src);
     return st;
 }
 

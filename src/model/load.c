@@ -430,9 +430,65 @@ static kiln_status place_deferred(load_ctx *c)
  * Binding
  * ---------------------------------------------------------------------- */
 
-/* Bind one tensor.  rows == 0 means a vector of n_in elements. */
+/* This rank's rows or columns of a matrix t (of n_in columns, row_bytes a
+ * row) as a tensor of its own: a row range is a window of the same bytes;
+ * a column range becomes rows of row_bytes_out placed `pitch` apart in the
+ * source (pitch 0: contiguous), which the caller gathers.  *n_in_out and
+ * *rows_out are the slice's shape. */
+static kiln_status slice_tensor(const found_tensor *t, const model_slice *sl, int64_t n_in,
+                                int64_t rows, uint64_t row_bytes, found_tensor *out,
+                                int64_t *n_in_out, int64_t *rows_out, uint64_t *pitch,
+                                int n_ranks)
+{
+    *out = *t;
+    *n_in_out = n_in;
+    *rows_out = rows;
+    *pitch = 0;
+    if (sl->kind == MODEL_SLICE_ROWS) {
+        uint64_t off = (uint64_t)sl->begin * row_bytes;
+        out->data = (const uint8_t *)t->data + off;
+        out->offset = t->offset + off;
+        out->nbytes = (uint64_t)sl->count * row_bytes;
+        out->ne[1] = (uint64_t)sl->count;
+        *rows_out = sl->count;
+    } else if (sl->kind == MODEL_SLICE_COLS) {
+        kiln_status st = model_shard_check_tensor(t->name, (kiln_type)t->type, sl, n_ranks);
+        uint64_t skip, take;
+        if (st || (st = quant_row_size(t->type, (uint64_t)sl->begin, &skip, t->name)) ||
+            (st = quant_row_size(t->type, (uint64_t)sl->count, &take, t->name)))
+            return st;
+        out->data = (const uint8_t *)t->data + skip;
+        out->offset = t->offset + skip;
+        out->nbytes = take * (uint64_t)rows;
+        out->ne[0] = (uint64_t)sl->count;
+        *n_in_out = sl->count;
+        *pitch = row_bytes;
+    }
+    return KILN_OK;
+}
+
+/* Copy a column slice (rows of `take` bytes, `pitch` apart from `src`, a
+ * file mapping when `mapped`) into new host memory; NULL when out of
+ * memory. */
+static void *gather_columns(const void *src, uint64_t pitch, uint64_t take, int64_t rows,
+                            bool mapped)
+{
+    uint8_t *buf = kiln_aligned_alloc(64, (size_t)(take * (uint64_t)rows) + 1);
+    if (!buf)
+        return NULL;
+    for (int64_t r = 0; r < rows; r++)
+        memcpy(buf + (uint64_t)r * take, (const uint8_t *)src + (uint64_t)r * pitch, take);
+    /* the other ranks' columns were read with ours: not this rank's memory */
+    if (mapped)
+        kiln_map_drop(src, (size_t)(pitch * (uint64_t)rows));
+    return buf;
+}
+
+/* Bind one tensor, or the part of it this rank holds (role; the shape
+ * checked is the whole tensor's).  rows == 0 means a vector of n_in
+ * elements. */
 static kiln_status bind(load_ctx *c, kb_weight *w, int layer, const char *suffix, int64_t n_in,
-                        int64_t rows, bool required, float add_to_vector)
+                        int64_t rows, bool required, float add_to_vector, model_weight_role role)
 {
     char name[256];
     found_tensor t;
@@ -466,12 +522,27 @@ static kiln_status bind(load_ctx *c, kb_weight *w, int layer, const char *suffix
     if (st != KILN_OK)
         return st;
     const quant_traits *tr = quant_get_traits(t.type);
-    w->name = fname;
-    w->ne[0] = n_in;
-    w->ne[1] = (int64_t)want1;
-    uint64_t row_bytes;
+    model_slice sl = model_shard_slice(&c->m->shard, &c->m->hp, role);
+    int64_t vec_skip = 0;
+    uint64_t row_bytes, pitch = 0;
     if ((st = quant_row_size(t.type, (uint64_t)n_in, &row_bytes, fname)))
         return st;
+    if (is_vec && sl.kind != MODEL_SLICE_NONE) {
+        /* a bias: the elements of this rank's rows, cut after conversion */
+        vec_skip = sl.begin;
+    } else if (!is_vec && sl.kind != MODEL_SLICE_NONE) {
+        found_tensor whole = t;
+        int64_t r_in = 0;
+        if ((st = slice_tensor(&whole, &sl, n_in, rows, row_bytes, &t, &n_in, &r_in, &pitch,
+                               c->m->shard.n_ranks)))
+            return st;
+        want1 = (uint64_t)r_in;
+        if ((st = quant_row_size(t.type, (uint64_t)n_in, &row_bytes, fname)))
+            return st;
+    }
+    w->name = fname;
+    w->ne[0] = is_vec && sl.kind != MODEL_SLICE_NONE ? sl.count : n_in;
+    w->ne[1] = (int64_t)want1;
     w->row_bytes = row_bytes;
     if (is_vec) {
         /* Vectors become F32 (the norm and bias ops read F32). */
@@ -493,8 +564,10 @@ static kiln_status bind(load_ctx *c, kb_weight *w, int layer, const char *suffix
         }
         for (int64_t i = 0; i < n_in; i++)
             v[i] += add_to_vector;
+        if (vec_skip || w->ne[0] != n_in)
+            memmove(v, v + vec_skip, (size_t)w->ne[0] * sizeof(float));
         w->type = KILN_TYPE_F32;
-        w->row_bytes = (uint64_t)n_in * sizeof(float);
+        w->row_bytes = (uint64_t)w->ne[0] * sizeof(float);
         if (c->defer) {
             if ((st = defer_host(c, fname, v, w->row_bytes, w, NULL)))
                 return st;
@@ -529,14 +602,36 @@ static kiln_status bind(load_ctx *c, kb_weight *w, int layer, const char *suffix
                 return st;
             w->row_bytes = out_row;
             ld_job j = file_job(&t, as, n_in, out_row * want1);
+            if (pitch) {
+                j.row_pitch = pitch;
+                j.row_take = row_bytes;
+            }
             return defer_job(c, &j, w, NULL, NULL);
         }
-        if (as == (kiln_type)t.type) {
-            if ((st = place(c, t.data, t.nbytes, fname, &w->data)))
-                return st;
-        } else if ((st = place_converted(c, w, &t, fname))) {
-            return st;
+        /* a column slice is gathered first: on the host the rank keeps its
+         * own copy, a device gets it uploaded like a whole tensor */
+        void *cols = NULL;
+        if (pitch) {
+            if (!(cols = gather_columns(t.data, pitch, row_bytes, (int64_t)want1, t.file >= 0)))
+                return KILN_FAIL(KILN_ERR_NOMEM, "tensor %s: out of memory for this rank's "
+                                 "columns", fname);
+            t.data = cols;
         }
+        if (pitch && be->host_memory && as == (kiln_type)t.type) {
+            if ((st = own(c, cols, false))) {
+                kiln_free(cols);
+                return st;
+            }
+            w->data = cols;
+            cols = NULL;
+        } else if (as == (kiln_type)t.type) {
+            st = place(c, t.data, t.nbytes, fname, &w->data);
+        } else {
+            st = place_converted(c, w, &t, fname);
+        }
+        kiln_free(cols);
+        if (st)
+            return st;
     }
     report_progress(c, t.nbytes);
     return KILN_OK;
@@ -550,7 +645,7 @@ static kiln_status bind_rope_freqs(load_ctx *c)
     model_hparams *hp = &m->hp;
     int n = hp->rope.n_dims / 2;
     if (c->src->gguf)
-        return bind(c, &c->rope_w, -1, "rope_freqs.weight", n, 0, false, 0.0f);
+        return bind(c, &c->rope_w, -1, "rope_freqs.weight", n, 0, false, 0.0f, MODEL_W_WHOLE);
     json_t *rs = model_hf_rope_params(c->src->hf);
     json_t *jt = rs ? json_object_get(rs, "rope_type") : NULL;
     if (!json_is_string(jt) || strcmp(json_string_value(jt), "llama3"))
@@ -643,52 +738,90 @@ static uint64_t source_bytes(const model_source *src, uint32_t *n_tensors)
 static kiln_status bind_all(load_ctx *c)
 {
     model *m = c->m;
-    const model_hparams *hp = &m->hp;
+    /* shapes are the whole model's; each rank binds its part (roles) */
+    model_hparams whole = m->hp;
+    if (m->shard.n_ranks > 1) {
+        whole.n_head = m->shard.n_head;
+        whole.n_head_kv = m->shard.n_head_kv;
+        whole.n_ff = m->shard.n_ff;
+    }
+    const model_hparams *hp = &whole;
     float norm_add = hp->norm_plus_one ? 1.0f : 0.0f;
     int64_t E = hp->n_embd, V = hp->n_vocab, F = hp->n_ff;
     int64_t QD = (int64_t)hp->n_head * hp->head_dim;
     int64_t KD = (int64_t)hp->n_head_kv * hp->head_dim;
     int64_t VD = (int64_t)hp->n_head_kv * hp->head_dim_v;
     int64_t OD = (int64_t)hp->n_head * hp->head_dim_v;
+    const model_weight_role W0 = MODEL_W_WHOLE;
     kiln_status st;
 
-    if ((st = bind(c, &m->tok_embd, -1, "token_embd.weight", E, V, true, 0)))
+    if ((st = bind(c, &m->tok_embd, -1, "token_embd.weight", E, V, true, 0, MODEL_W_WHOLE)))
         return st;
     for (int il = 0; il < hp->n_layer; il++) {
         model_layer *L = &m->layers[il];
-        if ((st = bind(c, &L->attn_norm, il, "attn_norm.weight", E, 0, true, norm_add)) ||
-            (st = bind(c, &L->wq, il, "attn_q.weight", E, QD, true, 0)) ||
-            (st = bind(c, &L->wk, il, "attn_k.weight", E, KD, true, 0)) ||
-            (st = bind(c, &L->wv, il, "attn_v.weight", E, VD, true, 0)) ||
-            (st = bind(c, &L->wo, il, "attn_output.weight", OD, E, true, 0)) ||
-            (st = bind(c, &L->ffn_norm, il, "ffn_norm.weight", E, 0, true, norm_add)) ||
-            (st = bind(c, &L->w_gate, il, "ffn_gate.weight", E, F, true, 0)) ||
-            (st = bind(c, &L->w_up, il, "ffn_up.weight", E, F, true, 0)) ||
-            (st = bind(c, &L->w_down, il, "ffn_down.weight", F, E, true, 0)))
+        if ((st = bind(c, &L->attn_norm, il, "attn_norm.weight", E, 0, true, norm_add, W0)) ||
+            (st = bind(c, &L->wq, il, "attn_q.weight", E, QD, true, 0, MODEL_W_Q)) ||
+            (st = bind(c, &L->wk, il, "attn_k.weight", E, KD, true, 0, MODEL_W_K)) ||
+            (st = bind(c, &L->wv, il, "attn_v.weight", E, VD, true, 0, MODEL_W_V)) ||
+            (st = bind(c, &L->wo, il, "attn_output.weight", OD, E, true, 0, MODEL_W_O)) ||
+            (st = bind(c, &L->ffn_norm, il, "ffn_norm.weight", E, 0, true, norm_add, W0)) ||
+            (st = bind(c, &L->w_gate, il, "ffn_gate.weight", E, F, true, 0, MODEL_W_GATE_UP)) ||
+            (st = bind(c, &L->w_up, il, "ffn_up.weight", E, F, true, 0, MODEL_W_GATE_UP)) ||
+            (st = bind(c, &L->w_down, il, "ffn_down.weight", F, E, true, 0, MODEL_W_DOWN)))
             return st;
         /* Biases: required by qwen2, accepted wherever present. */
-        if ((st = bind(c, &L->bq, il, "attn_q.bias", QD, 0, hp->qkv_bias, 0)) ||
-            (st = bind(c, &L->bk, il, "attn_k.bias", KD, 0, hp->qkv_bias, 0)) ||
-            (st = bind(c, &L->bv, il, "attn_v.bias", VD, 0, hp->qkv_bias, 0)))
+        if ((st = bind(c, &L->bq, il, "attn_q.bias", QD, 0, hp->qkv_bias, 0, MODEL_W_Q)) ||
+            (st = bind(c, &L->bk, il, "attn_k.bias", KD, 0, hp->qkv_bias, 0, MODEL_W_K)) ||
+            (st = bind(c, &L->bv, il, "attn_v.bias", VD, 0, hp->qkv_bias, 0, MODEL_W_V)))
             return st;
         if (hp->qk_norm &&
             ((st = bind(c, &L->q_norm, il, "attn_q_norm.weight", hp->head_dim, 0, true,
-                        norm_add)) ||
+                        norm_add, W0)) ||
              (st = bind(c, &L->k_norm, il, "attn_k_norm.weight", hp->head_dim, 0, true,
-                        norm_add))))
+                        norm_add, W0))))
             return st;
         if (hp->sandwich_norm &&
             ((st = bind(c, &L->post_attn_norm, il, "post_attention_norm.weight", E, 0, true,
-                        norm_add)) ||
+                        norm_add, W0)) ||
              (st = bind(c, &L->post_ffn_norm, il, "post_ffw_norm.weight", E, 0, true,
-                        norm_add))))
+                        norm_add, W0))))
             return st;
     }
-    if ((st = bind(c, &m->output_norm, -1, "output_norm.weight", E, 0, true, norm_add)))
+    if ((st = bind(c, &m->output_norm, -1, "output_norm.weight", E, 0, true, norm_add, W0)))
         return st;
-    if (!hp->tied_output && (st = bind(c, &m->output, -1, "output.weight", E, V, true, 0)))
+    if (!hp->tied_output &&
+        (st = bind(c, &m->output, -1, "output.weight", E, V, true, 0, MODEL_W_OUTPUT)))
         return st;
     return bind_rope_freqs(c);
+}
+
+kiln_status model_shard_check_source(const model_source *src, const model_hparams *hp,
+                                     int n_ranks)
+{
+    model m = {.hp = *hp};
+    load_ctx c = {.m = &m, .src = src};
+    model_shard sh;
+    kiln_status st;
+    for (int r = 0; r < n_ranks; r++) {
+        if ((st = model_shard_plan(hp, n_ranks, r, &sh)))
+            return st;
+        model_hparams mine = *hp;
+        model_shard_apply(&sh, &mine);
+        const model_slice cut[2] = {model_shard_slice(&sh, &mine, MODEL_W_O),
+                                    model_shard_slice(&sh, &mine, MODEL_W_DOWN)};
+        static const char *const names[2] = {"attn_output.weight", "ffn_down.weight"};
+        for (int il = 0; il < hp->n_layer; il++) {
+            for (int k = 0; k < 2; k++) {
+                found_tensor t;
+                char name[256];
+                if (find_tensor(&c, il, names[k], &t, name, sizeof name) &&
+                    (st = model_shard_check_tensor(t.name, (kiln_type)t.type, &cut[k],
+                                                   n_ranks)))
+                    return st;
+            }
+        }
+    }
+    return KILN_OK;
 }
 
 void model_load_opts_from(const kiln_model_params *p, ld_model_opts *o)
@@ -743,8 +876,15 @@ kiln_status model_weights_load_ex(model *m, const model_source *src, const ld_mo
     kiln_free(c.files);
     if (st)
         return st;
-    if (hp->tied_output)
+    if (hp->tied_output) {
         m->output = m->tok_embd;
+        if (m->shard.n_ranks > 1) {
+            /* this rank's vocabulary rows of the embedding, in place */
+            m->output.ne[1] = m->shard.vocab_rows;
+            m->output.data = (const uint8_t *)m->tok_embd.data +
+                             (uint64_t)m->shard.vocab_begin * m->tok_embd.row_bytes;
+        }
+    }
     if (kb_weight_present(&c.rope_w))
         m->rope_freqs = (float *)c.rope_w.data;
     m->hp.rope.freq_factors = m->rope_freqs;

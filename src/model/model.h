@@ -73,6 +73,83 @@ typedef struct model_layer {
     bool is_swa;              /* sliding-window layer */
 } model_layer;
 
+/* ------------------------------------------------------------------------
+ * Tensor parallel: one rank's share of the model (shard.c says how it is
+ * cut and why)
+ * ---------------------------------------------------------------------- */
+
+#define MODEL_MAX_TP 64 /* ranks of a tensor-parallel group */
+
+typedef struct model_shard {
+    int rank, n_ranks;        /* 0 and 1: the whole model */
+    int n_head, n_head_kv;    /* the whole model's (hp holds this rank's) */
+    int n_ff;
+    int head_begin;           /* this rank's first query head */
+    int kv_head_begin;        /* its first KV head */
+    int n_kv_share;           /* ranks that hold each KV head: 1 when they are
+                                 split, n / n_head_kv when replicated */
+    int vocab_begin;          /* output-head rows [vocab_begin, +vocab_rows) */
+    int vocab_rows;
+    int vocab_pad;            /* ceil(n_vocab / n_ranks): each rank's share of a
+                                 logits row in the all-gather */
+} model_shard;
+
+typedef enum model_slice_kind {
+    MODEL_SLICE_NONE = 0,     /* the whole tensor */
+    MODEL_SLICE_ROWS,         /* output rows [begin, begin + count) */
+    MODEL_SLICE_COLS,         /* input columns [begin, begin + count) of every row */
+} model_slice_kind;
+
+typedef struct model_slice {
+    model_slice_kind kind;
+    int64_t begin, count;
+} model_slice;
+
+/* What a weight is to the cut. */
+typedef enum model_weight_role {
+    MODEL_W_WHOLE = 0,        /* replicated */
+    MODEL_W_Q, MODEL_W_K, MODEL_W_V,  /* and their biases */
+    MODEL_W_O,
+    MODEL_W_GATE_UP,
+    MODEL_W_DOWN,
+    MODEL_W_OUTPUT,
+} model_weight_role;
+
+/* The cut of a model with descriptor hp among n_ranks ranks, for `rank`.
+ * Head counts that do not divide are KILN_ERR_UNSUPPORTED naming them. */
+kiln_status model_shard_plan(const model_hparams *hp, int n_ranks, int rank, model_shard *out);
+/* Turn the whole model's descriptor into this rank's (heads, FFN width;
+ * n_vocab stays whole: the logits are gathered). */
+void model_shard_apply(const model_shard *s, model_hparams *hp);
+/* The part of a weight of `role` this rank holds; hp is this rank's. */
+model_slice model_shard_slice(const model_shard *s, const model_hparams *hp,
+                              model_weight_role role);
+/* A column cut of a block-quantized tensor must fall between blocks:
+ * KILN_ERR_UNSUPPORTED naming the tensor when it does not. */
+kiln_status model_shard_check_tensor(const char *name, kiln_type type, const model_slice *sl,
+                                     int n_ranks);
+
+/* Every rank's cut of the source's tensors checked (head counts, block
+ * boundaries), without loading anything (load.c); hp is the whole model's. */
+struct model_source;
+kiln_status model_shard_check_source(const struct model_source *src, const model_hparams *hp,
+                                     int n_ranks);
+
+/* What the forward pass of a sharded model calls at its seams, supplied by
+ * the tensor-parallel runner (dist/); in the memory of the context `be`,
+ * enqueued on its stream where it has one. */
+typedef struct model_tp_hooks {
+    /* x (n floats) = the sum of every rank's x, in place */
+    void (*all_reduce)(void *user, kb_backend *be, float *x, size_t n);
+    /* out (n_ranks * bytes) = every rank's `in` (bytes) in rank order */
+    void (*all_gather)(void *user, kb_backend *be, const void *in, void *out, size_t bytes);
+    /* The step's work is enqueued: wait for it (and so for the other
+     * ranks), failing rather than waiting for ever; the runner calls it
+     * before it reads any result. */
+    kiln_status (*wait)(void *user, kb_backend *be);
+    void *user;
+} model_tp_hooks;
+
 /* Engine-scoped activation scratch for steps of up to max_tokens tokens and
  * max_out logit rows, in the memory of the execution context that owns it
  * and that model_forward runs the step on. */
@@ -83,6 +160,7 @@ typedef struct model_scratch {
      * blocks off with.  NULL: none. */
     void (*layer_done)(void *user, int il);
     void *layer_user;
+    const model_tp_hooks *tp; /* a sharded model's collectives, or NULL */
     int max_tokens;
     int max_out;
     float *x;      /* (max_tokens, n_embd) residual stream */
@@ -95,6 +173,9 @@ typedef struct model_scratch {
     float *up;     /* (max_tokens, n_ff) */
     float *out_x;  /* (max_out, n_embd) rows that need logits */
     float *logits; /* (max_out, n_vocab) */
+    /* a model sharded among several ranks: */
+    float *logits_part; /* (max_out, vocab_rows) this rank's slice of the logits */
+    float *gathered;    /* (n_ranks, max_out * vocab_pad) every rank's slice */
 } model_scratch;
 
 typedef struct model model;
@@ -109,6 +190,7 @@ struct model {
     kb_weight output;       /* (n_vocab, n_embd); == tok_embd when tied */
     model_layer *layers;    /* (n_layer) */
     float *rope_freqs;      /* (head_dim/2) llama3 frequency factors or NULL (device) */
+    model_shard shard;      /* this rank's share (n_ranks 1: the whole model) */
     void *owned;            /* backend allocations made for weights (converted
                                norms etc.), freed by model_free */
 };

@@ -44,9 +44,18 @@ typedef struct plain_runner {
     int graph_blocks;   /* block-table width of graph steps */
     kb_batch_host pad;  /* the padded batch of a graph step */
     int32_t *pad_mem;
+    const model_tp_hooks *tp; /* a sharded model's collectives, or NULL */
 
     model_pipeline *pipe; /* the decode pipeline, or NULL */
 } plain_runner;
+
+/* A step's work is enqueued: with collectives in it, wait for it through
+ * the tensor-parallel hook (which fails instead of hanging on a dead
+ * peer) before anything reads its results. */
+static kiln_status step_wait(plain_runner *r)
+{
+    return r->tp && r->tp->wait ? r->tp->wait(r->tp->user, r->be) : KILN_OK;
+}
 
 static uint64_t runner_kv_block_bytes(void *ctx, int block_size, bool kv_f32)
 {
@@ -167,7 +176,7 @@ static kiln_status capture_graphs(plain_runner *r, const model_prepare *ep)
         if (st)
             return st;
         model_forward(m, r->kv, &r->scratch, dev);
-        if ((st = be->ops->sync(be)) || (st = be->ops->graph_begin(be)))
+        if ((st = step_wait(r)) || (st = be->ops->sync(be)) || (st = be->ops->graph_begin(be)))
             return st;
         model_forward(m, r->kv, &r->scratch, dev);
         kb_graph *g;
@@ -193,6 +202,7 @@ static kiln_status runner_prepare(void *ctx, model_prepare *ep)
     if ((st = model_scratch_init(m, be, &r->scratch, ep->max_tokens, ep->max_out)))
         return st;
     r->scratch_ready = true;
+    r->scratch.tp = r->tp;
     r->max_out = ep->max_out;
     int max_rows = ep->max_tokens > ep->max_out ? ep->max_tokens : ep->max_out;
     if ((st = model_backend_reserve(m, be, max_rows, ep->max_seqs, ep->n_ctx, RUNNER_MAX_PEN,
@@ -275,8 +285,10 @@ static kiln_status runner_forward(void *ctx, const kb_batch_host *b, const float
     model *m = &r->km->m;
     kb_backend *be = r->be;
     kiln_status st = run_step(r, b);
-    if (st)
+    if (st || (st = step_wait(r)))
         return st;
+    if (!logits) /* a rank that only takes part in the step */
+        return be->ops->sync(be);
     if (be->host_memory) {
         *logits = r->scratch.logits;
         return be->ops->sync(be);
@@ -295,7 +307,7 @@ static kiln_status runner_forward_sample(void *ctx, const kb_batch_host *b,
     plain_runner *r = ctx;
     kb_backend *be = r->be;
     kiln_status st = run_step(r, b);
-    if (st)
+    if (st || (st = step_wait(r)))
         return st;
     return be->ops->sample(be, r->scratch.logits, b->n_out, r->km->m.hp.n_vocab, rows, ids,
                            logprobs);
@@ -377,6 +389,13 @@ kiln_status model_runner_create(kiln_model *km, const model_runner_opts *o, mode
 kb_backend *model_runner_exec(void *ctx) { return ((plain_runner *)ctx)->be; }
 
 kb_kv *model_runner_kv(void *ctx) { return ((plain_runner *)ctx)->kv; }
+
+void model_runner_set_tp_hooks(void *ctx, const model_tp_hooks *h)
+{
+    plain_runner *r = ctx;
+    r->tp = h;
+    r->scratch.tp = h;
+}
 
 void model_runner_set_layer_hook(void *ctx, void (*fn)(void *user, int il), void *user)
 {

@@ -54,7 +54,9 @@ typedef struct model_runner {
     /* Bytes one KV block takes (all layers, K and V) - for sizing the pool. */
     uint64_t (*kv_block_bytes)(void *ctx, int block_size, bool kv_f32);
     /* Run one step.  On success *logits points at (b->n_out, n_vocab) host
-     * floats, row i for token row b->out_rows[i], valid until the next call. */
+     * floats, row i for token row b->out_rows[i], valid until the next call.
+     * The plain runner takes logits == NULL: run the step and wait for it,
+     * reading nothing back (a tensor-parallel rank other than the first). */
     kiln_status (*forward)(void *ctx, const kb_batch_host *b,
                            const float **logits);
     /* Optional: run one step and sample each output row on the device
@@ -101,5 +103,11 @@ kiln_status model_runner_create(kiln_model *m, const model_runner_opts *o, model
 kb_backend *model_runner_exec(void *ctx);
 kb_kv *model_runner_kv(void *ctx);
 void model_runner_set_layer_hook(void *ctx, void (*fn)(void *user, int il), void *user);
+
+/* Tensor parallel (dist/): the collectives the forward pass of a sharded
+ * model calls, and the wait before a step's results are read.  Set before
+ * prepare (whose graph capture runs steps); h must outlive the runner. */
+typedef struct model_tp_hooks model_tp_hooks;
+void model_runner_set_tp_hooks(void *ctx, const model_tp_hooks *h);
 
 #endif /* KILN_MODEL_RUNNER_H */

@@ -51,6 +51,14 @@ void kiln_unmap(kiln_map *m)
     m->size = 0;
 }
 
+void kiln_map_drop(const void *p, size_t n)
+{
+    const uintptr_t page = 4096;
+    uintptr_t a = ((uintptr_t)p + page - 1) / page * page, e = ((uintptr_t)p + n) / page * page;
+    if (e > a)
+        madvise((void *)a, e - a, MADV_DONTNEED);
+}
+
 kiln_status kiln_read_file(const char *path, size_t max_size, char **out,
                            size_t *out_len)
 {

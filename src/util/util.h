@@ -139,6 +139,10 @@ typedef struct kiln_map {
  * with kiln_unmap.  An empty file maps to data == NULL, size == 0. */
 kiln_status kiln_map_file(const char *path, kiln_map *m);
 void kiln_unmap(kiln_map *m);
+/* Drop the whole pages of [p, p + n), a range of a read-only file mapping,
+ * from this process (they stay in the page cache; touching them again
+ * faults them back): bytes copied out need not count in its memory. */
+void kiln_map_drop(const void *p, size_t n);
 
 /* Read a whole (small) file into a NUL-terminated heap buffer, refusing files
  * larger than max_size.  The caller frees *out with kiln_free. */

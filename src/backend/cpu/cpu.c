@@ -53,6 +53,14 @@ static void cpu_copy_d2d(kb_backend *be, void *dst, const void *src, size_t n)
         memmove(dst, src, n);
 }
 
+static void cpu_copy_2d(kb_backend *be, void *dst, size_t dst_pitch, const void *src,
+                        size_t src_pitch, size_t width, size_t rows)
+{
+    (void)be;
+    for (size_t r = 0; r < rows && width; r++)
+        memmove((uint8_t *)dst + r * dst_pitch, (const uint8_t *)src + r * src_pitch, width);
+}
+
 static kiln_status cpu_sync(kb_backend *be)
 {
     (void)be;
@@ -233,6 +241,7 @@ static const kb_ops cpu_ops = {
     .download = cpu_copy,
     .sync = cpu_sync,
     .copy = cpu_copy_d2d,
+    .copy_2d = cpu_copy_2d,
     .batch_upload = cpu_batch_upload,
     .kv_create = cpu_kv_create,
     .kv_free = cpu_kv_free,

@@ -106,6 +106,15 @@ static void cuda_copy_d2d(kb_backend *be, void *dst, const void *src, size_t n)
         KCU_CHECK(cu, cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, cu->stream));
 }
 
+static void cuda_copy_2d(kb_backend *be, void *dst, size_t dst_pitch, const void *src,
+                         size_t src_pitch, size_t width, size_t rows)
+{
+    kcu *cu = kcu_of(be);
+    if (width && rows)
+        KCU_CHECK(cu, cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows,
+                                        cudaMemcpyDeviceToDevice, cu->stream));
+}
+
 /* The KV cache's entry points that run outside a step bind the device
  * before attention.cu's code runs. */
 static kiln_status cuda_kv_create(kb_backend *be, const kb_kv_desc *d, kb_kv **out)
@@ -357,6 +366,7 @@ static const kb_ops cuda_ops = {
     .download = cuda_download,
     .sync = cuda_sync,
     .copy = cuda_copy_d2d,
+    .copy_2d = cuda_copy_2d,
     .batch_upload = cuda_batch_upload,
     .kv_create = cuda_kv_create,
     .kv_free = cuda_kv_free,
@@ -478,6 +488,15 @@ static const kb_device_ops cuda_device_ops = {
     .kv_send_wait = kcu_kv_send_wait,
     .wait_event = kcu_wait_event,
     .destroy = cuda_device_destroy,
+    .coll_id = kcu_coll_id,
+    .coll_create = kcu_coll_create,
+    .coll_free = kcu_coll_free,
+    .coll_all_reduce = kcu_coll_all_reduce,
+    .coll_all_gather = kcu_coll_all_gather,
+    .coll_broadcast = kcu_coll_broadcast,
+    .coll_send = kcu_coll_send,
+    .coll_recv = kcu_coll_recv,
+    .coll_wait = kcu_coll_wait,
 };
 
 kiln_status kcu_device_create(int index, kb_device **out)

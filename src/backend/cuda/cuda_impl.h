@@ -417,6 +417,19 @@ typedef struct kcu_kv_view {
 } kcu_kv_view;
 kcu_kv_view kcu_kv_layer(const kb_kv *kv, int il);
 
+/* coll.cu: the collective ops of backend.h (kb_device_ops.coll_*) on NCCL */
+kiln_status kcu_coll_id(kb_device *d, void *id);
+kiln_status kcu_coll_create(kb_device *d, const void *id, int n_ranks, int rank,
+                            double timeout_sec, kb_coll **out);
+void kcu_coll_free(kb_coll *c);
+kiln_status kcu_coll_all_reduce(kb_backend *ctx, kb_coll *c, float *buf, size_t n);
+kiln_status kcu_coll_all_gather(kb_backend *ctx, kb_coll *c, const void *in, void *out,
+                                size_t bytes);
+kiln_status kcu_coll_broadcast(kb_backend *ctx, kb_coll *c, void *buf, size_t bytes, int root);
+kiln_status kcu_coll_send(kb_backend *ctx, kb_coll *c, const void *buf, size_t bytes, int peer);
+kiln_status kcu_coll_recv(kb_backend *ctx, kb_coll *c, void *buf, size_t bytes, int peer);
+kiln_status kcu_coll_wait(kb_backend *ctx, kb_coll *c, double timeout_sec);
+
 /* kvxfer.cu: the device ops of backend.h that move KV blocks */
 kiln_status kcu_kv_send(kb_backend *src_ctx, const kb_kv *src, kb_backend *dst_ctx, kb_kv *dst,
                         int il, const int32_t *src_blocks, const int32_t *dst_blocks, int n);

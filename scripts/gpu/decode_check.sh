@@ -44,12 +44,12 @@ p05=$!
 synth qwen2.5-7b &
 p7=$!
 
-KILN_CUDA_MMD=1 KILN_CUDA_GEMM=f16 timeout 150 "$kb/bin/test_cuda_matmul" \
+KILN_CUDA_MMD=1 KILN_CUDA_GEMM=f16 timeout "${TEST_CAP:-150}" "$kb/bin/test_cuda_matmul" \
     >"$out/test_cuda_matmul.log" 2>&1
 el "test_cuda_matmul (decode-batch kernel and FP16 GEMM on) exit $?"
 grep -E "\[  FAILED|\[  PASSED|FAILED  \]|differ" "$out/test_cuda_matmul.log" | head -20
 for m in 0 1; do
-    KILN_CUDA_MMD=$m timeout 45 "$kb/bin/bench_matvec" bf16 f16 q4_k >"$out/matvec-mmd$m.txt" 2>&1
+    KILN_CUDA_MMD=$m timeout "${MATVEC_CAP:-45}" "$kb/bin/bench_matvec" bf16 f16 q4_k >"$out/matvec-mmd$m.txt" 2>&1
     el "bench_matvec KILN_CUDA_MMD=$m exit $?"
 done
 

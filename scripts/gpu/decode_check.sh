@@ -41,8 +41,11 @@ synth() { # SHAPE
 }
 synth qwen2.5-0.5b &
 p05=$!
-synth qwen2.5-7b &
-p7=$!
+p7=
+if [ "${WITH_7B:-1}" = 1 ]; then
+    synth qwen2.5-7b &
+    p7=$!
+fi
 
 KILN_CUDA_MMD=1 KILN_CUDA_GEMM=f16 timeout "${TEST_CAP:-150}" "$kb/bin/test_cuda_matmul" \
     >"$out/test_cuda_matmul.log" 2>&1
@@ -73,14 +76,14 @@ quant() { # SHAPE TYPE
 }
 NEW=(KILN_CUDA_MMD=1 KILN_CUDA_GEMM=f16)
 OLD=(KILN_CUDA_MMD=0)
-ARGS=(-p 512 -n 64 -b 1,8,32,64 --reps 2)
+read -r -a ARGS <<<"${BENCH_ARGS:--p 512 -n 64 -b 1,8,32,64 --reps 2}"
 
 wait "$p05"
 el "0.5B made"
 m05=$work/qwen2.5-0.5b
 bench 05-bf16-old "$m05" "${OLD[@]}" -- "${ARGS[@]}"
 bench 05-bf16-new "$m05" "${NEW[@]}" -- "${ARGS[@]}"
-for ty in F16 Q4_K_M; do
+for ty in ${TYPES_05:-F16 Q4_K_M}; do
     g=$(quant qwen2.5-0.5b "$ty")
     bench "05-$ty-old" "$g" "${OLD[@]}" -- "${ARGS[@]}"
     bench "05-$ty-new" "$g" "${NEW[@]}" -- "${ARGS[@]}"
@@ -88,12 +91,11 @@ done
 bench 05-tp-plain "$m05" "${OLD[@]}" -- -p 0 -n 128 -b 1 --reps 3
 bench 05-tp-comm "$m05" "${OLD[@]}" -- -p 0 -n 128 -b 1 --reps 3 --tp 1 --tp-comm
 
-wait "$p7"
-el "7B made"
+[ -n "$p7" ] && wait "$p7" && el "7B made"
 m7=$work/qwen2.5-7b
-bench 7-bf16-old "$m7" "${OLD[@]}" -- "${ARGS[@]}"
-bench 7-bf16-new "$m7" "${NEW[@]}" -- "${ARGS[@]}"
-if [ "$(left)" -gt 150 ]; then
+[ -n "$p7" ] && bench 7-bf16-old "$m7" "${OLD[@]}" -- "${ARGS[@]}"
+[ -n "$p7" ] && bench 7-bf16-new "$m7" "${NEW[@]}" -- "${ARGS[@]}"
+if [ -n "$p7" ] && [ "$(left)" -gt 150 ]; then
     g=$(quant qwen2.5-7b Q4_K_M)
     bench 7-Q4_K_M-old "$g" "${OLD[@]}" -- "${ARGS[@]}"
     bench 7-Q4_K_M-new "$g" "${NEW[@]}" -- "${ARGS[@]}"

@@ -49,14 +49,15 @@ APP_LDLIBS := -lmicrohttpd -lcurl
 LDFLAGS   += -fopenmp $(SANFLAGS)
 
 # MPI (OpenMPI, from scripts/setup.sh): CPU ranks of tensor parallelism and
-# ranks started by mpirun (src/dist).  Found through pkg-config; MPI=0
-# builds without it, and kiln then refuses CPU tensor parallelism.
+# ranks started by mpirun (src/dist).  Its headers are found through
+# pkg-config; libmpi itself is opened on first use (src/dist/comm_mpi.c), so
+# nothing links it.  MPI=0 builds without it, and kiln then refuses CPU
+# tensor parallelism.
 ifeq ($(origin MPI),undefined)
 MPI       := $(if $(shell pkg-config --exists ompi-c 2>/dev/null && echo 1),1,0)
 endif
 ifeq ($(MPI),1)
 CFLAGS    += -DKILN_HAVE_MPI $(shell pkg-config --cflags ompi-c)
-LDLIBS    += $(shell pkg-config --libs ompi-c)
 endif
 
 # The CUDA backend is a shared object of its own (src/backend/plugin.h):

@@ -253,14 +253,20 @@ static void test_msg_headers(void **state)
     h.payload = DIST_MAX_PAYLOAD + 1;
     assert_int_equal(dist_msg_check_header(&h, 4), KILN_ERR_FORMAT);
 
-    dist_prepare_msg pm = {0, 32, 16, 512, 64, 4, 4, 0, 1, 0.9f, 0.0f};
+    dist_prepare_msg pm = {0, 32, 16, 512, 64, 4, 4, 0, 1, 1, 0.9f, 0.0f};
     dist_msg_hdr ph = {.magic = DIST_MSG_MAGIC, .type = DIST_MSG_PREPARE, .seq = 1,
                        .payload = sizeof pm};
     model_prepare mp;
     assert_int_equal(dist_msg_decode_prepare(&ph, &pm, sizeof pm, &mp), KILN_OK);
     assert_int_equal(mp.n_ctx, 512);
     assert_true(mp.eager);
-    pm.max_out = 5; /* more logit rows than sequences */
+    assert_true(mp.deterministic);
+    pm.max_out = 68; /* sequences + tokens: a step's logits and its prompt logprobs */
+    assert_int_equal(dist_msg_decode_prepare(&ph, &pm, sizeof pm, &mp), KILN_OK);
+    pm.max_out = 69; /* more logit rows than a step can have */
+    assert_int_equal(dist_msg_decode_prepare(&ph, &pm, sizeof pm, &mp), KILN_ERR_FORMAT);
+    pm.max_out = 4;
+    pm.deterministic = 2;
     assert_int_equal(dist_msg_decode_prepare(&ph, &pm, sizeof pm, &mp), KILN_ERR_FORMAT);
 
     int32_t cp[4] = {1, 2, 3, 11};

@@ -3,6 +3,14 @@
  * ranks' collectives on host memory, and the world that mpirun (or srun,
  * or kiln's own launcher, which runs mpirun for CPU ranks) started.
  *
+ * libkiln does not link MPI: libmpi is opened on first use (KILN_MPI_LIB,
+ * else OpenMPI's libmpi.so.40), as the CUDA backend is, so that a kiln
+ * that never runs tensor parallel on the CPU needs no MPI at run time and
+ * links statically (Debian ships no static libmpi).  The entry points and
+ * the predefined handles (MPI_COMM_WORLD, MPI_BYTE, ...: addresses of
+ * OpenMPI's globals, ompi_mpi_*) come from dlsym, so this file builds
+ * against OpenMPI's mpi.h and its ABI; another MPI needs its own handles.
+ *
  * Errors are returned, not fatal (MPI_ERRORS_RETURN on a duplicate of the
  * world).  MPI does not reliably notice a dead peer (a rank killed in the
  * middle of a shared-memory all-reduce leaves the others spinning), so
@@ -15,8 +23,11 @@
  * Polling yields the core after a short spin, so that ranks oversubscribed
  * on few cores (CI runs three on two) leave it to the rank still computing.
  */
+#include <dlfcn.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -30,10 +41,95 @@
 #define MPI_SLEEP_NS 20000L   /* then between polls */
 #define MPI_CHUNK ((size_t)1 << 30) /* elements per call (counts are int) */
 #define DIST_MPI_TAG 7100
+#define DIST_MPI_LIB "libmpi.so.40" /* OpenMPI 3 and later */
+
+/* The MPI entry points this file calls, resolved in libmpi. */
+#define DIST_MPI_FNS(X)                                                         \
+    X(MPI_Init_thread) X(MPI_Initialized) X(MPI_Finalize) X(MPI_Finalized)     \
+    X(MPI_Error_string) X(MPI_Comm_set_errhandler) X(MPI_Comm_rank)            \
+    X(MPI_Comm_size) X(MPI_Comm_dup) X(MPI_Comm_free) X(MPI_Test)              \
+    X(MPI_Iallreduce) X(MPI_Iallgather) X(MPI_Ibcast) X(MPI_Isend) X(MPI_Irecv)
+
+static struct {
+#define DIST_MPI_PTR(f) __typeof__(f) *f;
+    DIST_MPI_FNS(DIST_MPI_PTR)
+#undef DIST_MPI_PTR
+    void *comm_world, *byte, *flt, *op_sum, *errors_return; /* OpenMPI's handles */
+    char err[512];    /* why libmpi is not there ("" when it is) */
+} mpi;
+static pthread_once_t mpi_once = PTHREAD_ONCE_INIT;
+
+static void *mpi_sym(void *h, const char *name)
+{
+    void *p = dlsym(h, name);
+    if (!p && !mpi.err[0])
+        snprintf(mpi.err, sizeof mpi.err, "its library has no %s", name);
+    return p;
+}
+
+static void mpi_load(void)
+{
+    const char *env = getenv("KILN_MPI_LIB");
+    const char *lib = env && *env ? env : DIST_MPI_LIB;
+    /* global: OpenMPI's own components, opened later, bind to libmpi */
+    void *h = dlopen(lib, RTLD_NOW | RTLD_GLOBAL);
+    if (!h) {
+        const char *e = dlerror();
+        snprintf(mpi.err, sizeof mpi.err, "%s", e ? e : lib);
+        return;
+    }
+#define DIST_MPI_SYM(f) *(void **)&mpi.f = mpi_sym(h, #f);
+    DIST_MPI_FNS(DIST_MPI_SYM)
+#undef DIST_MPI_SYM
+    mpi.comm_world = mpi_sym(h, "ompi_mpi_comm_world");
+    mpi.byte = mpi_sym(h, "ompi_mpi_byte");
+    mpi.flt = mpi_sym(h, "ompi_mpi_float");
+    mpi.op_sum = mpi_sym(h, "ompi_mpi_op_sum");
+    mpi.errors_return = mpi_sym(h, "ompi_mpi_errors_return");
+}
+
+/* libmpi's entry points, or a failure saying why they are not there. */
+static kiln_status mpi_ready(void)
+{
+    pthread_once(&mpi_once, mpi_load);
+    if (!mpi.err[0])
+        return KILN_OK;
+    return KILN_FAIL(KILN_ERR_UNSUPPORTED, "tensor parallel on the CPU needs OpenMPI (%s, or "
+                     "KILN_MPI_LIB; scripts/setup.sh installs it): %s", DIST_MPI_LIB, mpi.err);
+}
+
+/* From here on the MPI names below are the loaded ones. */
+#define DIST_MPI_USE(f) mpi.f
+#define MPI_Init_thread DIST_MPI_USE(MPI_Init_thread)
+#define MPI_Initialized DIST_MPI_USE(MPI_Initialized)
+#define MPI_Finalize DIST_MPI_USE(MPI_Finalize)
+#define MPI_Finalized DIST_MPI_USE(MPI_Finalized)
+#define MPI_Error_string DIST_MPI_USE(MPI_Error_string)
+#define MPI_Comm_set_errhandler DIST_MPI_USE(MPI_Comm_set_errhandler)
+#define MPI_Comm_rank DIST_MPI_USE(MPI_Comm_rank)
+#define MPI_Comm_size DIST_MPI_USE(MPI_Comm_size)
+#define MPI_Comm_dup DIST_MPI_USE(MPI_Comm_dup)
+#define MPI_Comm_free DIST_MPI_USE(MPI_Comm_free)
+#define MPI_Test DIST_MPI_USE(MPI_Test)
+#define MPI_Iallreduce DIST_MPI_USE(MPI_Iallreduce)
+#define MPI_Iallgather DIST_MPI_USE(MPI_Iallgather)
+#define MPI_Ibcast DIST_MPI_USE(MPI_Ibcast)
+#define MPI_Isend DIST_MPI_USE(MPI_Isend)
+#define MPI_Irecv DIST_MPI_USE(MPI_Irecv)
+#undef MPI_COMM_WORLD
+#undef MPI_BYTE
+#undef MPI_FLOAT
+#undef MPI_SUM
+#undef MPI_ERRORS_RETURN
+#define MPI_COMM_WORLD ((MPI_Comm)mpi.comm_world)
+#define MPI_BYTE ((MPI_Datatype)mpi.byte)
+#define MPI_FLOAT ((MPI_Datatype)mpi.flt)
+#define MPI_SUM ((MPI_Op)mpi.op_sum)
+#define MPI_ERRORS_RETURN ((MPI_Errhandler)mpi.errors_return)
 
 static bool g_started;        /* dist_mpi_init called MPI_Init_thread */
 
-bool dist_mpi_available(void) { return true; }
+bool dist_mpi_available(void) { return mpi_ready() == KILN_OK; }
 
 static kiln_status mpi_fail(dist_comm *c, int rc, const char *what)
 {
@@ -53,6 +149,9 @@ static kiln_status mpi_fail(dist_comm *c, int rc, const char *what)
 
 kiln_status dist_mpi_init(int *rank, int *size)
 {
+    kiln_status st = mpi_ready();
+    if (st)
+        return st;
     int inited = 0, rc;
     MPI_Initialized(&inited);
     if (!inited) {
@@ -73,6 +172,8 @@ kiln_status dist_mpi_init(int *rank, int *size)
 
 void dist_mpi_finalize(bool clean)
 {
+    if (!g_started)
+        return;
     int fin = 0;
     MPI_Finalized(&fin);
     if (g_started && clean && !fin)
@@ -146,7 +247,7 @@ kiln_status dist_comm_mpi_create(double timeout_sec, dist_comm **out)
 
 void dist_mpi_comm_free(dist_comm *c)
 {
-    if (!c->mpi)
+    if (!c->mpi) /* set only once MPI is loaded */
         return;
     int fin = 0;
     MPI_Finalized(&fin);

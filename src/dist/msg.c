@@ -126,8 +126,10 @@ kiln_status dist_msg_decode_prepare(const dist_msg_hdr *h, const void *payload, 
     memcpy(&m, payload, sizeof m);
     bool ok = m.n_blocks >= 0 && m.host_blocks >= 0 && m.block_size >= 1 &&
               m.block_size <= (1 << 16) && m.n_ctx >= 1 && m.max_tokens >= 1 &&
-              m.max_out >= 1 && m.max_seqs >= 1 && m.max_out <= m.max_seqs &&
+              m.max_out >= 1 && m.max_seqs >= 1 &&
+              (int64_t)m.max_out <= (int64_t)m.max_seqs + m.max_tokens &&
               (m.kv_f32 == 0 || m.kv_f32 == 1) && (m.eager == 0 || m.eager == 1) &&
+              (m.deterministic == 0 || m.deterministic == 1) &&
               m.mem_fraction > 0.0f && m.mem_fraction <= 1.0f && m.kv_share >= 0.0f &&
               m.kv_share <= 1.0f;
     if (!ok)
@@ -144,6 +146,7 @@ kiln_status dist_msg_decode_prepare(const dist_msg_hdr *h, const void *payload, 
         .max_seqs = m.max_seqs,
         .kv_f32 = m.kv_f32 != 0,
         .eager = m.eager != 0,
+        .deterministic = m.deterministic != 0,
         .mem_fraction = m.mem_fraction,
         .kv_share = m.kv_share,
     };

@@ -167,7 +167,7 @@ static kiln_status tp_prepare(void *ctx, model_prepare *p)
     dist_comm *c = t->comm;
     dist_prepare_msg m = {p->n_blocks, p->host_blocks, p->block_size, p->n_ctx,
                           p->max_tokens, p->max_out, p->max_seqs, p->kv_f32, p->eager,
-                          p->mem_fraction, p->kv_share};
+                          p->deterministic, p->mem_fraction, p->kv_share};
     dist_msg_hdr h = {.type = DIST_MSG_PREPARE, .payload = sizeof m};
     /* the largest step message this engine can send */
     int max_blocks = (p->n_ctx + p->block_size - 1) / p->block_size;

@@ -53,7 +53,7 @@ typedef struct dist_msg_hdr {
 /* model_prepare as sent (fixed widths). */
 typedef struct dist_prepare_msg {
     int32_t n_blocks, host_blocks, block_size, n_ctx, max_tokens, max_out, max_seqs;
-    int32_t kv_f32, eager;
+    int32_t kv_f32, eager, deterministic;
     float mem_fraction, kv_share;
 } dist_prepare_msg;
 

@@ -260,7 +260,9 @@ static void test_msg_headers(void **state)
     assert_int_equal(dist_msg_decode_prepare(&ph, &pm, sizeof pm, &mp), KILN_OK);
     assert_int_equal(mp.n_ctx, 512);
     assert_true(mp.eager);
-    pm.max_out = 5; /* more logit rows than sequences */
+    pm.max_out = 4 + 64; /* a row a sequence, and prompt log-probability rows */
+    assert_int_equal(dist_msg_decode_prepare(&ph, &pm, sizeof pm, &mp), KILN_OK);
+    pm.max_out = 4 + 64 + 1; /* more logit rows than sequences and tokens */
     assert_int_equal(dist_msg_decode_prepare(&ph, &pm, sizeof pm, &mp), KILN_ERR_FORMAT);
 
     int32_t cp[4] = {1, 2, 3, 11};

@@ -63,7 +63,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         st = dist_msg_decode_prepare(&h, payload, len, &p);
         if (st == KILN_OK)
             CHECK(p.block_size >= 1 && p.n_ctx >= 1 && p.max_tokens >= 1 &&
-                  p.max_out <= p.max_seqs && p.mem_fraction > 0 && p.mem_fraction <= 1);
+                  (int64_t)p.max_out <= (int64_t)p.max_seqs + p.max_tokens &&
+                  p.mem_fraction > 0 && p.mem_fraction <= 1);
     } else if (st == KILN_OK && h.type == DIST_MSG_COPY) {
         const int32_t *src, *dst;
         int n;

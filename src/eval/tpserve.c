@@ -16,6 +16,7 @@
  * temporary file: it can never block on a full pipe, and its tail is there
  * for the error message.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -320,6 +321,41 @@ kiln_status eval_tpserve_start(const eval_model_def *m, const eval_run_opts *o,
 
 const char *eval_tpserve_url(const eval_tpserve *s) { return s->url; }
 
+/* Whether a process of group pg still runs.  A zombie does not count: one
+ * whose parent died waits for init, which in a container may never reap
+ * it, and kill(-pg, 0) would go on finding it. */
+static bool group_alive(pid_t pg)
+{
+    if (kill(-pg, 0) != 0)
+        return false;
+    DIR *d = opendir("/proc");
+    if (!d)
+        return true;
+    struct dirent *e;
+    bool alive = false;
+    while (!alive && (e = readdir(d))) {
+        char *end, path[64], buf[512];
+        long pid = strtol(e->d_name, &end, 10);
+        if (*end || pid <= 0)
+            continue;
+        snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;
+        size_t n = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[n] = '\0';
+        /* "pid (comm) S ppid pgrp ...": comm may hold spaces and parens */
+        char *rp = strrchr(buf, ')');
+        char state;
+        long ppid, pgrp;
+        if (rp && sscanf(rp + 1, " %c %ld %ld", &state, &ppid, &pgrp) == 3)
+            alive = pgrp == (long)pg && state != 'Z';
+    }
+    closedir(d);
+    return alive;
+}
+
 void eval_tpserve_stop(eval_tpserve *s)
 {
     if (!s)
@@ -332,7 +368,7 @@ void eval_tpserve_stop(eval_tpserve *s)
         for (;;) {
             if (!s->reaped && waitpid(s->pid, &s->status, WNOHANG) == s->pid)
                 s->reaped = true;
-            if (s->reaped && kill(-s->pid, 0) != 0)
+            if (s->reaped && !group_alive(s->pid))
                 break;
             double el = kiln_time_now() - t0;
             if (!killed && el > TPS_STOP_GRACE_SEC) {

@@ -378,7 +378,8 @@ static void test_dry_run_plans(void **state)
     assert_non_null(strstr(r.out, "WILL NOT RUN"));
     assert_non_null(strstr(r.out, "mpirun -np 2 -H HOST1:1,HOST2:1 kiln serve -m MODEL_FILE "
                                   "--tp 2 --device cuda"));
-    assert_non_null(strstr(r.out, "--endpoint http://HOST1:8000"));
+    assert_non_null(strstr(r.out, "kiln eval --category coding --model llama3-70b --endpoint "
+                                  "http://HOST1:8000"));
     run_free(&r);
     const char *two[] = {"kiln", "eval", "--category", "coding", "--model", "llama3-70b",
                          "--assume-resources", "2xH100-80GB,256GB", "--dry-run", "--limit", "10",

@@ -294,7 +294,7 @@ typedef struct eval_plan_model {
     int n_ds;
     double est_sec;
     bool supported;        /* can this build run it (eval_engine_supported) */
-    char refuse[768];      /* when not: what it would need */
+    char refuse[1024];     /* when not: what it would need, or what to run */
 } eval_plan_model;
 
 typedef struct eval_plan {
@@ -315,9 +315,10 @@ void eval_choose_engine(const eval_model_def *m, const eval_resources *r, int ba
  * on this host (a kiln serve --tp child) yes, when the model's head counts
  * divide among the ranks (a model file that is present is checked); several
  * hosts no: eval cannot start ranks elsewhere, and why[n] gives the mpirun
- * and kiln eval --endpoint lines that run it. */
+ * and kiln eval --endpoint lines that run it (categories: "coding,math",
+ * for the latter; NULL: "..."). */
 bool eval_engine_supported(const eval_engine_choice *c, const eval_model_def *m,
-                           char *why, size_t n);
+                           const char *categories, char *why, size_t n);
 const char *eval_engine_kind_str(eval_engine_kind k);
 /* Time estimate of a dataset on a chosen engine. */
 double eval_estimate_sec(const eval_plan_dataset *d, const eval_model_def *m,

@@ -200,8 +200,8 @@ static void host_list(char *buf, size_t n, int hosts, int per_host)
     }
 }
 
-bool eval_engine_supported(const eval_engine_choice *c, const eval_model_def *m, char *why,
-                           size_t n)
+bool eval_engine_supported(const eval_engine_choice *c, const eval_model_def *m,
+                           const char *categories, char *why, size_t n)
 {
     char per[32], hosts[160];
     kiln_fmt_bytes(c->need_per_device, per, sizeof per);
@@ -228,11 +228,11 @@ bool eval_engine_supported(const eval_engine_choice *c, const eval_model_def *m,
                  "ranks on this host only.  Start the server on the hosts, then evaluate it:\n"
                  "      mpirun -np %d -H %s kiln serve -m %s --tp %d --device %s "
                  "--served-model-name %s --host 0.0.0.0 --port %d\n"
-                 "      kiln eval --category ... --model %s --endpoint http://HOST1:%d",
+                 "      kiln eval --category %s --model %s --endpoint http://HOST1:%d",
                  m->name, ranks, c->n_gpus ? "GPUs" : "ranks", c->n_hosts, per,
                  c->n_gpus ? "GPU" : "host", ranks, hosts, m->path ? m->path : "MODEL_FILE",
-                 ranks, c->n_gpus ? "cuda" : "cpu", m->name, MPI_SERVE_PORT, m->name,
-                 MPI_SERVE_PORT);
+                 ranks, c->n_gpus ? "cuda" : "cpu", m->name, MPI_SERVE_PORT,
+                 categories && *categories ? categories : "...", m->name, MPI_SERVE_PORT);
         return false;
     }
     }
@@ -366,7 +366,17 @@ void eval_plan_finish(eval_plan *p, const eval_resources *r, const eval_run_opts
             if (o->tp > 0)
                 force_tp(&pm->engine, r, o);
         }
-        pm->supported = eval_engine_supported(&pm->engine, pm->def, pm->refuse,
+        char cats[256] = "";
+        for (int k = 0; k < pm->n_ds; k++) {
+            const char *cat = pm->ds[k].category;
+            size_t len = strlen(cats), cl = strlen(cat);
+            bool dup = false;
+            for (const char *q = strstr(cats, cat); q && !dup; q = strstr(q + 1, cat))
+                dup = (q == cats || q[-1] == ',') && (q[cl] == ',' || q[cl] == '\0');
+            if (!dup && len + cl + 2 < sizeof cats)
+                snprintf(cats + len, sizeof cats - len, "%s%s", len ? "," : "", cat);
+        }
+        pm->supported = eval_engine_supported(&pm->engine, pm->def, cats, pm->refuse,
                                               sizeof pm->refuse);
         if (pm->supported && pm->engine.n_gpus > r->n_gpus && pm->engine.kind != EVAL_ENGINE_MPI) {
             pm->supported = false;

@@ -29,11 +29,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <dirent.h>
 #include <limits.h>
 #include <signal.h>
 #include <sys/stat.h>
-#include <time.h>
 
 #include <cmocka.h>
 #include <jansson.h>
@@ -43,6 +41,9 @@
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-function"
 #include "server_client.h"
+/* the tensor-parallel tests' helpers: this test uses the clock and the
+ * sanitizer environment */
+#include "tp_test.h"
 #pragma GCC diagnostic pop
 
 #define FAST "tests/data/eval/fast.json"
@@ -499,73 +500,29 @@ static void test_bad_input(void **state)
  * kiln eval run below starts (kiln serve, mpirun, the ranks) inherits it. */
 static char tp_tag[64];
 
-static double mono_sec(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-/* Processes other than this one whose environment holds tp_tag (and whose
- * command line holds `cmd`, when not NULL); the first one's command line
- * into what[cap]. */
-static int tagged_processes(const char *cmd, char *what, size_t cap)
-{
-    DIR *d = opendir("/proc");
-    assert_non_null(d);
-    struct dirent *e;
-    int found = 0;
-    while ((e = readdir(d))) {
-        char *end;
-        long pid = strtol(e->d_name, &end, 10);
-        if (*end || pid <= 0 || pid == (long)getpid())
-            continue;
-        char path[64];
-        static char buf[1 << 16];
-        snprintf(path, sizeof path, "/proc/%ld/environ", pid);
-        FILE *f = fopen(path, "r");
-        if (!f)
-            continue;
-        size_t n = fread(buf, 1, sizeof buf - 1, f);
-        fclose(f);
-        buf[n] = '\0';
-        bool has = false;
-        for (size_t i = 0; i < n && !has; i += strlen(buf + i) + 1)
-            has = !strcmp(buf + i, tp_tag);
-        if (!has)
-            continue;
-        snprintf(path, sizeof path, "/proc/%ld/cmdline", pid);
-        f = fopen(path, "r");
-        n = f ? fread(buf, 1, sizeof buf - 1, f) : 0;
-        if (f)
-            fclose(f);
-        for (size_t i = 0; i + 1 < n; i++)
-            if (buf[i] == '\0')
-                buf[i] = ' ';
-        buf[n] = '\0';
-        if (cmd && !strstr(buf, cmd))
-            continue;
-        if (found++ == 0 && what)
-            snprintf(what, cap, "pid %ld: %.400s", pid, buf);
-    }
-    closedir(d);
-    return found;
-}
-
 /* Nothing a finished run started may be left: its process group is gone
  * when eval returns; a rank mpirun put in a group of its own gets
  * TP_GONE_SEC to follow. */
 static void expect_no_leftovers(const char *after)
 {
-    char what[512] = "";
-    double t0 = mono_sec();
+    pid_t first;
+    double t0 = tp_now();
     int n;
-    while ((n = tagged_processes(NULL, what, sizeof what)) > 0 && mono_sec() - t0 < TP_GONE_SEC) {
-        struct timespec ts = {0, 50 * 1000 * 1000};
-        nanosleep(&ts, NULL);
+    while ((n = tp_processes(NULL, tp_tag, getpid(), &first)) > 0 && tp_now() - t0 < TP_GONE_SEC)
+        tp_nap(50);
+    if (n > 0) {
+        char cmd[256], path[64];
+        snprintf(path, sizeof path, "/proc/%d/cmdline", (int)first);
+        FILE *f = fopen(path, "r");
+        size_t len = f ? fread(cmd, 1, sizeof cmd - 1, f) : 0;
+        if (f)
+            fclose(f);
+        for (size_t i = 0; i < len; i++)
+            cmd[i] = cmd[i] ? cmd[i] : ' ';
+        cmd[len] = '\0';
+        fail_msg("%s: %d process%s left, e.g. pid %d: %s", after, n, n == 1 ? "" : "es",
+                 (int)first, cmd);
     }
-    if (n > 0)
-        fail_msg("%s: %d process%s left, e.g. %s", after, n, n == 1 ? "" : "es", what);
 }
 
 static void test_tp_same_answers(void **state)
@@ -646,12 +603,11 @@ static void test_tp_interrupted(void **state)
                        "--limit", "20", "--registry", FAST, "--tp", "3", "--out",
                        "build/eval-tpint", "--quiet", NULL};
     pid_t pid = cli_spawn(kiln_bin, a, -1, -1, -1, 0);
-    double t0 = mono_sec();
-    while (tagged_processes(" serve ", NULL, 0) < 3 && mono_sec() - t0 < TP_START_SEC) {
-        struct timespec ts = {0, 50 * 1000 * 1000};
-        nanosleep(&ts, NULL);
-    }
-    int seen = tagged_processes(" serve ", NULL, 0);
+    double t0 = tp_now();
+    pid_t first;
+    while (tp_processes("serve", tp_tag, getpid(), &first) < 3 && tp_now() - t0 < TP_START_SEC)
+        tp_nap(50);
+    int seen = tp_processes("serve", tp_tag, getpid(), &first);
     kill(pid, SIGINT);
     int status = wait_status(pid);
     print_message("  SIGINT with %d kiln serve processes running: eval ended with %d\n", seen,
@@ -668,20 +624,7 @@ int main(int argc, char **argv)
     snprintf(kiln_bin, sizeof kiln_bin, "%s", srv_bin);
     snprintf(tp_tag, sizeof tp_tag, "%s=%d", TP_TAG_VAR, (int)getpid());
     putenv(tp_tag);
-#if defined(__SANITIZE_ADDRESS__)
-    {
-        /* the ranks run OpenMPI, which keeps what MPI_Init allocated until
-         * exit: suppressed by library, which needs full stacks */
-        char supp[PATH_MAX + 32], opts[1024];
-        char *abs = realpath("tests/lsan-mpi.supp", NULL);
-        snprintf(supp, sizeof supp, "suppressions=%s", abs ? abs : "tests/lsan-mpi.supp");
-        free(abs);
-        setenv("LSAN_OPTIONS", supp, 1);
-        const char *a = getenv("ASAN_OPTIONS");
-        snprintf(opts, sizeof opts, "%s%sfast_unwind_on_malloc=0", a ? a : "", a && *a ? ":" : "");
-        setenv("ASAN_OPTIONS", opts, 1);
-    }
-#endif
+    tp_test_sanitizer_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_dry_run_plans),

@@ -231,18 +231,25 @@ kiln_status eval_tpserve_start(const eval_model_def *m, const eval_run_opts *o,
         return KILN_FAIL(KILN_ERR_IO, "tensor parallel: cannot find the kiln binary "
                          "(/proc/self/exe): %s", sn < 0 ? strerror(errno) : "path too long");
     self[sn] = '\0';
-    static char store[TPS_MAX_ARGS][PATH_MAX];
+    /* built before fork: the child may only exec */
+    char (*store)[PATH_MAX] = kiln_calloc(TPS_MAX_ARGS, sizeof *store);
     char *argv[TPS_MAX_ARGS + 1];
-    if (!build_argv(m, o, self, store, argv))
+    eval_tpserve *s = store ? kiln_calloc(1, sizeof *s) : NULL;
+    if (!s) {
+        kiln_free(store);
+        return KILN_FAIL(KILN_ERR_NOMEM, "tensor parallel: out of memory");
+    }
+    if (!build_argv(m, o, self, store, argv)) {
+        kiln_free(store);
+        kiln_free(s);
         return KILN_FAIL(KILN_ERR_INVALID_ARG, "tensor parallel: the kiln serve command line "
                          "is too long");
-    eval_tpserve *s = kiln_calloc(1, sizeof *s);
-    if (!s)
-        return KILN_FAIL(KILN_ERR_NOMEM, "tensor parallel: out of memory");
+    }
     s->pid = -1;
     char tmpl[] = "/tmp/kiln-eval-serve-XXXXXX";
     s->log_fd = mkostemp(tmpl, O_CLOEXEC);
     if (s->log_fd < 0) {
+        kiln_free(store);
         kiln_free(s);
         return KILN_FAIL(KILN_ERR_IO, "tensor parallel: cannot create the server's log in "
                          "/tmp: %s", strerror(errno));
@@ -254,6 +261,7 @@ kiln_status eval_tpserve_start(const eval_model_def *m, const eval_run_opts *o,
     if (s->pid < 0) {
         int e = errno;
         close(s->log_fd);
+        kiln_free(store);
         kiln_free(s);
         return KILN_FAIL(KILN_ERR_IO, "tensor parallel: fork: %s", strerror(e));
     }
@@ -275,6 +283,7 @@ kiln_status eval_tpserve_start(const eval_model_def *m, const eval_run_opts *o,
         _exit(127);
     }
     setpgid(s->pid, s->pid); /* also here: no window where a signal misses the group */
+    kiln_free(store);
     guard_install(s->pid);
     *out = s;
     if (!o->quiet)

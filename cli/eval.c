@@ -27,6 +27,8 @@
 #define EVAL_DEFAULT_MAX_SEQS 16
 #define EVAL_MAX_SEQS_LIMIT 1024
 #define EVAL_MAX_SELECTED 64      /* categories or models named on the command line */
+#define EVAL_MAX_TP 64            /* --tp, as kiln serve takes it */
+#define EVAL_SERVE_CTX_CAP 8192   /* the tensor-parallel child's context, unless --ctx */
 
 typedef struct eval_cli {
     const char *categories[EVAL_MAX_SELECTED];
@@ -66,11 +68,16 @@ static void eval_usage(FILE *f)
             "                         cannot isolate it (rlimits and a temp dir only)\n"
             "  --exec-timeout SEC     wall-clock limit of one code run (default 10)\n"
             "  --device D             cpu or cuda:N (default: the plan's choice)\n"
+            "  --tp N                 set the engine aside from the plan's choice: tensor\n"
+            "                         parallel over N ranks on the plan's device (GPUs, or\n"
+            "                         CPU processes through MPI), run by a kiln serve --tp N\n"
+            "                         child that eval starts and stops; 1: one device\n"
+            "  --serve-timeout SEC    for that child to answer /health (default %.0f)\n"
             "  -t, --threads N        CPU threads (default: all cores)\n"
             "  --ctx N                context per sequence (default: what the prompts need)\n"
             "  --seed N               sampling seed for pass@k with n > 1 (default 0)\n"
             "  --quiet                no progress bars\n",
-            EVAL_DEFAULT_OUT, EVAL_DEFAULT_MAX_SEQS);
+            EVAL_DEFAULT_OUT, EVAL_DEFAULT_MAX_SEQS, EVAL_SERVE_READY_TIMEOUT_SEC);
 }
 
 /* Split "a,b,c" into list (pointers into text, which is modified). */
@@ -153,6 +160,16 @@ static int parse_args(int argc, char **argv, eval_cli *c)
             if (!cli_parse_int(a, argv[i], 1, 1024, &v))
                 return 2;
             c->run.threads = (int)v;
+        } else if (!strcmp(a, "--tp")) {
+            NEED_VALUE();
+            if (!cli_parse_int(a, argv[i], 1, EVAL_MAX_TP, &v))
+                return 2;
+            c->run.tp = (int)v;
+        } else if (!strcmp(a, "--serve-timeout")) {
+            NEED_VALUE();
+            if (!cli_parse_float(a, argv[i], 1, 24 * 3600, &fv))
+                return 2;
+            c->run.serve_timeout = fv;
         } else if (!strcmp(a, "--ctx")) {
             NEED_VALUE();
             if (!cli_parse_int(a, argv[i], 16, 1 << 24, &v))
@@ -198,6 +215,11 @@ static int parse_args(int argc, char **argv, eval_cli *c)
     if (c->run.endpoint && c->n_models != 1) {
         fprintf(stderr, "kiln eval: --endpoint needs exactly one --model (the name the server "
                         "knows the model by)\n");
+        return 2;
+    }
+    if (c->run.endpoint && c->run.tp) {
+        fprintf(stderr, "kiln eval: --tp sets the engine eval runs; with --endpoint the server "
+                        "runs the model (start it with kiln serve --tp N)\n");
         return 2;
     }
     return 0;
@@ -416,8 +438,21 @@ static const eval_data *data_of(const selection *s, const eval_dataset_def *d)
 static int run_model(eval_cli *c, const selection *s, const eval_plan_model *pm)
 {
     eval_run_opts o = c->run;
+    const eval_engine_choice *e = &pm->engine;
     if (!o.device)
-        o.device = pm->engine.kind == EVAL_ENGINE_GPU ? "cuda:0" : "cpu";
+        o.device = e->kind == EVAL_ENGINE_GPU ? "cuda:0"
+                   : e->kind == EVAL_ENGINE_TP && e->n_gpus ? "cuda" : "cpu";
+    o.tp = e->kind == EVAL_ENGINE_TP ? e->tp_ranks : 0;
+    if (o.tp && !o.n_ctx) {
+        /* the child's context: the longest sequence the datasets can make */
+        for (int k = 0; k < pm->n_ds; k++)
+            if (pm->ds[k].max_seq_bound > o.n_ctx)
+                o.n_ctx = pm->ds[k].max_seq_bound;
+        if (pm->def->ctx && o.n_ctx > pm->def->ctx)
+            o.n_ctx = pm->def->ctx;
+        if (o.n_ctx > EVAL_SERVE_CTX_CAP)
+            o.n_ctx = EVAL_SERVE_CTX_CAP;
+    }
     eval_runner *rn = NULL;
     kiln_status st = eval_runner_open(pm->def, &o, &rn);
     if (st != KILN_OK) {
@@ -547,7 +582,7 @@ int cmd_eval(int argc, char **argv)
     if (!rc)
         rc = build_plan(&reg, &c, sel, &plan);
     if (!rc) {
-        eval_plan_finish(&plan, &res, c.run.max_seqs, c.run.endpoint != NULL);
+        eval_plan_finish(&plan, &res, &c.run);
         eval_plan_print(stdout, &plan, &res, &c.run, c.limit);
         fflush(stdout);
     }

@@ -560,20 +560,7 @@ int main(int argc, char **argv)
         perror("mkdtemp");
         return 1;
     }
-#if defined(__SANITIZE_ADDRESS__)
-    {
-        /* the ranks run OpenMPI, which keeps what MPI_Init allocated until
-         * exit: suppressed by library, which needs full stacks */
-        char supp[PATH_MAX + 32], opts[1024];
-        char *abs = realpath("tests/lsan-mpi.supp", NULL);
-        snprintf(supp, sizeof supp, "suppressions=%s", abs ? abs : "tests/lsan-mpi.supp");
-        free(abs);
-        setenv("LSAN_OPTIONS", supp, 1);
-        const char *a = getenv("ASAN_OPTIONS");
-        snprintf(opts, sizeof opts, "%s%sfast_unwind_on_malloc=0", a ? a : "", a && *a ? ":" : "");
-        setenv("ASAN_OPTIONS", opts, 1);
-    }
-#endif
+    tp_test_sanitizer_env();
     if (geteuid() == 0) {
         /* mpirun refuses root without both (containers, CI) */
         setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 0);

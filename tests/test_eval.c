@@ -346,17 +346,23 @@ static void test_plan_70b(void **state)
     assert_int_equal(c.n_gpus, 4);
     assert_int_equal(c.n_hosts, 4);
     assert_true(c.need_per_device == 39571820544ull);
-    char why[512];
-    assert_false(eval_engine_supported(&c, &m, why, sizeof why));
-    assert_non_null(strstr(why, "4 GPUs over 4 hosts through mpirun"));
-    assert_non_null(strstr(why, "issue 14"));
+    char why[768];
+    assert_false(eval_engine_supported(&c, &m, NULL, why, sizeof why));
+    assert_non_null(strstr(why, "needs 4 GPUs over 4 hosts"));
+    /* what to run instead: the server under mpirun, eval against it */
+    assert_non_null(strstr(why, "mpirun -np 4 -H HOST1:1,HOST2:1,HOST3:1,HOST4:1 kiln serve "
+                                "-m MODEL_FILE --tp 4 --device cuda --served-model-name "
+                                "llama3-70b"));
+    assert_non_null(strstr(why, "kiln eval --category ... --model llama3-70b --endpoint "
+                                "http://HOST1:8000"));
 
     eval_choose_engine(&m, &four, 16, 2048, &c);
     assert_int_equal(c.kind, EVAL_ENGINE_TP);
     assert_int_equal(c.n_gpus, 4);
+    assert_int_equal(c.tp_ranks, 4);
     assert_true(c.need_per_device == 39571820544ull);
-    assert_false(eval_engine_supported(&c, &m, why, sizeof why));
-    assert_non_null(strstr(why, "tensor parallel over 4 GPUs"));
+    /* one host's GPUs: kiln eval runs it (a kiln serve --tp 4 child) */
+    assert_true(eval_engine_supported(&c, &m, NULL, why, sizeof why));
 
     /* half the context: 2 GPUs hold it (70,553,706,496 + 2,684,354,560 +
      * 1,610,612,736 = 74,848,673,792) */
@@ -370,6 +376,10 @@ static void test_plan_70b(void **state)
     assert_int_equal(c.kind, EVAL_ENGINE_MPI);
     assert_int_equal(c.n_gpus, 0);
     assert_int_equal(c.n_hosts, 16);
+    assert_false(eval_engine_supported(&c, &m, NULL, why, sizeof why));
+    assert_non_null(strstr(why, "needs 16 ranks over 16 hosts"));
+    assert_non_null(strstr(why, "mpirun -np 16 -H HOST1,HOST2,HOST3,HOST4,...,HOST16 kiln "
+                                "serve -m MODEL_FILE --tp 16 --device cpu"));
 
     /* a 135M model: one GPU, or the CPU without one */
     eval_model_def s = llama70b();
@@ -380,7 +390,7 @@ static void test_plan_70b(void **state)
     s.head_dim = 64;
     eval_choose_engine(&s, &one, 16, 2048, &c);
     assert_int_equal(c.kind, EVAL_ENGINE_GPU);
-    assert_true(eval_engine_supported(&c, &s, why, sizeof why));
+    assert_true(eval_engine_supported(&c, &s, NULL, why, sizeof why));
     eval_choose_engine(&s, &host16, 16, 2048, &c);
     assert_int_equal(c.kind, EVAL_ENGINE_CPU);
     assert_true(c.weight_bytes == 269030016ull);

@@ -7,7 +7,13 @@
  *   - the report opens in headless Chromium (screenshot: build/eval-report.png);
  *   - batch invariance: --max-seqs 1 and --max-seqs 64 give byte-identical
  *     completions (the engine's deterministic mode, on by default);
- *   - dry-run plans for assumed resources (a 70B shape on 1 and 4 H100s);
+ *   - dry-run plans for assumed resources (a 70B shape on 1, 2 and 4 H100s:
+ *     several hosts refused with the mpirun line to run, one host's GPUs
+ *     tensor parallel);
+ *   - --tp 3 (SmolLM2's 9 query / 3 KV heads on three CPU ranks, a kiln
+ *     serve --tp 3 child eval starts and stops): the same answers as --tp 1,
+ *     and no process it started outlives it, also when it is interrupted;
+ *     --tp 2 refused naming the head counts;
  *   - --endpoint against `kiln serve` (started and stopped here) gives the
  *     same completions and scores as the local engine;
  *   - bad input: unknown category, missing model, corrupt dataset, bad
@@ -24,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <limits.h>
+#include <signal.h>
 #include <sys/stat.h>
 
 #include <cmocka.h>
@@ -34,6 +41,9 @@
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-function"
 #include "server_client.h"
+/* the tensor-parallel tests' helpers: this test uses the clock and the
+ * sanitizer environment */
+#include "tp_test.h"
 #pragma GCC diagnostic pop
 
 #define FAST "tests/data/eval/fast.json"
@@ -209,8 +219,10 @@ static void test_end_to_end(void **state)
     struct stat sb;
     assert_int_equal(stat(p, &sb), 0);
     assert_int_equal(truncate(p, sb.st_size - 20), 0);
-    const char *one[] = {"kiln", "eval", "--category", "coding", "--model", "smollm2-135m",
-                         "--limit", LIMIT, "--registry", FAST, "--out", E2E_OUT, NULL};
+    /* every category and model again, so that summary.json (what the plan
+     * asked for) still holds them all for test_endpoint_same_scores */
+    const char *one[] = {"kiln", "eval", "--category", cats, "--model", models, "--limit",
+                         LIMIT, "--registry", FAST, "--out", E2E_OUT, NULL};
     r = kiln(one);
     expect_ok(&r, "resume after a cut");
     assert_non_null(strstr(r.err, "1 samples resumed from an earlier run, 1 run now"));
@@ -220,12 +232,6 @@ static void test_end_to_end(void **state)
     assert_true(json_equal(before, after)); /* greedy: the same completion again */
     json_decref(after);
     json_decref(before);
-
-    /* a run's summary covers the categories it was given: the whole set
-     * again (all resumed) for the tests that read it */
-    r = kiln(again);
-    expect_ok(&r, "rerun of every category");
-    run_free(&r);
 }
 
 static void test_report_in_chromium(void **state)
@@ -373,7 +379,29 @@ static void test_dry_run_plans(void **state)
     assert_non_null(strstr(r.out, "per GPU: weights 65.7 GiB"));
     assert_non_null(strstr(r.out, "<= 72.0 GiB per GPU"));
     assert_non_null(strstr(r.out, "WILL NOT RUN"));
-    assert_non_null(strstr(r.out, "issue 14"));
+    assert_non_null(strstr(r.out, "mpirun -np 2 -H HOST1:1,HOST2:1 kiln serve -m MODEL_FILE "
+                                  "--tp 2 --device cuda"));
+    assert_non_null(strstr(r.out, "kiln eval --category coding --model llama3-70b --endpoint "
+                                  "http://HOST1:8000"));
+    run_free(&r);
+    const char *two[] = {"kiln", "eval", "--category", "coding", "--model", "llama3-70b",
+                         "--assume-resources", "2xH100-80GB,256GB", "--dry-run", "--limit", "10",
+                         "--out", "build/eval-dry", NULL};
+    r = kiln(two);
+    expect_ok(&r, "dry-run 2xH100");
+    assert_non_null(strstr(r.out, "engine: tensor parallel over 2 GPUs (kiln serve --tp 2)"));
+    assert_non_null(strstr(r.out, "per GPU: weights 65.7 GiB"));
+    assert_null(strstr(r.out, "WILL NOT RUN"));
+    run_free(&r);
+    /* --tp sets the engine aside: three CPU ranks on a host without GPUs */
+    const char *cpu3[] = {"kiln", "eval", "--category", "math", "--model", "smollm2-135m",
+                          "--assume-resources", "64GB", "--dry-run", "--tp", "3", "--registry",
+                          FAST, "--out", "build/eval-dry", NULL};
+    r = kiln(cpu3);
+    expect_ok(&r, "dry-run --tp 3");
+    assert_non_null(strstr(r.out, "engine: tensor parallel over 3 CPU ranks (kiln serve --tp 3)"));
+    assert_non_null(strstr(r.out, "--tp 3 sets the engine: per rank: weights 31.3 MiB"));
+    assert_null(strstr(r.out, "WILL NOT RUN"));
     run_free(&r);
     const char *four[] = {"kiln", "eval", "--category", "coding", "--model",
                           "llama3-70b,qwen2.5-7b,smollm2-135m", "--assume-resources",
@@ -381,7 +409,7 @@ static void test_dry_run_plans(void **state)
                           "--out", "build/eval-dry", NULL};
     r = kiln(four);
     expect_ok(&r, "dry-run 4xH100");
-    assert_non_null(strstr(r.out, "engine: tensor parallel over 4 GPUs"));
+    assert_non_null(strstr(r.out, "engine: tensor parallel over 4 GPUs (kiln serve --tp 4)"));
     assert_non_null(strstr(r.out, "per GPU: weights 32.9 GiB"));
     assert_non_null(strstr(r.out, "model qwen2.5-7b\n    engine: one GPU"));
     assert_non_null(strstr(r.out, "weights 14.2 GiB"));
@@ -453,6 +481,140 @@ static void test_bad_input(void **state)
     expect_fail(bad_reg, 1, "corrupt-humaneval.jsonl", o);
     const char *none[] = {"kiln", "eval", "--out", o, NULL};
     expect_fail(none, 2, "--category", o);
+    const char *tp0[] = {"kiln", "eval", "--category", "math", "--tp", "0", "--out", o, NULL};
+    expect_fail(tp0, 2, "--tp", o);
+    const char *tp_ep[] = {"kiln", "eval", "--category", "math", "--model", "m", "--endpoint",
+                           "http://127.0.0.1:9", "--tp", "3", "--out", o, NULL};
+    expect_fail(tp_ep, 2, "with --endpoint the server runs the model", o);
+}
+
+/* ------------------------------------------------------------------------
+ * Tensor parallel: a kiln serve --tp child that eval starts and stops
+ * ---------------------------------------------------------------------- */
+
+#define TP_TAG_VAR "KILN_EVAL_TEST_TAG"
+#define TP_GONE_SEC 1.0    /* for the last of a stopped group to vanish */
+#define TP_START_SEC 120.0 /* for eval's child to appear */
+
+/* "KILN_EVAL_TEST_TAG=<pid>", in this test's environment: every process a
+ * kiln eval run below starts (kiln serve, mpirun, the ranks) inherits it. */
+static char tp_tag[64];
+
+/* Nothing a finished run started may be left: its process group is gone
+ * when eval returns; a rank mpirun put in a group of its own gets
+ * TP_GONE_SEC to follow. */
+static void expect_no_leftovers(const char *after)
+{
+    pid_t first;
+    double t0 = tp_now();
+    int n;
+    while ((n = tp_processes(NULL, tp_tag, getpid(), &first)) > 0 && tp_now() - t0 < TP_GONE_SEC)
+        tp_nap(50);
+    if (n > 0) {
+        char cmd[256], path[64];
+        snprintf(path, sizeof path, "/proc/%d/cmdline", (int)first);
+        FILE *f = fopen(path, "r");
+        size_t len = f ? fread(cmd, 1, sizeof cmd - 1, f) : 0;
+        if (f)
+            fclose(f);
+        for (size_t i = 0; i < len; i++)
+            cmd[i] = cmd[i] ? cmd[i] : ' ';
+        cmd[len] = '\0';
+        fail_msg("%s: %d process%s left, e.g. pid %d: %s", after, n, n == 1 ? "" : "es",
+                 (int)first, cmd);
+    }
+}
+
+static void test_tp_same_answers(void **state)
+{
+    (void)state;
+    rm_rf("build/eval-tp1");
+    rm_rf("build/eval-tp3");
+    const char *a1[] = {"kiln", "eval", "--category", "math", "--model", "smollm2-135m",
+                        "--limit", LIMIT, "--registry", FAST, "--tp", "1", "--out",
+                        "build/eval-tp1", "--quiet", NULL};
+    run_result r = kiln(a1);
+    expect_ok(&r, "--tp 1");
+    assert_non_null(strstr(r.out, "engine: CPU"));
+    run_free(&r);
+    const char *a3[] = {"kiln", "eval", "--category", "math", "--model", "smollm2-135m",
+                        "--limit", LIMIT, "--registry", FAST, "--tp", "3", "--out",
+                        "build/eval-tp3", "--quiet", NULL};
+    r = kiln(a3);
+    expect_ok(&r, "--tp 3");
+    assert_non_null(strstr(r.out, "engine: tensor parallel over 3 CPU ranks (kiln serve --tp 3)"));
+    assert_non_null(strstr(r.out, "score "));
+    run_free(&r);
+    expect_no_leftovers("--tp 3");
+    json_t *c1 = read_records("build/eval-tp1/samples/smollm2-135m/arithmetic.jsonl");
+    json_t *c3 = read_records("build/eval-tp3/samples/smollm2-135m/arithmetic.jsonl");
+    assert_int_equal(json_object_size(c1), 2);
+    const char *key;
+    json_t *v;
+    json_object_foreach(c1, key, v) {
+        json_t *w = json_object_get(c3, key);
+        if (!w || !json_equal(v, w))
+            fail_msg("%s: --tp 1 and --tp 3 answer differently:\n[%s]\n[%s]", key,
+                     json_string_value(v), w ? json_string_value(w) : "(none)");
+    }
+    assert_int_equal(json_object_size(c3), 2);
+    json_decref(c1);
+    json_decref(c3);
+    /* every sample ran (no request failed), so the scores are the same */
+    json_t *s1 = json_load_file("build/eval-tp1/summary.json", 0, NULL);
+    json_t *s3 = json_load_file("build/eval-tp3/summary.json", 0, NULL);
+    assert_non_null(s1);
+    assert_non_null(s3);
+    json_t *r1 = json_array_get(json_object_get(s1, "results"), 0);
+    json_t *r3 = json_array_get(json_object_get(s3, "results"), 0);
+    assert_int_equal(json_integer_value(json_object_get(r3, "n_records")), 2);
+    assert_int_equal(json_integer_value(json_object_get(r3, "n_errors")), 0);
+    assert_true(json_number_value(json_object_get(r1, "score")) ==
+                json_number_value(json_object_get(r3, "score")));
+    json_decref(s1);
+    json_decref(s3);
+    /* the rerun resumes the tensor-parallel run's records: nothing to compute */
+    r = kiln(a3);
+    expect_ok(&r, "--tp 3 rerun");
+    assert_int_equal(count_lines("build/eval-tp3/samples/smollm2-135m/arithmetic.jsonl"), 2);
+    run_free(&r);
+    expect_no_leftovers("--tp 3 rerun");
+}
+
+static void test_tp_refused(void **state)
+{
+    (void)state;
+    const char *o = "build/eval-tp2";
+    /* SmolLM2's 9 query heads do not divide among 2 ranks: refused before
+     * anything starts, naming the counts */
+    const char *a2[] = {"kiln", "eval", "--category", "math", "--model", "smollm2-135m",
+                        "--limit", LIMIT, "--registry", FAST, "--tp", "2", "--out", o,
+                        "--quiet", NULL};
+    expect_fail(a2, 1, "9 query heads and 3 KV heads", o);
+    expect_no_leftovers("--tp 2");
+}
+
+/* Ctrl-C while the child runs: eval ends the child's group, then itself. */
+static void test_tp_interrupted(void **state)
+{
+    (void)state;
+    rm_rf("build/eval-tpint");
+    const char *a[] = {"kiln", "eval", "--category", "math", "--model", "smollm2-135m",
+                       "--limit", "20", "--registry", FAST, "--tp", "3", "--out",
+                       "build/eval-tpint", "--quiet", NULL};
+    pid_t pid = cli_spawn(kiln_bin, a, -1, -1, -1, 0);
+    double t0 = tp_now();
+    pid_t first;
+    while (tp_processes("serve", tp_tag, getpid(), &first) < 3 && tp_now() - t0 < TP_START_SEC)
+        tp_nap(50);
+    int seen = tp_processes("serve", tp_tag, getpid(), &first);
+    kill(pid, SIGINT);
+    int status = wait_status(pid);
+    print_message("  SIGINT with %d kiln serve processes running: eval ended with %d\n", seen,
+                  status);
+    assert_true(seen >= 3); /* the launcher and ranks were there to stop */
+    assert_int_equal(status, 128 + SIGINT);
+    expect_no_leftovers("SIGINT");
 }
 
 int main(int argc, char **argv)
@@ -460,6 +622,9 @@ int main(int argc, char **argv)
     (void)argc;
     srv_find_binary(argv[0]);
     snprintf(kiln_bin, sizeof kiln_bin, "%s", srv_bin);
+    snprintf(tp_tag, sizeof tp_tag, "%s=%d", TP_TAG_VAR, (int)getpid());
+    putenv(tp_tag);
+    tp_test_sanitizer_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_dry_run_plans),
@@ -467,6 +632,12 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_report_in_chromium),
         cmocka_unit_test(test_endpoint_same_scores),
         cmocka_unit_test(test_batch_invariance),
+        cmocka_unit_test(test_tp_refused),
+        cmocka_unit_test(test_tp_same_answers),
+        cmocka_unit_test(test_tp_interrupted),
     };
+    const char *filter = getenv("KILN_TEST_FILTER");
+    if (filter)
+        cmocka_set_test_filter(filter);
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

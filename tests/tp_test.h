@@ -1,6 +1,7 @@
 /*
- * tp_test.h - what the tensor-parallel tests share (test_dist.c on the CPU,
- * tests/gpu/test_gpu_tp.c on GPUs): reading and comparing what `kiln
+ * tp_test.h - what the tensor-parallel tests share (test_dist.c and
+ * test_eval_cli.c on the CPU, tests/gpu/test_gpu_tp.c on GPUs): the
+ * sanitized build's environment for MPI ranks, reading and comparing what `kiln
  * generate --logprobs-out` writes, and a run whose rank 1 is signalled
  * mid-generation.  Header-only (static functions) like cli_run.h; include
  * it after <cmocka.h> and cli_run.h.
@@ -13,6 +14,7 @@
 #define KILN_TEST_TP_TEST_H
 
 #include <dirent.h>
+#include <limits.h>
 #include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -89,6 +91,24 @@ static void compare_logprobs(const char *ref, const char *got, double tol, int w
     print_message("  %s: max |dlogprob| %.3g (tolerance %g)\n", got, worst, tol);
 }
 
+/* In a sanitized build: the ranks run OpenMPI, which keeps what MPI_Init
+ * allocated until exit; LeakSanitizer suppresses it by library
+ * (tests/lsan-mpi.supp), which needs full stacks.  Call from main, before
+ * any rank starts (the ranks inherit the environment). */
+static __attribute__((unused)) void tp_test_sanitizer_env(void)
+{
+#if defined(__SANITIZE_ADDRESS__)
+    char supp[PATH_MAX + 32], opts[1024];
+    char *abs = realpath("tests/lsan-mpi.supp", NULL);
+    snprintf(supp, sizeof supp, "suppressions=%s", abs ? abs : "tests/lsan-mpi.supp");
+    free(abs);
+    setenv("LSAN_OPTIONS", supp, 1);
+    const char *a = getenv("ASAN_OPTIONS");
+    snprintf(opts, sizeof opts, "%s%sfast_unwind_on_malloc=0", a ? a : "", a && *a ? ":" : "");
+    setenv("ASAN_OPTIONS", opts, 1);
+#endif
+}
+
 static double tp_now(void)
 {
     struct timespec ts;
@@ -102,22 +122,26 @@ static void tp_nap(long ms)
     nanosleep(&ts, NULL);
 }
 
-/* The process (not `except`) whose command line holds marker and whose
- * environment holds env ("VAR=value"); 0 when none. */
-static pid_t tp_find_rank(const char *marker, const char *env, pid_t except)
+/* The processes (but `except`) whose command line has an argument holding
+ * marker (NULL: any) and whose environment holds env ("VAR=value"); the
+ * count, and the first one's pid in *first (0 when none).  A zombie has
+ * neither, so it never counts. */
+static int tp_processes(const char *marker, const char *env, pid_t except, pid_t *first)
 {
     DIR *d = opendir("/proc");
     assert_non_null(d);
     struct dirent *e;
-    pid_t found = 0;
-    while (!found && (e = readdir(d))) {
+    int count = 0;
+    *first = 0;
+    while ((e = readdir(d))) {
         char *end;
         long pid = strtol(e->d_name, &end, 10);
         if (*end || pid <= 0 || pid == except)
             continue;
-        char path[64], buf[16384];
-        bool has = false;
-        for (int part = 0; part < 2 && (part == 0 || has); part++) {
+        char path[64];
+        static char buf[1 << 16];
+        bool has = true, found = false;
+        for (int part = marker ? 0 : 1; part < 2 && has && !found; part++) {
             snprintf(path, sizeof path, "/proc/%ld/%s", pid, part ? "environ" : "cmdline");
             FILE *f = fopen(path, "r");
             if (!f)
@@ -125,16 +149,28 @@ static pid_t tp_find_rank(const char *marker, const char *env, pid_t except)
             size_t n = fread(buf, 1, sizeof buf - 1, f);
             fclose(f);
             buf[n] = '\0';
+            has = part == 1;
             for (size_t i = 0; i < n; i += strlen(buf + i) + 1) {
                 if (part == 0 && strstr(buf + i, marker))
                     has = true;
                 if (part == 1 && !strcmp(buf + i, env))
-                    found = (pid_t)pid;
+                    found = true;
             }
         }
+        if (found && count++ == 0)
+            *first = (pid_t)pid;
     }
     closedir(d);
-    return found;
+    return count;
+}
+
+/* The process (not `except`) whose command line holds marker and whose
+ * environment holds env ("VAR=value"); 0 when none. */
+static pid_t tp_find_rank(const char *marker, const char *env, pid_t except)
+{
+    pid_t pid;
+    tp_processes(marker, env, except, &pid);
+    return pid;
 }
 
 /* Run argv (argv[0] a path) with stdout and stderr to files under dir and

@@ -127,6 +127,7 @@ kiln_status dist_msg_decode_prepare(const dist_msg_hdr *h, const void *payload, 
     bool ok = m.n_blocks >= 0 && m.host_blocks >= 0 && m.block_size >= 1 &&
               m.block_size <= (1 << 16) && m.n_ctx >= 1 && m.max_tokens >= 1 &&
               m.max_out >= 1 && m.max_seqs >= 1 &&
+              /* a row a sequence, and prompt log-probability rows */
               (int64_t)m.max_out <= (int64_t)m.max_seqs + m.max_tokens &&
               (m.kv_f32 == 0 || m.kv_f32 == 1) && (m.eager == 0 || m.eager == 1) &&
               (m.deterministic == 0 || m.deterministic == 1) &&

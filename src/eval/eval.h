@@ -29,6 +29,8 @@
 #define EVAL_MAX_NAMES 256                    /* entries of one registry table */
 #define EVAL_MAX_SUBTASKS 256                 /* subtask folders of a task */
 #define EVAL_MAX_PASS_N 1000                  /* completions per problem */
+#define EVAL_SPECIAL_TOKENS 8   /* BOS, a SentencePiece prefix space and the like:
+                                   tokens a prompt may gain over its bytes */
 #define EVAL_PROMPT_VERSION 2   /* how prompts are built: a change makes reruns
                                    start afresh (it is in the fingerprint) */
 
@@ -259,6 +261,7 @@ typedef enum eval_engine_kind {
 typedef struct eval_engine_choice {
     eval_engine_kind kind;
     int n_gpus;            /* GPUs in all (TP / MPI over GPUs) */
+    int tp_ranks;          /* TP: its ranks (n_gpus, or CPU processes under --tp) */
     int n_hosts;           /* MPI */
     uint64_t weight_bytes; /* the whole model */
     uint64_t kv_bytes;     /* KV for the planned batch */
@@ -279,6 +282,8 @@ typedef struct eval_plan_dataset {
     uint64_t prompt_tokens; /* estimated */
     uint64_t gen_tokens;   /* at most */
     int max_seq_tokens;    /* the longest sequence (prompt + generation) */
+    int max_seq_bound;     /* tokens it cannot exceed: prompt bytes + generation
+                              + EVAL_SPECIAL_TOKENS (a token is >= 1 byte) */
     double est_sec;
 } eval_plan_dataset;
 
@@ -289,7 +294,7 @@ typedef struct eval_plan_model {
     int n_ds;
     double est_sec;
     bool supported;        /* can this build run it (eval_engine_supported) */
-    char refuse[768];      /* when not: what it would need */
+    char refuse[1024];     /* when not: what it would need, or what to run */
 } eval_plan_model;
 
 typedef struct eval_plan {
@@ -306,21 +311,24 @@ uint64_t eval_weight_bytes(const eval_model_def *m);
  * on resources r. */
 void eval_choose_engine(const eval_model_def *m, const eval_resources *r, int batch,
                         int seq_tokens, eval_engine_choice *out);
-/* Whether this build can run that engine: CPU and one GPU yes; tensor
- * parallel and mpirun not until the tensor-parallel engine lands (issue
- * 14) - the one switch to turn on then.  When not, why[n] says what the
- * run would need. */
+/* Whether kiln eval can run that engine: CPU, one GPU and tensor parallel
+ * on this host (a kiln serve --tp child) yes, when the model's head counts
+ * divide among the ranks (a model file that is present is checked); several
+ * hosts no: eval cannot start ranks elsewhere, and why[n] gives the mpirun
+ * and kiln eval --endpoint lines that run it (categories: "coding,math",
+ * for the latter; NULL: "..."). */
 bool eval_engine_supported(const eval_engine_choice *c, const eval_model_def *m,
-                           char *why, size_t n);
+                           const char *categories, char *why, size_t n);
 const char *eval_engine_kind_str(eval_engine_kind k);
 /* Time estimate of a dataset on a chosen engine. */
 double eval_estimate_sec(const eval_plan_dataset *d, const eval_model_def *m,
                          const eval_engine_choice *c, const eval_resources *r);
 /* Count a dataset's work (items after limit, requests, estimated tokens). */
 void eval_plan_count(eval_plan_dataset *pd, const eval_data *data, int limit);
-/* Choose every model's engine, whether it can run, and the estimates. */
-void eval_plan_finish(eval_plan *p, const eval_resources *r, int max_seqs, bool endpoint);
 struct eval_run_opts;
+/* Choose every model's engine (o->tp forces tensor parallel over that many
+ * ranks, or one device with 1), whether it can run, and the estimates. */
+void eval_plan_finish(eval_plan *p, const eval_resources *r, const struct eval_run_opts *o);
 void eval_plan_print(FILE *f, const eval_plan *p, const eval_resources *r,
                      const struct eval_run_opts *o, int limit);
 /* "exact match (extract, normalise)", "code: pass@1 greedy, sandbox", ... */
@@ -391,6 +399,9 @@ typedef struct eval_run_opts {
     int deterministic;
     const char *device;    /* "cpu" or "cuda:N" */
     const char *endpoint;  /* base URL, or NULL for the local engine */
+    int tp;                /* 0: the plan's engine; 1: one device; > 1: tensor
+                              parallel over tp ranks (a kiln serve --tp child) */
+    double serve_timeout;  /* seconds for that child to be ready (0: default) */
     double endpoint_timeout; /* seconds per request */
     eval_sandbox_opts sandbox;
     uint64_t seed;
@@ -453,6 +464,20 @@ kiln_status eval_local_start(eval_local *l, eval_job *jobs, int n, eval_jobq *q)
 /* Wait for the jobs, free the engine, fill the engine's figures. */
 void eval_local_finish(eval_local *l, eval_efficiency *eff);
 void eval_local_free(eval_local *l);
+
+/* The tensor-parallel engine (tpserve.c): a child `kiln serve --tp o->tp`
+ * on 127.0.0.1 and an ephemeral port, ready (GET /health 200) within
+ * o->serve_timeout or EVAL_SERVE_READY_TIMEOUT_SEC; a child that exits or
+ * is not ready fails with its last lines.  Until stopped, SIGINT, SIGTERM
+ * and SIGHUP end it before they end eval.  Ownership: eval_tpserve_stop
+ * (SIGTERM to its process group, then SIGKILL past a grace) frees it. */
+#define EVAL_SERVE_READY_TIMEOUT_SEC 1800.0
+typedef struct eval_tpserve eval_tpserve;
+kiln_status eval_tpserve_start(const eval_model_def *m, const eval_run_opts *o,
+                               eval_tpserve **out, double *ready_sec);
+/* "http://127.0.0.1:PORT" */
+const char *eval_tpserve_url(const eval_tpserve *s);
+void eval_tpserve_stop(eval_tpserve *s);
 
 typedef struct eval_endpoint eval_endpoint;
 kiln_status eval_endpoint_open(const char *url, const char *model, const eval_run_opts *o,

@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "eval/eval.h"
 #include "util/util.h"
@@ -36,6 +37,8 @@
 #define DECODE_EFF 0.60            /* share of bandwidth a decode step reaches */
 #define PREFILL_EFF 0.40           /* share of FLOP/s prefill reaches */
 #define SANDBOX_SEC_EST 0.15       /* one sandboxed run of a HumanEval program */
+#define MPI_HOSTS_SHOWN 4          /* hosts named in an mpirun line before "..." */
+#define MPI_SERVE_PORT 8000        /* the port of the mpirun line the plan suggests */
 
 const char *eval_engine_kind_str(eval_engine_kind k)
 {
@@ -154,9 +157,10 @@ void eval_choose_engine(const eval_model_def *m, const eval_resources *r, int ba
             out->n_gpus = g;
             if (g == 1)
                 out->kind = EVAL_ENGINE_GPU;
-            else if (g <= r->n_gpus)
+            else if (g <= r->n_gpus) {
                 out->kind = EVAL_ENGINE_TP;
-            else {
+                out->tp_ranks = g;
+            } else {
                 out->kind = EVAL_ENGINE_MPI;
                 out->n_hosts = (int)div_up((uint64_t)g, (uint64_t)r->n_gpus);
             }
@@ -178,10 +182,28 @@ void eval_choose_engine(const eval_model_def *m, const eval_resources *r, int ba
              "does not fit even split %d ways (%s > %s per device)", MAX_PARALLEL, need, bud);
 }
 
-bool eval_engine_supported(const eval_engine_choice *c, const eval_model_def *m, char *why,
-                           size_t n)
+/* "HOST1:4,HOST2:4" (":g" left out when g is 0), the first few hosts and
+ * the last one. */
+static void host_list(char *buf, size_t n, int hosts, int per_host)
 {
-    char need[32], per[32];
+    size_t len = 0;
+    buf[0] = '\0';
+    for (int h = 1; h <= hosts && len < n; h++) {
+        if (h > MPI_HOSTS_SHOWN && h < hosts) {
+            if (h == MPI_HOSTS_SHOWN + 1)
+                len += (size_t)snprintf(buf + len, n - len, ",...");
+            continue;
+        }
+        len += (size_t)snprintf(buf + len, n - len, "%sHOST%d", h > 1 ? "," : "", h);
+        if (per_host && len < n)
+            len += (size_t)snprintf(buf + len, n - len, ":%d", per_host);
+    }
+}
+
+bool eval_engine_supported(const eval_engine_choice *c, const eval_model_def *m,
+                           const char *categories, char *why, size_t n)
+{
+    char per[32], hosts[160];
     kiln_fmt_bytes(c->need_per_device, per, sizeof per);
     switch (c->kind) {
     case EVAL_ENGINE_CPU:
@@ -189,19 +211,30 @@ bool eval_engine_supported(const eval_engine_choice *c, const eval_model_def *m,
     case EVAL_ENGINE_ENDPOINT:
         return true;
     case EVAL_ENGINE_TP:
-        snprintf(why, n, "model %s needs tensor parallel over %d GPUs (weights %s in all, %s "
-                 "per GPU); kiln has no tensor-parallel engine yet (issue 14)", m->name,
-                 c->n_gpus, kiln_fmt_bytes(c->weight_bytes, need, sizeof need), per);
+        /* the ranks' cut, checked without loading when the file is here */
+        if (m->path && access(m->path, R_OK) == 0 &&
+            kiln_model_check_tp(m->path, c->tp_ranks) != KILN_OK) {
+            snprintf(why, n, "model %s: %s", m->name, kiln_last_error());
+            return false;
+        }
+        return true;
+    default: {
+        /* ranks on other hosts come from mpirun alone: the user starts the
+         * server there and points eval at it */
+        int ranks = c->n_gpus ? c->n_gpus : c->n_hosts;
+        int per_host = c->n_gpus ? (c->n_gpus + c->n_hosts - 1) / c->n_hosts : 0;
+        host_list(hosts, sizeof hosts, c->n_hosts, per_host);
+        snprintf(why, n, "model %s needs %d %s over %d hosts (%s per %s); kiln eval starts "
+                 "ranks on this host only.  Start the server on the hosts, then evaluate it:\n"
+                 "      mpirun -np %d -H %s kiln serve -m %s --tp %d --device %s "
+                 "--served-model-name %s --host 0.0.0.0 --port %d\n"
+                 "      kiln eval --category %s --model %s --endpoint http://HOST1:%d",
+                 m->name, ranks, c->n_gpus ? "GPUs" : "ranks", c->n_hosts, per,
+                 c->n_gpus ? "GPU" : "host", ranks, hosts, m->path ? m->path : "MODEL_FILE",
+                 ranks, c->n_gpus ? "cuda" : "cpu", m->name, MPI_SERVE_PORT,
+                 categories && *categories ? categories : "...", m->name, MPI_SERVE_PORT);
         return false;
-    default:
-        if (c->n_gpus)
-            snprintf(why, n, "model %s needs %d GPUs over %d hosts through mpirun (%s per GPU); "
-                     "kiln has no tensor-parallel engine yet (issue 14)", m->name, c->n_gpus,
-                     c->n_hosts, per);
-        else
-            snprintf(why, n, "model %s needs %d hosts through mpirun (%s per host); kiln has no "
-                     "tensor-parallel engine yet (issue 14)", m->name, c->n_hosts, per);
-        return false;
+    }
     }
 }
 
@@ -240,36 +273,78 @@ void eval_plan_count(eval_plan_dataset *pd, const eval_data *data, int limit)
     pd->n_items = limit > 0 && limit < data->n ? limit : data->n;
     pd->n_requests = 0;
     pd->prompt_tokens = pd->gen_tokens = 0;
-    pd->max_seq_tokens = 0;
+    pd->max_seq_tokens = pd->max_seq_bound = 0;
     for (int i = 0; i < pd->n_items; i++) {
         const eval_sample *s = &data->s[i];
         uint64_t pt = (uint64_t)(strlen(s->prompt) / BYTES_PER_TOKEN_EST) + 1;
         if (d->format == EVAL_FORMAT_EFFICIENCY)
             pt = (uint64_t)d->prompt_tokens;
         int seq;
+        /* texts are at most EVAL_MAX_TEXT bytes: the bound fits an int */
+        uint64_t bound = strlen(s->prompt) + EVAL_SPECIAL_TOKENS;
         if (d->scoring == EVAL_SCORE_CHOICE) {
-            uint64_t longest = 0;
+            uint64_t longest = 0, longest_bytes = 0;
             for (int c = 0; c < s->n_choices; c++) {
                 uint64_t ct = (uint64_t)(strlen(s->choices[c]) / BYTES_PER_TOKEN_EST) + 1;
                 pd->prompt_tokens += pt + ct;
                 if (ct > longest)
                     longest = ct;
+                if (strlen(s->choices[c]) > longest_bytes)
+                    longest_bytes = strlen(s->choices[c]);
             }
             pd->n_requests += s->n_choices;
             seq = (int)(pt + longest);
+            bound += longest_bytes + 1; /* the one token generated with the echo */
         } else {
             int gen = d->format == EVAL_FORMAT_EFFICIENCY ? d->gen_tokens : d->max_tokens;
             pd->n_requests += d->n_samples;
             pd->prompt_tokens += pt * (uint64_t)d->n_samples;
             pd->gen_tokens += (uint64_t)gen * (uint64_t)d->n_samples;
             seq = (int)pt + gen;
+            bound += (uint64_t)gen;
         }
         if (seq > pd->max_seq_tokens)
             pd->max_seq_tokens = seq;
+        if (bound > (uint64_t)pd->max_seq_bound)
+            pd->max_seq_bound = bound > INT32_MAX ? INT32_MAX : (int)bound;
     }
 }
 
-void eval_plan_finish(eval_plan *p, const eval_resources *r, int max_seqs, bool endpoint)
+/* --tp: the plan's own choice set aside for tensor parallel over o->tp
+ * ranks on the plan's device (CPU processes when there is no GPU or
+ * --device cpu), or one device with --tp 1. */
+static void force_tp(eval_engine_choice *c, const eval_resources *r, const eval_run_opts *o)
+{
+    int n = o->tp;
+    bool cpu = r->n_gpus == 0 || (o->device && !strcmp(o->device, "cpu"));
+    uint64_t w = c->weight_bytes, kv = c->kv_bytes;
+    c->reserve_bytes = cpu ? CPU_RESERVE_BYTES : GPU_RESERVE_BYTES;
+    if (cpu) {
+        c->budget_per_device = (uint64_t)((double)r->host_avail * HOST_MEM_FRACTION);
+    } else {
+        c->budget_per_device = gpu_budget(&r->gpus[0]);
+        for (int i = 1; i < r->n_gpus; i++)
+            if (gpu_budget(&r->gpus[i]) < c->budget_per_device)
+                c->budget_per_device = gpu_budget(&r->gpus[i]);
+    }
+    c->need_per_device = div_up(w, (uint64_t)n) + div_up(kv, (uint64_t)n) + c->reserve_bytes;
+    c->kind = n > 1 ? EVAL_ENGINE_TP : cpu ? EVAL_ENGINE_CPU : EVAL_ENGINE_GPU;
+    c->n_gpus = cpu ? 0 : n;
+    c->n_hosts = 0;
+    c->tp_ranks = n > 1 ? n : 0;
+    char need[200], bud[32], kvt[32];
+    fmt_need(need, sizeof need, w, kv, c->reserve_bytes, n);
+    kiln_fmt_bytes(c->budget_per_device, bud, sizeof bud);
+    kiln_fmt_bytes(c->kv_per_token, kvt, sizeof kvt);
+    snprintf(c->why, sizeof c->why, "KV: %d seqs x %d tokens x %s/token; --tp %d sets the "
+             "engine: %s%s (%s %s)", c->batch, c->seq_tokens, kvt, n,
+             n > 1 ? (cpu ? "per rank: " : "per GPU: ") : "", need, bud,
+             cpu ? (n > 1 ? "host memory available to kiln, which the ranks share"
+                          : "host memory available to kiln")
+                 : "per GPU");
+}
+
+void eval_plan_finish(eval_plan *p, const eval_resources *r, const eval_run_opts *o)
 {
     p->est_sec = 0;
     for (int i = 0; i < p->n_models; i++) {
@@ -280,17 +355,34 @@ void eval_plan_finish(eval_plan *p, const eval_resources *r, int max_seqs, bool 
                 seq = pm->ds[k].max_seq_tokens;
         if (pm->def->ctx && seq > pm->def->ctx)
             seq = pm->def->ctx;
-        if (endpoint) {
+        if (o->endpoint) {
             memset(&pm->engine, 0, sizeof pm->engine);
             pm->engine.kind = EVAL_ENGINE_ENDPOINT;
-            pm->engine.batch = max_seqs;
+            pm->engine.batch = o->max_seqs;
             snprintf(pm->engine.why, sizeof pm->engine.why,
                      "the model runs behind the endpoint; nothing is loaded here");
         } else {
-            eval_choose_engine(pm->def, r, max_seqs, seq, &pm->engine);
+            eval_choose_engine(pm->def, r, o->max_seqs, seq, &pm->engine);
+            if (o->tp > 0)
+                force_tp(&pm->engine, r, o);
         }
-        pm->supported = eval_engine_supported(&pm->engine, pm->def, pm->refuse,
+        char cats[256] = "";
+        for (int k = 0; k < pm->n_ds; k++) {
+            const char *cat = pm->ds[k].category;
+            size_t len = strlen(cats), cl = strlen(cat);
+            bool dup = false;
+            for (const char *q = strstr(cats, cat); q && !dup; q = strstr(q + 1, cat))
+                dup = (q == cats || q[-1] == ',') && (q[cl] == ',' || q[cl] == '\0');
+            if (!dup && len + cl + 2 < sizeof cats)
+                snprintf(cats + len, sizeof cats - len, "%s%s", len ? "," : "", cat);
+        }
+        pm->supported = eval_engine_supported(&pm->engine, pm->def, cats, pm->refuse,
                                               sizeof pm->refuse);
+        if (pm->supported && pm->engine.n_gpus > r->n_gpus && pm->engine.kind != EVAL_ENGINE_MPI) {
+            pm->supported = false;
+            snprintf(pm->refuse, sizeof pm->refuse, "model %s: --tp %d needs %d GPUs; this "
+                     "host has %d", pm->def->name, o->tp, pm->engine.n_gpus, r->n_gpus);
+        }
         pm->est_sec = 0;
         for (int k = 0; k < pm->n_ds; k++) {
             pm->ds[k].est_sec = eval_estimate_sec(&pm->ds[k], pm->def, &pm->engine, r);
@@ -373,7 +465,8 @@ void eval_plan_print(FILE *f, const eval_plan *p, const eval_resources *r,
             fprintf(f, "  (%s)", pm->def->path);
         fprintf(f, "\n    engine: %s", eval_engine_kind_str(c->kind));
         if (c->kind == EVAL_ENGINE_TP)
-            fprintf(f, " over %d GPUs", c->n_gpus);
+            fprintf(f, " over %d %s (kiln serve --tp %d)", c->tp_ranks,
+                    c->n_gpus ? "GPUs" : "CPU ranks", c->tp_ranks);
         else if (c->kind == EVAL_ENGINE_MPI && c->n_gpus)
             fprintf(f, ": %d GPUs on %d hosts", c->n_gpus, c->n_hosts);
         else if (c->kind == EVAL_ENGINE_MPI)

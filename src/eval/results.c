@@ -254,12 +254,18 @@ char *eval_fingerprint(const eval_model_def *m, const char *endpoint,
     char mid[600], did[600];
     file_id(mid, sizeof mid, m->path);
     file_id(did, sizeof did, d->path);
+    /* tensor parallel sums in another order: its records are its own (one
+     * device adds nothing, so older records still match) */
+    char tp[32] = "";
+    if (!endpoint && o->tp > 1)
+        snprintf(tp, sizeof tp, "|tp=%d", o->tp);
     char *desc = eval_strfmt("prompts=%d|model=%s|endpoint=%s|dataset=%s|format=%d|scoring=%d|"
-                             "max_tokens=%d|samples=%d|temp=%g|seed=%llu|det=%d|req=%d/%d/%d",
+                             "max_tokens=%d|samples=%d|temp=%g|seed=%llu|det=%d|req=%d/%d/%d%s",
                              EVAL_PROMPT_VERSION, endpoint ? m->name : mid, endpoint ? endpoint : "-", did,
                              (int)d->format, (int)d->scoring, d->max_tokens, d->n_samples,
                              (double)d->temperature, (unsigned long long)o->seed,
-                             o->deterministic, d->requests, d->prompt_tokens, d->gen_tokens);
+                             o->deterministic, d->requests, d->prompt_tokens, d->gen_tokens,
+                             tp);
     if (!desc)
         return NULL;
     char *fp = eval_strfmt("%016llx", (unsigned long long)XXH3_64bits(desc, strlen(desc)));

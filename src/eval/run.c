@@ -6,6 +6,9 @@
  * sandbox runs code while the engine keeps generating), appends its record,
  * and draws the dataset's progress bar.
  *
+ * The tensor-parallel engine is a kiln serve --tp child (tpserve.c) reached
+ * through the endpoint backend.
+ *
  * Sampling: greedy for everything but pass@k with n > 1 samples, which
  * samples at the dataset's temperature with a seed per (problem, sample),
  * so reruns give the same completions.  Generation stops where the dataset
@@ -33,6 +36,7 @@ struct eval_runner {
     eval_run_opts o;
     eval_local *local;
     eval_endpoint *ep;
+    eval_tpserve *tps;     /* tensor parallel: the kiln serve child ep talks to */
     double load_sec;
 };
 
@@ -72,10 +76,15 @@ kiln_status eval_runner_open(const eval_model_def *m, const eval_run_opts *o,
     rn->m = m;
     rn->o = *o;
     kiln_status st;
-    if (o->endpoint)
+    if (o->endpoint) {
         st = eval_endpoint_open(o->endpoint, m->name, o, &rn->ep);
-    else
+    } else if (o->tp > 1) {
+        st = eval_tpserve_start(m, o, &rn->tps, &rn->load_sec);
+        if (st == KILN_OK)
+            st = eval_endpoint_open(eval_tpserve_url(rn->tps), m->name, o, &rn->ep);
+    } else {
         st = eval_local_open(m, o, &rn->local, &rn->load_sec);
+    }
     if (st != KILN_OK) {
         eval_runner_free(rn);
         return st;
@@ -92,6 +101,7 @@ void eval_runner_free(eval_runner *rn)
         return;
     eval_local_free(rn->local);
     eval_endpoint_free(rn->ep);
+    eval_tpserve_stop(rn->tps);
     kiln_free(rn);
 }
 
@@ -366,7 +376,7 @@ kiln_status eval_runner_dataset(eval_runner *rn, const eval_plan_dataset *pd,
     if (rc == KILN_OK && n_jobs > 0) {
         int gpu = rn->o.device && !strncmp(rn->o.device, "cuda", 4)
                       ? (rn->o.device[4] == ':' ? atoi(rn->o.device + 5) : 0) : -1;
-        if (!rn->o.endpoint)
+        if (!rn->ep) /* this process's memory is the engine's only when it runs here */
             eval_memwatch_start(gpu, &mw);
         rc = rn->ep ? eval_endpoint_start(rn->ep, jobs, n_jobs, &q)
                     : eval_local_start(rn->local, jobs, n_jobs, &q);

@@ -313,7 +313,7 @@ static void test_endpoint_same_scores(void **state)
         fail_msg("run test_end_to_end first (no %s)", p);
     srv s;
     const char *sargs[] = {"--served-model-name", "smollm2-135m", "--deterministic", NULL};
-    srv_start(&s, sargs);
+    srv_start_model(&s, SMOLLM2, sargs); /* the local run's model, in every build */
     char url[64];
     snprintf(url, sizeof url, "http://127.0.0.1:%d", s.port);
     rm_rf("build/eval-ep");

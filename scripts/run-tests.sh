@@ -12,8 +12,10 @@ for t in "${TEST_DIR:-$build/tests}"/test_*; do
     [ -x "$t" ] || continue
     name=$(basename "$t")
     log=$(mktemp)
+    t0=$(date +%s)
     "$t" >"$log" 2>&1
     rc=$?
+    secs=$(($(date +%s) - t0))
     p=$(grep -aoE '^\[  PASSED  \] [0-9]+ test' "$log" | grep -oE '[0-9]+' | awk '{s+=$1} END {print s+0}')
     f=$(grep -aoE '^\[  FAILED  \] [0-9]+ test' "$log" | grep -oE '[0-9]+' | awk '{s+=$1} END {print s+0}')
     passed=$((passed + p)); failed=$((failed + f))
@@ -21,9 +23,9 @@ for t in "${TEST_DIR:-$build/tests}"/test_*; do
         failed=$((failed + 1)); crashed+=("$name (exit $rc)")
     fi
     if [ $rc -ne 0 ]; then
-        echo "---- $name: FAILED (exit $rc) ----"; cat "$log"
+        echo "---- $name: FAILED (exit $rc, ${secs} s) ----"; cat "$log"
     else
-        printf '%-32s %s passed\n' "$name" "$p"
+        printf '%-32s %4s passed %6s s\n' "$name" "$p" "$secs"
     fi
     rm -f "$log"
 done

@@ -632,7 +632,6 @@ int main(int argc, char **argv)
     snprintf(kiln_bin, sizeof kiln_bin, "%s", srv_bin);
     snprintf(tp_tag, sizeof tp_tag, "%s=%d", TP_TAG_VAR, (int)getpid());
     putenv(tp_tag);
-    tp_test_sanitizer_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_dry_run_plans),

@@ -91,20 +91,19 @@ static void compare_logprobs(const char *ref, const char *got, double tol, int w
     print_message("  %s: max |dlogprob| %.3g (tolerance %g)\n", got, worst, tol);
 }
 
-/* In a sanitized build: the ranks run OpenMPI, which keeps what MPI_Init
- * allocated until exit; LeakSanitizer suppresses it by library
- * (tests/lsan-mpi.supp), which needs full stacks.  Call from main, before
- * any rank starts (the ranks inherit the environment). */
+/* In a sanitized build: the ranks run OpenMPI, whose MPI_Init allocations
+ * live until exit and whose threads LeakSanitizer's exit-time scan
+ * intermittently crashes on ("Tracer caught signal 11"), failing a rank
+ * that ran correctly.  So leak checking is off in the processes a test
+ * starts (ASan's and UBSan's other checks stay on); the code a rank runs
+ * is leak-checked by the single-process tests.  Call from main, before any
+ * rank starts (the ranks inherit the environment). */
 static __attribute__((unused)) void tp_test_sanitizer_env(void)
 {
 #if defined(__SANITIZE_ADDRESS__)
-    char supp[PATH_MAX + 32], opts[1024];
-    char *abs = realpath("tests/lsan-mpi.supp", NULL);
-    snprintf(supp, sizeof supp, "suppressions=%s", abs ? abs : "tests/lsan-mpi.supp");
-    free(abs);
-    setenv("LSAN_OPTIONS", supp, 1);
+    char opts[1024];
     const char *a = getenv("ASAN_OPTIONS");
-    snprintf(opts, sizeof opts, "%s%sfast_unwind_on_malloc=0", a ? a : "", a && *a ? ":" : "");
+    snprintf(opts, sizeof opts, "%s%sdetect_leaks=0", a ? a : "", a && *a ? ":" : "");
     setenv("ASAN_OPTIONS", opts, 1);
 #endif
 }

@@ -82,12 +82,18 @@ typedef struct load_job {
     int status;
 } load_job;
 
+/* Tokens of each load request: enough that the requests are still running
+ * when a scrape comes (the sanitized build serves a tiny model, whose
+ * steps take a few milliseconds). */
+#define LOAD_TOKENS (SRV_SANITIZED ? 512 : 24)
+
 static void *load_client(void *arg)
 {
     load_job *j = arg;
     char body[256];
     snprintf(body, sizeof body,
-             "{\"prompt\":\"Story %d:\",\"max_tokens\":24,\"ignore_eos\":true,\"stream\":true}", j->i);
+             "{\"prompt\":\"Story %d:\",\"max_tokens\":%d,\"ignore_eos\":true,\"stream\":true}",
+             j->i, LOAD_TOKENS);
     http_resp r = http_post(j->port, "/v1/completions", body);
     j->status = r.status;
     http_resp_free(&r);

@@ -239,7 +239,7 @@ FUZZ_CFLAGS   := $(CSTD) -O1 -g $(ARCH) -fopenmp -fsanitize=fuzzer-no-link,addre
                  -fno-sanitize-recover=all -Iinclude -Isrc -DKILN_FUZZ
 FUZZ_LIB_OBJ  := $(LIB_SRC:%.c=$(FUZZ_BUILD)/obj/%.o) $(APP_SRC:%.c=$(FUZZ_BUILD)/obj/%.o)
 FUZZERS       := $(FUZZ_SRC:tests/fuzz/%.c=$(FUZZ_BUILD)/%)
-FUZZ_SMOKE_SECS ?= 25
+FUZZ_SMOKE_SECS ?= 10
 FUZZ_SECS     ?= 600
 
 $(FUZZ_BUILD)/obj/%.o: %.c

@@ -40,6 +40,8 @@
 
 #include <jansson.h>
 
+#include "cli_run.h"
+
 #define SMOLLM2 "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 #define SRV_LOG_MAX (1u << 20)      /* bytes of the server's stderr kept */
 #define SRV_START_TIMEOUT 120.0     /* seconds until /health says ok */
@@ -70,16 +72,7 @@ static char srv_bin[PATH_MAX + 16];
 /* Find build/kiln from the test's own path (call from main). */
 static inline void srv_find_binary(const char *argv0)
 {
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
-    if (n <= 0)
-        snprintf(self, sizeof self, "%s", argv0);
-    else
-        self[n] = '\0';
-    char *slash = strrchr(self, '/');
-    if (slash)
-        *slash = '\0';
-    snprintf(srv_bin, sizeof srv_bin, "%s/../kiln", self);
+    cli_run_beside(argv0, "../kiln", srv_bin, sizeof srv_bin);
 }
 
 /* The start of a server test's main: find build/kiln beside the test, check

@@ -3,10 +3,13 @@
  * option-parsing helpers they share.
  */
 #include <errno.h>
+#include <execinfo.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli.h"
 #include "util/util.h"
@@ -28,6 +31,54 @@ static const command commands[] = {
     {"quantize", cmd_quantize, "write a GGUF or HF model as GGUF of another type"},
     {"eval", cmd_eval, "evaluate models by category on offline datasets"},
 };
+
+/* A crash names its signal and prints the stack's return addresses
+ * (binary(+offset): `addr2line -f -e kiln OFFSET` on the same build
+ * resolves them, stripped or not) before the default action ends the
+ * process with the signal's status.  Sanitizer builds keep their own
+ * handlers, which say more. */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define CLI_CRASH_HANDLER 0
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define CLI_CRASH_HANDLER 0
+#endif
+#endif
+#ifndef CLI_CRASH_HANDLER
+#define CLI_CRASH_HANDLER 1
+#endif
+
+static const int crash_signals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL};
+
+static void on_crash(int sig)
+{
+    static const char head[] = "kiln: fatal signal ";
+    const char *name = sig == SIGSEGV ? "SIGSEGV" : sig == SIGBUS ? "SIGBUS"
+                       : sig == SIGFPE ? "SIGFPE" : "SIGILL";
+    (void)!write(2, head, sizeof head - 1);
+    (void)!write(2, name, strlen(name));
+    static const char tail[] = "; backtrace:\n";
+    (void)!write(2, tail, sizeof tail - 1);
+    void *frames[64];
+    backtrace_symbols_fd(frames, backtrace(frames, 64), 2);
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static void crash_handler_install(void)
+{
+    if (!CLI_CRASH_HANDLER)
+        return;
+    void *warm[1];
+    backtrace(warm, 1); /* loads the unwinder now, not inside the handler */
+    for (size_t i = 0; i < sizeof crash_signals / sizeof crash_signals[0]; i++) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_crash;
+        sa.sa_flags = SA_RESETHAND | SA_NODEFER;
+        sigaction(crash_signals[i], &sa, NULL);
+    }
+}
 
 static void usage(FILE *f)
 {
@@ -123,6 +174,7 @@ int main(int argc, char **argv)
 {
     cli_argc = argc;
     cli_argv = argv;
+    crash_handler_install();
     if (argc < 2) {
         usage(stderr);
         return 2;

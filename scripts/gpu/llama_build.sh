@@ -6,6 +6,8 @@
 # llama-batched-bench, llama-server and their shared libraries) into
 # OUT_TAR for llama_bench.sh and later calls.  llama.cpp's code is never
 # committed; this script only builds it for the side-by-side benchmarks.
+# On a machine without a GPU driver (to carry the result), set
+# LLAMA_CMAKE_EXTRA=-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined.
 set -euo pipefail
 src_tar=${1:?usage: llama_build.sh SRC_TAR OUT_TAR}
 out_tar=${2:?}
@@ -15,7 +17,7 @@ tar -xJf "$src_tar" -C "$d/src"
 cmake -S "$d/src" -B "$d/b" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
     -DCMAKE_CUDA_ARCHITECTURES=90a -DGGML_NATIVE=OFF -DGGML_CUDA_NCCL=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=ON \
-    -DGGML_CUDA_COMPRESSION_MODE=size -DLLAMA_BUILD_UI=OFF >"$d/cfg.log" 2>&1
+    -DGGML_CUDA_COMPRESSION_MODE=size -DLLAMA_BUILD_UI=OFF ${LLAMA_CMAKE_EXTRA:-} >"$d/cfg.log" 2>&1
 ninja -C "$d/b" -j "${JOBS:-$(nproc)}" llama-bench llama-batched-bench llama-server >"$d/build.log" 2>&1 ||
     { tail -20 "$d/build.log"; exit 1; }
 mkdir -p "$d/pack/bin" "$d/pack/lib"

@@ -35,7 +35,7 @@ if [ -e "$first" ] && [ -d "$here/eval/data/humaneval" ]; then
     bi=$(mktemp -d)
     ok=1
     for n in 1 64; do
-        (cd "$here" && "$bin/kiln" eval --category coding,math --model "$first" --device cuda \
+        (cd "$here" && KILN_EVAL_REGISTRY=$here/eval/registry.json "$bin/kiln" eval --category coding,math --model "$first" --device cuda \
             --limit 8 --max-seqs $n --quiet --out "$bi/s$n" >"$bi/s$n.log" 2>&1) ||
             { ok=0; echo "eval --max-seqs $n failed:"; tail -3 "$bi/s$n.log"; }
     done

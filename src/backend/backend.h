@@ -412,6 +412,11 @@ struct kb_device {
     int sm_granularity;    /* SMs a partition is a multiple of (0: no partitions) */
     bool fast_activations; /* contexts made from now on start with it */
     kb_backend *main;      /* the device's own context, owned */
+    /* Called first by kb_device_free: what lives on the device but is owned
+     * above the backend (the tensor-parallel group's communicator) lets go
+     * of it while the device still works.  One slot, set by its owner. */
+    void (*on_free)(kb_device *d, void *arg);
+    void *on_free_arg;
 };
 
 struct kb_backend {

@@ -29,6 +29,11 @@ void kb_device_free(kb_device *d)
 {
     if (!d)
         return;
+    if (d->on_free) {
+        void (*f)(kb_device *, void *) = d->on_free;
+        d->on_free = NULL;
+        f(d, d->on_free_arg);
+    }
     if (d->main)
         d->main->ops->destroy(d->main);
     d->main = NULL;

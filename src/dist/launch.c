@@ -55,6 +55,7 @@
 static dist_group g_group = {.ctl_fd = -1, .ka_mu = PTHREAD_MUTEX_INITIALIZER,
                              .ka_cv = PTHREAD_COND_INITIALIZER};
 static dist_comm *g_boot;           /* MPI, for a GPU group's NCCL id */
+static void group_device_gone(kb_device *d, void *arg);
 
 dist_group *dist_group_get(void) { return &g_group; }
 
@@ -624,6 +625,8 @@ kiln_status dist_group_comm(kb_device *dev, dist_comm **out)
         return st;
     }
     g->comm = c;
+    dev->on_free = group_device_gone;
+    dev->on_free_arg = g;
     if ((st = dist_keepalive_start(g)))
         return st;
     *out = c;
@@ -672,11 +675,11 @@ kiln_status kiln_tp_model_params(kiln_model_params *mp, char *device_buf, size_t
     return KILN_OK;
 }
 
-void kiln_tp_finalize(int exit_code)
+/* The group's communicator goes: rank 0 first tells the others to quit
+ * with exit_code (unless the group has failed).  False when the group did
+ * not end cleanly. */
+static bool group_close_comm(dist_group *g, int exit_code)
 {
-    dist_group *g = &g_group;
-    if (!g->active)
-        return;
     dist_keepalive_stop(g);
     dist_comm *c = g->comm;
     bool clean = !g->failed && (!c || c->err == KILN_OK);
@@ -692,7 +695,32 @@ void kiln_tp_finalize(int exit_code)
     }
     if (c && c->err != KILN_OK)
         clean = false;
+    if (c && c->kind == DIST_NCCL && c->dev->on_free == group_device_gone)
+        c->dev->on_free = NULL;
     dist_comm_free(c);
+    g->comm = NULL;
+    if (!clean)
+        g->failed = true;
+    return clean;
+}
+
+/* A GPU group's communicator lives on the model's device: freeing the
+ * model before kiln_tp_finalize (the natural order) closes it here, while
+ * the device still works; the others are told to quit with status 0 (the
+ * run is over once its model is gone). */
+static void group_device_gone(kb_device *d, void *arg)
+{
+    dist_group *g = arg;
+    if (g->active && g->comm && g->comm->kind == DIST_NCCL && g->comm->dev == d)
+        group_close_comm(g, 0);
+}
+
+void kiln_tp_finalize(int exit_code)
+{
+    dist_group *g = &g_group;
+    if (!g->active)
+        return;
+    bool clean = group_close_comm(g, exit_code);
     dist_comm_free(g_boot);
     g_boot = NULL;
     dist_mpi_finalize(clean);

@@ -383,7 +383,12 @@ static void test_kv_capacity_message(void **state)
     (void)state;
     kiln_engine_params ep;
     kiln_engine_params_default(&ep);
-    ep.n_ctx = 1 << 22; /* more K/V than the device holds */
+    /* a sequence of 4M tokens in F32 K/V, against a fifth of the device:
+     * more than any test model's split can hold (a 6-layer model with 2
+     * KV heads of 64 needs 25 GB) */
+    ep.n_ctx = 1 << 22;
+    ep.kv_f32 = 1;
+    ep.gpu_mem_fraction = 0.2f;
     char pd[96];
     snprintf(pd, sizeof pd, "prefill=cuda:0@sm=%d,decode=cuda:0@sm=rest", PART_SMS);
     ep.pd = pd;

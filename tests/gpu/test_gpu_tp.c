@@ -28,6 +28,7 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -72,18 +73,40 @@ static void generate(const char *model, const char *prompt, int n, const char *o
     run_free(&r);
 }
 
+/* The models of the one-GPU case: KILN_GPU_TP_MODEL when set (the device
+ * machine has no models/ but makes synthetic ones), else SmolLM2 from
+ * `make setup`; and the tiny Hugging Face models in the tree. */
+static const char *tp1_models[3];
+
+static int tp1_model_list(void)
+{
+    const char *env = getenv("KILN_GPU_TP_MODEL");
+    int n = 0;
+    if (env && *env)
+        tp1_models[n++] = env;
+    else if (access(SMOLLM2, R_OK) == 0)
+        tp1_models[n++] = SMOLLM2;
+    tp1_models[n++] = TINY "qwen2";
+    tp1_models[n++] = TINY "llama";
+    return n;
+}
+
 static void test_tp1_through_nccl(void **state)
 {
     (void)state;
     static const char *modes[] = {NULL, "--eager"};
-    for (int m = 0; m < 2; m++) {
-        char ref[PATH_MAX], got[PATH_MAX];
-        tmp_path(ref, sizeof ref, m ? "plain-eager.txt" : "plain.txt");
-        tmp_path(got, sizeof got, m ? "comm-eager.txt" : "comm.txt");
-        generate(SMOLLM2, "The capital of France is", 24, ref, modes[m], NULL);
-        generate(SMOLLM2, "The capital of France is", 24, got, "--tp-comm", modes[m], NULL);
-        compare_logprobs(ref, got, 0.0, 24);
-    }
+    const int nm = tp1_model_list();
+    for (int i = 0; i < nm; i++)
+        for (int m = 0; m < 2; m++) {
+            char ref[PATH_MAX], got[PATH_MAX];
+            tmp_path(ref, sizeof ref, m ? "plain-eager.txt" : "plain.txt");
+            tmp_path(got, sizeof got, m ? "comm-eager.txt" : "comm.txt");
+            print_message("  %s%s\n", tp1_models[i], m ? " (eager)" : "");
+            generate(tp1_models[i], "The capital of France is", 24, ref, modes[m], NULL);
+            generate(tp1_models[i], "The capital of France is", 24, got, "--tp-comm", modes[m],
+                     NULL);
+            compare_logprobs(ref, got, 0.0, 24);
+        }
 }
 
 static void need_two_gpus(void)

@@ -47,11 +47,27 @@ extern "C" {
 #define KCU_MMD_MAX_ROWS 64
 
 /* Whether the decode-batch kernel (KILN_CUDA_MMD=1 / 0) and the FP16 GEMM of
- * F16 and quantized weights (KILN_CUDA_GEMM=f16 / bf16) are on by default.
- * Off until their checks and benchmarks have run on a GPU (issue 15); the
- * batch-invariant mode uses the decode-batch kernel whatever this says. */
-#define KCU_MMD_DEFAULT 0
-#define KCU_GEMM_F16_DEFAULT 0
+ * F16 and quantized weights (KILN_CUDA_GEMM=f16 / bf16) are on by default:
+ * both passed test_cuda_matmul on the H100 and measured faster there
+ * (2026-12-07, docs/cuda.md); the batch-invariant mode uses the decode-batch
+ * kernel whatever this says. */
+#define KCU_MMD_DEFAULT 1
+#define KCU_GEMM_F16_DEFAULT 1
+
+/* BF16 parts of the activations in a GEMM against BF16 weights by default
+ * (KILN_CUDA_GEMM=split2 / split3: 2 / 3).  One: each extra part is a GEMM
+ * that reads the whole weight again, which nearly halved decode batches of
+ * 16-64 rows and prefill on the H100 (2026-12-07, bench/RESULTS.md). */
+#define KCU_GEMM_BF16_PARTS_DEFAULT 1
+
+/* Rows above which a decode batch leaves the decode-batch kernel for the
+ * GEMM (KILN_CUDA_MMD_MAX_ROWS overrides): measured on the H100, the GEMM
+ * wins past 16 rows for F16 / BF16 weights and for the short rows of small
+ * models, while quantized weights of long rows (n_in >= KCU_MMD_LONG_ROW)
+ * keep the kernel to KCU_MMD_MAX_ROWS, their GEMM having to dequantize the
+ * whole weight first. */
+#define KCU_MMD_SHORT_MAX_ROWS 16
+#define KCU_MMD_LONG_ROW 2048
 
 /* Elements of the BF16 tile a quantized weight is dequantized into for the
  * GEMM path (the weight is processed in row chunks that fit). */
@@ -135,7 +151,8 @@ typedef struct kcu {
     bool mv_ready;            /* matvec kernels may use all shared memory */
     struct kcu_lt_cache *lt_cache; /* cuBLASLt descriptors and algorithm by GEMM shape */
     int gemm_parts;           /* BF16 parts the GEMM's activations are split into:
-                                 2 (hi + lo, default), 1 or 3 (KILN_CUDA_GEMM) */
+                                 KCU_GEMM_BF16_PARTS_DEFAULT, or 2 (hi + lo) or
+                                 3 (KILN_CUDA_GEMM=split2 / split3) */
     bool gemm_f16;            /* F16 and quantized weights: one FP16 GEMM on
                                  row-scaled FP16 activations (KILN_CUDA_GEMM=f16,
                                  default KCU_GEMM_F16_DEFAULT) */
@@ -148,6 +165,11 @@ typedef struct kcu {
                                  matvec up to 8 rows, GEMM above) */
     bool mmd_ready;           /* its kernels may use all shared memory */
     int mmd_min_rows;         /* rows from which it runs (KILN_CUDA_MMD_MIN_ROWS, default 2) */
+    int mmd_max_rows;         /* rows up to which it runs (KILN_CUDA_MMD_MAX_ROWS; 0: by
+                                 type and shape, KCU_MMD_SHORT_MAX_ROWS) */
+    int matvec_max_rows;      /* rows up to which the matrix-vector kernels run when
+                                 the decode-batch kernel does not (KILN_CUDA_MATVEC_MAX_ROWS,
+                                 default KCU_MATVEC_MAX_ROWS); the GEMM above */
     float *mmd_part;          /* (ks, tiles, KCU_MMD_MAX_ROWS, 256) partial sums of k splits */
     size_t mmd_part_elems;
     int *mmd_count;           /* per tile: splits finished (the last one adds them) */

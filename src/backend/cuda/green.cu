@@ -24,9 +24,12 @@
 
 #include "backend/cuda/cuda_impl.h"
 
-/* CUDA version whose ABI of these entry points kiln asks for (12.4: the
- * first with green contexts). */
+/* The CUDA version whose ABI of each entry point kiln asks for: the one
+ * that introduced it (cudaTypedefs.h's PFN_..._vNNNNN): 12.4 for green
+ * contexts and SM resources, 12.5 for cuGreenCtxStreamCreate.  Asking a
+ * symbol for a version older than its first fails as if it were absent. */
 #define GREEN_ABI_VERSION 12040
+#define GREEN_STREAM_ABI_VERSION 12050
 
 typedef CUresult (*fn_get_resource)(CUdevice, CUdevResource *, CUdevResourceType);
 typedef CUresult (*fn_split)(CUdevResource *, unsigned int *, const CUdevResource *,
@@ -56,12 +59,11 @@ static kiln_status green_missing(kcu_dev *dv, const char *what)
     return KILN_FAIL(KILN_ERR_UNSUPPORTED, "cuda:%d: no SM partition (%s)", dv->device, what);
 }
 
-static bool resolve(const char *name, void **fn, const char **missing)
+static bool resolve(const char *name, int version, void **fn, const char **missing)
 {
     cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
     *fn = NULL;
-    cudaError_t e = cudaGetDriverEntryPointByVersion(name, fn, GREEN_ABI_VERSION,
-                                                     cudaEnableDefault, &q);
+    cudaError_t e = cudaGetDriverEntryPointByVersion(name, fn, version, cudaEnableDefault, &q);
     if (e != cudaSuccess || q != cudaDriverEntryPointSuccess || !*fn) {
         cudaGetLastError();
         *fn = NULL;
@@ -87,12 +89,14 @@ static bool green_init(kcu_dev *dv)
         return g->ok;
     g->tried = true;
     const char *missing = NULL;
-    bool all = resolve("cuDeviceGetDevResource", (void **)&g->get_resource, &missing);
-    all = resolve("cuDevSmResourceSplitByCount", (void **)&g->split, &missing) && all;
-    all = resolve("cuDevResourceGenerateDesc", (void **)&g->gen_desc, &missing) && all;
-    all = resolve("cuGreenCtxCreate", (void **)&g->ctx_create, &missing) && all;
-    all = resolve("cuGreenCtxDestroy", (void **)&g->ctx_destroy, &missing) && all;
-    all = resolve("cuGreenCtxStreamCreate", (void **)&g->stream_create, &missing) && all;
+    const int v = GREEN_ABI_VERSION;
+    bool all = resolve("cuDeviceGetDevResource", v, (void **)&g->get_resource, &missing);
+    all = resolve("cuDevSmResourceSplitByCount", v, (void **)&g->split, &missing) && all;
+    all = resolve("cuDevResourceGenerateDesc", v, (void **)&g->gen_desc, &missing) && all;
+    all = resolve("cuGreenCtxCreate", v, (void **)&g->ctx_create, &missing) && all;
+    all = resolve("cuGreenCtxDestroy", v, (void **)&g->ctx_destroy, &missing) && all;
+    all = resolve("cuGreenCtxStreamCreate", GREEN_STREAM_ABI_VERSION,
+                  (void **)&g->stream_create, &missing) && all;
     if (!all) {
         snprintf(g->missing, sizeof g->missing, "the driver lacks %s", missing);
         return false;

@@ -8,19 +8,20 @@
  * KCU_MMD_MAX_ROWS rows (a decode batch) run mmd.cu when it is on
  * (KILN_CUDA_MMD, KCU_MMD_DEFAULT): weights still read once, the products
  * on the tensor cores with FP16 activations scaled per row; else the
- * matvec kernels up to 8 rows.  Above that (prefill) the product is compute
- * bound and runs through cuBLASLt.  With KILN_CUDA_GEMM=f16
+ * matvec kernels up to 8 rows (KILN_CUDA_MATVEC_MAX_ROWS).  Above that the
+ * product runs through cuBLASLt.  With KILN_CUDA_GEMM=f16
  * (KCU_GEMM_F16_DEFAULT), F16 and quantized weights: x becomes row-scaled FP16 (the
  * decode batch's k_mmd_prep) in cu->act_bf16's memory, F16 weights are used
  * in place and quantized ones are dequantized (exactly, then rounded to
  * FP16) into cu->wtile a chunk of whole rows at a time, one FP16 GEMM per
- * chunk, and the rows are scaled back with the bias added.  BF16 weights:
- * x is split into BF16 hi + lo parts, two accumulating GEMMs (BF16 weights
- * cannot meet FP16 activations in one cuBLASLt product, and one BF16
- * rounding of x, 2^-9, is what the split avoids), and without f16 every
- * type takes that path, weights dequantized to BF16 (KILN_CUDA_GEMM=bf16 /
- * split3: 1 / 3 parts).  FP16 rounds x and the dequantized weight to 2^-12
- * relative each, float32 accumulation.
+ * chunk, and the rows are scaled back with the bias added.  BF16 weights
+ * (they cannot meet FP16 activations in one cuBLASLt product): x rounded
+ * to BF16 once (2^-9 relative, as a BF16 model's reference rounds it), or
+ * split into BF16 hi + lo parts, two accumulating GEMMs each reading the
+ * weight again (KILN_CUDA_GEMM=split2; split3: three); without f16
+ * (KILN_CUDA_GEMM=bf16 / split2 / split3) every type takes that path,
+ * weights dequantized to BF16.  FP16 rounds x and the dequantized weight to
+ * 2^-12 relative each; float32 accumulation throughout.
  *
  * In cuBLASLt's column-major terms the row-major product is the TN GEMM
  * C (n_out x rows) = W^T' (n_out x n_in) X (n_in x rows): W's rows are the
@@ -582,7 +583,7 @@ void kcu_matmul(kb_backend *be, float *out, /* (rows, n_out) */
         return; /* 8-bit activations (matvec_q8.cu), opted into */
     if (rows <= KCU_MMD_MAX_ROWS && kcu_mmd(cu, &w, &out, &bd, 1, x, NULL, 0, rows))
         return; /* a decode batch (mmd.cu: from mmd_min_rows, 2 by default) */
-    if (rows <= KCU_MATVEC_MAX_ROWS)
+    if (rows <= cu->matvec_max_rows)
         kcu_matvec(cu, out, x, w, bd, rows);
     else
         matmul_gemm(cu, out, x, w, bd, rows, w->name ? w->name : "?");
@@ -610,7 +611,7 @@ void kcu_matmul_glu(kb_backend *be, float *out, const float *gate, const float *
         if (kcu_mmd(cu, &w, &out, &bd, 1, gate, up, (int)act, rows))
             return; /* the GLU applied by the activations' FP16 rounding pass */
     }
-    if (!q8 && rows <= KCU_MATVEC_MAX_ROWS) {
+    if (!q8 && rows <= cu->matvec_max_rows) {
         if (matmul_args_ok(cu, w, NULL, &bd))
             kcu_matvec_glu(cu, out, gate, up, (int)act, w, rows);
         return;
@@ -647,8 +648,9 @@ void kcu_matmul_group(kb_backend *be, const kb_mm *mm, int n, const float *x, in
             matmul_det(cu, w + i, out + i, bd + i, same ? n : 1, x, NULL, 0, rows);
         return;
     }
-    const bool mv = ok && rows <= KCU_MATVEC_MAX_ROWS;
-    if (mv && cu->fast_act && kcu_matvec_q8_group(cu, w, out, bd, n, x, rows))
+    const bool mv = ok && rows <= cu->matvec_max_rows;
+    if (ok && rows <= KCU_MATVEC_MAX_ROWS && cu->fast_act &&
+        kcu_matvec_q8_group(cu, w, out, bd, n, x, rows))
         return; /* 8-bit activations (matvec_q8.cu), opted into: x quantized once */
     if (ok && kcu_mmd(cu, w, out, bd, n, x, NULL, 0, rows))
         return; /* a decode batch: mmd.cu, x rounded once for the group */
@@ -838,13 +840,18 @@ kiln_status kcu_matmul_reserve(kcu *cu, const kb_reserve *r)
         if (wt == 0)
             wt = (size_t)r->max_n_in;
     }
-    /* Split activations (the default) keep the GEMM's inputs to ~2^-17
-     * relative, as the CPU backend's float32 activations nearly are, at twice
-     * the tensor-core work; KILN_CUDA_GEMM=bf16 rounds them to BF16 once,
-     * KILN_CUDA_GEMM=split3 carries all 24 bits in three parts. */
+    /* BF16 weights: activations rounded to BF16 once by default (what a
+     * BF16 model's reference computes); KILN_CUDA_GEMM=split2 splits them
+     * into BF16 hi + lo parts (~2^-17 relative, as the CPU backend's float32
+     * nearly is) and split3 carries all 24 bits, each part one more GEMM
+     * that reads the whole weight again. */
     const char *mode = getenv("KILN_CUDA_GEMM");
-    cu->gemm_parts = mode && !strcmp(mode, "bf16") ? 1 : mode && !strcmp(mode, "split3") ? 3 : 2;
+    cu->gemm_parts = mode && !strcmp(mode, "split2") ? 2 : mode && !strcmp(mode, "split3") ? 3
+                     : mode && !strcmp(mode, "bf16") ? 1 : KCU_GEMM_BF16_PARTS_DEFAULT;
     cu->gemm_f16 = mode ? !strcmp(mode, "f16") : KCU_GEMM_F16_DEFAULT;
+    const char *mv = getenv("KILN_CUDA_MATVEC_MAX_ROWS");
+    cu->matvec_max_rows = mv && atoi(mv) >= 1 && atoi(mv) <= KCU_MATVEC_MAX_ROWS
+                              ? atoi(mv) : KCU_MATVEC_MAX_ROWS;
     /* the decode batch's FP16 rows live in the same memory */
     if (act < (size_t)KCU_MMD_MAX_ROWS * (size_t)r->max_n_in)
         act = (size_t)KCU_MMD_MAX_ROWS * (size_t)r->max_n_in;

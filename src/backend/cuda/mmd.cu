@@ -33,9 +33,10 @@
  * ring of 2-4 shared-memory stages with cp.async while earlier stages are
  * decoded.  Rows of quantized formats whose stage is not 16-byte aligned
  * (Q2_K, Q3_K, Q6_K) are copied from the aligned address below and read at
- * their offset.  When the tiles cannot fill the GPU (q/k/v, o, down on a
- * 7B), the k range is split over gridDim.y CTAs whose partial sums the last
- * CTA of the tile adds in split order, so the result does not depend on
+ * their offset.  The k range is split over gridDim.y CTAs where that
+ * evens out the waves of CTAs over the SMs (mmd_pick_ks; q/k/v, o, down and
+ * gate of a 7B all split), and the last CTA of a tile adds their partial
+ * sums in split order, so the result does not depend on
  * which CTA finished first - nor on the number of activation rows: a row's
  * sums run in the same order whatever the batch (the k split depends on the
  * weight's shape only), which the engine's batch-invariant mode relies on.
@@ -66,6 +67,9 @@
 #define MMD_HPAD 32               /* the same after each F16 / BF16 weight row */
 #define MMD_MAX_STAGES 4
 #define MMD_MAX_KS 16             /* k splits at most */
+#define MMD_CTA_STAGES 2          /* a CTA's start-up, in stages (mmd_pick_ks) */
+#define MMD_PART_WAVES 4          /* k-split CTAs of a launch: up to this many
+                                     a SM (the partial sums' reserve) */
 #define MMD_SLACK 16              /* bytes after the last stage (the unguarded
                                      byte accessor reads one word ahead) */
 #define MMD_SEGS KB_MM_GROUP_MAX
@@ -601,6 +605,51 @@ void kcu_mmd_prep(kcu *cu, const float *x, const float *up, int act, int rows, i
                    xh, inv);
 }
 
+/* CTAs of one launch whose partial sums the reserve holds (ks > 1). */
+static int mmd_max_ctas(const kcu *cu)
+{
+    const size_t per = (size_t)KCU_MMD_MAX_ROWS * MMD_TILE;
+    int n = (int)(cu->mmd_part_elems / per);
+    return n < cu->mmd_count_elems ? n : cu->mmd_count_elems;
+}
+
+/* The k splits of a launch of `tiles` tiles of nst stages each.  A CTA
+ * takes most of an SM's shared memory, so the tiles x ks CTAs run in waves
+ * of one a SM, and a CTA costs its stages plus MMD_CTA_STAGES of start-up
+ * (its first loads in flight, the partial sums): the ks of least
+ * waves x (stages a CTA + start-up).  Splitting only until the CTAs cover
+ * the SMs once, as a first version did, left a second wave of a few CTAs
+ * behind a full one (74 tiles of a 7B's gate: 2 splits, 148 CTAs on 132
+ * SMs, a quarter of the copy rate).  Depends on the weight's shape and the
+ * device only, never on the rows of the step (batch invariance). */
+static int mmd_pick_ks(int tiles, int nst, int sms, int max_ctas)
+{
+    int best = 1;
+    long best_cost = -1;
+    for (int ks = 1; ks <= MMD_MAX_KS && ks <= nst; ks++) {
+        const int per = (nst + ks - 1) / ks, real = (nst + per - 1) / per;
+        if (real > 1 && (long)tiles * real > max_ctas)
+            break;
+        const long waves = ((long)tiles * real + sms - 1) / sms;
+        const long cost = waves * (per + MMD_CTA_STAGES);
+        if (best_cost < 0 || cost < best_cost) {
+            best_cost = cost;
+            best = ks;
+        }
+    }
+    return best;
+}
+
+/* Rows up to which a weight of `type` with n_in inputs takes the kernel
+ * outside batch-invariant mode (KCU_MMD_SHORT_MAX_ROWS). */
+static int mmd_max_rows(const kcu *cu, kiln_type type, int n_in)
+{
+    if (cu->mmd_max_rows > 0)
+        return cu->mmd_max_rows;
+    const bool quantized = type != KILN_TYPE_F16 && type != KILN_TYPE_BF16;
+    return quantized && n_in >= KCU_MMD_LONG_ROW ? KCU_MMD_MAX_ROWS : KCU_MMD_SHORT_MAX_ROWS;
+}
+
 bool kcu_mmd(kcu *cu, const kb_weight *const *w, float *const *out, const float *const *bias,
              int n, const float *x, const float *up, int act, int rows)
 {
@@ -612,7 +661,7 @@ bool kcu_mmd(kcu *cu, const kb_weight *const *w, float *const *out, const float 
     const kiln_type type = w[0]->type;
     const int n_in = (int)w[0]->ne[0], kc = mmd_kc(type);
     const size_t row_bytes = w[0]->row_bytes;
-    if (!kc || n_in % 16 != 0)
+    if (!kc || n_in % 16 != 0 || (!det && rows > mmd_max_rows(cu, type, n_in)))
         return false;
     const bool half = kc == MMD_KC_H;
     bool aligned = row_bytes % 16 == 0;
@@ -665,17 +714,12 @@ bool kcu_mmd(kcu *cu, const kb_weight *const *w, float *const *out, const float 
         p.tiles += (p.seg[i].n_out + MMD_TILE - 1) / MMD_TILE;
     }
     /* k splits from the shape alone (never from rows: batch invariance) */
-    const int sms = cu->prop.multiProcessorCount;
-    int ks = 1;
-    if (p.tiles < sms) {
-        ks = (sms + p.tiles - 1) / p.tiles;
-        ks = ks > MMD_MAX_KS ? MMD_MAX_KS : ks;
-        ks = ks > p.nst ? p.nst : ks;
-    }
+    const int ks = mmd_pick_ks(p.tiles, p.nst, cu->prop.multiProcessorCount,
+                               mmd_max_ctas(cu));
     p.st_split = (p.nst + ks - 1) / ks;
     p.ks = (p.nst + p.st_split - 1) / p.st_split;
     if (p.ks > 1 && ((size_t)p.ks * p.tiles * KCU_MMD_MAX_ROWS * MMD_TILE > cu->mmd_part_elems ||
-                     p.tiles > cu->mmd_count_elems)) {
+                     p.ks * p.tiles > cu->mmd_count_elems)) {
         KCU_BAD(cu, KILN_ERR_INTERNAL, "cuda matmul %s: %d k splits of %d tiles exceed the "
                 "reserved partial sums", w[0]->name ? w[0]->name : "?", p.ks, p.tiles);
         return true;
@@ -698,14 +742,16 @@ kiln_status kcu_mmd_reserve(kcu *cu, const kb_reserve *r)
     cu->mmd_on = on ? strcmp(on, "0") != 0 : KCU_MMD_DEFAULT;
     const char *mr = getenv("KILN_CUDA_MMD_MIN_ROWS");
     cu->mmd_min_rows = mr && atoi(mr) >= 1 && atoi(mr) <= KCU_MMD_MAX_ROWS ? atoi(mr) : 2;
-    /* k splits fill at most one CTA an SM beyond the tiles: ks * tiles <
-     * 2 * SMs (kcu_mmd) */
-    const size_t sms = (size_t)cu->prop.multiProcessorCount;
-    cu->mmd_part_elems = 2 * sms * KCU_MMD_MAX_ROWS * MMD_TILE;
-    cu->mmd_count_elems = (int)sms;
+    const char *xr = getenv("KILN_CUDA_MMD_MAX_ROWS");
+    cu->mmd_max_rows = xr && atoi(xr) >= 1 && atoi(xr) <= KCU_MMD_MAX_ROWS ? atoi(xr) : 0;
+    /* k splits of a launch: at most MMD_PART_WAVES CTAs a SM (mmd_pick_ks);
+     * a tile's counter per CTA bounds the tiles that split */
+    const size_t sms = (size_t)cu->prop.multiProcessorCount, ctas = MMD_PART_WAVES * sms;
+    cu->mmd_part_elems = ctas * KCU_MMD_MAX_ROWS * MMD_TILE;
+    cu->mmd_count_elems = (int)ctas;
     KCU_TRY(cu, cudaMalloc((void **)&cu->mmd_part, cu->mmd_part_elems * sizeof(float)));
-    KCU_TRY(cu, cudaMalloc((void **)&cu->mmd_count, sms * sizeof(int)));
-    KCU_TRY(cu, cudaMemset(cu->mmd_count, 0, sms * sizeof(int)));
+    KCU_TRY(cu, cudaMalloc((void **)&cu->mmd_count, ctas * sizeof(int)));
+    KCU_TRY(cu, cudaMemset(cu->mmd_count, 0, ctas * sizeof(int)));
     (void)r;
     return mmd_setup(cu);
 }

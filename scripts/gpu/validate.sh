@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# validate.sh KILN_TAR OUT - one device call that checks the GPU code on a
+# machine without models/ (the device machine has none and no network):
+#
+#   1. synthetic Qwen2.5-0.5B (bench/synth, BF16, std 0.02), a 6-layer
+#      32k-vocabulary cut of it (BF16 and Q4_K_M GGUF by kiln quantize: quick
+#      under compute-sanitizer); the 7B shape in the background for step 4
+#   2. test_cuda_matmul in three modes, to tell the decode-batch kernel
+#      (KILN_CUDA_MMD=1) from the FP16 GEMM (KILN_CUDA_GEMM=f16) apart
+#   3. `kiln generate --tp 1 --tp-comm` against the plain path, under gdb
+#      when the machine has it (kiln prints a backtrace on a crash anyway)
+#   4. where the decode step's time goes: nsys on `kiln bench` at batch 8
+#      and 64 on the 7B shape, decode-batch kernel off and on (when nsys
+#      is there)
+#   5. scripts/gpu/test.sh (make test-gpu) with KILN_GPU_MODELS,
+#      KILN_GPU_PD_MODEL, KILN_GPU_TP_MODEL and KILN_GPU_LOAD_MODELS
+#      pointing at the synthetic models
+#
+#   6. decode: scripts/gpu/decode_check.sh (the defaults against the old
+#      paths, kiln bench at batch 1..64); ncu: kernel times of eager decode
+#      steps (4-layer cut of the 7B shape) at batch 8 and 64
+#   7. sweep: scripts/gpu/sweep.sh (each matmul path forced in turn);
+#      llama: llama.cpp (.peer/llama-bin.tar.xz, carried) and kiln bench on
+#      the same GGUF files
+#
+# Stages named in VALIDATE_STAGES (default "matmul tp prof test"), each
+# under the time left of BUDGET seconds (default 540).  Everything lands
+# under a work folder packed into OUT/results.tar.xz after each stage (the
+# device tool returns few files), with a summary on stdout.
+set -uo pipefail
+tar_k=${1:?usage: validate.sh KILN_TAR OUT}
+out=${2:?usage: validate.sh KILN_TAR OUT}
+here=$(cd "$(dirname "$0")/../.." && pwd)
+budget=${BUDGET:-540}
+t0=$(date +%s)
+left() { echo $((budget - ($(date +%s) - t0))); }
+el() { echo "[$(($(date +%s) - t0)) s] $*" | tee -a "$w/summary.txt"; }
+w=/tmp/validate
+kb=/tmp/kb
+work=${KILN_WORK:-/tmp/kiln-bench}
+mkdir -p "$w" "$kb" "$work" "$out"
+pack() { tar -cJf "$out/results.tar.xz" -C "$w" . 2>/dev/null; }
+python3 -c "import tarfile,sys; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$tar_k" "$kb"
+export LD_LIBRARY_PATH=$kb/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export NCCL_NVLS_ENABLE=0
+if [ -z "${KILN_NCCL_LIB:-}" ]; then
+    nccl=$(python3 -c 'import nvidia.nccl as n, os; print(os.path.join(list(n.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
+    [ -n "$nccl" ] && [ -f "$nccl" ] && export KILN_NCCL_LIB=$nccl
+fi
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+    for t in nsys ncu gdb compute-sanitizer; do echo "$t: $(command -v $t || echo none)"; done
+    echo "KILN_NCCL_LIB=${KILN_NCCL_LIB:-unset}"
+    ls /usr/lib/x86_64-linux-gnu/libnccl* /usr/local/cuda/lib64/libnccl* 2>/dev/null
+} >"$w/env.txt" 2>&1
+cat "$w/env.txt"
+
+m05=$work/qwen2.5-0.5b
+m7=$work/qwen2.5-7b
+small=$work/qwen2.5-0.5b-l6
+g05=$work/qwen2.5-0.5b-l6-Q4_K_M.gguf
+[ -f "$m05/config.json" ] || python3 "$here/bench/synth/make_synth.py" "$m05" --shape qwen2.5-0.5b \
+    >"$w/make-0.5b.log" 2>&1 &
+[ -f "$small/config.json" ] || python3 "$here/bench/synth/make_synth.py" "$small" \
+    --shape qwen2.5-0.5b --layers 6 --vocab 32768 >"$w/make-small.log" 2>&1
+[ -f "$g05" ] || "$kb/bin/kiln" quantize "$small" "$g05" Q4_K_M >"$w/quant-small.log" 2>&1
+wait
+el "0.5B made (BF16), and its 6-layer 32k-vocabulary cut (BF16 and Q4_K_M GGUF)"
+p7=
+if [ ! -f "$m7/config.json" ]; then
+    python3 "$here/bench/synth/make_synth.py" "$m7" --shape qwen2.5-7b >"$w/make-7b.log" 2>&1 &
+    p7=$!
+fi
+
+for stage in ${VALIDATE_STAGES:-matmul tp prof test}; do
+    case $stage in
+    matmul)
+        for mode in "KILN_GPU_DEFAULTS=1" "KILN_CUDA_MMD=0 KILN_CUDA_GEMM=bf16"; do
+            tag=$(echo "$mode" | tr ' =' '_-')
+            env $mode timeout 90 "$kb/bin/test_cuda_matmul" >"$w/matmul-$tag.log" 2>&1
+            el "test_cuda_matmul $mode: exit $? $(grep -c 'FAIL' "$w/matmul-$tag.log") FAIL lines"
+            grep -E "<-- FAIL|FAILED  \]|: FAIL" "$w/matmul-$tag.log" | head -12
+        done
+        ;;
+    tp)
+        args=(generate -m "$g05" -p "The capital of France is" -n 16 --temp 0 --ignore-eos
+              --device cuda --ctx 256)
+        timeout 60 "$kb/bin/kiln" "${args[@]}" >"$w/tp-plain.out" 2>"$w/tp-plain.err"
+        el "generate plain: exit $?"
+        timeout 60 "$kb/bin/kiln" "${args[@]}" --tp 1 --tp-comm >"$w/tp-comm.out" 2>"$w/tp-comm.err"
+        rc=$?
+        el "generate --tp 1 --tp-comm: exit $rc; same text: $(cmp -s "$w/tp-plain.out" "$w/tp-comm.out" && echo yes || echo no)"
+        tail -25 "$w/tp-comm.err"
+        if [ $rc -ne 0 ] && command -v gdb >/dev/null; then
+            timeout 90 gdb -q -batch -ex run -ex bt -ex "info threads" -ex "thread apply all bt 8" \
+                --args "$kb/bin/kiln" "${args[@]}" --tp 1 --tp-comm >"$w/tp-comm-gdb.txt" 2>&1
+            grep -A25 "received signal" "$w/tp-comm-gdb.txt" | head -40
+        fi
+        ;;
+    prof)
+        [ -n "$p7" ] && wait "$p7" && p7= && el "7B made"
+        if command -v nsys >/dev/null; then
+            for b in 8 64; do
+                for m in 0 1; do
+                    [ "$(left)" -lt 200 ] && { el "prof b$b mmd$m skipped (time)"; continue; }
+                    rep=$w/prof-b$b-mmd$m
+                    KILN_CUDA_MMD=$m timeout 90 nsys profile -o "$rep" --force-overwrite true \
+                        -t cuda --cuda-graph-trace=node --stats=false "$kb/bin/kiln" bench -m "$m7" --device cuda \
+                        -p 0 -n 32 -b $b --reps 1 >"$rep.log" 2>&1
+                    timeout 60 nsys stats -r cuda_gpu_kern_sum -f csv -o "$rep" "$rep.nsys-rep" \
+                        >/dev/null 2>&1
+                    rm -f "$rep.nsys-rep" "$rep.sqlite"
+                    el "prof b$b mmd$m: $(ls "$rep"*.csv 2>/dev/null | head -1)"
+                done
+            done
+        else
+            el "prof: no nsys on this machine"
+        fi
+        ;;
+    decode)
+        [ -n "$p7" ] && wait "$p7" && p7=
+        KILN_WORK=$work BUDGET=$(($(left) - 20)) bash "$here/scripts/gpu/decode_check.sh" "$tar_k" \
+            "$w/decode" >"$w/decode.log" 2>&1
+        el "decode_check exit $?"
+        tail -22 "$w/decode.log"
+        ;;
+    ncu)
+        # kernel times of a few eager decode steps of the 7B shape cut to
+        # 4 layers, at each batch in NCU_BATCHES (default 8 64)
+        l4=$work/qwen2.5-7b-l4
+        [ -f "$l4/config.json" ] || python3 "$here/bench/synth/make_synth.py" "$l4" \
+            --shape qwen2.5-7b --layers 4 >"$w/make-7b-l4.log" 2>&1
+        for b in ${NCU_BATCHES:-8 64}; do
+            [ "$(left)" -lt 60 ] && { el "ncu b$b skipped (time)"; continue; }
+            timeout $(($(left) - 30)) ncu --csv --metrics gpu__time_duration.sum \
+                --launch-count "${NCU_LAUNCHES:-2500}" "$kb/bin/kiln" bench -m "$l4" \
+                --device cuda --eager -p 0 -n 6 -b "$b" --reps 1 >"$w/ncu-b$b.csv" 2>"$w/ncu-b$b.err"
+            el "ncu b$b exit $?: $(wc -l <"$w/ncu-b$b.csv") lines"
+        done
+        ;;
+    sweep)
+        # the matmul paths forced in turn (scripts/gpu/sweep.sh)
+        KILN_WORK=$work BUDGET=$(($(left) - ${SWEEP_RESERVE:-150})) bash "$here/scripts/gpu/sweep.sh" \
+            "$tar_k" "$w/sweep" >"$w/sweep.log" 2>&1
+        el "sweep exit $?"
+        cat "$w/sweep/sweep.txt" 2>/dev/null
+        ;;
+    llama)
+        # llama.cpp on the same GGUF files (and a BF16 GGUF of the 7B shape),
+        # with kiln's pp512 / batched decode on each beside it
+        lt=$here/.peer/llama-bin.tar.xz
+        if [ ! -f "$lt" ]; then
+            el "llama: no $lt"
+            continue
+        fi
+        g7=$work/qwen2.5-7b-BF16.gguf
+        [ -f "$g7" ] || [ ! -f "$work/qwen2.5-7b/config.json" ] ||
+            timeout 120 "$kb/bin/kiln" quantize "$work/qwen2.5-7b" "$g7" BF16 >"$w/quant-7b-BF16.log" 2>&1
+        LLAMA_REPS=${LLAMA_REPS:-5} timeout $(($(left) - 60)) bash "$here/scripts/gpu/llama_bench.sh" \
+            "$lt" "$work" "$w/llama" >"$w/llama.log" 2>&1
+        el "llama_bench exit $?"
+        tail -8 "$w/llama.log"
+        for f in "$work"/*.gguf; do
+            n=$(basename "$f" .gguf)
+            [ "$(left)" -lt 25 ] && { el "kiln $n skipped (time)"; continue; }
+            timeout $(($(left) - 10)) "$kb/bin/kiln" bench -m "$f" --device cuda --json -p 512 -n 128 \
+                -b 1,8,32,64 --reps 3 >"$w/llama/kiln-$n.json" 2>"$w/llama/kiln-$n.log"
+            el "kiln bench $n exit $?"
+        done
+        ;;
+    test)
+        [ -n "$p7" ] && wait "$p7" && p7=
+        KILN_GPU_MODELS="$g05;$small;$m05" KILN_GPU_PD_MODEL=$g05 KILN_GPU_TP_MODEL=$g05 \
+            KILN_GPU_LOAD_MODELS="$m05" \
+            timeout "$(($(left) - 10))" bash "$here/scripts/gpu/test.sh" "$kb/bin" \
+            >"$w/test-gpu.log" 2>&1
+        el "test.sh exit $?"
+        grep -E "^\[  FAILED|FAILED  \]|: FAIL|memcheck|invariance|passed, " "$w/test-gpu.log" | tail -25
+        ;;
+    esac
+    pack
+done
+pack
+cat "$w/summary.txt"

@@ -57,8 +57,9 @@ cat "$w/env.txt"
 
 m05=$work/qwen2.5-0.5b
 m7=$work/qwen2.5-7b
-small=$work/qwen2.5-0.5b-l6
-g05=$work/qwen2.5-0.5b-l6-Q4_K_M.gguf
+small=$work/small/qwen2.5-0.5b-l6
+g05=$work/small/qwen2.5-0.5b-l6-Q4_K_M.gguf
+mkdir -p "$work/small"
 [ -f "$m05/config.json" ] || python3 "$here/bench/synth/make_synth.py" "$m05" --shape qwen2.5-0.5b \
     >"$w/make-0.5b.log" 2>&1 &
 [ -f "$small/config.json" ] || python3 "$here/bench/synth/make_synth.py" "$small" \
@@ -81,6 +82,8 @@ for stage in ${VALIDATE_STAGES:-matmul tp prof test}; do
             el "test_cuda_matmul $mode: exit $? $(grep -c 'FAIL' "$w/matmul-$tag.log") FAIL lines"
             grep -E "<-- FAIL|FAILED  \]|: FAIL" "$w/matmul-$tag.log" | head -12
         done
+        KILN_CUDA_MMD_MAX_ROWS=64 timeout 60 "$kb/bin/bench_matvec" bf16 q4_k >"$w/matvec.txt" 2>&1
+        el "bench_matvec (decode-batch kernel to 64 rows) exit $?"
         ;;
     tp)
         args=(generate -m "$g05" -p "The capital of France is" -n 16 --temp 0 --ignore-eos
@@ -140,6 +143,7 @@ for stage in ${VALIDATE_STAGES:-matmul tp prof test}; do
         ;;
     sweep)
         # the matmul paths forced in turn (scripts/gpu/sweep.sh)
+        [ -n "$p7" ] && wait "$p7" && p7=
         KILN_WORK=$work BUDGET=$(($(left) - ${SWEEP_RESERVE:-150})) bash "$here/scripts/gpu/sweep.sh" \
             "$tar_k" "$w/sweep" >"$w/sweep.log" 2>&1
         el "sweep exit $?"
@@ -153,9 +157,13 @@ for stage in ${VALIDATE_STAGES:-matmul tp prof test}; do
             el "llama: no $lt"
             continue
         fi
-        g7=$work/qwen2.5-7b-BF16.gguf
-        [ -f "$g7" ] || [ ! -f "$work/qwen2.5-7b/config.json" ] ||
-            timeout 120 "$kb/bin/kiln" quantize "$work/qwen2.5-7b" "$g7" BF16 >"$w/quant-7b-BF16.log" 2>&1
+        [ -n "$p7" ] && wait "$p7" && p7=
+        for g in ${LLAMA_FILES:-7b:Q4_K_M 7b:F16 7b:BF16 0.5b:Q4_K_M 0.5b:F16}; do
+            f=$work/qwen2.5-${g%%:*}-${g##*:}.gguf
+            [ -f "$f" ] || timeout 120 "$kb/bin/kiln" quantize "$work/qwen2.5-${g%%:*}" "$f" \
+                "${g##*:}" >"$w/quant-${g%%:*}-${g##*:}.log" 2>&1
+        done
+        el "GGUF files made"
         LLAMA_REPS=${LLAMA_REPS:-5} timeout $(($(left) - 60)) bash "$here/scripts/gpu/llama_bench.sh" \
             "$lt" "$work" "$w/llama" >"$w/llama.log" 2>&1
         el "llama_bench exit $?"
@@ -168,11 +176,20 @@ for stage in ${VALIDATE_STAGES:-matmul tp prof test}; do
             el "kiln bench $n exit $?"
         done
         ;;
-    test)
+    tp)
+        # TP 1 through NCCL against the plain path on the 7B shape
         [ -n "$p7" ] && wait "$p7" && p7=
+        KILN_WORK=$work ROUNDS=${TP_ROUNDS:-1} REPS=3 timeout $(($(left) - 5)) \
+            bash "$here/scripts/gpu/tp_bench.sh" "$kb/bin" "$w/tp" >"$w/tp.log" 2>&1
+        el "tp_bench exit $?"
+        tail -5 "$w/tp.log"
+        ;;
+    test)
+        tl=$(($(left) - 10))
+        [ "$tl" -gt "${TEST_CAP:-170}" ] && tl=${TEST_CAP:-170}
         KILN_GPU_MODELS="$g05;$small;$m05" KILN_GPU_PD_MODEL=$g05 KILN_GPU_TP_MODEL=$g05 \
             KILN_GPU_LOAD_MODELS="$m05" \
-            timeout "$(($(left) - 10))" bash "$here/scripts/gpu/test.sh" "$kb/bin" \
+            timeout "$tl" bash "$here/scripts/gpu/test.sh" "$kb/bin" \
             >"$w/test-gpu.log" 2>&1
         el "test.sh exit $?"
         grep -E "^\[  FAILED|FAILED  \]|: FAIL|memcheck|invariance|passed, " "$w/test-gpu.log" | tail -25

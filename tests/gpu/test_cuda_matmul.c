@@ -17,8 +17,9 @@
  *     default the engine stops short of that for some weights) unless told
  *     otherwise; F32 weights and rows that are not whole 16-element units
  *     never take it; with
- *     KILN_CUDA_MMD=0, rows 2..8 take the matvec kernels (1e-5) and 9..64
- *     the GEMM.
+ *     KILN_CUDA_MMD=0, rows 2..8 take the matvec kernels (1e-5; the tests
+ *     set KILN_CUDA_MATVEC_MAX_ROWS=8, by default the engine stops at 4 for
+ *     some weights) and 9..64 the GEMM.
  *   matmul, rows > 64 (cuBLASLt GEMM): 1e-2.  FP16 activations and weights
  *     for F16 and quantized types; BF16 weights against BF16 hi + lo parts
  *     of the activations.
@@ -83,6 +84,7 @@ static int setup(void **state)
      * is on by default; KILN_CUDA_MMD=0 checks the paths it replaces */
     setenv("KILN_CUDA_MMD", "1", 0);
     setenv("KILN_CUDA_MMD_MAX_ROWS", "64", 0); /* every row count it can take */
+    setenv("KILN_CUDA_MATVEC_MAX_ROWS", "8", 0); /* and the matvec kernels all theirs */
     if (gt_setup(state))
         return -1;
     kb_reserve r = {.max_tokens = T_MAX_TOKENS, .max_seqs = 4, .max_ctx = 256,

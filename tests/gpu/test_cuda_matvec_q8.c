@@ -52,9 +52,10 @@ kiln_status kb_cuda_q8_quantize_for_test(kb_backend *be, const float *x, int row
 static int setup(void **state)
 {
     /* The exact cases below mean the float32 matrix-vector kernels; the
-     * decode-batch kernel, on by default, would take their rows 2..16
-     * (test_cuda_matmul checks it). */
+     * decode-batch kernel or the GEMM would take some of their rows 2..8
+     * by default (test_cuda_matmul checks those). */
     setenv("KILN_CUDA_MMD", "0", 0);
+    setenv("KILN_CUDA_MATVEC_MAX_ROWS", "8", 0);
     if (gt_setup(state))
         return -1;
     kb_reserve r = {.max_tokens = 64, .max_seqs = 4, .max_ctx = 256, .max_n_in = T_MAX_N_IN,

@@ -60,13 +60,18 @@ extern "C" {
  * 16-64 rows and prefill on the H100 (2026-12-07, bench/RESULTS.md). */
 #define KCU_GEMM_BF16_PARTS_DEFAULT 1
 
-/* Rows above which a decode batch leaves the decode-batch kernel for the
- * GEMM (KILN_CUDA_MMD_MAX_ROWS overrides): measured on the H100, the GEMM
- * wins past 16 rows for F16 / BF16 weights and for the short rows of small
- * models, while quantized weights of long rows (n_in >= KCU_MMD_LONG_ROW)
- * keep the kernel to KCU_MMD_MAX_ROWS, their GEMM having to dequantize the
- * whole weight first. */
-#define KCU_MMD_SHORT_MAX_ROWS 16
+/* A decode batch's path by default (KILN_CUDA_MATVEC_MAX_ROWS,
+ * KILN_CUDA_MMD_MIN_ROWS / _MAX_ROWS override), from bench_matvec and
+ * `kiln bench` on the H100 (2026-12-07, docs/cuda.md "Decode batches"):
+ *   F16 / BF16 / F32 weights: the matrix-vector kernels to KCU_MV_ROWS_WIDE
+ *     rows (82-87 % of the copy rate at 2-4 rows, 37 % at 8), the GEMM
+ *     above (~70 %; the decode-batch kernel reached 55 %);
+ *   quantized weights of long rows (n_in >= KCU_MMD_LONG_ROW, a 7B's):
+ *     matvec to KCU_MV_ROWS_WIDE rows, the decode-batch kernel to
+ *     KCU_MMD_MAX_ROWS (its GEMM must dequantize the whole weight first);
+ *   quantized weights of short rows (a 0.5B's): matvec to
+ *     KCU_MATVEC_MAX_ROWS, the GEMM above (the kernel never won there). */
+#define KCU_MV_ROWS_WIDE 4
 #define KCU_MMD_LONG_ROW 2048
 
 /* Elements of the BF16 tile a quantized weight is dequantized into for the
@@ -164,12 +169,14 @@ typedef struct kcu {
     bool mmd_on;              /* KILN_CUDA_MMD=1 / 0, default KCU_MMD_DEFAULT (off:
                                  matvec up to 8 rows, GEMM above) */
     bool mmd_ready;           /* its kernels may use all shared memory */
-    int mmd_min_rows;         /* rows from which it runs (KILN_CUDA_MMD_MIN_ROWS, default 2) */
-    int mmd_max_rows;         /* rows up to which it runs (KILN_CUDA_MMD_MAX_ROWS; 0: by
-                                 type and shape, KCU_MMD_SHORT_MAX_ROWS) */
+    int mmd_min_rows;         /* rows from which it runs (KILN_CUDA_MMD_MIN_ROWS; 0: the
+                                 default, KCU_MV_ROWS_WIDE above) */
+    int mmd_max_rows;         /* rows up to which it runs, for every type
+                                 (KILN_CUDA_MMD_MAX_ROWS; 0: by type and shape) */
     int matvec_max_rows;      /* rows up to which the matrix-vector kernels run when
-                                 the decode-batch kernel does not (KILN_CUDA_MATVEC_MAX_ROWS,
-                                 default KCU_MATVEC_MAX_ROWS); the GEMM above */
+                                 the decode-batch kernel does not, for every type
+                                 (KILN_CUDA_MATVEC_MAX_ROWS; 0: by type and shape);
+                                 the GEMM above */
     float *mmd_part;          /* (ks, tiles, KCU_MMD_MAX_ROWS, 256) partial sums of k splits */
     size_t mmd_part_elems;
     int *mmd_count;           /* per tile: splits finished (the last one adds them) */

@@ -565,6 +565,16 @@ static void matmul_det(kcu *cu, const kb_weight *const *w, float *const *out,
     }
 }
 
+/* Rows up to which the matrix-vector kernels run for w when the decode-
+ * batch kernel does not; the GEMM above (cuda_impl.h, KCU_MV_ROWS_WIDE). */
+static int matvec_rows(const kcu *cu, const kb_weight *w)
+{
+    if (cu->matvec_max_rows > 0)
+        return cu->matvec_max_rows;
+    return !is_float_type(w->type) && w->ne[0] < KCU_MMD_LONG_ROW ? KCU_MATVEC_MAX_ROWS
+                                                                  : KCU_MV_ROWS_WIDE;
+}
+
 void kcu_matmul(kb_backend *be, float *out, /* (rows, n_out) */
                 const float *x,             /* (rows, n_in), not aliasing out */
                 const kb_weight *w,         /* (n_out, n_in) of w->type */
@@ -582,8 +592,8 @@ void kcu_matmul(kb_backend *be, float *out, /* (rows, n_out) */
     if (cu->fast_act && rows <= KCU_MATVEC_MAX_ROWS && kcu_matvec_q8(cu, out, x, w, bd, rows))
         return; /* 8-bit activations (matvec_q8.cu), opted into */
     if (rows <= KCU_MMD_MAX_ROWS && kcu_mmd(cu, &w, &out, &bd, 1, x, NULL, 0, rows))
-        return; /* a decode batch (mmd.cu: from mmd_min_rows, 2 by default) */
-    if (rows <= cu->matvec_max_rows)
+        return; /* a decode batch (mmd.cu, the rows it takes: mmd_rows) */
+    if (rows <= matvec_rows(cu, w))
         kcu_matvec(cu, out, x, w, bd, rows);
     else
         matmul_gemm(cu, out, x, w, bd, rows, w->name ? w->name : "?");
@@ -611,7 +621,7 @@ void kcu_matmul_glu(kb_backend *be, float *out, const float *gate, const float *
         if (kcu_mmd(cu, &w, &out, &bd, 1, gate, up, (int)act, rows))
             return; /* the GLU applied by the activations' FP16 rounding pass */
     }
-    if (!q8 && rows <= cu->matvec_max_rows) {
+    if (!q8 && rows <= matvec_rows(cu, w)) {
         if (matmul_args_ok(cu, w, NULL, &bd))
             kcu_matvec_glu(cu, out, gate, up, (int)act, w, rows);
         return;
@@ -648,7 +658,7 @@ void kcu_matmul_group(kb_backend *be, const kb_mm *mm, int n, const float *x, in
             matmul_det(cu, w + i, out + i, bd + i, same ? n : 1, x, NULL, 0, rows);
         return;
     }
-    const bool mv = ok && rows <= cu->matvec_max_rows;
+    const bool mv = ok && rows <= matvec_rows(cu, w[0]);
     if (ok && rows <= KCU_MATVEC_MAX_ROWS && cu->fast_act &&
         kcu_matvec_q8_group(cu, w, out, bd, n, x, rows))
         return; /* 8-bit activations (matvec_q8.cu), opted into: x quantized once */
@@ -850,8 +860,7 @@ kiln_status kcu_matmul_reserve(kcu *cu, const kb_reserve *r)
                      : mode && !strcmp(mode, "bf16") ? 1 : KCU_GEMM_BF16_PARTS_DEFAULT;
     cu->gemm_f16 = mode ? !strcmp(mode, "f16") : KCU_GEMM_F16_DEFAULT;
     const char *mv = getenv("KILN_CUDA_MATVEC_MAX_ROWS");
-    cu->matvec_max_rows = mv && atoi(mv) >= 1 && atoi(mv) <= KCU_MATVEC_MAX_ROWS
-                              ? atoi(mv) : KCU_MATVEC_MAX_ROWS;
+    cu->matvec_max_rows = mv && atoi(mv) >= 1 && atoi(mv) <= KCU_MATVEC_MAX_ROWS ? atoi(mv) : 0;
     /* the decode batch's FP16 rows live in the same memory */
     if (act < (size_t)KCU_MMD_MAX_ROWS * (size_t)r->max_n_in)
         act = (size_t)KCU_MMD_MAX_ROWS * (size_t)r->max_n_in;

@@ -640,14 +640,21 @@ static int mmd_pick_ks(int tiles, int nst, int sms, int max_ctas)
     return best;
 }
 
-/* Rows up to which a weight of `type` with n_in inputs takes the kernel
- * outside batch-invariant mode (KCU_MMD_SHORT_MAX_ROWS). */
-static int mmd_max_rows(const kcu *cu, kiln_type type, int n_in)
+/* The rows [lo, hi] a weight of `type` with n_in inputs takes the kernel
+ * for outside batch-invariant mode (cuda_impl.h, KCU_MMD_LONG_ROW). */
+static void mmd_rows(const kcu *cu, kiln_type type, int n_in, int *lo, int *hi)
 {
-    if (cu->mmd_max_rows > 0)
-        return cu->mmd_max_rows;
     const bool quantized = type != KILN_TYPE_F16 && type != KILN_TYPE_BF16;
-    return quantized && n_in >= KCU_MMD_LONG_ROW ? KCU_MMD_MAX_ROWS : KCU_MMD_SHORT_MAX_ROWS;
+    *lo = cu->mmd_min_rows;
+    if (cu->mmd_max_rows > 0) {
+        *lo = *lo ? *lo : 2;
+        *hi = cu->mmd_max_rows;
+    } else if (quantized && n_in >= KCU_MMD_LONG_ROW) {
+        *lo = *lo ? *lo : KCU_MV_ROWS_WIDE + 1;
+        *hi = KCU_MMD_MAX_ROWS;
+    } else {
+        *hi = 0;
+    }
 }
 
 bool kcu_mmd(kcu *cu, const kb_weight *const *w, float *const *out, const float *const *bias,
@@ -655,13 +662,17 @@ bool kcu_mmd(kcu *cu, const kb_weight *const *w, float *const *out, const float 
 {
     /* batch-invariant mode takes every row count here (matmul_det) */
     const bool det = cu->res.deterministic;
-    if ((!det && (!cu->mmd_on || rows < cu->mmd_min_rows)) || rows < 1 ||
-        rows > KCU_MMD_MAX_ROWS || n < 1 || n > MMD_SEGS || !cu->mmd_part)
+    if ((!det && !cu->mmd_on) || rows < 1 || rows > KCU_MMD_MAX_ROWS || n < 1 || n > MMD_SEGS ||
+        !cu->mmd_part)
         return false;
     const kiln_type type = w[0]->type;
     const int n_in = (int)w[0]->ne[0], kc = mmd_kc(type);
     const size_t row_bytes = w[0]->row_bytes;
-    if (!kc || n_in % 16 != 0 || (!det && rows > mmd_max_rows(cu, type, n_in)))
+    if (!kc || n_in % 16 != 0)
+        return false;
+    int lo, hi;
+    mmd_rows(cu, type, n_in, &lo, &hi);
+    if (!det && (rows < lo || rows > hi))
         return false;
     const bool half = kc == MMD_KC_H;
     bool aligned = row_bytes % 16 == 0;
@@ -741,7 +752,7 @@ kiln_status kcu_mmd_reserve(kcu *cu, const kb_reserve *r)
     const char *on = getenv("KILN_CUDA_MMD");
     cu->mmd_on = on ? strcmp(on, "0") != 0 : KCU_MMD_DEFAULT;
     const char *mr = getenv("KILN_CUDA_MMD_MIN_ROWS");
-    cu->mmd_min_rows = mr && atoi(mr) >= 1 && atoi(mr) <= KCU_MMD_MAX_ROWS ? atoi(mr) : 2;
+    cu->mmd_min_rows = mr && atoi(mr) >= 1 && atoi(mr) <= KCU_MMD_MAX_ROWS ? atoi(mr) : 0;
     const char *xr = getenv("KILN_CUDA_MMD_MAX_ROWS");
     cu->mmd_max_rows = xr && atoi(xr) >= 1 && atoi(xr) <= KCU_MMD_MAX_ROWS ? atoi(xr) : 0;
     /* k splits of a launch: at most MMD_PART_WAVES CTAs a SM (mmd_pick_ks);

@@ -7,11 +7,11 @@
 #      under compute-sanitizer); the 7B shape in the background for step 4
 #   2. test_cuda_matmul in three modes, to tell the decode-batch kernel
 #      (KILN_CUDA_MMD=1) from the FP16 GEMM (KILN_CUDA_GEMM=f16) apart
-#   3. `kiln generate --tp 1 --tp-comm` against the plain path, under gdb
+#   3. tpgen: `kiln generate --tp 1 --tp-comm` against the plain path, under gdb
 #      when the machine has it (kiln prints a backtrace on a crash anyway)
-#   4. where the decode step's time goes: nsys on `kiln bench` at batch 8
-#      and 64 on the 7B shape, decode-batch kernel off and on (when nsys
-#      is there)
+#   4. prof: where the decode step's time goes: nsys on `kiln bench` at
+#      batch 8 and 64 on the 7B shape, decode-batch kernel off and on (when
+#      nsys is there; the H100 machine has ncu only: see ncu below)
 #   5. scripts/gpu/test.sh (make test-gpu) with KILN_GPU_MODELS,
 #      KILN_GPU_PD_MODEL, KILN_GPU_TP_MODEL and KILN_GPU_LOAD_MODELS
 #      pointing at the synthetic models
@@ -20,10 +20,11 @@
 #      paths, kiln bench at batch 1..64); ncu: kernel times of eager decode
 #      steps (4-layer cut of the 7B shape) at batch 8 and 64
 #   7. sweep: scripts/gpu/sweep.sh (each matmul path forced in turn);
-#      llama: llama.cpp (.peer/llama-bin.tar.xz, carried) and kiln bench on
-#      the same GGUF files
+#      llama: llama.cpp (.peer/llama-bin.tar.xz or .peer/llama-bench.tar.xz,
+#      carried) and kiln bench on the same GGUF files (side_table.py);
+#      tp: scripts/gpu/tp_bench.sh (TP 1 through NCCL on the 7B shape)
 #
-# Stages named in VALIDATE_STAGES (default "matmul tp prof test"), each
+# Stages named in VALIDATE_STAGES (default "matmul tpgen test"), each
 # under the time left of BUDGET seconds (default 540).  Everything lands
 # under a work folder packed into OUT/results.tar.xz after each stage (the
 # device tool returns few files), with a summary on stdout.
@@ -73,7 +74,7 @@ if [ ! -f "$m7/config.json" ]; then
     p7=$!
 fi
 
-for stage in ${VALIDATE_STAGES:-matmul tp prof test}; do
+for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
     case $stage in
     matmul)
         for mode in "KILN_GPU_DEFAULTS=1" "KILN_CUDA_MMD=0 KILN_CUDA_GEMM=bf16"; do
@@ -85,7 +86,7 @@ for stage in ${VALIDATE_STAGES:-matmul tp prof test}; do
         KILN_CUDA_MMD_MAX_ROWS=64 timeout 60 "$kb/bin/bench_matvec" bf16 q4_k >"$w/matvec.txt" 2>&1
         el "bench_matvec (decode-batch kernel to 64 rows) exit $?"
         ;;
-    tp)
+    tpgen)
         args=(generate -m "$g05" -p "The capital of France is" -n 16 --temp 0 --ignore-eos
               --device cuda --ctx 256)
         timeout 60 "$kb/bin/kiln" "${args[@]}" >"$w/tp-plain.out" 2>"$w/tp-plain.err"
@@ -153,6 +154,7 @@ for stage in ${VALIDATE_STAGES:-matmul tp prof test}; do
         # llama.cpp on the same GGUF files (and a BF16 GGUF of the 7B shape),
         # with kiln's pp512 / batched decode on each beside it
         lt=$here/.peer/llama-bin.tar.xz
+        [ -f "$lt" ] || lt=$here/.peer/llama-bench.tar.xz
         if [ ! -f "$lt" ]; then
             el "llama: no $lt"
             continue

@@ -68,11 +68,13 @@ extern "C" {
  *     above (~70 %; the decode-batch kernel reached 55 %);
  *   quantized weights of long rows (n_in >= KCU_MMD_LONG_ROW, a 7B's):
  *     matvec to KCU_MV_ROWS_WIDE rows, the decode-batch kernel to
- *     KCU_MMD_MAX_ROWS (its GEMM must dequantize the whole weight first);
+ *     KCU_MMD_QUANT_MAX_ROWS (7B Q4_K_M: 1.3-1.7x the GEMM at 8-32 rows, whose
+ *     weight must be dequantized first; 0.79x at 64), the GEMM above;
  *   quantized weights of short rows (a 0.5B's): matvec to
  *     KCU_MATVEC_MAX_ROWS, the GEMM above (the kernel never won there). */
 #define KCU_MV_ROWS_WIDE 4
 #define KCU_MMD_LONG_ROW 2048
+#define KCU_MMD_QUANT_MAX_ROWS 32
 
 /* Elements of the BF16 tile a quantized weight is dequantized into for the
  * GEMM path (the weight is processed in row chunks that fit). */

@@ -651,7 +651,7 @@ static void mmd_rows(const kcu *cu, kiln_type type, int n_in, int *lo, int *hi)
         *hi = cu->mmd_max_rows;
     } else if (quantized && n_in >= KCU_MMD_LONG_ROW) {
         *lo = *lo ? *lo : KCU_MV_ROWS_WIDE + 1;
-        *hi = KCU_MMD_MAX_ROWS;
+        *hi = KCU_MMD_QUANT_MAX_ROWS;
     } else {
         *hi = 0;
     }

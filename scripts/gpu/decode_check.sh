@@ -19,20 +19,11 @@ set -uo pipefail
 tar_k=${1:?usage: decode_check.sh KILN_TAR OUT}
 out=${2:?usage: decode_check.sh KILN_TAR OUT}
 here=$(cd "$(dirname "$0")/../.." && pwd)
-budget=${BUDGET:-420}
-t0=$(date +%s)
-left() { echo $((budget - ($(date +%s) - t0))); }
-el() { echo "[$(($(date +%s) - t0)) s] $*"; }
-kb=/tmp/kb
+. "$here/scripts/gpu/lib.sh"
+dev_clock 420
 work=${KILN_WORK:-/tmp/kiln-bench}
-mkdir -p "$kb" "$out" "$work"
-python3 -c "import tarfile,sys; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$tar_k" "$kb"
-export LD_LIBRARY_PATH=$kb/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-export NCCL_NVLS_ENABLE=0
-if [ -z "${KILN_NCCL_LIB:-}" ]; then
-    nccl=$(python3 -c 'import nvidia.nccl as n, os; print(os.path.join(list(n.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
-    [ -n "$nccl" ] && [ -f "$nccl" ] && export KILN_NCCL_LIB=$nccl
-fi
+mkdir -p "$out" "$work"
+kb_unpack "$tar_k"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 el "unpacked"
 

@@ -17,16 +17,11 @@ set -uo pipefail
 tar_k=${1:?usage: sweep.sh KILN_TAR OUT}
 out=${2:?usage: sweep.sh KILN_TAR OUT}
 here=$(cd "$(dirname "$0")/../.." && pwd)
-budget=${BUDGET:-300}
-t0=$(date +%s)
-left() { echo $((budget - ($(date +%s) - t0))); }
-el() { echo "[$(($(date +%s) - t0)) s] $*"; }
-kb=/tmp/kb
+. "$here/scripts/gpu/lib.sh"
+dev_clock 300
 work=${KILN_WORK:-/tmp/kiln-bench}
-mkdir -p "$kb" "$out" "$work"
-[ -x "$kb/bin/kiln" ] ||
-    python3 -c "import tarfile,sys; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$tar_k" "$kb"
-export LD_LIBRARY_PATH=$kb/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+mkdir -p "$out" "$work"
+kb_unpack "$tar_k"
 
 path_env() {
     case $1 in

@@ -32,26 +32,17 @@ set -uo pipefail
 tar_k=${1:?usage: validate.sh KILN_TAR OUT}
 out=${2:?usage: validate.sh KILN_TAR OUT}
 here=$(cd "$(dirname "$0")/../.." && pwd)
-budget=${BUDGET:-540}
-t0=$(date +%s)
-left() { echo $((budget - ($(date +%s) - t0))); }
+. "$here/scripts/gpu/lib.sh"
+dev_clock 540
 el() { echo "[$(($(date +%s) - t0)) s] $*" | tee -a "$w/summary.txt"; }
 w=/tmp/validate
-kb=/tmp/kb
 work=${KILN_WORK:-/tmp/kiln-bench}
-mkdir -p "$w" "$kb" "$work" "$out"
+mkdir -p "$w" "$work" "$out"
 pack() { tar -cJf "$out/results.tar.xz" -C "$w" . 2>/dev/null; }
-python3 -c "import tarfile,sys; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$tar_k" "$kb"
-export LD_LIBRARY_PATH=$kb/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-export NCCL_NVLS_ENABLE=0
-if [ -z "${KILN_NCCL_LIB:-}" ]; then
-    nccl=$(python3 -c 'import nvidia.nccl as n, os; print(os.path.join(list(n.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
-    [ -n "$nccl" ] && [ -f "$nccl" ] && export KILN_NCCL_LIB=$nccl
-fi
+kb_unpack "$tar_k"
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
     for t in nsys ncu gdb compute-sanitizer; do echo "$t: $(command -v $t || echo none)"; done
-    echo "KILN_NCCL_LIB=${KILN_NCCL_LIB:-unset}"
     ls /usr/lib/x86_64-linux-gnu/libnccl* /usr/local/cuda/lib64/libnccl* 2>/dev/null
 } >"$w/env.txt" 2>&1
 cat "$w/env.txt"

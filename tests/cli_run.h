@@ -19,6 +19,20 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+/* Whether this build runs under AddressSanitizer (the kiln binary beside a
+ * test is built the same way): what ASan replaces, such as kiln's own
+ * fatal-signal handler, is not there to test. */
+#if defined(__SANITIZE_ADDRESS__)
+#define CLI_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CLI_SANITIZED 1
+#endif
+#endif
+#ifndef CLI_SANITIZED
+#define CLI_SANITIZED 0
+#endif
+
 #define CLI_RUN_OUT_MAX (1u << 20) /* bytes kept of each stream */
 #define CLI_RUN_MAX_ARGS 32
 

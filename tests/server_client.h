@@ -48,16 +48,7 @@
 #define HTTP_MAX_RESPONSE (64u << 20)
 #define HTTP_TIMEOUT_MS 120000      /* a blocking read gives up after this */
 
-#if defined(__SANITIZE_ADDRESS__)
-#define SRV_SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define SRV_SANITIZED 1
-#endif
-#endif
-#ifndef SRV_SANITIZED
-#define SRV_SANITIZED 0
-#endif
+#define SRV_SANITIZED CLI_SANITIZED
 
 #if SRV_SANITIZED
 #define SRV_MODEL "tests/data/hf-tiny/llama"

@@ -582,6 +582,41 @@ static void test_chat_ctrl_c(void **state)
     free(c.buf);
 }
 
+/* A crash names its signal and prints the stack's return addresses, then
+ * ends the process with that signal (its status, a core dump where enabled,
+ * are what they would have been).  ASan builds keep ASan's handler. */
+static void test_crash_backtrace(void **state)
+{
+    (void)state;
+    if (CLI_SANITIZED)
+        skip();
+    int fd;
+    pid_t pid = forkpty(&fd, NULL, NULL, NULL);
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        execl(kiln_bin, kiln_bin, "chat", "-m", SMOLLM2, "-t", "1", (char *)NULL);
+        _exit(127);
+    }
+    run_capture c = {0};
+    const bool ready = pty_wait(fd, &c, 0, "> ", WAIT_SECS) > 0;
+    kill(pid, SIGSEGV);
+    size_t at = ready ? pty_wait(fd, &c, 0, "kiln: fatal signal SIGSEGV; backtrace:", WAIT_SECS) : 0;
+    /* a frame of kiln itself follows */
+    size_t frame = at ? pty_wait(fd, &c, at, "kiln(", WAIT_SECS) : 0;
+    int status = wait_exit(pid, WAIT_SECS);
+    if (!ready || !at || !frame || status != 128 + SIGSEGV) {
+        fprintf(stderr, "ready %d message %zu frame %zu status %d; terminal:\n%s\n", ready, at,
+                frame, status, c.buf ? c.buf : "");
+        if (status < 0) {
+            kill(pid, SIGKILL);
+            wait_exit(pid, WAIT_SECS);
+        }
+        fail();
+    }
+    close(fd);
+    free(c.buf);
+}
+
 /* ------------------------------------------------------------------------
  * pkg-config
  * ---------------------------------------------------------------------- */
@@ -670,6 +705,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_chat_no_template),
         cmocka_unit_test(test_chat_context_overflow),
         cmocka_unit_test(test_chat_ctrl_c),
+        cmocka_unit_test(test_crash_backtrace),
         cmocka_unit_test(test_pkgconfig_static),
     };
     const char *filter = getenv("KILN_TEST_FILTER");

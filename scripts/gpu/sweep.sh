@@ -7,6 +7,8 @@
 #   mmd64     the decode-batch kernel for every row count 2..64
 #   nommd     matrix-vector kernels up to 8 rows, GEMM above (the old path)
 #   gemm      GEMM from 2 rows (no decode-batch kernel, matvec for 1 row)
+#   mmd64s2   mmd64 with two shared-memory stages a CTA (more CTAs an SM;
+#             not in the default list)
 #
 # `kiln bench -p PP -n 32 -b 1,2,4,8,16,32,64` per model and path; the
 # models are SWEEP_MODELS (default "7b:bf16 7b:Q4_K_M 7b:F16 0.5b:bf16
@@ -29,6 +31,7 @@ path_env() {
     mmd64) echo "KILN_CUDA_MMD_MAX_ROWS=64" ;;
     nommd) echo "KILN_CUDA_MMD=0" ;;
     gemm) echo "KILN_CUDA_MMD=0 KILN_CUDA_MATVEC_MAX_ROWS=1" ;;
+    mmd64s2) echo "KILN_CUDA_MMD_MAX_ROWS=64 KILN_CUDA_MMD_STAGES=2" ;;
     esac
 }
 

@@ -8,7 +8,7 @@ import sys
 
 out = pathlib.Path(sys.argv[1])
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
-PATHS = ("default", "mmd64", "nommd", "gemm")
+PATHS = ("default", "mmd64", "nommd", "gemm", "mmd64s2")
 
 runs = {}
 for p in sorted(out.glob("s-*.json")):

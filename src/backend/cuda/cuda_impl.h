@@ -173,6 +173,8 @@ typedef struct kcu {
     bool mmd_ready;           /* its kernels may use all shared memory */
     int mmd_min_rows;         /* rows from which it runs (KILN_CUDA_MMD_MIN_ROWS; 0: the
                                  default, KCU_MV_ROWS_WIDE above) */
+    int mmd_stages;           /* shared-memory stages a CTA at most (KILN_CUDA_MMD_STAGES,
+                                 2..4; 0: 4): fewer let more CTAs share an SM */
     int mmd_max_rows;         /* rows up to which it runs, for every type
                                  (KILN_CUDA_MMD_MAX_ROWS; 0: by type and shape) */
     int matvec_max_rows;      /* rows up to which the matrix-vector kernels run when

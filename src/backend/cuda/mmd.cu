@@ -68,6 +68,9 @@
 #define MMD_MAX_STAGES 4
 #define MMD_MAX_KS 16             /* k splits at most */
 #define MMD_CTA_STAGES 2          /* a CTA's start-up, in stages (mmd_pick_ks) */
+#define MMD_CTA_SMEM_RESERVED 1024 /* shared memory the driver keeps a CTA */
+#define MMD_MAX_CTAS_SM 3         /* CTAs an SM holds at most (registers: ~80 a
+                                     thread below 33 rows, ~130 at 64) */
 #define MMD_PART_WAVES 4          /* k-split CTAs of a launch: up to this many
                                      a SM (the partial sums' reserve) */
 #define MMD_SLACK 16              /* bytes after the last stage (the unguarded
@@ -613,16 +616,18 @@ static int mmd_max_ctas(const kcu *cu)
     return n < cu->mmd_count_elems ? n : cu->mmd_count_elems;
 }
 
-/* The k splits of a launch of `tiles` tiles of nst stages each.  A CTA
- * takes most of an SM's shared memory, so the tiles x ks CTAs run in waves
- * of one a SM, and a CTA costs its stages plus MMD_CTA_STAGES of start-up
+/* The k splits of a launch of `tiles` tiles of nst stages each.  The
+ * tiles x ks CTAs run in waves of `slots` (the SMs times the CTAs an SM
+ * holds: one with the default four stages, which take most of its shared
+ * memory; more with KILN_CUDA_MMD_STAGES=2), and a CTA costs its stages plus
+ * MMD_CTA_STAGES of start-up
  * (its first loads in flight, the partial sums): the ks of least
  * waves x (stages a CTA + start-up).  Splitting only until the CTAs cover
  * the SMs once, as a first version did, left a second wave of a few CTAs
  * behind a full one (74 tiles of a 7B's gate: 2 splits, 148 CTAs on 132
  * SMs, a quarter of the copy rate).  Depends on the weight's shape and the
  * device only, never on the rows of the step (batch invariance). */
-static int mmd_pick_ks(int tiles, int nst, int sms, int max_ctas)
+static int mmd_pick_ks(int tiles, int nst, int slots, int max_ctas)
 {
     int best = 1;
     long best_cost = -1;
@@ -630,7 +635,7 @@ static int mmd_pick_ks(int tiles, int nst, int sms, int max_ctas)
         const int per = (nst + ks - 1) / ks, real = (nst + per - 1) / per;
         if (real > 1 && (long)tiles * real > max_ctas)
             break;
-        const long waves = ((long)tiles * real + sms - 1) / sms;
+        const long waves = ((long)tiles * real + slots - 1) / slots;
         const long cost = waves * (per + MMD_CTA_STAGES);
         if (best_cost < 0 || cost < best_cost) {
             best_cost = cost;
@@ -705,10 +710,19 @@ bool kcu_mmd(kcu *cu, const kb_weight *const *w, float *const *out, const float 
     p.xs = 2 * kc + MMD_XPAD;
     p.stage_bytes = MMD_TILE * p.slot + rows_pad * p.xs;
     const int smem_max = (int)kcu_mv_smem_max(cu) - MMD_SLACK;
+    const int cap = cu->mmd_stages ? cu->mmd_stages : MMD_MAX_STAGES;
     int nstage = smem_max / p.stage_bytes;
-    nstage = nstage > MMD_MAX_STAGES ? MMD_MAX_STAGES : nstage;
+    nstage = nstage > cap ? cap : nstage;
     if (nstage < 2)
         return false;
+    /* CTAs an SM holds, for the k splits: from the stages of a 64-row
+     * launch, so that the choice does not depend on the rows */
+    const int stage64 = MMD_TILE * p.slot + KCU_MMD_MAX_ROWS * p.xs;
+    int n64 = smem_max / stage64;
+    n64 = n64 > cap ? cap : n64 < 2 ? 2 : n64;
+    int per_sm = (int)(cu->prop.sharedMemPerMultiprocessor /
+                       ((size_t)n64 * stage64 + MMD_SLACK + MMD_CTA_SMEM_RESERVED));
+    per_sm = per_sm < 1 ? 1 : per_sm > MMD_MAX_CTAS_SM ? MMD_MAX_CTAS_SM : per_sm;
     p.nstage = nstage;
     p.nst = (n_in + kc - 1) / kc;
     p.n_in = n_in;
@@ -725,7 +739,7 @@ bool kcu_mmd(kcu *cu, const kb_weight *const *w, float *const *out, const float 
         p.tiles += (p.seg[i].n_out + MMD_TILE - 1) / MMD_TILE;
     }
     /* k splits from the shape alone (never from rows: batch invariance) */
-    const int ks = mmd_pick_ks(p.tiles, p.nst, cu->prop.multiProcessorCount,
+    const int ks = mmd_pick_ks(p.tiles, p.nst, cu->prop.multiProcessorCount * per_sm,
                                mmd_max_ctas(cu));
     p.st_split = (p.nst + ks - 1) / ks;
     p.ks = (p.nst + p.st_split - 1) / p.st_split;
@@ -753,6 +767,8 @@ kiln_status kcu_mmd_reserve(kcu *cu, const kb_reserve *r)
     cu->mmd_on = on ? strcmp(on, "0") != 0 : KCU_MMD_DEFAULT;
     const char *mr = getenv("KILN_CUDA_MMD_MIN_ROWS");
     cu->mmd_min_rows = mr && atoi(mr) >= 1 && atoi(mr) <= KCU_MMD_MAX_ROWS ? atoi(mr) : 0;
+    const char *ns = getenv("KILN_CUDA_MMD_STAGES");
+    cu->mmd_stages = ns && atoi(ns) >= 2 && atoi(ns) <= MMD_MAX_STAGES ? atoi(ns) : 0;
     const char *xr = getenv("KILN_CUDA_MMD_MAX_ROWS");
     cu->mmd_max_rows = xr && atoi(xr) >= 1 && atoi(xr) <= KCU_MMD_MAX_ROWS ? atoi(xr) : 0;
     /* k splits of a launch: at most MMD_PART_WAVES CTAs a SM (mmd_pick_ks);

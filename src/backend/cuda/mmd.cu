@@ -36,8 +36,8 @@
  * their offset.  The k range is split over gridDim.y CTAs where that
  * evens out the waves of CTAs over the SMs (mmd_pick_ks; q/k/v, o, down and
  * gate of a 7B all split), and the last CTA of a tile adds their partial
- * sums in split order, so the result does not depend on
- * which CTA finished first - nor on the number of activation rows: a row's
+ * sums in split order, so the result does not depend on which CTA finished
+ * first - nor on the number of activation rows: a row's
  * sums run in the same order whatever the batch (the k split depends on the
  * weight's shape only), which the engine's batch-invariant mode relies on.
  *
@@ -619,14 +619,14 @@ static int mmd_max_ctas(const kcu *cu)
 /* The k splits of a launch of `tiles` tiles of nst stages each.  The
  * tiles x ks CTAs run in waves of `slots` (the SMs times the CTAs an SM
  * holds: one with the default four stages, which take most of its shared
- * memory; more with KILN_CUDA_MMD_STAGES=2), and a CTA costs its stages plus
- * MMD_CTA_STAGES of start-up
- * (its first loads in flight, the partial sums): the ks of least
- * waves x (stages a CTA + start-up).  Splitting only until the CTAs cover
- * the SMs once, as a first version did, left a second wave of a few CTAs
- * behind a full one (74 tiles of a 7B's gate: 2 splits, 148 CTAs on 132
- * SMs, a quarter of the copy rate).  Depends on the weight's shape and the
- * device only, never on the rows of the step (batch invariance). */
+ * memory; more with KILN_CUDA_MMD_STAGES=2), and a CTA costs its stages
+ * plus MMD_CTA_STAGES of start-up (its first loads in flight, the partial
+ * sums): the ks of least waves x (stages a CTA + start-up).  Splitting
+ * only until the CTAs cover the SMs once, as a first version did, left a
+ * second wave of a few CTAs behind a full one (74 tiles of a 7B's gate: 2
+ * splits, 148 CTAs on 132 SMs, a quarter of the copy rate).  Depends on the
+ * weight's shape and the device only, never on the rows of the step (batch
+ * invariance). */
 static int mmd_pick_ks(int tiles, int nst, int slots, int max_ctas)
 {
     int best = 1;

@@ -488,6 +488,15 @@ static void test_refusals(void **state)
     assert_int_not_equal(r.status, 0);
     assert_non_null(strstr(r.err, "started 2 ranks but --tp is 1 (pass --tp 2)"));
     run_free(&r);
+    /* an MPI library that cannot be opened: a clear error naming it and
+     * how to point kiln at another, not a crash */
+    const char *nolib[] = {"env", "KILN_MPI_LIB=/nonexistent/libmpi-kiln-test.so", kiln_bin,
+                           "generate", "-m", TINY "llama", "-p", "hi", "--tp-comm", NULL};
+    r = cli_run("/usr/bin/env", nolib, 0);
+    if (r.status != 1 || !strstr(r.err, "needs OpenMPI") || !strstr(r.err, "KILN_MPI_LIB") ||
+        !strstr(r.err, "/nonexistent/libmpi-kiln-test.so"))
+        fail_msg("KILN_MPI_LIB missing: exit %d, stderr:\n%s", r.status, r.err);
+    run_free(&r);
 }
 
 /* --tp 1 through the communicator (a group of one over MPI): exactly the

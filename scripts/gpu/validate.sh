@@ -23,6 +23,10 @@
 #      llama: llama.cpp (.peer/llama-bin.tar.xz or .peer/llama-bench.tar.xz,
 #      carried) and kiln bench on the same GGUF files (side_table.py);
 #      tp: scripts/gpu/tp_bench.sh (TP 1 through NCCL on the 7B shape)
+#   8. pd: scripts/gpu/pd_bench.sh (PD_TYPES, default bf16,Q4_K_M); serve:
+#      bench/serve_vs_llamacpp.sh --device cuda on the 7B Q4_K_M GGUF (needs
+#      .peer/llama-bin.tar.xz with llama-server); eval: eval_bench.sh (carry
+#      eval/data; the three do not fit one carry with llama.cpp)
 #
 # Stages named in VALIDATE_STAGES (default "matmul tpgen test"), each
 # under the time left of BUDGET seconds (default 540).  Everything lands
@@ -176,6 +180,43 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
             bash "$here/scripts/gpu/tp_bench.sh" "$kb/bin" "$w/tp" >"$w/tp.log" 2>&1
         el "tp_bench exit $?"
         tail -5 "$w/tp.log"
+        ;;
+    pd)
+        # prefill/decode on SM partitions under a mixed load (issue 13's table)
+        [ -n "$p7" ] && wait "$p7" && p7=
+        KILN_WORK=$work TYPES=${PD_TYPES:-bf16,Q4_K_M} timeout $(($(left) - 5)) \
+            bash "$here/scripts/gpu/pd_bench.sh" "$kb/bin" "$w/pd" >"$w/pd.log" 2>&1
+        el "pd_bench exit $?"
+        tail -12 "$w/pd.log"
+        ;;
+    serve)
+        # kiln serve beside llama-server on the 7B Q4_K_M GGUF (issue 11's
+        # table); both servers stay loaded, so kiln takes under half the GPU
+        [ -n "$p7" ] && wait "$p7" && p7=
+        lt=$here/.peer/llama-bin.tar.xz
+        if [ ! -f "$lt" ]; then
+            el "serve: no $lt (llama-server)"
+            continue
+        fi
+        mkdir -p /tmp/llama
+        python3 -c "import tarfile,sys; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$lt" /tmp/llama
+        f=$work/qwen2.5-7b-Q4_K_M.gguf
+        [ -f "$f" ] || timeout 120 "$kb/bin/kiln" quantize "$work/qwen2.5-7b" "$f" Q4_K_M \
+            >"$w/quant-7b-Q4_K_M.log" 2>&1
+        (cd "$here" && LD_LIBRARY_PATH=/tmp/llama/lib:$LD_LIBRARY_PATH \
+            KILN_ARGS="--gpu-mem-fraction ${SERVE_KILN_FRACTION:-0.45}" timeout $(($(left) - 5)) \
+            bash bench/serve_vs_llamacpp.sh --device cuda --kiln "$kb/bin/kiln" \
+            --llama-server /tmp/llama/bin/llama-server --model "$f" --out "$w/serve" \
+            >"$w/serve.log" 2>&1)
+        el "serve_vs_llamacpp exit $?"
+        tail -14 "$w/serve.log"
+        ;;
+    eval)
+        # kiln eval on the GPU (issue 12's figures; carry eval/data)
+        KILN_WORK=$work timeout $(($(left) - 5)) bash "$here/scripts/gpu/eval_bench.sh" \
+            "$kb/bin" "$w/eval" >"$w/eval.log" 2>&1
+        el "eval_bench exit $?"
+        tail -12 "$w/eval.log"
         ;;
     test)
         tl=$(($(left) - 10))

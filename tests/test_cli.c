@@ -526,6 +526,24 @@ static int wait_exit(pid_t pid, double secs)
     return -1;
 }
 
+/* The end of a pty test: on failure (`what` says why) the terminal is
+ * shown and a child still running (status < 0) is killed; the pty and the
+ * capture are released either way. */
+static void pty_end(pid_t pid, int fd, run_capture *c, bool ok, int status, const char *what)
+{
+    if (!ok) {
+        fprintf(stderr, "%s; terminal:\n%s\n", what, c->buf ? c->buf : "");
+        if (status < 0) {
+            kill(pid, SIGKILL);
+            wait_exit(pid, WAIT_SECS);
+        }
+    }
+    close(fd);
+    free(c->buf);
+    if (!ok)
+        fail();
+}
+
 static void pty_send(int fd, const char *s)
 {
     assert_int_equal(write(fd, s, strlen(s)), (ssize_t)strlen(s));
@@ -569,17 +587,10 @@ static void test_chat_ctrl_c(void **state)
             pty_send(fd, "\x03");
         status = wait_exit(pid, WAIT_SECS);
     }
-    if (!stopped || !prompt || !hint || alive != -1 || status != 0) {
-        fprintf(stderr, "stopped %zu prompt %zu hint %zu alive %d status %d; terminal:\n%s\n",
-                stopped, prompt, hint, alive, status, c.buf ? c.buf : "");
-        if (status < 0) {
-            kill(pid, SIGKILL);
-            wait_exit(pid, WAIT_SECS);
-        }
-        fail();
-    }
-    close(fd);
-    free(c.buf);
+    char what[160];
+    snprintf(what, sizeof what, "stopped %zu prompt %zu hint %zu alive %d status %d", stopped,
+             prompt, hint, alive, status);
+    pty_end(pid, fd, &c, stopped && prompt && hint && alive == -1 && status == 0, status, what);
 }
 
 /* A crash names its signal and prints the stack's return addresses, then
@@ -604,17 +615,10 @@ static void test_crash_backtrace(void **state)
     /* a frame of kiln itself follows */
     size_t frame = at ? pty_wait(fd, &c, at, "kiln(", WAIT_SECS) : 0;
     int status = wait_exit(pid, WAIT_SECS);
-    if (!ready || !at || !frame || status != 128 + SIGSEGV) {
-        fprintf(stderr, "ready %d message %zu frame %zu status %d; terminal:\n%s\n", ready, at,
-                frame, status, c.buf ? c.buf : "");
-        if (status < 0) {
-            kill(pid, SIGKILL);
-            wait_exit(pid, WAIT_SECS);
-        }
-        fail();
-    }
-    close(fd);
-    free(c.buf);
+    char what[160];
+    snprintf(what, sizeof what, "ready %d message %zu frame %zu status %d", ready, at, frame,
+             status);
+    pty_end(pid, fd, &c, ready && at && frame && status == 128 + SIGSEGV, status, what);
 }
 
 /* ------------------------------------------------------------------------

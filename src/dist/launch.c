@@ -726,7 +726,6 @@ void kiln_tp_finalize(int exit_code)
     dist_mpi_finalize(clean);
     if (g->ctl_fd >= 0)
         close(g->ctl_fd);
-    g->comm = NULL;
     g->ctl_fd = -1;
     g->active = false;
     g->failed = false;

@@ -30,6 +30,7 @@
 #include <cuda_runtime.h>
 #include <cublasLt.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 extern "C" {
 #include "backend/backend.h"
@@ -248,6 +249,15 @@ void kcu_note(kcu *cu, kiln_status st);
 
 /* Ceil division for grid sizes. */
 static inline int kcu_div_up(int64_t a, int64_t b) { return (int)((a + b - 1) / b); }
+
+/* An integer tuning knob from the environment: its value when set within
+ * [lo, hi], else 0 (the built-in default). */
+static inline int kcu_env_int(const char *name, int lo, int hi)
+{
+    const char *s = getenv(name);
+    const int v = s ? atoi(s) : 0;
+    return v >= lo && v <= hi ? v : 0;
+}
 
 /* ------------------------------------------------------------------------
  * Programmatic dependent launch

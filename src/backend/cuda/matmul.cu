@@ -859,8 +859,7 @@ kiln_status kcu_matmul_reserve(kcu *cu, const kb_reserve *r)
     cu->gemm_parts = mode && !strcmp(mode, "split2") ? 2 : mode && !strcmp(mode, "split3") ? 3
                      : mode && !strcmp(mode, "bf16") ? 1 : KCU_GEMM_BF16_PARTS_DEFAULT;
     cu->gemm_f16 = mode ? !strcmp(mode, "f16") : KCU_GEMM_F16_DEFAULT;
-    const char *mv = getenv("KILN_CUDA_MATVEC_MAX_ROWS");
-    cu->matvec_max_rows = mv && atoi(mv) >= 1 && atoi(mv) <= KCU_MATVEC_MAX_ROWS ? atoi(mv) : 0;
+    cu->matvec_max_rows = kcu_env_int("KILN_CUDA_MATVEC_MAX_ROWS", 1, KCU_MATVEC_MAX_ROWS);
     /* the decode batch's FP16 rows live in the same memory */
     if (act < (size_t)KCU_MMD_MAX_ROWS * (size_t)r->max_n_in)
         act = (size_t)KCU_MMD_MAX_ROWS * (size_t)r->max_n_in;

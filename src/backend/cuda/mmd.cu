@@ -765,12 +765,9 @@ kiln_status kcu_mmd_reserve(kcu *cu, const kb_reserve *r)
     kcu_mmd_release(cu);
     const char *on = getenv("KILN_CUDA_MMD");
     cu->mmd_on = on ? strcmp(on, "0") != 0 : KCU_MMD_DEFAULT;
-    const char *mr = getenv("KILN_CUDA_MMD_MIN_ROWS");
-    cu->mmd_min_rows = mr && atoi(mr) >= 1 && atoi(mr) <= KCU_MMD_MAX_ROWS ? atoi(mr) : 0;
-    const char *ns = getenv("KILN_CUDA_MMD_STAGES");
-    cu->mmd_stages = ns && atoi(ns) >= 2 && atoi(ns) <= MMD_MAX_STAGES ? atoi(ns) : 0;
-    const char *xr = getenv("KILN_CUDA_MMD_MAX_ROWS");
-    cu->mmd_max_rows = xr && atoi(xr) >= 1 && atoi(xr) <= KCU_MMD_MAX_ROWS ? atoi(xr) : 0;
+    cu->mmd_min_rows = kcu_env_int("KILN_CUDA_MMD_MIN_ROWS", 1, KCU_MMD_MAX_ROWS);
+    cu->mmd_stages = kcu_env_int("KILN_CUDA_MMD_STAGES", 2, MMD_MAX_STAGES);
+    cu->mmd_max_rows = kcu_env_int("KILN_CUDA_MMD_MAX_ROWS", 1, KCU_MMD_MAX_ROWS);
     /* k splits of a launch: at most MMD_PART_WAVES CTAs a SM (mmd_pick_ks);
      * a tile's counter per CTA bounds the tiles that split */
     const size_t sms = (size_t)cu->prop.multiProcessorCount, ctas = MMD_PART_WAVES * sms;

@@ -20,10 +20,7 @@ tar_k=${1:?usage: decode_check.sh KILN_TAR OUT}
 out=${2:?usage: decode_check.sh KILN_TAR OUT}
 here=$(cd "$(dirname "$0")/../.." && pwd)
 . "$here/scripts/gpu/lib.sh"
-dev_clock 420
-work=${KILN_WORK:-/tmp/kiln-bench}
-mkdir -p "$out" "$work"
-kb_unpack "$tar_k"
+dev_begin 420 "$tar_k" "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 el "unpacked"
 

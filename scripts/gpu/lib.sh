@@ -1,5 +1,9 @@
 # lib.sh - sourced by the scripts of one device call (decode_check.sh,
 # sweep.sh, validate.sh):
+#   dev_begin DEFAULT TAR OUT
+#                       what each of them starts with: dev_clock DEFAULT,
+#                       work (KILN_WORK, else /tmp/kiln-bench) and OUT made,
+#                       kb_unpack TAR
 #   dev_clock DEFAULT   the call's clock: BUDGET seconds (else DEFAULT);
 #                       left (seconds to go) and el (a line stamped with
 #                       the seconds gone)
@@ -12,6 +16,12 @@ dev_clock() {
 }
 left() { echo $((budget - ($(date +%s) - t0))); }
 el() { echo "[$(($(date +%s) - t0)) s] $*"; }
+dev_begin() {
+    dev_clock "$1"
+    work=${KILN_WORK:-/tmp/kiln-bench}
+    mkdir -p "$3" "$work"
+    kb_unpack "$2"
+}
 kb_unpack() {
     kb=/tmp/kb
     rm -rf "$kb" && mkdir -p "$kb"

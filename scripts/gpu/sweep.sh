@@ -20,10 +20,7 @@ tar_k=${1:?usage: sweep.sh KILN_TAR OUT}
 out=${2:?usage: sweep.sh KILN_TAR OUT}
 here=$(cd "$(dirname "$0")/../.." && pwd)
 . "$here/scripts/gpu/lib.sh"
-dev_clock 300
-work=${KILN_WORK:-/tmp/kiln-bench}
-mkdir -p "$out" "$work"
-kb_unpack "$tar_k"
+dev_begin 300 "$tar_k" "$out"
 
 path_env() {
     case $1 in

@@ -37,13 +37,11 @@ tar_k=${1:?usage: validate.sh KILN_TAR OUT}
 out=${2:?usage: validate.sh KILN_TAR OUT}
 here=$(cd "$(dirname "$0")/../.." && pwd)
 . "$here/scripts/gpu/lib.sh"
-dev_clock 540
-el() { echo "[$(($(date +%s) - t0)) s] $*" | tee -a "$w/summary.txt"; }
+dev_begin 540 "$tar_k" "$out"
 w=/tmp/validate
-work=${KILN_WORK:-/tmp/kiln-bench}
-mkdir -p "$w" "$work" "$out"
+mkdir -p "$w"
+el() { echo "[$(($(date +%s) - t0)) s] $*" | tee -a "$w/summary.txt"; }
 pack() { tar -cJf "$out/results.tar.xz" -C "$w" . 2>/dev/null; }
-kb_unpack "$tar_k"
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
     for t in nsys ncu gdb compute-sanitizer; do echo "$t: $(command -v $t || echo none)"; done

@@ -97,6 +97,7 @@ static void fold_dots(char *path)
 {
     char *seg[256];
     int n = 0;
+    const size_t cap = strlen(path);
     bool abs = path[0] == '/';
     char *save = NULL;
     for (char *t = strtok_r(path, "/", &save); t; t = strtok_r(NULL, "/", &save)) {
@@ -112,11 +113,15 @@ static void fold_dots(char *path)
     out[0] = '\0';
     if (abs)
         out[len++] = '/';
+    out[len] = '\0'; /* "/.." folds to "/" alone */
     for (int i = 0; i < n && len < sizeof out - 1; i++)
         len += (size_t)snprintf(out + len, sizeof out - len, "%s%s", i ? "/" : "", seg[i]);
     if (len == 0)
         snprintf(out, sizeof out, ".");
-    strcpy(path, out); /* folding only shortens the path */
+    /* folding shortens a path, but "" would become "." (one byte more than
+     * its buffer): such a path stays as it was */
+    if (strlen(out) <= cap)
+        memcpy(path, out, strlen(out) + 1);
 }
 
 static char *resolve_path(const char *base_dir, const char *p)

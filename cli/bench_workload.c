@@ -80,6 +80,55 @@ static void wl_on_token(const kiln_token_event *ev, void *user)
     }
 }
 
+/* The workload's roofline: the least time its bytes and FLOPs can take,
+ * max(bytes / copy bandwidth, FLOPs / matrix rate), both ceilings measured
+ * here before the engine takes the memory.  Bytes: every decode step reads
+ * the weights once (at least max(longest output, outputs / max_seqs) - 1
+ * steps, plus one a prefill step of batch_tokens) and each generated
+ * token's step reads its sequence's K/V so far; FLOPs: every token through
+ * the matrices, and attention over its context.  What K/V the prefill
+ * itself writes and reads, sampling, and the steps' fixed costs are left
+ * out, so the bound is a little low: a share of it is a fair upper figure. */
+typedef struct wl_roof {
+    double bytes, flops, copy_bps, mm_rate;
+    double sec; /* 0: no ceiling measured */
+} wl_roof;
+
+static wl_roof wl_roofline(kiln_model *m, const int *plen, const int *olen, int n, int max_seqs,
+                           int batch_tokens)
+{
+    wl_roof r = {0};
+    if (kiln_model_copy_bandwidth(m, (size_t)1 << 30, &r.copy_bps) != KILN_OK)
+        KILN_LOGW("copy bandwidth not measured: %s", kiln_last_error());
+    if (kiln_model_matmul_rate(m, &r.mm_rate) != KILN_OK)
+        KILN_LOGW("matrix rate not measured: %s", kiln_last_error());
+    const double w = (double)kiln_model_decode_bytes(m), kv = (double)kiln_model_kv_bytes_per_token(m, 0);
+    const double params = (double)kiln_model_matrix_params(m);
+    double kv_reads = 0, tokens = 0, attn = 0, steps_sum = 0;
+    int longest = 0;
+    uint64_t n_prompt = 0;
+    for (int i = 0; i < n; i++) {
+        const double p = plen[i], o = olen[i];
+        kv_reads += (o - 1) * p + (o - 1) * o / 2; /* decode at p + j reads p + j + 1 keys */
+        tokens += p + o;
+        steps_sum += o - 1;
+        longest = olen[i] > longest ? olen[i] : longest;
+        n_prompt += (uint64_t)plen[i];
+        for (int pos = 0; pos < plen[i] + olen[i] - 1; pos++)
+            attn += (double)kiln_model_attn_macs(m, pos);
+    }
+    double steps = longest - 1, fair = steps_sum / (max_seqs > 0 ? max_seqs : 1);
+    steps = fair > steps ? fair : steps;
+    steps += (double)((n_prompt + (uint64_t)batch_tokens - 1) / (uint64_t)batch_tokens);
+    r.bytes = steps * w + kv_reads * kv;
+    r.flops = 2.0 * (params * tokens + attn);
+    if (r.copy_bps > 0 && r.bytes / r.copy_bps > r.sec)
+        r.sec = r.bytes / r.copy_bps;
+    if (r.mm_rate > 0 && r.flops / r.mm_rate > r.sec)
+        r.sec = r.flops / r.mm_rate;
+    return r;
+}
+
 static int cmp_dbl(const void *a, const void *b)
 {
     const double x = *(const double *)a, y = *(const double *)b;
@@ -170,6 +219,7 @@ int cmd_bench_workload(int argc, char **argv)
     if (!m)
         return 1;
     const int n_vocab = kiln_model_n_vocab(m);
+    const wl_roof roof = wl_roofline(m, plen, olen, n_seqs, max_seqs, batch_tokens);
     kiln_engine_params ep;
     kiln_engine_params_default(&ep);
     ep.n_ctx = o.ctx ? o.ctx : pmax + omax;
@@ -209,6 +259,8 @@ int cmd_bench_workload(int argc, char **argv)
         ttft[i] = req[i].t_first > 0 ? req[i].t_first - t0 : wall;
     }
     qsort(ttft, (size_t)n_seqs, sizeof *ttft, cmp_dbl);
+    const double roof_tok_s = roof.sec > 0 ? (double)n_out / roof.sec : 0;
+    const double roof_pct = roof_tok_s > 0 ? 100.0 * ((double)n_out / wall) / roof_tok_s : 0;
     int rc = 0;
     if (st != KILN_OK || failed) {
         if (st != KILN_OK)
@@ -224,10 +276,13 @@ int cmd_bench_workload(int argc, char **argv)
                "\"output\": [%d, %d], \"seed\": %lld, \"max_seqs\": %d, \"batch_tokens\": %d, "
                "\"prompt_tokens\": %llu, \"output_tokens\": %llu, \"wall_s\": %.3f, "
                "\"output_tok_s\": %.1f, \"total_tok_s\": %.1f, \"ttft_p50_s\": %.3f, "
-               "\"load_sec\": %.3f}\n",
+               "\"load_sec\": %.3f, \"roofline_gb\": %.1f, \"roofline_tflop\": %.1f, "
+               "\"copy_gb_s\": %.1f, \"roofline_output_tok_s\": %.1f, "
+               "\"pct_of_roofline\": %.1f}\n",
                o.model, o.device, n_seqs, pmin, pmax, omin, omax, seed, max_seqs, batch_tokens,
                (unsigned long long)n_prompt, (unsigned long long)n_out, wall, (double)n_out / wall,
-               (double)(n_prompt + n_out) / wall, ttft[n_seqs / 2], load_sec);
+               (double)(n_prompt + n_out) / wall, ttft[n_seqs / 2], load_sec, roof.bytes / 1e9,
+               roof.flops / 1e12, roof.copy_bps / 1e9, roof_tok_s, roof_pct);
     } else {
         printf("workload  %d requests, prompts %d-%d, outputs %d-%d tokens (seed %lld); "
                "max %d at once, %d tokens a step\n", n_seqs, pmin, pmax, omin, omax, seed,
@@ -237,6 +292,9 @@ int cmd_bench_workload(int argc, char **argv)
                (unsigned long long)n_prompt, (unsigned long long)n_out, wall);
         printf("output    %.1f tok/s   (all tokens %.1f tok/s; first token median %.2f s)\n",
                (double)n_out / wall, (double)(n_prompt + n_out) / wall, ttft[n_seqs / 2]);
+        if (roof.sec > 0)
+            printf("roofline  %.1f tok/s: %.1f %% (%.0f GB at %.0f GB/s, %.1f TFLOP)\n", roof_tok_s,
+                   roof_pct, roof.bytes / 1e9, roof.copy_bps / 1e9, roof.flops / 1e12);
     }
     kiln_engine_free(e);
     kiln_model_free(m);

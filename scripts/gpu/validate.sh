@@ -171,6 +171,39 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
             el "kiln bench $n exit $?"
         done
         ;;
+    workload)
+        # nano-vllm's offline workload (256 sequences, prompt and output
+        # lengths uniform in [100, 1024], seed 0) on the Qwen3-0.6B shape
+        q3=$work/qwen3-0.6b
+        [ -f "$q3/config.json" ] || python3 "$here/bench/synth/make_synth.py" "$q3" \
+            --shape qwen3-0.6b >"$w/make-qwen3.log" 2>&1
+        for a in "" ${WORKLOAD_EXTRA:-}; do
+            tag=${a:-default}
+            timeout $(($(left) - 5)) "$kb/bin/kiln" bench workload -m "$q3" --device cuda --json \
+                ${a:+$(echo "$a" | tr ',' ' ')} >"$w/workload-$tag.json" 2>"$w/workload-$tag.log"
+            el "bench workload $tag exit $?"
+            tail -4 "$w/workload-$tag.log"
+            cat "$w/workload-$tag.json"
+        done
+        ;;
+    ncuq)
+        # where the decode-batch kernel's time goes on quantized weights:
+        # ncu sections of a few k_mmd launches of eager decode steps (4-layer
+        # cut of the 7B shape in Q4_K_M) at NCUQ_BATCHES rows (default 8 64)
+        l4=$work/qwen2.5-7b-l4
+        [ -f "$l4/config.json" ] || python3 "$here/bench/synth/make_synth.py" "$l4" \
+            --shape qwen2.5-7b --layers 4 >"$w/make-7b-l4.log" 2>&1
+        g4=$work/qwen2.5-7b-l4-Q4_K_M.gguf
+        [ -f "$g4" ] || "$kb/bin/kiln" quantize "$l4" "$g4" Q4_K_M >"$w/quant-l4.log" 2>&1
+        for b in ${NCUQ_BATCHES:-8 64}; do
+            [ "$(left)" -lt 60 ] && { el "ncuq b$b skipped (time)"; continue; }
+            KILN_CUDA_MMD_MAX_ROWS=64 timeout $(($(left) - 30)) ncu --set full \
+                -k regex:k_mmd --launch-skip ${NCUQ_SKIP:-8} --launch-count ${NCUQ_COUNT:-4} \
+                "$kb/bin/kiln" bench -m "$g4" --device cuda --eager -p 0 -n 4 -b "$b" --reps 1 \
+                >"$w/ncuq-b$b.txt" 2>"$w/ncuq-b$b.err"
+            el "ncuq b$b exit $?: $(grep -c 'k_mmd' "$w/ncuq-b$b.txt") kernels"
+        done
+        ;;
     tp)
         # TP 1 through NCCL against the plain path on the 7B shape
         [ -n "$p7" ] && wait "$p7" && p7=

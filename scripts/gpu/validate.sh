@@ -26,7 +26,7 @@
 #   8. pd: scripts/gpu/pd_bench.sh (PD_TYPES, default bf16,Q4_K_M); serve:
 #      bench/serve_vs_llamacpp.sh --device cuda on the 7B Q4_K_M GGUF (needs
 #      .peer/llama-bin.tar.xz with llama-server); eval: eval_bench.sh (carry
-#      eval/data; the three do not fit one carry with llama.cpp)
+#      eval/data or .peer/eval-data.tar.xz; eval/data itself does not fit one carry with llama.cpp)
 #
 # Stages named in VALIDATE_STAGES (default "matmul tpgen test"), each
 # under the time left of BUDGET seconds (default 540).  Everything lands
@@ -171,6 +171,28 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
             el "kiln bench $n exit $?"
         done
         ;;
+    precision)
+        # the default GEMM's logits error against transformers' float32
+        # forward, beside transformers' own BF16 error on the same weights
+        # (scripts/ref/hf_logits.py --kl-dtype bf16) and the split GEMM's,
+        # on the 0.5B shape with std 0.02 and (ill-conditioned) 0.1 weights
+        m05s=$work/qwen2.5-0.5b-std01
+        [ -f "$m05s/config.json" ] || python3 "$here/bench/synth/make_synth.py" "$m05s" \
+            --shape qwen2.5-0.5b --std 0.1 >"$w/make-0.5b-std01.log" 2>&1
+        for m in "$m05" "$m05s"; do
+            n=$(basename "$m")
+            fx=$work/$n-f32.bin
+            [ -f "$fx" ] || timeout 240 python3 "$here/scripts/ref/hf_logits.py" "$m" "$fx" \
+                --device cuda --dtype f32 --kl-dtype bf16 >"$w/hf-logits-$n.log" 2>&1
+            el "$n: transformers $(grep -h '^KL' "$w/hf-logits-$n.log")"
+            for g in default split2; do
+                env $([ $g = default ] || echo KILN_CUDA_GEMM=$g) KILN_GPU_MODELS="$m=$fx" \
+                    KILN_GPU_CPU_MAX=0 timeout 120 "$kb/bin/test_gpu_models" >"$w/prec-$n-$g.log" 2>&1
+                el "$n: kiln $g (exit $?) $(grep -h 'cuda vs reference' "$w/prec-$n-$g.log" |
+                    sed 's/.*positions, //')"
+            done
+        done
+        ;;
     workload)
         # nano-vllm's offline workload (256 sequences, prompt and output
         # lengths uniform in [100, 1024], seed 0) on the Qwen3-0.6B shape
@@ -243,7 +265,11 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
         tail -14 "$w/serve.log"
         ;;
     eval)
-        # kiln eval on the GPU (issue 12's figures; carry eval/data)
+        # kiln eval on the GPU (issue 12's figures; carry eval/data, or
+        # .peer/eval-data.tar.xz - `tar -cJf .peer/eval-data.tar.xz eval/data`,
+        # small enough to travel beside llama.cpp's binaries)
+        [ -d "$here/eval/data/humaneval" ] || [ ! -f "$here/.peer/eval-data.tar.xz" ] ||
+            tar -xJf "$here/.peer/eval-data.tar.xz" -C "$here"
         KILN_WORK=$work timeout $(($(left) - 5)) bash "$here/scripts/gpu/eval_bench.sh" \
             "$kb/bin" "$w/eval" >"$w/eval.log" 2>&1
         el "eval_bench exit $?"

@@ -42,6 +42,13 @@ w=/tmp/validate
 mkdir -p "$w"
 el() { echo "[$(($(date +%s) - t0)) s] $*" | tee -a "$w/summary.txt"; }
 pack() { tar -cJf "$out/results.tar.xz" -C "$w" . 2>/dev/null; }
+# synth DIR ARGS...: a bench/synth model at DIR, made the first time
+synth() {
+    local dir=$1
+    shift
+    [ -f "$dir/config.json" ] ||
+        python3 "$here/bench/synth/make_synth.py" "$dir" "$@" >"$w/make-$(basename "$dir").log" 2>&1
+}
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
     for t in nsys ncu gdb compute-sanitizer; do echo "$t: $(command -v $t || echo none)"; done
@@ -125,8 +132,7 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
         # kernel times of a few eager decode steps of the 7B shape cut to
         # 4 layers, at each batch in NCU_BATCHES (default 8 64)
         l4=$work/qwen2.5-7b-l4
-        [ -f "$l4/config.json" ] || python3 "$here/bench/synth/make_synth.py" "$l4" \
-            --shape qwen2.5-7b --layers 4 >"$w/make-7b-l4.log" 2>&1
+        synth "$l4" --shape qwen2.5-7b --layers 4
         for b in ${NCU_BATCHES:-8 64}; do
             [ "$(left)" -lt 60 ] && { el "ncu b$b skipped (time)"; continue; }
             timeout $(($(left) - 30)) ncu --csv --metrics gpu__time_duration.sum \
@@ -177,8 +183,7 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
         # (scripts/ref/hf_logits.py --kl-dtype bf16) and the split GEMM's,
         # on the 0.5B shape with std 0.02 and (ill-conditioned) 0.1 weights
         m05s=$work/qwen2.5-0.5b-std01
-        [ -f "$m05s/config.json" ] || python3 "$here/bench/synth/make_synth.py" "$m05s" \
-            --shape qwen2.5-0.5b --std 0.1 >"$w/make-0.5b-std01.log" 2>&1
+        synth "$m05s" --shape qwen2.5-0.5b --std 0.1
         for m in "$m05" "$m05s"; do
             n=$(basename "$m")
             fx=$work/$n-f32.bin
@@ -197,8 +202,7 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
         # nano-vllm's offline workload (256 sequences, prompt and output
         # lengths uniform in [100, 1024], seed 0) on the Qwen3-0.6B shape
         q3=$work/qwen3-0.6b
-        [ -f "$q3/config.json" ] || python3 "$here/bench/synth/make_synth.py" "$q3" \
-            --shape qwen3-0.6b >"$w/make-qwen3.log" 2>&1
+        synth "$q3" --shape qwen3-0.6b
         for a in "" ${WORKLOAD_EXTRA:-}; do
             tag=${a:-default}
             timeout $(($(left) - 5)) "$kb/bin/kiln" bench workload -m "$q3" --device cuda --json \
@@ -213,8 +217,7 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
         # ncu sections of a few k_mmd launches of eager decode steps (4-layer
         # cut of the 7B shape in Q4_K_M) at NCUQ_BATCHES rows (default 8 64)
         l4=$work/qwen2.5-7b-l4
-        [ -f "$l4/config.json" ] || python3 "$here/bench/synth/make_synth.py" "$l4" \
-            --shape qwen2.5-7b --layers 4 >"$w/make-7b-l4.log" 2>&1
+        synth "$l4" --shape qwen2.5-7b --layers 4
         g4=$work/qwen2.5-7b-l4-Q4_K_M.gguf
         [ -f "$g4" ] || "$kb/bin/kiln" quantize "$l4" "$g4" Q4_K_M >"$w/quant-l4.log" 2>&1
         for b in ${NCUQ_BATCHES:-8 64}; do

@@ -174,16 +174,31 @@ typedef struct tg_result {
     double roof; /* tok/s at the roofline */
 } tg_result;
 
-/* Tokens per second at the roofline: `tokens` in the time that moving
- * `bytes` at bw or computing `flops` at rate takes, whichever is longer
- * (0 when neither ceiling was measured). */
-static double roofline_tok_s(int tokens, double bytes, double flops, double bw, double rate)
+void cli_ceilings(kiln_model *m, cli_ceiling *c)
+{
+    c->copy_bps = 0;
+    c->mm_rate = 0;
+    if (kiln_model_copy_bandwidth(m, (size_t)1 << 30, &c->copy_bps) != KILN_OK)
+        KILN_LOGW("copy bandwidth not measured: %s", kiln_last_error());
+    if (kiln_model_matmul_rate(m, &c->mm_rate) != KILN_OK)
+        KILN_LOGW("matrix rate not measured: %s", kiln_last_error());
+}
+
+double cli_roofline_sec(const cli_ceiling *c, double bytes, double flops)
 {
     double t = 0;
-    if (bw > 0 && bytes / bw > t)
-        t = bytes / bw;
-    if (rate > 0 && flops / rate > t)
-        t = flops / rate;
+    if (c->copy_bps > 0 && bytes / c->copy_bps > t)
+        t = bytes / c->copy_bps;
+    if (c->mm_rate > 0 && flops / c->mm_rate > t)
+        t = flops / c->mm_rate;
+    return t;
+}
+
+/* Tokens per second at the roofline: `tokens` in cli_roofline_sec (0 when
+ * neither ceiling was measured). */
+static double roofline_tok_s(int tokens, double bytes, double flops, const cli_ceiling *c)
+{
+    const double t = cli_roofline_sec(c, bytes, flops);
     return t > 0 ? tokens / t : 0;
 }
 
@@ -205,15 +220,10 @@ static int bench_model(run_opts o, bench_cfg c)
         if (c.batch[k] > max_batch)
             max_batch = c.batch[k];
 
-    /* the ceiling, before the engine's KV pool takes the memory */
-    double copy_bps = 0;
-    kiln_status cst = kiln_model_copy_bandwidth(m, (size_t)1 << 30, &copy_bps);
-    if (cst != KILN_OK)
-        KILN_LOGW("copy bandwidth not measured: %s", kiln_last_error());
-    double mm_rate = 0;
-    cst = kiln_model_matmul_rate(m, &mm_rate);
-    if (cst != KILN_OK)
-        KILN_LOGW("matrix rate not measured: %s", kiln_last_error());
+    /* the ceilings, before the engine's KV pool takes the memory */
+    cli_ceiling ceils;
+    cli_ceilings(m, &ceils);
+    const double copy_bps = ceils.copy_bps, mm_rate = ceils.mm_rate;
     uint64_t w_bytes = kiln_model_decode_bytes(m);
     uint64_t kv_tok = kiln_model_kv_bytes_per_token(m, 0);
     const double params = (double)kiln_model_matrix_params(m);
@@ -248,7 +258,7 @@ static int bench_model(run_opts o, bench_cfg c)
             for (int t = 0; t < c.pp; t++)
                 macs += (double)kiln_model_attn_macs(m, t);
             pp_flops = pp > 0 ? 2.0 * macs / ((double)c.pp / pp) : 0;
-            pp_roof = roofline_tok_s(c.pp, (double)w_bytes, 2.0 * macs, copy_bps, mm_rate);
+            pp_roof = roofline_tok_s(c.pp, (double)w_bytes, 2.0 * macs, &ceils);
         }
     }
     tg_result tg[MAX_BATCHES];
@@ -269,7 +279,7 @@ static int bench_model(run_opts o, bench_cfg c)
         tg[k].bytes_s = tg[k].tok_s / B * step_bytes;
         double step_flops =
             2.0 * B * (params + (double)kiln_model_attn_macs(m, (int)ctx_avg));
-        tg[k].roof = roofline_tok_s(B, step_bytes, step_flops, copy_bps, mm_rate);
+        tg[k].roof = roofline_tok_s(B, step_bytes, step_flops, &ceils);
     }
     kiln_latency_stats ls;
     kiln_engine_get_latency(e, &ls);

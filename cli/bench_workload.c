@@ -90,7 +90,8 @@ static void wl_on_token(const kiln_token_event *ev, void *user)
  * itself writes and reads, sampling, and the steps' fixed costs are left
  * out, so the bound is a little low: a share of it is a fair upper figure. */
 typedef struct wl_roof {
-    double bytes, flops, copy_bps, mm_rate;
+    double bytes, flops;
+    cli_ceiling ceil;
     double sec; /* 0: no ceiling measured */
 } wl_roof;
 
@@ -98,11 +99,9 @@ static wl_roof wl_roofline(kiln_model *m, const int *plen, const int *olen, int 
                            int batch_tokens)
 {
     wl_roof r = {0};
-    if (kiln_model_copy_bandwidth(m, (size_t)1 << 30, &r.copy_bps) != KILN_OK)
-        KILN_LOGW("copy bandwidth not measured: %s", kiln_last_error());
-    if (kiln_model_matmul_rate(m, &r.mm_rate) != KILN_OK)
-        KILN_LOGW("matrix rate not measured: %s", kiln_last_error());
-    const double w = (double)kiln_model_decode_bytes(m), kv = (double)kiln_model_kv_bytes_per_token(m, 0);
+    cli_ceilings(m, &r.ceil);
+    const double w = (double)kiln_model_decode_bytes(m);
+    const double kv = (double)kiln_model_kv_bytes_per_token(m, 0);
     const double params = (double)kiln_model_matrix_params(m);
     double kv_reads = 0, tokens = 0, attn = 0, steps_sum = 0;
     int longest = 0;
@@ -122,10 +121,7 @@ static wl_roof wl_roofline(kiln_model *m, const int *plen, const int *olen, int 
     steps += (double)((n_prompt + (uint64_t)batch_tokens - 1) / (uint64_t)batch_tokens);
     r.bytes = steps * w + kv_reads * kv;
     r.flops = 2.0 * (params * tokens + attn);
-    if (r.copy_bps > 0 && r.bytes / r.copy_bps > r.sec)
-        r.sec = r.bytes / r.copy_bps;
-    if (r.mm_rate > 0 && r.flops / r.mm_rate > r.sec)
-        r.sec = r.flops / r.mm_rate;
+    r.sec = cli_roofline_sec(&r.ceil, r.bytes, r.flops);
     return r;
 }
 
@@ -282,7 +278,7 @@ int cmd_bench_workload(int argc, char **argv)
                o.model, o.device, n_seqs, pmin, pmax, omin, omax, seed, max_seqs, batch_tokens,
                (unsigned long long)n_prompt, (unsigned long long)n_out, wall, (double)n_out / wall,
                (double)(n_prompt + n_out) / wall, ttft[n_seqs / 2], load_sec, roof.bytes / 1e9,
-               roof.flops / 1e12, roof.copy_bps / 1e9, roof_tok_s, roof_pct);
+               roof.flops / 1e12, roof.ceil.copy_bps / 1e9, roof_tok_s, roof_pct);
     } else {
         printf("workload  %d requests, prompts %d-%d, outputs %d-%d tokens (seed %lld); "
                "max %d at once, %d tokens a step\n", n_seqs, pmin, pmax, omin, omax, seed,
@@ -294,7 +290,7 @@ int cmd_bench_workload(int argc, char **argv)
                (double)n_out / wall, (double)(n_prompt + n_out) / wall, ttft[n_seqs / 2]);
         if (roof.sec > 0)
             printf("roofline  %.1f tok/s: %.1f %% (%.0f GB at %.0f GB/s, %.1f TFLOP)\n", roof_tok_s,
-                   roof_pct, roof.bytes / 1e9, roof.copy_bps / 1e9, roof.flops / 1e12);
+                   roof_pct, roof.bytes / 1e9, roof.ceil.copy_bps / 1e9, roof.flops / 1e12);
     }
     kiln_engine_free(e);
     kiln_model_free(m);

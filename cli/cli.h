@@ -121,6 +121,17 @@ bool cli_parse_float(const char *opt, const char *text, double lo, double hi,
 /* n pseudo-random token ids from seed, clear of the special tokens at the
  * ends of most vocabularies (the benchmarks' prompts, the same every run). */
 void cli_fill_tokens(int32_t *ids, int n, int n_vocab, uint64_t seed);
+/* The device ceilings a roofline is measured against: copy bandwidth
+ * (bytes read + written a second) and dense matrix rate (FLOP/s), each 0
+ * where it could not be measured (a warning says why).  Measure before
+ * creating an engine, whose KV pool takes most of a GPU's memory. */
+typedef struct cli_ceiling {
+    double copy_bps, mm_rate;
+} cli_ceiling;
+void cli_ceilings(kiln_model *m, cli_ceiling *c);
+/* The least time moving `bytes` or computing `flops` takes against c,
+ * whichever is longer (0 when neither ceiling was measured). */
+double cli_roofline_sec(const cli_ceiling *c, double bytes, double flops);
 /* Print "kiln: <what>: <last error>" to stderr. */
 void cli_report(const char *what, kiln_status st);
 

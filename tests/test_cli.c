@@ -200,6 +200,20 @@ static void test_bad_flags(void **state)
         {{"kiln", "bench", "-m", SMOLLM2, "-b", "0", NULL}, 2, "out of range"},
         {{"kiln", "bench", "-m", SMOLLM2, "-b", "1,,8", NULL}, 2, "comma-separated"},
         {{"kiln", "bench", "-m", SMOLLM2, "-b", "1,x", NULL}, 2, "not an integer"},
+        {{"kiln", "bench", "workload", NULL}, 2, "-m MODEL is required"},
+        {{"kiln", "bench", "workload", "-m", SMOLLM2, "--prompt", "5-2", NULL}, 2,
+         "--prompt '5-2': expected MIN-MAX"},
+        {{"kiln", "bench", "workload", "-m", SMOLLM2, "--output", "x", NULL}, 2,
+         "--output 'x': expected MIN-MAX"},
+        {{"kiln", "bench", "workload", "-m", SMOLLM2, "--seqs", "0", NULL}, 2,
+         "--seqs: 0 is out of range"},
+        {{"kiln", "bench", "workload", "-m", SMOLLM2, "--seqs", NULL}, 2, "--seqs needs a value"},
+        {{"kiln", "bench", "workload", "-m", SMOLLM2, "--wat", NULL}, 2, "unknown option '--wat'"},
+        {{"kiln", "bench", "mixed", NULL}, 2, "-m MODEL is required"},
+        {{"kiln", "bench", "mixed", "-m", SMOLLM2, "--rate", "0", NULL}, 2,
+         "--rate: 0 is out of range"},
+        {{"kiln", "bench", "mixed", "-m", SMOLLM2, "--prompt", NULL}, 2, "--prompt needs a value"},
+        {{"kiln", "bench", "mixed", "-m", SMOLLM2, "--wat", NULL}, 2, "unknown option '--wat'"},
         {{"kiln", "generate", "-m", SMOLLM2, "-p", "hi", "--gpu-mem-fraction", "2", NULL}, 2,
          "out of range"},
         {{"kiln", "generate", "-m", SMOLLM2, "-p", "hi", "--device", "cuda:x", NULL}, 1,
@@ -259,6 +273,32 @@ static void test_generate_prompt_too_long(void **state)
     r = run_kiln(args2);
     assert_int_equal(r.status, 0);
     assert_non_null(strstr(r.err, "truncated"));
+    run_free(&r);
+}
+
+/* The offline workload runs every request to its length and sets its rate
+ * beside the roofline measured in the same run. */
+static void test_bench_workload(void **state)
+{
+    (void)state;
+    const char *args[] = {"kiln", "bench", "workload", "-m", SMOLLM2, "--seqs", "6", "--prompt",
+                          "8-24", "--output", "4-12", "-t", "2", "--json", NULL};
+    run_result r = run_kiln(args);
+    if (r.status != 0)
+        fail_msg("bench workload: exit %d, stderr:\n%s", r.status, r.err);
+    json_error_t jerr;
+    json_t *j = json_loads(r.out, 0, &jerr);
+    if (!j)
+        fail_msg("bench workload: not JSON (%s):\n%s", jerr.text, r.out);
+    const double out = json_number_value(json_object_get(j, "output_tokens"));
+    const double rate = json_number_value(json_object_get(j, "output_tok_s"));
+    const double roof = json_number_value(json_object_get(j, "roofline_output_tok_s"));
+    const double share = json_number_value(json_object_get(j, "pct_of_roofline"));
+    json_decref(j);
+    if (out < 6 * 4 || out > 6 * 12 || rate <= 0 || roof <= 0 ||
+        fabs(share - 100.0 * rate / roof) > 0.1 + 0.01 * share)
+        fail_msg("bench workload: output %g, %g tok/s, roofline %g tok/s, share %g:\n%s", out,
+                 rate, roof, share, r.out);
     run_free(&r);
 }
 
@@ -702,6 +742,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_bad_flags),
         cmocka_unit_test(test_generate_prompt_too_long),
         cmocka_unit_test(test_generate_greedy),
+        cmocka_unit_test(test_bench_workload),
         cmocka_unit_test(test_accepted_extremes),
         cmocka_unit_test(test_generate_nul_prompt),
         cmocka_unit_test(test_generate_logprobs),

@@ -33,7 +33,14 @@
  * ring of 2-4 shared-memory stages with cp.async while earlier stages are
  * decoded.  Rows of quantized formats whose stage is not 16-byte aligned
  * (Q2_K, Q3_K, Q6_K) are copied from the aligned address below and read at
- * their offset.  The k range is split over gridDim.y CTAs where that
+ * their offset.  Once a stage has landed, the CTA decodes its sub-block
+ * scales into a table in shared memory (mmd_fill_sct: thread i, weight row
+ * i), so the four lanes that share a weight row read two words a sub-block
+ * instead of each unpacking the 6-bit fields (ncu on a 7B's q/k/v at 8
+ * rows: ~11 instructions a weight before, most of them that unpacking and
+ * the offsets of a loop whose trip count was not known; a full stage now
+ * unrolls with every offset but the lane's a constant).  The k range is
+ * split over gridDim.y CTAs where that
  * evens out the waves of CTAs over the SMs (mmd_pick_ks; q/k/v, o, down and
  * gate of a 7B all split), and the last CTA of a tile adds their partial
  * sums in split order, so the result does not depend on which CTA finished
@@ -271,6 +278,51 @@ __device__ __forceinline__ void mmd_scale(const uint8_t *r, int e, uint32_t &sc2
     }
 }
 
+/* The stage's scale table (quantized formats): for each of the tile's
+ * MMD_TILE weight rows and each sub-block of the stage, sc2 (and mn2 where
+ * the format has offsets) as mmd_scale gives them, written once a stage by
+ * the CTA (thread i: row i) instead of by each of the four lanes that read
+ * a row.  Rows are RS words apart, padded so the eight rows a warp's lanes
+ * read at once fall in distinct banks. */
+template <int T>
+__host__ __device__ constexpr int mmd_sct_w()
+{
+    if constexpr (mmd_fmt<T>::HALF)
+        return 0;
+    else
+        return kq<T>::MINS ? 2 : 1;
+}
+template <int T>
+struct mmd_sct {
+    static constexpr int NSUB = mmd_fmt<T>::HALF ? 0 : MMD_KC_Q / kq_ss<T>();
+    static constexpr int W = mmd_sct_w<T>(); /* words a sub-block */
+    static constexpr int RS = NSUB * W + W;  /* words a row */
+    static constexpr int BYTES = 4 * MMD_TILE * RS;
+};
+
+/* Fill the table for a stage of ke elements whose tile rows start at ws
+ * (row r at ws + r * slot + its offset mod 16). */
+template <int T, bool AL>
+__device__ __forceinline__ void mmd_fill_sct(const mmd_params &p, const mmd_tile_info &ti,
+                                             const uint8_t *ws, int st, int ke, uint32_t *sct)
+{
+    using S = mmd_sct<T>;
+    const int r = threadIdx.x; /* MMD_THREADS == MMD_TILE */
+    const uintptr_t off = AL ? 0 : (uintptr_t)mmd_row_src(p, ti, ti.r0 + r, st) & 15;
+    const uint8_t *rp = ws + (size_t)r * p.slot + off;
+    uint32_t *o = sct + r * S::RS;
+#pragma unroll
+    for (int sub = 0; sub < S::NSUB; sub++) {
+        if (sub * kq_ss<T>() < ke) {
+            uint32_t sc2, mn2;
+            mmd_scale<T, AL>(rp, sub * kq_ss<T>(), sc2, mn2);
+            o[S::W * sub] = sc2;
+            if constexpr (S::W == 2)
+                o[S::W * sub + 1] = mn2;
+        }
+    }
+}
+
 /* The quants q + QOFF in the bytes of v as two FP16 pairs, q' = q exactly:
  * byte b under exponent 0x64 is the FP16 1024 + b (one PRMT a pair), less
  * 1024 + QOFF (exact: small integers). */
@@ -283,24 +335,28 @@ __device__ __forceinline__ void mmd_q4h(uint32_t v, __half2 &lo, __half2 &hi)
     hi = __hsub2(*(const __half2 *)&h, base);
 }
 
-/* Weights e .. e+3 of a stage row as two FP16 pairs (lo: e, e+1; hi: e+2,
- * e+3); sc2 / mn2 from mmd_scale for the quantized formats: one HFMA2 a
- * pair, w = q' * sc - mn rounded once. */
+/* Weights e0 + 4t .. e0 + 4t + 3 of a stage row (e0 a multiple of 16, a
+ * constant in a full stage, so every offset but the lane's folds away) as
+ * two FP16 pairs (lo: the first two, hi: the last two); sc2 / mn2 from the
+ * stage's scale table for the quantized formats: one HFMA2 a pair, w = q' *
+ * sc - mn rounded once.  4t < 16 <= a sub-block, so the four weights share
+ * e0's block and sub-block. */
 template <int T, bool AL>
-__device__ __forceinline__ void mmd_frag_row(const uint8_t *r, int e, uint32_t sc2, uint32_t mn2,
-                                             uint32_t &lo, uint32_t &hi)
+__device__ __forceinline__ void mmd_frag_row(const uint8_t *r, int e0, int t, uint32_t sc2,
+                                             uint32_t mn2, uint32_t &lo, uint32_t &hi)
 {
     if constexpr (T == KILN_TYPE_F16) {
-        const uint2 v = *(const uint2 *)(r + 2 * e);
+        const uint2 v = *(const uint2 *)(r + 2 * (e0 + 4 * t));
         lo = v.x;
         hi = v.y;
     } else if constexpr (T == KILN_TYPE_BF16) {
-        const uint2 v = *(const uint2 *)(r + 2 * e);
+        const uint2 v = *(const uint2 *)(r + 2 * (e0 + 4 * t));
         lo = mmd_pack(__uint_as_float(v.x << 16), __uint_as_float(v.x & 0xFFFF0000u));
         hi = mmd_pack(__uint_as_float(v.y << 16), __uint_as_float(v.y & 0xFFFF0000u));
     } else {
         using K = kq<T>;
-        const int b = e / K::QK, eb = e - b * K::QK, sub = eb / K::SS, c = (eb % K::SS) / 4;
+        const int b = e0 / K::QK, eb = e0 - b * K::QK, sub = eb / K::SS,
+                  c = (eb % K::SS) / 4 + t;
         uint32_t q;
         if constexpr (AL) {
             const mmd_src_w s = {(const uint32_t *)(r + b * K::BB)};
@@ -380,6 +436,46 @@ __global__ void __launch_bounds__(256) k_mmd_prep(const float *__restrict__ x,
         inv[r] = ldexpf(1.0f, -sh);
 }
 
+/* One k16 step at e0 of a stage: the lane's four weight rows decoded
+ * (their sub-block's scales read from the table when e0 starts one) and
+ * multiplied against every activation row. */
+template <int T, int NT, bool AL>
+__device__ __forceinline__ void mmd_k16(const mmd_params &p, const uint8_t *const *rw,
+                                        const uint32_t *const *sr, const uint8_t *xsm, int e0,
+                                        int t, int g, uint32_t *sc, uint32_t *mn,
+                                        float (*acc)[NT][4])
+{
+    if constexpr (!mmd_fmt<T>::HALF) {
+        if (e0 % kq_ss<T>() == 0) {
+            const int sub = e0 / kq_ss<T>();
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                if constexpr (mmd_sct<T>::W == 2) {
+                    const uint2 v = *(const uint2 *)(sr[q] + 2 * sub);
+                    sc[q] = v.x;
+                    mn[q] = v.y;
+                } else {
+                    sc[q] = sr[q][sub];
+                }
+            }
+        }
+    }
+    uint32_t a[2][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+        mmd_frag_row<T, AL>(rw[2 * mt], e0, t, sc[2 * mt], mn[2 * mt], a[mt][0], a[mt][2]);
+        mmd_frag_row<T, AL>(rw[2 * mt + 1], e0, t, sc[2 * mt + 1], mn[2 * mt + 1], a[mt][1],
+                            a[mt][3]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        const uint2 bv = *(const uint2 *)(xsm + (size_t)(8 * nt + g) * p.xs + 2 * (e0 + 4 * t));
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+            mmd_mma(acc[mt][nt], a[mt], bv.x, bv.y);
+    }
+}
+
 template <int T, int NT, bool AL>
 __global__ void __launch_bounds__(MMD_THREADS, 1) k_mmd(const mmd_params p)
 {
@@ -400,6 +496,9 @@ __global__ void __launch_bounds__(MMD_THREADS, 1) k_mmd(const mmd_params p)
 #pragma unroll
             for (int i = 0; i < 4; i++)
                 acc[mt][nt][i] = 0.0f;
+
+    /* the scale table, after the stages */
+    uint32_t *sct = (uint32_t *)(sm + (size_t)p.nstage * p.stage_bytes);
 
     /* stage i of this split: its elements and weight bytes */
 #define MMD_KE(i) (p.n_in - (st0 + (i)) * F::KC < F::KC ? p.n_in - (st0 + (i)) * F::KC : F::KC)
@@ -430,38 +529,31 @@ __global__ void __launch_bounds__(MMD_THREADS, 1) k_mmd(const mmd_params p)
         const uint8_t *ws = MMD_BUF(i);
         const uint8_t *xsm = ws + MMD_TILE * p.slot;
         const int ke = MMD_KE(i);
-        /* this lane's four weight rows in the stage (at their offsets) */
+        if constexpr (!F::HALF) {
+            mmd_fill_sct<T, AL>(p, ti, ws, st0 + i, ke, sct);
+            __syncthreads();
+        }
+        /* this lane's four weight rows in the stage (at their offsets) and
+         * their rows of the scale table */
         const uint8_t *rw[4];
+        const uint32_t *sr[4];
 #pragma unroll
         for (int q = 0; q < 4; q++) {
             const int r = 32 * warp + 16 * (q >> 1) + g + 8 * (q & 1);
             const uintptr_t off = (uintptr_t)mmd_row_src(p, ti, ti.r0 + r, st0 + i) & 15;
-            rw[q] = ws + (size_t)r * p.slot + (F::HALF ? 0 : off);
+            rw[q] = ws + (size_t)r * p.slot + (F::HALF || AL ? 0 : off);
+            sr[q] = sct + r * mmd_sct<T>::RS;
         }
         uint32_t sc[4] = {0, 0, 0, 0}, mn[4] = {0, 0, 0, 0};
-        for (int kk = 0; kk < ke / 16; kk++) {
-            const int e = 16 * kk + 4 * t;
-            /* a sub-block starts at the same k16 step in every lane (4t < 16
-             * and sub-blocks are 16 or 32 long): its scales once a sub-block */
-            if (!F::HALF && (16 * kk) % kq_ss<T>() == 0) {
+        if (ke == F::KC) {
+            /* a full stage: every offset but the lane's is a constant */
 #pragma unroll
-                for (int q = 0; q < 4; q++)
-                    mmd_scale<T, AL>(rw[q], e, sc[q], mn[q]);
-            }
-            uint32_t a[2][4];
-#pragma unroll
-            for (int mt = 0; mt < 2; mt++) {
-                mmd_frag_row<T, AL>(rw[2 * mt], e, sc[2 * mt], mn[2 * mt], a[mt][0], a[mt][2]);
-                mmd_frag_row<T, AL>(rw[2 * mt + 1], e, sc[2 * mt + 1], mn[2 * mt + 1], a[mt][1],
-                                a[mt][3]);
-            }
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-                const uint2 bv = *(const uint2 *)(xsm + (size_t)(8 * nt + g) * p.xs + 2 * e);
-#pragma unroll
-                for (int mt = 0; mt < 2; mt++)
-                    mmd_mma(acc[mt][nt], a[mt], bv.x, bv.y);
-            }
+            for (int kk = 0; kk < F::KC / 16; kk++)
+                mmd_k16<T, NT, AL>(p, rw, sr, xsm, 16 * kk, t, g, sc, mn, acc);
+        } else {
+#pragma unroll 1
+            for (int kk = 0; kk < ke / 16; kk++)
+                mmd_k16<T, NT, AL>(p, rw, sr, xsm, 16 * kk, t, g, sc, mn, acc);
         }
     }
     kcu_cp_wait<0>();
@@ -589,6 +681,29 @@ static kiln_status mmd_setup(kcu *cu)
     return KILN_OK;
 }
 
+/* Bytes of the scale table a launch for a type takes after its stages. */
+static int mmd_sct_bytes(kiln_type type)
+{
+    switch (type) {
+#define MMD_S(T)                                                                \
+    case T:                                                                     \
+        return mmd_sct<T>::BYTES;
+        MMD_S(KILN_TYPE_Q4_0)
+        MMD_S(KILN_TYPE_Q4_1)
+        MMD_S(KILN_TYPE_Q5_0)
+        MMD_S(KILN_TYPE_Q5_1)
+        MMD_S(KILN_TYPE_Q8_0)
+        MMD_S(KILN_TYPE_Q2_K)
+        MMD_S(KILN_TYPE_Q3_K)
+        MMD_S(KILN_TYPE_Q4_K)
+        MMD_S(KILN_TYPE_Q5_K)
+        MMD_S(KILN_TYPE_Q6_K)
+#undef MMD_S
+    default:
+        return 0;
+    }
+}
+
 /* Elements of one stage for a type (0: not taken). */
 static int mmd_kc(kiln_type t)
 {
@@ -709,7 +824,8 @@ bool kcu_mmd(kcu *cu, const kb_weight *const *w, float *const *out, const float 
     p.n16 = kc_al ? p.kc_bytes / 16 : p.slot / 16;
     p.xs = 2 * kc + MMD_XPAD;
     p.stage_bytes = MMD_TILE * p.slot + rows_pad * p.xs;
-    const int smem_max = (int)kcu_mv_smem_max(cu) - MMD_SLACK;
+    const int sct = mmd_sct_bytes(type);
+    const int smem_max = (int)kcu_mv_smem_max(cu) - MMD_SLACK - sct;
     const int cap = cu->mmd_stages ? cu->mmd_stages : MMD_MAX_STAGES;
     int nstage = smem_max / p.stage_bytes;
     nstage = nstage > cap ? cap : nstage;
@@ -721,7 +837,7 @@ bool kcu_mmd(kcu *cu, const kb_weight *const *w, float *const *out, const float 
     int n64 = smem_max / stage64;
     n64 = n64 > cap ? cap : n64 < 2 ? 2 : n64;
     int per_sm = (int)(cu->prop.sharedMemPerMultiprocessor /
-                       ((size_t)n64 * stage64 + MMD_SLACK + MMD_CTA_SMEM_RESERVED));
+                       ((size_t)n64 * stage64 + sct + MMD_SLACK + MMD_CTA_SMEM_RESERVED));
     per_sm = per_sm < 1 ? 1 : per_sm > MMD_MAX_CTAS_SM ? MMD_MAX_CTAS_SM : per_sm;
     p.nstage = nstage;
     p.nst = (n_in + kc - 1) / kc;
@@ -755,7 +871,7 @@ bool kcu_mmd(kcu *cu, const kb_weight *const *w, float *const *out, const float 
     p.x = xh;
     p.inv = cu->act_inv;
     kcu_mmd_prep(cu, x, up, act, rows, rows_pad, n_in, xh, cu->act_inv);
-    const size_t smem = (size_t)nstage * p.stage_bytes + MMD_SLACK;
+    const size_t smem = (size_t)nstage * p.stage_bytes + sct + MMD_SLACK;
     kcu_launch(cu, mmd_pick(type, nt, kc_al), dim3(p.tiles, p.ks), dim3(MMD_THREADS), smem, p);
     return true;
 }

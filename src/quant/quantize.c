@@ -84,7 +84,10 @@ void quantize_row_q8_0(const float *src, void *dst, int64_t n)
 
 /* As Q8_0, plus s = d * sum(q).  GGML multiplies the sum by the unrounded
  * d; kiln uses the stored half d, so s is the exact sum of the dequantized
- * block up to the one rounding of s to half. */
+ * block up to the one rounding of s to half.  A block whose d overflowed
+ * to infinity and whose quants sum to 0 has s = inf * 0: stored as the one
+ * NaN kiln writes (HALF_NAN), not the sign the FPU happens to give it (x86
+ * negative, CUDA positive), so the GPU's quantizer matches bit for bit. */
 void quantize_row_q8_1(const float *src, void *dst, int64_t n)
 {
     block_q8_1 *y = dst;
@@ -102,7 +105,8 @@ void quantize_row_q8_1(const float *src, void *dst, int64_t n)
             y[i].qs[j] = (int8_t)roundf(src[j] * id);
             sum += y[i].qs[j];
         }
-        y[i].s = kiln_f32_to_fp16(kq_h2f(y[i].d) * (float)sum);
+        const float s = kq_h2f(y[i].d) * (float)sum;
+        y[i].s = isnan(s) ? HALF_NAN : kiln_f32_to_fp16(s);
     }
 }
 

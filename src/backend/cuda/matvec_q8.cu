@@ -274,7 +274,10 @@ __device__ __forceinline__ void q8_quant_unit(const float *xa, int n_in, int u, 
             if constexpr (F == Q8F_0) {
                 *(int16_t *)(rec + Q8_AUX1 + 2 * b) = (int16_t)s;
             } else {
-                const uint32_t s16 = fin ? q8_f2h(__fmul_rn(dd, (float)s)) : 0x7e00u;
+                /* inf * 0 (d overflowed, quants sum to 0) is kiln's one NaN, as
+                 * quantize_row_q8_1 stores it */
+                const float ds = __fmul_rn(dd, (float)s);
+                const uint32_t s16 = fin && !isnan(ds) ? q8_f2h(ds) : 0x7e00u;
                 *(float *)(rec + Q8_AUX1 + 4 * b) = kcu_h2f(s16);
             }
         }

@@ -78,17 +78,25 @@ pids+=($!)
 "$LLAMA" "${llama_flags[@]}" > "$OUT/llama-server.log" 2>&1 &
 pids+=($!)
 
-wait_ready() { # URL LOG
+# URL LOG PID: polls /health with Python's own HTTP client (the GPU machine
+# has no curl), and gives up at once if the server's process has died
+wait_ready() {
     for _ in $(seq 1 600); do
-        if curl -sf "$1/health" > /dev/null 2>&1; then return 0; fi
+        if "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+            "$1/health" > /dev/null 2>&1; then return 0; fi
+        if ! kill -0 "$3" 2>/dev/null; then
+            echo "server for $1 exited before it was ready; log: $2" >&2
+            tail -20 "$2" >&2
+            exit 1
+        fi
         sleep 1
     done
     echo "server at $1 did not become ready; log: $2" >&2
     tail -20 "$2" >&2
     exit 1
 }
-wait_ready "http://127.0.0.1:$KPORT" "$OUT/kiln-server.log"
-wait_ready "http://127.0.0.1:$LPORT" "$OUT/llama-server.log"
+wait_ready "http://127.0.0.1:$KPORT" "$OUT/kiln-server.log" "${pids[0]}"
+wait_ready "http://127.0.0.1:$LPORT" "$OUT/llama-server.log" "${pids[1]}"
 
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"

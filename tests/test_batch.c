@@ -10,7 +10,9 @@
  *    all of them at max_seqs 64 beside sampled requests of other lengths,
  *    then again with 7-token prefill chunks and, in a second round, their
  *    shared prefix served from the prefix cache: the greedy tokens are the
- *    same bytes and their log-probabilities the same bits every time.
+ *    same bytes and their log-probabilities the same bits every time, and
+ *    each seeded sampled request gives the tokens it gives alone (the
+ *    engine samples a step's host rows on several threads).
  *
  * The CPU backend computes every token row in a fixed order whatever the
  * rest of its step (backend/cpu/matmul.c), so on the CPU both hold in the
@@ -181,21 +183,41 @@ static kiln_engine *det_engine(kiln_model *m, int max_seqs, int max_batch_tokens
     return e;
 }
 
+/* Sampled request i of det_together: a prompt, temperature 0.9, its own
+ * length and seed. */
+static void det_noise(kiln_engine *e, const kiln_tokenizer *tok, int i, det_out *o)
+{
+    det_submit(e, tok, prompts[(i * 5 + 3) % N_PROMPTS], 0.9f, 2 + 2 * i, 100 + (uint64_t)i, o);
+}
+
 /* All prompts at once beside DET_NOISE sampled requests of other lengths,
  * which join and leave the decode batch at other steps. */
 static void det_together(kiln_engine *e, const kiln_tokenizer *tok, const char *texts[],
-                         det_out *out)
+                         det_out *out, det_out *noise)
 {
-    det_out noise[DET_NOISE];
-    memset(noise, 0, sizeof noise);
+    memset(noise, 0, sizeof(det_out) * DET_NOISE);
     memset(out, 0, sizeof(det_out) * N_PROMPTS);
     for (int i = 0; i < N_PROMPTS; i++) {
         det_submit(e, tok, texts[i], 0.0f, DET_GEN, 0, &out[i]);
         if (i < DET_NOISE)
-            det_submit(e, tok, prompts[(i * 5 + 3) % N_PROMPTS], 0.9f, 3 + 4 * i, 100 + i,
-                       &noise[i]);
+            det_noise(e, tok, i, &noise[i]);
     }
     assert_int_equal(kiln_engine_run(e), KILN_OK);
+}
+
+/* The sampled requests draw from their own generators, and the engine
+ * samples a step's rows on several threads: each gives the tokens it gives
+ * alone. */
+static void det_compare_noise(const det_out *ref, const det_out *got, const char *what)
+{
+    for (int i = 0; i < DET_NOISE && i < N_PROMPTS; i++) {
+        assert_int_equal(got[i].n, 2 + 2 * i);
+        if (memcmp(ref[i].toks, got[i].toks, sizeof ref[i].toks) != 0 ||
+            memcmp(ref[i].logprobs, got[i].logprobs, sizeof ref[i].logprobs) != 0) {
+            print_error("%s: sampled request %d differs from its run alone\n", what, i);
+            fail();
+        }
+    }
 }
 
 static void det_compare(const det_out *ref, const det_out *got, const char *what)
@@ -247,19 +269,31 @@ static void test_deterministic(void **state)
         kiln_engine_free(e);
     }
 
-    det_out got[N_PROMPTS];
+    det_out ref_noise[DET_NOISE];
+    memset(ref_noise, 0, sizeof ref_noise);
+    for (int i = 0; i < DET_NOISE && i < N_PROMPTS; i++) {
+        kiln_engine *e = det_engine(m, 1, 512);
+        det_noise(e, tok, i, &ref_noise[i]);
+        assert_int_equal(kiln_engine_run(e), KILN_OK);
+        kiln_engine_free(e);
+    }
+
+    det_out got[N_PROMPTS], noise[DET_NOISE];
     kiln_engine *e = det_engine(m, 64, 48);
-    det_together(e, tok, texts, got);
+    det_together(e, tok, texts, got, noise);
     det_compare(ref, got, "max_seqs 64, 48-token steps");
+    det_compare_noise(ref_noise, noise, "max_seqs 64, 48-token steps");
     kiln_engine_free(e);
 
     e = det_engine(m, 64, 7);
-    det_together(e, tok, texts, got);
+    det_together(e, tok, texts, got, noise);
     det_compare(ref, got, "max_seqs 64, 7-token prefill chunks");
+    det_compare_noise(ref_noise, noise, "max_seqs 64, 7-token prefill chunks");
     kiln_engine_stats st0, st1;
     kiln_engine_get_stats(e, &st0);
-    det_together(e, tok, texts, got);
+    det_together(e, tok, texts, got, noise);
     det_compare(ref, got, "prefix cache hits");
+    det_compare_noise(ref_noise, noise, "prefix cache hits");
     kiln_engine_get_stats(e, &st1);
     assert_true(st1.n_cached_tokens > st0.n_cached_tokens);
     kiln_engine_free(e);

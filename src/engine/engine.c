@@ -21,6 +21,7 @@
  * cancelling it from there answers KILN_ERR_NOT_FOUND.
  */
 #include <errno.h>
+#include <omp.h>
 #include <stdio.h>
 #include <time.h>
 
@@ -71,6 +72,10 @@ static bool kv_blocks_fit_slots(size_t n_blocks, int block_size)
 
 static void engine_free_sampling(kiln_engine *e)
 {
+    for (int i = 0; i < e->n_sm_par; i++)
+        sampler_free(&e->sm_par[i]);
+    kiln_free(e->sm_par);
+    kiln_free(e->host_res);
     kiln_free(e->dev_rows);
     kiln_free(e->dev_pen);
     kiln_free(e->dev_ids);
@@ -213,6 +218,11 @@ kiln_status engine_create_with_runner(const model_runner *r,
                                            sizeof *e->lp_top_logprobs);
     if (!e->lp_tokens || !e->lp_logprobs || !e->lp_top_ids || !e->lp_top_logprobs) {
         st = KILN_FAIL(KILN_ERR_NOMEM, "engine: prompt logprob scratch");
+        goto fail_engine;
+    }
+    e->host_res = kiln_calloc((size_t)p.max_seqs, sizeof *e->host_res);
+    if (!e->host_res) {
+        st = KILN_FAIL(KILN_ERR_NOMEM, "engine: host sampling scratch");
         goto fail_engine;
     }
     if (r->forward_sample && r->max_pen > 0) {
@@ -475,12 +485,58 @@ static void accept_token(kiln_engine *e, engine_request *r, const sampler_result
     finish(e, r, tok, &res, fin, true);
 }
 
-static void on_logits(kiln_engine *e, engine_request *r, const float *row)
+/* Whether batch sequence k of the step built samples a token. */
+static bool samples_token(const sched *sc, int k)
 {
-    sampler_result res;
-    sampler_sample(&e->sm, row, &r->s, r->tokens, r->n_tokens, r->n_prompt,
-                   r->rng, &res);
-    accept_token(e, r, &res);
+    return sc->b_out[k] && !(sc->b_end[k] && sc->b_req[k]->s.no_generate);
+}
+
+/* The samplers of threads 1.. of host_sample, made once; where memory is
+ * short, host sampling stays on the stepping thread (not an error). */
+static int host_samplers(kiln_engine *e, int want)
+{
+    if (!e->sm_par_tried) {
+        e->sm_par_tried = true;
+        int n = ENGINE_SAMPLE_THREADS - 1;
+        e->sm_par = kiln_calloc((size_t)n, sizeof *e->sm_par);
+        while (e->sm_par && e->n_sm_par < n &&
+               sampler_init(&e->sm_par[e->n_sm_par], e->n_vocab) == KILN_OK)
+            e->n_sm_par++;
+        kiln_error_clear();
+    }
+    return want < 1 + e->n_sm_par ? want : 1 + e->n_sm_par;
+}
+
+/* Sample every row of a step whose logits came to the host (batch-invariant
+ * mode, top-n logprobs, a runner without device sampling) into
+ * e->host_res.  A row's token depends on its logits and its own request
+ * alone (settings, tokens, generator), so rows sample on several threads,
+ * each with its own sampler's scratch, and give what one thread would;
+ * the tokens are accepted afterwards, in order, on the stepping thread. */
+static void host_sample(kiln_engine *e, int nb, const float *logits)
+{
+    const sched *sc = &e->sc;
+    int rows = 0;
+    for (int k = 0; k < nb; k++)
+        rows += samples_token(sc, k);
+    int nt = rows / ENGINE_SAMPLE_MIN_ROWS;
+    if (nt > omp_get_max_threads())
+        nt = omp_get_max_threads();
+    if (nt > ENGINE_SAMPLE_THREADS)
+        nt = ENGINE_SAMPLE_THREADS;
+    if (nt > 1)
+        nt = host_samplers(e, nt);
+    const size_t V = (size_t)e->n_vocab;
+#pragma omp parallel for num_threads(nt > 1 ? nt : 1) schedule(static) if (nt > 1)
+    for (int k = 0; k < nb; k++) {
+        if (!samples_token(sc, k))
+            continue;
+        const int t = omp_get_thread_num();
+        engine_request *r = sc->b_req[k];
+        const float *row = logits + (size_t)(sc->b_row0[k] + sc->b_n_lp[k]) * V;
+        sampler_sample(t == 0 ? &e->sm : &e->sm_par[t - 1], row, &r->s, r->tokens,
+                       r->n_tokens, r->n_prompt, r->rng, &e->host_res[k]);
+    }
 }
 
 /* Report the prompt logprobs of batch sequence k: rows[i] holds the logits
@@ -638,6 +694,8 @@ kiln_status engine_step(kiln_engine *e, bool *progress)
                 else
                     n_prefill += (uint64_t)sc->b_n[k];
             }
+            if (!dev)
+                host_sample(e, nb, logits);
             for (int k = 0; k < nb; k++) {
                 engine_request *r = sc->b_req[k];
                 if (sc->b_n_lp[k] > 0)
@@ -656,7 +714,7 @@ kiln_status engine_step(kiln_engine *e, bool *progress)
                                           .logprob = e->dev_logprobs[row]};
                     accept_token(e, r, &res);
                 } else {
-                    on_logits(e, r, logits + (size_t)row * (size_t)e->n_vocab);
+                    accept_token(e, r, &e->host_res[k]);
                 }
                 n_sampled++;
             }

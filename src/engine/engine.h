@@ -56,6 +56,10 @@ kiln_status engine_create_with_runner(const model_runner *r,
  * sequence that sampling needs: a longer prompt that asks for them is
  * computed in chunks of this many rows. */
 #define ENGINE_PROMPT_LOGPROB_ROWS 256
+/* Host sampling of a step's rows: at most this many threads, and one for
+ * each this many rows (a 152k-vocabulary row takes ~0.15 ms). */
+#define ENGINE_SAMPLE_THREADS 8
+#define ENGINE_SAMPLE_MIN_ROWS 4
 
 /* ------------------------------------------------------------------------
  * KV block pool with prefix cache (kvpool.c)
@@ -384,6 +388,13 @@ struct kiln_engine {
     bool deterministic;         /* batch-invariant: every step samples on the host */
     sched sc;                   /* stepping thread only */
     sampler sm;                 /* stepping thread only */
+    /* (stepping) host sampling of a step's rows in parallel: a sampler for
+     * each thread past the first, made at the first step that wants them
+     * (none where that failed), and each batch sequence's result */
+    sampler *sm_par;            /* (n_sm_par) */
+    int n_sm_par;
+    bool sm_par_tried;
+    sampler_result *host_res;   /* (max_seqs) */
     kb_sample_row *dev_rows;    /* (max_seqs) device sampling parameters */
     kb_sample_pen *dev_pen;     /* (max_seqs, r.max_pen) their penalty entries */
     int32_t *dev_ids;           /* (max_seqs) sampled tokens */

@@ -539,6 +539,7 @@ int cmd_eval(int argc, char **argv)
                         "binary; set KILN_EVAL_REGISTRY or pass --registry FILE\n");
         return 1;
     }
+    const bool have_default = def != NULL;
     kiln_free(def);
     for (int i = 0; i < c.n_registries && st == KILN_OK; i++)
         st = eval_registry_load(&reg, c.registries[i]);
@@ -557,7 +558,10 @@ int cmd_eval(int argc, char **argv)
             fprintf(stderr, "kiln eval: unknown category '%s' (known:", c.categories[k]);
             for (int i = 0; i < reg.n_cats; i++)
                 fprintf(stderr, " %s", reg.cats[i].name);
-            fprintf(stderr, ")\n");
+            fprintf(stderr, "%s)\n",
+                    have_default ? ""
+                                 : " none of --registry's; the shipped eval/registry.json was "
+                                   "not found next to the kiln binary: set KILN_EVAL_REGISTRY");
             eval_registry_free(&reg);
             return 2;
         }

@@ -30,6 +30,8 @@ shape=qwen2.5-0.5b
 limit=${KILN_EVAL_LIMIT:-64}
 mkdir -p "$work" "$out"
 cd "$here"
+# the shipped registry (kiln finds it beside build/kiln, not beside a packed bin/kiln)
+export KILN_EVAL_REGISTRY=${KILN_EVAL_REGISTRY:-$here/eval/registry.json}
 [ -d eval/data/humaneval ] || { echo "eval/data missing: run scripts/eval-data.sh and carry eval/data"; exit 1; }
 if [ ! -f "$work/$shape/config.json" ]; then
     python3 bench/synth/make_synth.py "$work/$shape" --shape "$shape" >"$out/make-$shape.log" 2>&1 ||

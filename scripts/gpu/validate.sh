@@ -24,7 +24,8 @@
 #      carried) and kiln bench on the same GGUF files (side_table.py);
 #      tp: scripts/gpu/tp_bench.sh (TP 1 through NCCL on the 7B shape)
 #   8. pd: scripts/gpu/pd_bench.sh (PD_TYPES, default bf16,Q4_K_M); serve:
-#      bench/serve_vs_llamacpp.sh --device cuda on the 7B Q4_K_M GGUF (needs
+#      bench/serve_vs_llamacpp.sh --device cuda on 7B GGUF files (SERVE_TYPES,
+#      default "Q4_K_M BF16"; needs
 #      .peer/llama-bin.tar.xz with llama-server); eval: eval_bench.sh (carry
 #      eval/data or .peer/eval-data.tar.xz; eval/data itself does not fit one carry with llama.cpp)
 #
@@ -246,8 +247,9 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
         tail -12 "$w/pd.log"
         ;;
     serve)
-        # kiln serve beside llama-server on the 7B Q4_K_M GGUF (issue 11's
-        # table); both servers stay loaded, so kiln takes under half the GPU
+        # kiln serve beside llama-server on GGUF files of the 7B shape, one
+        # for each of SERVE_TYPES (default Q4_K_M BF16; issue 11's table);
+        # both servers stay loaded, so kiln takes under half the GPU
         [ -n "$p7" ] && wait "$p7" && p7=
         lt=$here/.peer/llama-bin.tar.xz
         if [ ! -f "$lt" ]; then
@@ -256,16 +258,20 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
         fi
         mkdir -p /tmp/llama
         python3 -c "import tarfile,sys; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$lt" /tmp/llama
-        f=$work/qwen2.5-7b-Q4_K_M.gguf
-        [ -f "$f" ] || timeout 120 "$kb/bin/kiln" quantize "$work/qwen2.5-7b" "$f" Q4_K_M \
-            >"$w/quant-7b-Q4_K_M.log" 2>&1
-        (cd "$here" && LD_LIBRARY_PATH=/tmp/llama/lib:$LD_LIBRARY_PATH \
-            KILN_ARGS="--gpu-mem-fraction ${SERVE_KILN_FRACTION:-0.45}" timeout $(($(left) - 5)) \
-            bash bench/serve_vs_llamacpp.sh --device cuda --kiln "$kb/bin/kiln" \
-            --llama-server /tmp/llama/bin/llama-server --model "$f" --out "$w/serve" \
-            >"$w/serve.log" 2>&1)
-        el "serve_vs_llamacpp exit $?"
-        tail -14 "$w/serve.log"
+        for q in ${SERVE_TYPES:-Q4_K_M BF16}; do
+            [ "$(left)" -lt 120 ] && { el "serve $q skipped (time)"; continue; }
+            f=$work/qwen2.5-7b-$q.gguf
+            [ -f "$f" ] || timeout 180 "$kb/bin/kiln" quantize "$work/qwen2.5-7b" "$f" "$q" \
+                >"$w/quant-7b-$q.log" 2>&1
+            (cd "$here" && LD_LIBRARY_PATH=/tmp/llama/lib:$LD_LIBRARY_PATH \
+                KILN_ARGS="--gpu-mem-fraction ${SERVE_KILN_FRACTION:-0.45}" timeout $(($(left) - 5)) \
+                bash bench/serve_vs_llamacpp.sh --device cuda --kiln "$kb/bin/kiln" \
+                --llama-server /tmp/llama/bin/llama-server --model "$f" --out "$w/serve-$q" \
+                >"$w/serve-$q.log" 2>&1)
+            el "serve_vs_llamacpp $q exit $?"
+            tail -14 "$w/serve-$q.log"
+            pack
+        done
         ;;
     eval)
         # kiln eval on the GPU (issue 12's figures; carry eval/data, or

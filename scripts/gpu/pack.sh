@@ -8,6 +8,9 @@
 # MPI (MPI=0): the GPU machine has no OpenMPI, and GPU ranks of one host
 # (kiln --tp N --device cuda) need none; NCCL is the machine's own.
 #
+# BASE_PLUGIN=PATH adds another build's libkiln-cuda.so as base/ (A/B of a
+# kernel change in one device call: validate.sh's mvab stage).
+#
 # Each binary carries the CUDA kernels (~12 MB), so OUT_DIR/kiln-bin.tar.xz
 # holds bin/ and lib/ compressed (~15 MB) for the trip:
 #   scripts/gpu/pack.sh && device run (carry .dev):
@@ -38,6 +41,18 @@ fi
 ldd "$out/bin/kiln" | awk '$3 ~ /^\// {print $3}' | grep -E 'libmicrohttpd|libgnutls|libp11-kit|libidn2|libunistring|libtasn1|libnettle|libhogweed|libgmp|libffi' |
     while read -r p; do cp -L "$p" "$out/lib/"; done
 strip --strip-debug "$out"/bin/* 2>/dev/null || true
-tar -C "$out" -cf - bin lib | xz -6 -T0 > "$out/kiln-bin.tar.xz"
-rm -rf "$out/bin" "$out/lib"
+if [ -n "${BASE_PLUGIN:-}" ]; then
+    # a CUDA plugin of another commit beside this one (base/libkiln-cuda.so),
+    # for A/B runs in one call (validate.sh's mvab stage loads either through
+    # KILN_CUDA_LIB); one xz stream with a dictionary larger than a plugin
+    # stores the second copy as its differences, ~20 KB instead of ~4 MB
+    mkdir -p "$out/base"
+    cp "$BASE_PLUGIN" "$out/base/libkiln-cuda.so"
+    strip --strip-debug "$out/base/libkiln-cuda.so"
+    (cd "$out" && tar -cf - bin/libkiln-cuda.so base/libkiln-cuda.so lib \
+        $(ls -d bin/* | grep -v '/libkiln-cuda.so$') | xz -9e -T1 > kiln-bin.tar.xz)
+else
+    tar -C "$out" -cf - bin lib | xz -6 -T0 > "$out/kiln-bin.tar.xz"
+fi
+rm -rf "$out/bin" "$out/lib" "$out/base"
 du -sh "$out"

@@ -5,6 +5,8 @@
 #   1. synthetic Qwen2.5-0.5B (bench/synth, BF16, std 0.02), a 6-layer
 #      32k-vocabulary cut of it (BF16 and Q4_K_M GGUF by kiln quantize: quick
 #      under compute-sanitizer); the 7B shape in the background for step 4
+#   mvab: bench_matvec with this build's CUDA plugin against base/'s (a
+#      package made by pack.sh with BASE_PLUGIN=...), alternating
 #   2. test_cuda_matmul in three modes, to tell the decode-batch kernel
 #      (KILN_CUDA_MMD=1) from the FP16 GEMM (KILN_CUDA_GEMM=f16) apart
 #   3. tpgen: `kiln generate --tp 1 --tp-comm` against the plain path, under gdb
@@ -86,6 +88,24 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
         done
         KILN_CUDA_MMD_MAX_ROWS=64 timeout 60 "$kb/bin/bench_matvec" bf16 q4_k >"$w/matvec.txt" 2>&1
         el "bench_matvec (decode-batch kernel to 64 rows) exit $?"
+        ;;
+    mvab)
+        # bench_matvec with this build's CUDA plugin and base/'s (pack.sh
+        # BASE_PLUGIN=...), alternating, MVAB_ROUNDS times (default 2)
+        if [ ! -f "$kb/base/libkiln-cuda.so" ]; then
+            el "mvab: no base plugin in the package (pack.sh with BASE_PLUGIN=...)"
+            continue
+        fi
+        for r in $(seq 1 "${MVAB_ROUNDS:-2}"); do
+            for v in bin base; do
+                KILN_CUDA_LIB=$kb/$v/libkiln-cuda.so KILN_CUDA_MMD_MAX_ROWS=${MVAB_MAX_ROWS:-64} \
+                    timeout 90 "$kb/bin/bench_matvec" ${MV_TYPES:-q4_k q6_k bf16} \
+                    >"$w/mv-$v-$r.txt" 2>&1
+                el "bench_matvec $v round $r: exit $?"
+            done
+        done
+        python3 "$here/scripts/gpu/mv_compare.py" "$w"/mv-bin-*.txt -- "$w"/mv-base-*.txt \
+            | tee "$w/mvab.txt"
         ;;
     tpgen)
         args=(generate -m "$g05" -p "The capital of France is" -n 16 --temp 0 --ignore-eos

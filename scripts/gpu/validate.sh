@@ -64,18 +64,13 @@ m7=$work/qwen2.5-7b
 small=$work/small/qwen2.5-0.5b-l6
 g05=$work/small/qwen2.5-0.5b-l6-Q4_K_M.gguf
 mkdir -p "$work/small"
-[ -f "$m05/config.json" ] || python3 "$here/bench/synth/make_synth.py" "$m05" --shape qwen2.5-0.5b \
-    >"$w/make-0.5b.log" 2>&1 &
-[ -f "$small/config.json" ] || python3 "$here/bench/synth/make_synth.py" "$small" \
-    --shape qwen2.5-0.5b --layers 6 --vocab 32768 >"$w/make-small.log" 2>&1
+synth "$m05" --shape qwen2.5-0.5b &
+synth "$small" --shape qwen2.5-0.5b --layers 6 --vocab 32768
 [ -f "$g05" ] || "$kb/bin/kiln" quantize "$small" "$g05" Q4_K_M >"$w/quant-small.log" 2>&1
 wait
 el "0.5B made (BF16), and its 6-layer 32k-vocabulary cut (BF16 and Q4_K_M GGUF)"
-p7=
-if [ ! -f "$m7/config.json" ]; then
-    python3 "$here/bench/synth/make_synth.py" "$m7" --shape qwen2.5-7b >"$w/make-7b.log" 2>&1 &
-    p7=$!
-fi
+synth "$m7" --shape qwen2.5-7b &
+p7=$!
 
 for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
     case $stage in

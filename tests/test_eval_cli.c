@@ -486,6 +486,38 @@ static void test_bad_input(void **state)
     const char *tp_ep[] = {"kiln", "eval", "--category", "math", "--model", "m", "--endpoint",
                            "http://127.0.0.1:9", "--tp", "3", "--out", o, NULL};
     expect_fail(tp_ep, 2, "with --endpoint the server runs the model", o);
+
+    /* a kiln binary with no registry where it looks (beside it, or two
+     * folders up: D/x/bin/kiln looks in D/x, D/x/share/kiln and D), given
+     * only a --registry of models: the unknown category says the shipped
+     * registry was not found */
+    char lone[] = "/tmp/kiln-noreg-XXXXXX";
+    assert_non_null(mkdtemp(lone));
+    char bin[PATH_MAX], reg[PATH_MAX], cmd[3 * PATH_MAX];
+    snprintf(bin, sizeof bin, "%s/x/bin/kiln", lone);
+    snprintf(reg, sizeof reg, "%s/models.json", lone);
+    snprintf(cmd, sizeof cmd, "mkdir -p '%s/x/bin' && cp '%s' '%s'", lone, kiln_bin, bin);
+    assert_int_equal(system(cmd), 0);
+    FILE *f = fopen(reg, "w");
+    assert_non_null(f);
+    fputs("{\"models\": {}}\n", f);
+    fclose(f);
+    const char *env = getenv("KILN_EVAL_REGISTRY");
+    char *saved = env ? strdup(env) : NULL;
+    unsetenv("KILN_EVAL_REGISTRY");
+    const char *noreg[] = {"kiln", "eval", "--category", "coding", "--registry", reg,
+                           "--out", o, NULL};
+    run_result r = cli_run(bin, noreg, 0);
+    if (saved) {
+        setenv("KILN_EVAL_REGISTRY", saved, 1);
+        free(saved);
+    }
+    rm_rf(lone);
+    if (r.status != 2 || !strstr(r.err, "unknown category 'coding'") ||
+        !strstr(r.err, "the shipped eval/registry.json was not found next to the kiln binary"))
+        fail_msg("kiln without a registry where it looks: exit %d, stderr:\n%s", r.status, r.err);
+    run_free(&r);
+    assert_false(exists(o));
 }
 
 /* ------------------------------------------------------------------------

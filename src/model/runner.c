@@ -15,6 +15,8 @@
  * SM partitions instead, op by op.
  */
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "model/model.h"
 #include "model/runner.h"
@@ -216,9 +218,13 @@ static kiln_status runner_prepare(void *ctx, model_prepare *ep)
         /* pinned where the backend has it and the rows are not too many: a
          * step that samples on the host (batch-invariant mode, top-n
          * logprobs) downloads every row's logits, ~0.6 MB a row at a
-         * 152k vocabulary, several times faster into pinned memory */
+         * 152k vocabulary, several times faster into pinned memory.
+         * KILN_HOST_LOGITS=pageable keeps them pageable (to measure the
+         * difference). */
         const size_t bytes = (size_t)ep->max_out * (size_t)m->hp.n_vocab * sizeof(float);
-        if (be->ops->host_alloc && bytes <= RUNNER_PINNED_LOGITS_MAX) {
+        const char *mode = getenv("KILN_HOST_LOGITS");
+        const bool pageable = mode && !strcmp(mode, "pageable");
+        if (be->ops->host_alloc && bytes <= RUNNER_PINNED_LOGITS_MAX && !pageable) {
             r->logits_host = be->ops->host_alloc(be, bytes, "host logits");
             r->logits_pinned = r->logits_host != NULL;
             if (!r->logits_host) {

@@ -130,10 +130,13 @@ __global__ void k_deq_tile(const uint8_t *__restrict__ w, size_t row_bytes, int 
                            D *__restrict__ dst)
 {
     using K = kq<T>;
-    const int per_row = n_in / 8;
-    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (int64_t)rows * per_row)
+    const unsigned per_row = (unsigned)n_in / 8;
+    const int64_t i64 = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i64 >= (int64_t)rows * per_row)
         return;
+    /* 32-bit division: the tile holds far fewer than 2^32 pieces, and a
+     * 64-bit divide costs several times the decode of 8 elements */
+    const unsigned i = (unsigned)i64;
     const int r = (int)(i / per_row), k = 8 * (int)(i % per_row);
     float f[8];
     kcu_deq8<T>(w + (size_t)r * row_bytes + (size_t)(k / K::QK) * K::BB, k % K::QK, f);
@@ -144,35 +147,49 @@ __global__ void k_deq_tile(const uint8_t *__restrict__ w, size_t row_bytes, int 
     *(uint4 *)(dst + (size_t)r * n_in + k) = *(const uint4 *)b;
 }
 
-/* out (rows, n_out) = out * inv[row] (+ bias): the FP16 GEMM's rows scaled
- * back (k_mmd_prep scaled each activation row by 1 / inv[row]). */
+/* out (rows, n_out) = out * inv[row] + bias: the FP16 GEMM's rows scaled
+ * back (k_mmd_prep scaled each activation row by 1 / inv[row]), or, inv
+ * NULL, the bias added (o * 1 + b is o + b exactly).  A row per grid y,
+ * its columns across grid x (four a thread when VEC): no division per
+ * element, which at a 64-bit divide and modulo an element made the pass
+ * instruction-bound. */
+template <bool VEC>
 __global__ void k_unscale_bias(float *__restrict__ out, const float *__restrict__ inv,
-                               const float *__restrict__ bias, int64_t n, int n_out)
+                               const float *__restrict__ bias, int rows, int n_out)
 {
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (int64_t)gridDim.x * blockDim.x)
-        out[i] = out[i] * inv[i / n_out] + (bias ? bias[i % n_out] : 0.0f);
-}
-
-/* The same for F32 / F16 weights, one element per thread. */
-__global__ void k_float_bf16(const uint8_t *__restrict__ w, size_t row_bytes, int type,
-                             int n_in, int rows, __nv_bfloat16 *__restrict__ dst)
-{
-    const int64_t n = (int64_t)rows * n_in;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t r = i / n_in, k = i % n_in;
-        dst[i] = __float2bfloat16_rn(kcu_float_elem(w + r * row_bytes, type, k));
+    const int cols = VEC ? n_out / 4 : n_out;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const float s = inv ? inv[r] : 1.0f;
+        float *o = out + (size_t)r * (size_t)n_out;
+        for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols;
+             c += gridDim.x * blockDim.x) {
+            if (VEC) {
+                float4 v = ((float4 *)o)[c];
+                const float4 b = bias ? ((const float4 *)bias)[c] : make_float4(0, 0, 0, 0);
+                v.x = v.x * s + b.x;
+                v.y = v.y * s + b.y;
+                v.z = v.z * s + b.z;
+                v.w = v.w * s + b.w;
+                ((float4 *)o)[c] = v;
+            } else {
+                o[c] = o[c] * s + (bias ? bias[c] : 0.0f);
+            }
+        }
     }
 }
 
-__global__ void k_add_bias(float *__restrict__ out, const float *__restrict__ bias, int64_t n,
-                           int n_out)
+/* k_deq_tile's BF16 tile from F32 / F16 weights: a row per grid y, its
+ * elements across grid x. */
+__global__ void k_float_bf16(const uint8_t *__restrict__ w, size_t row_bytes, int type,
+                             int n_in, int rows, __nv_bfloat16 *__restrict__ dst)
 {
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (int64_t)gridDim.x * blockDim.x)
-        out[i] += bias[i % n_out];
+    for (int r = blockIdx.y; r < rows; r += gridDim.y)
+        for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < n_in;
+             k += gridDim.x * blockDim.x)
+            dst[(size_t)r * n_in + k] =
+                __float2bfloat16_rn(kcu_float_elem(w + (size_t)r * row_bytes, type, k));
 }
+
 
 /* out row t = row tokens[t] of a quantized w, 8 elements per thread;
  * blockIdx.y is the token.  A token outside [0, n_vocab) gives NaNs. */
@@ -258,6 +275,32 @@ static int stride_grid(const kcu *cu, int64_t n, int threads)
     int64_t blocks = (n + threads - 1) / threads;
     const int64_t cap = (int64_t)cu->prop.multiProcessorCount * 16;
     return (int)(blocks < 1 ? 1 : blocks < cap ? blocks : cap);
+}
+
+/* Grid for the row kernels above: rows along y (at most 65535 at once, the
+ * kernels loop over the rest), up to cols / threads blocks along x, fewer
+ * when the rows alone come near stride_grid's cap. */
+static dim3 row_grid(const kcu *cu, int rows, int cols, int threads)
+{
+    const int y = rows < 65535 ? (rows > 0 ? rows : 1) : 65535;
+    int x = (cols + threads - 1) / threads;
+    const int cap = cu->prop.multiProcessorCount * 16 / y;
+    x = x < cap ? x : cap;
+    return dim3((unsigned)(x > 0 ? x : 1), (unsigned)y);
+}
+
+/* out (rows, n_out) = out * inv[row] + bias (k_unscale_bias; either may be NULL). */
+static void unscale_bias(kcu *cu, float *out, const float *inv, const float *bias, int rows,
+                         int n_out)
+{
+    const bool vec = n_out % 4 == 0 && (uintptr_t)out % 16 == 0 &&
+                     (!bias || (uintptr_t)bias % 16 == 0);
+    const dim3 g = row_grid(cu, rows, vec ? n_out / 4 : n_out, 256);
+    if (vec)
+        k_unscale_bias<true><<<g, 256, 0, cu->stream>>>(out, inv, bias, rows, n_out);
+    else
+        k_unscale_bias<false><<<g, 256, 0, cu->stream>>>(out, inv, bias, rows, n_out);
+    KCU_LAUNCHED(cu);
 }
 
 /* ------------------------------------------------------------------------
@@ -433,10 +476,7 @@ static void matmul_gemm_f16(kcu *cu, float *out, const float *x, const kb_weight
             lt_gemm(cu, out + r0, n_out, tile, n_in, m, rows, n_in, CUDA_R_16F, 1, name);
         }
     }
-    const int64_t n = (int64_t)rows * n_out;
-    k_unscale_bias<<<stride_grid(cu, n, 256), 256, 0, cu->stream>>>(out, cu->act_inv, bias, n,
-                                                                    n_out);
-    KCU_LAUNCHED(cu);
+    unscale_bias(cu, out, cu->act_inv, bias, rows, n_out);
 }
 
 static void matmul_gemm(kcu *cu, float *out, const float *x, const kb_weight *w,
@@ -490,7 +530,7 @@ static void matmul_gemm(kcu *cu, float *out, const float *x, const kb_weight *w,
                 deq<<<kcu_div_up(pieces, 256), 256, 0, cu->stream>>>(src, w->row_bytes, n_in, m,
                                                                      cu->wtile);
             } else {
-                k_float_bf16<<<stride_grid(cu, (int64_t)m * n_in, 256), 256, 0, cu->stream>>>(
+                k_float_bf16<<<row_grid(cu, m, n_in, 256), 256, 0, cu->stream>>>(
                     src, w->row_bytes, (int)w->type, n_in, m, cu->wtile);
             }
             KCU_LAUNCHED(cu);
@@ -498,11 +538,8 @@ static void matmul_gemm(kcu *cu, float *out, const float *x, const kb_weight *w,
                     cu->gemm_parts, name);
         }
     }
-    if (bias) {
-        const int64_t n = (int64_t)rows * n_out;
-        k_add_bias<<<stride_grid(cu, n, 256), 256, 0, cu->stream>>>(out, bias, n, n_out);
-        KCU_LAUNCHED(cu);
-    }
+    if (bias)
+        unscale_bias(cu, out, NULL, bias, rows, n_out);
 }
 
 /* Shapes and types are checked here, once per call, so the kernels can
@@ -845,8 +882,13 @@ kiln_status kcu_matmul_reserve(kcu *cu, const kb_reserve *r)
         act > ((size_t)1 << 40) / sizeof(__nv_bfloat16))
         return KILN_FAIL(KILN_ERR_INVALID_ARG, "cuda: matmul scratch for %d tokens of %lld "
                          "inputs overflows", r->max_tokens, (long long)r->max_n_in);
-    if (wt > KCU_WTILE_ELEMS) {
-        wt = KCU_WTILE_ELEMS - KCU_WTILE_ELEMS % (size_t)r->max_n_in;
+    /* KILN_CUDA_WTILE_MB: the tile's size in MiB instead (a smaller tile
+     * can stay in L2 between its dequantization and the GEMM reading it) */
+    const int tile_mb = kcu_env_int("KILN_CUDA_WTILE_MB", 1, 4096);
+    const size_t tile_max = tile_mb ? ((size_t)tile_mb << 20) / sizeof(__nv_bfloat16)
+                                    : KCU_WTILE_ELEMS;
+    if (wt > tile_max) {
+        wt = tile_max - tile_max % (size_t)r->max_n_in;
         if (wt == 0)
             wt = (size_t)r->max_n_in;
     }

@@ -9,7 +9,9 @@
 #   2. wall time, tok/s and peak host / GPU memory of the coding (HumanEval,
 #      sandboxed) and math (BIG-bench arithmetic) categories, --limit 64,
 #      64 sequences at once, batch-invariant mode on (the eval default);
-#   3. the same with --no-deterministic, for the mode's speed cost;
+#   3. the same with --no-deterministic, for the mode's speed cost, and
+#      with KILN_HOST_LOGITS=pageable (EVAL_PAGEABLE=0 skips it), for what
+#      pinned host logits buy;
 #   4. batch invariance on the GPU: --max-seqs 1 vs 64 must give
 #      byte-identical completions (PASS/FAIL).
 #
@@ -74,6 +76,10 @@ PY
 }
 run det --category coding,math --limit "$limit" --max-seqs 64
 run nodet --category coding,math --limit "$limit" --max-seqs 64 --no-deterministic
+# the batch-invariant run again with the host logits pageable (the runner
+# pins them by default): what pinning buys where every row samples on the host
+[ "${EVAL_PAGEABLE:-1}" = 1 ] && KILN_HOST_LOGITS=pageable run det-pageable \
+    --category coding,math --limit "$limit" --max-seqs 64
 run bi1 --category coding,math --limit 8 --max-seqs 1
 run bi64 --category coding,math --limit 8 --max-seqs 64
 python3 - "$out/bi1" "$out/bi64" <<'PY' || fail=1

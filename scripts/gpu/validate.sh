@@ -6,7 +6,9 @@
 #      32k-vocabulary cut of it (BF16 and Q4_K_M GGUF by kiln quantize: quick
 #      under compute-sanitizer); the 7B shape in the background for step 4
 #   mvab: bench_matvec with this build's CUDA plugin against base/'s (a
-#      package made by pack.sh with BASE_PLUGIN=...), alternating
+#      package made by pack.sh with BASE_PLUGIN=...), alternating; ppab:
+#      the same for kiln bench on GGUF files of the 7B shape (PPAB_FILES);
+#      envab: kiln bench under several environments (ENVAB_SETS)
 #   2. test_cuda_matmul in three modes, to tell the decode-batch kernel
 #      (KILN_CUDA_MMD=1) from the FP16 GEMM (KILN_CUDA_GEMM=f16) apart
 #   3. tpgen: `kiln generate --tp 1 --tp-comm` against the plain path, under gdb
@@ -155,6 +157,54 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
                 --launch-count "${NCU_LAUNCHES:-2500}" "$kb/bin/kiln" bench -m "$l4" \
                 --device cuda --eager -p 0 -n 6 -b "$b" --reps 1 >"$w/ncu-b$b.csv" 2>"$w/ncu-b$b.err"
             el "ncu b$b exit $?: $(wc -l <"$w/ncu-b$b.csv") lines"
+        done
+        ;;
+    ppab)
+        # kiln bench with this build's CUDA plugin and base/'s, alternating
+        # PPAB_ROUNDS times (default 2), on the GGUF files of PPAB_FILES
+        # (default 7b:F16 7b:Q4_K_M; prefill and a decode batch by default)
+        if [ ! -f "$kb/base/libkiln-cuda.so" ]; then
+            el "ppab: no base plugin in the package (pack.sh with BASE_PLUGIN=...)"
+            continue
+        fi
+        [ -n "$p7" ] && wait "$p7" && p7=
+        for g in ${PPAB_FILES:-7b:F16 7b:Q4_K_M}; do
+            f=$work/qwen2.5-${g%%:*}-${g##*:}.gguf
+            [ -f "$f" ] || timeout 180 "$kb/bin/kiln" quantize "$work/qwen2.5-${g%%:*}" "$f" \
+                "${g##*:}" >"$w/quant-${g%%:*}-${g##*:}.log" 2>&1
+            for r in $(seq 1 "${PPAB_ROUNDS:-2}"); do
+                for v in bin base; do
+                    [ "$(left)" -lt 40 ] && { el "ppab $g skipped (time)"; continue; }
+                    KILN_CUDA_LIB=$kb/$v/libkiln-cuda.so timeout 90 "$kb/bin/kiln" bench -m "$f" \
+                        --device cuda --json ${PPAB_ARGS:--p 512 -n 32 -b 1,64 --reps 3} \
+                        >"$w/ppab-${g/:/-}-$v-$r.json" 2>"$w/ppab-${g/:/-}-$v-$r.log"
+                    el "ppab $g $v round $r: exit $? $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("pp", d.get("pp_tok_s"), *("b%d %.0f" % (t["batch"], t["tok_s"]) for t in d.get("tg", [])))' "$w/ppab-${g/:/-}-$v-$r.json" 2>/dev/null)"
+                done
+            done
+        done
+        ;;
+    envab)
+        # kiln bench under each environment of ENVAB_SETS ('|' between
+        # sets, '-' for none; e.g. "-|KILN_CUDA_WTILE_MB=16"), round-robin
+        # ENVAB_ROUNDS times (default 1), on the GGUF files of ENVAB_FILES
+        # (default 7b:Q4_K_M)
+        [ -n "$p7" ] && wait "$p7" && p7=
+        IFS='|' read -r -a sets <<<"${ENVAB_SETS:--}"
+        for g in ${ENVAB_FILES:-7b:Q4_K_M}; do
+            f=$work/qwen2.5-${g%%:*}-${g##*:}.gguf
+            [ -f "$f" ] || timeout 180 "$kb/bin/kiln" quantize "$work/qwen2.5-${g%%:*}" "$f" \
+                "${g##*:}" >"$w/quant-${g%%:*}-${g##*:}.log" 2>&1
+            for r in $(seq 1 "${ENVAB_ROUNDS:-1}"); do
+                for i in "${!sets[@]}"; do
+                    e=${sets[$i]}
+                    [ "$e" = - ] && e=
+                    [ "$(left)" -lt 40 ] && { el "envab $g [$e] skipped (time)"; continue; }
+                    j=$w/envab-${g/:/-}-$i-$r
+                    env $e timeout 120 "$kb/bin/kiln" bench -m "$f" --device cuda --json \
+                        ${ENVAB_ARGS:--p 512 -n 32 -b 16,32,64 --reps 3} >"$j.json" 2>"$j.log"
+                    el "envab $g [${e:-defaults}] round $r: exit $? $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("pp", d.get("pp_tok_s"), *("b%d %.0f" % (t["batch"], t["tok_s"]) for t in d.get("tg", [])))' "$j.json" 2>/dev/null)"
+                done
+            done
         done
         ;;
     sweep)

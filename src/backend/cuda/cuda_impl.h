@@ -78,8 +78,11 @@ extern "C" {
 #define KCU_MMD_QUANT_MAX_ROWS 32
 
 /* Elements of the BF16 tile a quantized weight is dequantized into for the
- * GEMM path (the weight is processed in row chunks that fit). */
-#define KCU_WTILE_ELEMS ((size_t)32 << 20)
+ * GEMM path (the weight is processed in row chunks that fit): 160 MiB, a
+ * whole FFN weight of a 7B (18944 x 3584) in one chunk, so one GEMM fills
+ * the GPU.  H100, 7B Q4_K_M (bench/RESULTS.md): 64 MiB chunks cost 10 % of
+ * pp512 and 7 % at batch 64; smaller ones (8-16 MiB, in L2) cost more. */
+#define KCU_WTILE_ELEMS ((size_t)80 << 20)
 
 /* cuBLASLt workspace. */
 #define KCU_LT_WORKSPACE ((size_t)32 << 20)

@@ -54,6 +54,36 @@ synth() {
     [ -f "$dir/config.json" ] ||
         python3 "$here/bench/synth/make_synth.py" "$dir" "$@" >"$w/make-$(basename "$dir").log" 2>&1
 }
+# gguf SHAPE:TYPE: the GGUF file of a synthetic shape (0.5b, 7b) in TYPE,
+# made by kiln quantize the first time; prints its path
+gguf() {
+    local f=$work/qwen2.5-${1%%:*}-${1##*:}.gguf
+    [ -f "$f" ] || timeout 180 "$kb/bin/kiln" quantize "$work/qwen2.5-${1%%:*}" "$f" "${1##*:}" \
+        >"$w/quant-${1%%:*}-${1##*:}.log" 2>&1
+    echo "$f"
+}
+# benchab TAG SETS FILES ROUNDS ARGS: kiln bench ARGS on each GGUF file of
+# FILES (SHAPE:TYPE ...) under each environment of SETS ('|' between sets,
+# '-' for none), the sets round-robin ROUNDS times; a line of tok/s each
+benchab() {
+    local tag=$1 files=$3 rounds=$4 args=$5 sets g f r i e j
+    [ -n "$p7" ] && wait "$p7" && p7=
+    IFS='|' read -r -a sets <<<"$2"
+    for g in $files; do
+        f=$(gguf "$g")
+        for r in $(seq 1 "$rounds"); do
+            for i in "${!sets[@]}"; do
+                e=${sets[$i]}
+                [ "$e" = - ] && e=
+                [ "$(left)" -lt 40 ] && { el "$tag $g [$e] skipped (time)"; continue; }
+                j=$w/$tag-${g/:/-}-$i-$r
+                env $e timeout 120 "$kb/bin/kiln" bench -m "$f" --device cuda --json $args \
+                    >"$j.json" 2>"$j.log"
+                el "$tag $g [${e:-defaults}] round $r: exit $? $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("pp", d.get("pp_tok_s"), *("b%d %.0f" % (t["batch"], t["tok_s"]) for t in d.get("tg", [])))' "$j.json" 2>/dev/null)"
+            done
+        done
+    done
+}
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
     for t in nsys ncu gdb compute-sanitizer; do echo "$t: $(command -v $t || echo none)"; done
@@ -167,45 +197,16 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
             el "ppab: no base plugin in the package (pack.sh with BASE_PLUGIN=...)"
             continue
         fi
-        [ -n "$p7" ] && wait "$p7" && p7=
-        for g in ${PPAB_FILES:-7b:F16 7b:Q4_K_M}; do
-            f=$work/qwen2.5-${g%%:*}-${g##*:}.gguf
-            [ -f "$f" ] || timeout 180 "$kb/bin/kiln" quantize "$work/qwen2.5-${g%%:*}" "$f" \
-                "${g##*:}" >"$w/quant-${g%%:*}-${g##*:}.log" 2>&1
-            for r in $(seq 1 "${PPAB_ROUNDS:-2}"); do
-                for v in bin base; do
-                    [ "$(left)" -lt 40 ] && { el "ppab $g skipped (time)"; continue; }
-                    KILN_CUDA_LIB=$kb/$v/libkiln-cuda.so timeout 90 "$kb/bin/kiln" bench -m "$f" \
-                        --device cuda --json ${PPAB_ARGS:--p 512 -n 32 -b 1,64 --reps 3} \
-                        >"$w/ppab-${g/:/-}-$v-$r.json" 2>"$w/ppab-${g/:/-}-$v-$r.log"
-                    el "ppab $g $v round $r: exit $? $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("pp", d.get("pp_tok_s"), *("b%d %.0f" % (t["batch"], t["tok_s"]) for t in d.get("tg", [])))' "$w/ppab-${g/:/-}-$v-$r.json" 2>/dev/null)"
-                done
-            done
-        done
+        benchab ppab "KILN_CUDA_LIB=$kb/bin/libkiln-cuda.so|KILN_CUDA_LIB=$kb/base/libkiln-cuda.so" \
+            "${PPAB_FILES:-7b:F16 7b:Q4_K_M}" "${PPAB_ROUNDS:-2}" "${PPAB_ARGS:--p 512 -n 32 -b 1,64 --reps 3}"
         ;;
     envab)
         # kiln bench under each environment of ENVAB_SETS ('|' between
         # sets, '-' for none; e.g. "-|KILN_CUDA_WTILE_MB=16"), round-robin
         # ENVAB_ROUNDS times (default 1), on the GGUF files of ENVAB_FILES
         # (default 7b:Q4_K_M)
-        [ -n "$p7" ] && wait "$p7" && p7=
-        IFS='|' read -r -a sets <<<"${ENVAB_SETS:--}"
-        for g in ${ENVAB_FILES:-7b:Q4_K_M}; do
-            f=$work/qwen2.5-${g%%:*}-${g##*:}.gguf
-            [ -f "$f" ] || timeout 180 "$kb/bin/kiln" quantize "$work/qwen2.5-${g%%:*}" "$f" \
-                "${g##*:}" >"$w/quant-${g%%:*}-${g##*:}.log" 2>&1
-            for r in $(seq 1 "${ENVAB_ROUNDS:-1}"); do
-                for i in "${!sets[@]}"; do
-                    e=${sets[$i]}
-                    [ "$e" = - ] && e=
-                    [ "$(left)" -lt 40 ] && { el "envab $g [$e] skipped (time)"; continue; }
-                    j=$w/envab-${g/:/-}-$i-$r
-                    env $e timeout 120 "$kb/bin/kiln" bench -m "$f" --device cuda --json \
-                        ${ENVAB_ARGS:--p 512 -n 32 -b 16,32,64 --reps 3} >"$j.json" 2>"$j.log"
-                    el "envab $g [${e:-defaults}] round $r: exit $? $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("pp", d.get("pp_tok_s"), *("b%d %.0f" % (t["batch"], t["tok_s"]) for t in d.get("tg", [])))' "$j.json" 2>/dev/null)"
-                done
-            done
-        done
+        benchab envab "${ENVAB_SETS:--}" "${ENVAB_FILES:-7b:Q4_K_M}" "${ENVAB_ROUNDS:-1}" \
+            "${ENVAB_ARGS:--p 512 -n 32 -b 16,32,64 --reps 3}"
         ;;
     sweep)
         # the matmul paths forced in turn (scripts/gpu/sweep.sh)
@@ -226,9 +227,7 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
         fi
         [ -n "$p7" ] && wait "$p7" && p7=
         for g in ${LLAMA_FILES:-7b:Q4_K_M 7b:F16 7b:BF16 0.5b:Q4_K_M 0.5b:F16}; do
-            f=$work/qwen2.5-${g%%:*}-${g##*:}.gguf
-            [ -f "$f" ] || timeout 120 "$kb/bin/kiln" quantize "$work/qwen2.5-${g%%:*}" "$f" \
-                "${g##*:}" >"$w/quant-${g%%:*}-${g##*:}.log" 2>&1
+            gguf "$g" >/dev/null
         done
         el "GGUF files made"
         LLAMA_REPS=${LLAMA_REPS:-5} timeout $(($(left) - 60)) bash "$here/scripts/gpu/llama_bench.sh" \
@@ -325,9 +324,7 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
         python3 -c "import tarfile,sys; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$lt" /tmp/llama
         for q in ${SERVE_TYPES:-Q4_K_M BF16}; do
             [ "$(left)" -lt 120 ] && { el "serve $q skipped (time)"; continue; }
-            f=$work/qwen2.5-7b-$q.gguf
-            [ -f "$f" ] || timeout 180 "$kb/bin/kiln" quantize "$work/qwen2.5-7b" "$f" "$q" \
-                >"$w/quant-7b-$q.log" 2>&1
+            f=$(gguf "7b:$q")
             (cd "$here" && LD_LIBRARY_PATH=/tmp/llama/lib:$LD_LIBRARY_PATH \
                 KILN_ARGS="--gpu-mem-fraction ${SERVE_KILN_FRACTION:-0.45}" timeout $(($(left) - 5)) \
                 bash bench/serve_vs_llamacpp.sh --device cuda --kiln "$kb/bin/kiln" \

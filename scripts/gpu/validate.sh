@@ -8,7 +8,8 @@
 #   mvab: bench_matvec with this build's CUDA plugin against base/'s (a
 #      package made by pack.sh with BASE_PLUGIN=...), alternating; ppab:
 #      the same for kiln bench on GGUF files of the 7B shape (PPAB_FILES);
-#      envab: kiln bench under several environments (ENVAB_SETS)
+#      envab: kiln bench under several environments (ENVAB_SETS); ncutype:
+#      ncu kernel times of F16 against BF16 weights (NCUT_TYPES)
 #   2. test_cuda_matmul in three modes, to tell the decode-batch kernel
 #      (KILN_CUDA_MMD=1) from the FP16 GEMM (KILN_CUDA_GEMM=f16) apart
 #   3. tpgen: `kiln generate --tp 1 --tp-comm` against the plain path, under gdb
@@ -276,6 +277,25 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
             tail -4 "$w/workload-$tag.log"
             cat "$w/workload-$tag.json"
         done
+        ;;
+    ncutype)
+        # kernel times, F16 against BF16 weights: ncu over eager steps (a
+        # 512-token prefill, then decode at NCUT_BATCH rows, default 8) of
+        # the 7B shape cut to NCUT_LAYERS layers (default 2), one run per
+        # type of NCUT_TYPES (default BF16 F16); ncu_compare.py sums them
+        # by kernel
+        lc=$work/qwen2.5-7b-l${NCUT_LAYERS:-2}
+        synth "$lc" --shape qwen2.5-7b --layers "${NCUT_LAYERS:-2}"
+        for t in ${NCUT_TYPES:-BF16 F16}; do
+            f=$lc-$t.gguf
+            [ -f "$f" ] || timeout 120 "$kb/bin/kiln" quantize "$lc" "$f" "$t" >"$w/quant-ncut-$t.log" 2>&1
+            [ "$(left)" -lt 40 ] && { el "ncutype $t skipped (time)"; continue; }
+            timeout $(($(left) - 20)) ncu --csv --metrics gpu__time_duration.sum \
+                --launch-count "${NCU_LAUNCHES:-1500}" "$kb/bin/kiln" bench -m "$f" --device cuda \
+                --eager -p 512 -n 3 -b "${NCUT_BATCH:-8}" --reps 1 >"$w/ncut-$t.csv" 2>"$w/ncut-$t.err"
+            el "ncutype $t exit $?: $(wc -l <"$w/ncut-$t.csv") lines"
+        done
+        python3 "$here/scripts/gpu/ncu_compare.py" "$w"/ncut-*.csv | tee "$w/ncut.txt"
         ;;
     ncuq)
         # where the decode-batch kernel's time goes on quantized weights:

@@ -107,6 +107,9 @@ try:
              "the page to find the model")
     evaluate(session, "document.getElementById('input').value = 'Write one sentence about the sea.';"
                       "document.getElementById('max_tokens').value = '24';"
+                      # greedy: the page's default temperature (0.7) let the
+                      # sanitized build's tiny model end after one token now and then
+                      "document.getElementById('temperature').value = '0';"
                       "document.getElementById('form').requestSubmit(); true")
     state = json.loads(wait_for(session, """(() => {
         const m = document.querySelectorAll('.msg.assistant');

@@ -55,14 +55,16 @@ synth() {
     [ -f "$dir/config.json" ] ||
         python3 "$here/bench/synth/make_synth.py" "$dir" "$@" >"$w/make-$(basename "$dir").log" 2>&1
 }
-# gguf SHAPE:TYPE: the GGUF file of a synthetic shape (0.5b, 7b) in TYPE,
-# made by kiln quantize the first time; prints its path
-gguf() {
-    local f=$work/qwen2.5-${1%%:*}-${1##*:}.gguf
-    [ -f "$f" ] || timeout 180 "$kb/bin/kiln" quantize "$work/qwen2.5-${1%%:*}" "$f" "${1##*:}" \
-        >"$w/quant-${1%%:*}-${1##*:}.log" 2>&1
+# quant DIR TYPE: DIR-TYPE.gguf, the model at DIR in TYPE, made by kiln
+# quantize the first time; prints its path
+quant() {
+    local f=$1-$2.gguf
+    [ -f "$f" ] || timeout 180 "$kb/bin/kiln" quantize "$1" "$f" "$2" \
+        >"$w/quant-$(basename "$1")-$2.log" 2>&1
     echo "$f"
 }
+# gguf SHAPE:TYPE: the GGUF file of a synthetic shape (0.5b, 7b) in TYPE
+gguf() { quant "$work/qwen2.5-${1%%:*}" "${1##*:}"; }
 # benchab TAG SETS FILES ROUNDS ARGS: kiln bench ARGS on each GGUF file of
 # FILES (SHAPE:TYPE ...) under each environment of SETS ('|' between sets,
 # '-' for none), the sets round-robin ROUNDS times; a line of tok/s each
@@ -95,11 +97,10 @@ cat "$w/env.txt"
 m05=$work/qwen2.5-0.5b
 m7=$work/qwen2.5-7b
 small=$work/small/qwen2.5-0.5b-l6
-g05=$work/small/qwen2.5-0.5b-l6-Q4_K_M.gguf
 mkdir -p "$work/small"
 synth "$m05" --shape qwen2.5-0.5b &
 synth "$small" --shape qwen2.5-0.5b --layers 6 --vocab 32768
-[ -f "$g05" ] || "$kb/bin/kiln" quantize "$small" "$g05" Q4_K_M >"$w/quant-small.log" 2>&1
+g05=$(quant "$small" Q4_K_M)
 wait
 el "0.5B made (BF16), and its 6-layer 32k-vocabulary cut (BF16 and Q4_K_M GGUF)"
 synth "$m7" --shape qwen2.5-7b &
@@ -287,8 +288,7 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
         lc=$work/qwen2.5-7b-l${NCUT_LAYERS:-2}
         synth "$lc" --shape qwen2.5-7b --layers "${NCUT_LAYERS:-2}"
         for t in ${NCUT_TYPES:-BF16 F16}; do
-            f=$lc-$t.gguf
-            [ -f "$f" ] || timeout 120 "$kb/bin/kiln" quantize "$lc" "$f" "$t" >"$w/quant-ncut-$t.log" 2>&1
+            f=$(quant "$lc" "$t")
             [ "$(left)" -lt 40 ] && { el "ncutype $t skipped (time)"; continue; }
             timeout $(($(left) - 20)) ncu --csv --metrics gpu__time_duration.sum \
                 --launch-count "${NCU_LAUNCHES:-1500}" "$kb/bin/kiln" bench -m "$f" --device cuda \
@@ -303,8 +303,7 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
         # cut of the 7B shape in Q4_K_M) at NCUQ_BATCHES rows (default 8 64)
         l4=$work/qwen2.5-7b-l4
         synth "$l4" --shape qwen2.5-7b --layers 4
-        g4=$work/qwen2.5-7b-l4-Q4_K_M.gguf
-        [ -f "$g4" ] || "$kb/bin/kiln" quantize "$l4" "$g4" Q4_K_M >"$w/quant-l4.log" 2>&1
+        g4=$(quant "$l4" Q4_K_M)
         for b in ${NCUQ_BATCHES:-8 64}; do
             [ "$(left)" -lt 60 ] && { el "ncuq b$b skipped (time)"; continue; }
             KILN_CUDA_MMD_MAX_ROWS=64 timeout $(($(left) - 30)) ncu --set full \

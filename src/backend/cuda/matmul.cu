@@ -190,7 +190,6 @@ __global__ void k_float_bf16(const uint8_t *__restrict__ w, size_t row_bytes, in
                 __float2bfloat16_rn(kcu_float_elem(w + (size_t)r * row_bytes, type, k));
 }
 
-
 /* out row t = row tokens[t] of a quantized w, 8 elements per thread;
  * blockIdx.y is the token.  A token outside [0, n_vocab) gives NaNs. */
 template <int T>
@@ -882,8 +881,8 @@ kiln_status kcu_matmul_reserve(kcu *cu, const kb_reserve *r)
         act > ((size_t)1 << 40) / sizeof(__nv_bfloat16))
         return KILN_FAIL(KILN_ERR_INVALID_ARG, "cuda: matmul scratch for %d tokens of %lld "
                          "inputs overflows", r->max_tokens, (long long)r->max_n_in);
-    /* KILN_CUDA_WTILE_MB: the tile's size in MiB instead (a smaller tile
-     * can stay in L2 between its dequantization and the GEMM reading it) */
+    /* KILN_CUDA_WTILE_MB: the tile's size in MiB instead, to measure
+     * other chunk sizes (KCU_WTILE_ELEMS says what the H100 showed) */
     const int tile_mb = kcu_env_int("KILN_CUDA_WTILE_MB", 1, 4096);
     const size_t tile_max = tile_mb ? ((size_t)tile_mb << 20) / sizeof(__nv_bfloat16)
                                     : KCU_WTILE_ELEMS;

@@ -507,7 +507,10 @@ KILN_API void kiln_tp_params_default(kiln_tp_params *p);
 /* Join, or start, a group of p->n_ranks ranks (see above).  Under an MPI
  * launcher the world's size must be n_ranks.  Bad values are
  * KILN_ERR_INVALID_ARG naming them; a launcher's ranks that fail end it
- * with *exit_code non-zero (and a message naming the rank). */
+ * with *exit_code non-zero (and a message naming the rank).  The launcher
+ * catches SIGINT, SIGTERM and SIGHUP while it runs: its ranks are ended
+ * (SIGTERM, a grace, SIGKILL; under mpirun also any rank that outlives
+ * mpirun) and *exit_code is 128 + the signal. */
 KILN_API kiln_status kiln_tp_init(const kiln_tp_params *p, kiln_tp_role *role, int *exit_code);
 
 typedef struct kiln_tp_info {

@@ -29,8 +29,11 @@
  * Failures: a rank killed mid-run ends the run within FAIL_BOUND_SEC with
  * a message naming rank 1; a rank that hangs (SIGSTOP) ends it after the
  * group's timeout (KILN_TP_TIMEOUT=4) with a message naming it stopped.
- * Bad --tp values and mismatched mpirun sizes are refused.
+ * Bad --tp values and mismatched mpirun sizes are refused.  The launcher,
+ * stopped by a signal or left by an mpirun that ended, ends the ranks
+ * mpirun left running (a stand-in mpirun whose "ranks" it leaves).
  */
+#include <fcntl.h>
 #include <limits.h>
 #include <math.h>
 #include <setjmp.h>
@@ -560,6 +563,97 @@ static void test_hung_rank(void **state)
               want);
 }
 
+/* ------------------------------------------------------------------------
+ * What mpirun leaves behind
+ * ---------------------------------------------------------------------- */
+
+#define ORPHAN_BOUND_SEC 20.0 /* launcher's stop to its exit, with the grace */
+
+/* A stand-in for mpirun (KILN_MPIRUN) that starts three "ranks" and leaves
+ * them running when it ends: two `sleep 300` each in a session of its own
+ * (mpirun puts its ranks in process groups of their own, out of reach of a
+ * signal to the launcher's group) and the `sleep 60` it waits on.  It ends
+ * on SIGTERM (on_term) or by itself after a second. */
+static void write_fake_mpirun(const char *path, bool on_term)
+{
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fprintf(f, "#!/bin/sh\nsetsid sleep 300 &\nsetsid sleep 300 &\n%s",
+            on_term ? "trap 'exit 0' TERM\nsleep 60 &\nwait\nexit 0\n"
+                    : "sleep 60 &\nsleep 1\nexit 0\n");
+    fclose(f);
+    assert_int_equal(chmod(path, 0755), 0);
+}
+
+/* kiln generate --tp 3 under the stand-in; stop: SIGTERM to the launcher
+ * once its ranks run.  The launcher must end every rank before it exits,
+ * with want_status and a stderr holding each of want. */
+static void orphan_run(bool stop, int want_status, const char *const *want)
+{
+    char fake[PATH_MAX], log[PATH_MAX], tag[96];
+    tmp_path(fake, sizeof fake, stop ? "mpirun-term" : "mpirun-exit");
+    tmp_path(log, sizeof log, stop ? "orphans-term.log" : "orphans-exit.log");
+    write_fake_mpirun(fake, stop);
+    snprintf(tag, sizeof tag, "KILN_DIST_ORPHAN_TAG=%d-%d", (int)getpid(), stop);
+    setenv("KILN_MPIRUN", fake, 1);
+    setenv("KILN_DIST_ORPHAN_TAG", strchr(tag, '=') + 1, 1);
+    int err = open(log, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0644);
+    assert_true(err >= 0);
+    const char *args[] = {"kiln", "generate", "-m", SMOLLM2, "-p", "Hello", "-n", "1", "--tp",
+                          "3", NULL};
+    double t0 = tp_now();
+    pid_t pid = cli_spawn(kiln_bin, args, -1, -1, err, 0);
+    close(err);
+    unsetenv("KILN_MPIRUN");
+    unsetenv("KILN_DIST_ORPHAN_TAG");
+    pid_t first;
+    while (tp_processes("300", tag, getpid(), &first) < 2 && tp_now() - t0 < ORPHAN_BOUND_SEC)
+        tp_nap(20);
+    int seen = tp_processes("300", tag, getpid(), &first);
+    if (stop) {
+        tp_nap(300); /* the launcher's 100 ms poll has seen them */
+        kill(pid, SIGTERM);
+    }
+    int status = wait_status(pid);
+    double took = tp_now() - t0;
+    int left = tp_processes(NULL, tag, getpid(), &first);
+    for (int i = 0; i < 50 && tp_processes(NULL, tag, getpid(), &first) > 0; i++) {
+        kill(first, SIGKILL); /* leave nothing to the next test */
+        tp_nap(10);
+    }
+    FILE *f = fopen(log, "r");
+    assert_non_null(f);
+    char text[8192];
+    size_t n = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    text[n] = '\0';
+    print_message("  %s: %d ranks seen, launcher exit %d after %.1f s, %d left\n",
+                  stop ? "SIGTERM to the launcher" : "mpirun exits", seen, status, took, left);
+    assert_int_equal(seen, 2);
+    assert_int_equal(left, 0);
+    if (status != want_status)
+        fail_msg("launcher exit %d, want %d; stderr:\n%s", status, want_status, text);
+    for (int i = 0; want[i]; i++)
+        if (!strstr(text, want[i]))
+            fail_msg("stderr lacks '%s':\n%s", want[i], text);
+    assert_true(took < ORPHAN_BOUND_SEC);
+}
+
+static void test_orphaned_ranks(void **state)
+{
+    (void)state;
+    /* the stand-in needs no MPI; the launcher needs a build that has it */
+    if (!dist_mpi_available()) {
+        print_message("  (no MPI in this build: skipped)\n");
+        skip();
+    }
+    const char *term[] = {"tensor parallel: SIGTERM; ending the ranks",
+                          "mpirun has ended but 3 ranks have not", NULL};
+    orphan_run(true, 128 + SIGTERM, term);
+    const char *exited[] = {"mpirun has ended but 3 ranks have not", NULL};
+    orphan_run(false, 1, exited);
+}
+
 int main(int argc, char **argv)
 {
     (void)argc;
@@ -590,6 +684,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_tp1_comm),
         cmocka_unit_test(test_killed_rank),
         cmocka_unit_test(test_hung_rank),
+        cmocka_unit_test(test_orphaned_ranks),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     char cmd[PATH_MAX + 16];

@@ -648,10 +648,11 @@ static void test_tp_interrupted(void **state)
     while (tp_processes("serve", tp_tag, getpid(), &first) < 3 && tp_now() - t0 < TP_START_SEC)
         tp_nap(50);
     int seen = tp_processes("serve", tp_tag, getpid(), &first);
+    double t1 = tp_now();
     kill(pid, SIGINT);
     int status = wait_status(pid);
-    print_message("  SIGINT with %d kiln serve processes running: eval ended with %d\n", seen,
-                  status);
+    print_message("  SIGINT with %d kiln serve processes running: eval ended with %d after "
+                  "%.1f s\n", seen, status, tp_now() - t1);
     assert_true(seen >= 3); /* the launcher and ranks were there to stop */
     assert_int_equal(status, 128 + SIGINT);
     expect_no_leftovers("SIGINT");

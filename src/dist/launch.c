@@ -31,6 +31,7 @@
  * launcher (PR_SET_PDEATHSIG).  Every environment kiln starts gets
  * NCCL_NVLS_ENABLE=0 (NVLink multicast off) unless the user set it.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -41,6 +42,7 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "dist/tp.h"
@@ -225,46 +227,190 @@ static int status_code(int status)
     return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
 }
 
-/* Whether every process mpirun started has ended (a zombie it has not
- * reaped) while mpirun lives on: seen when a rank dies in MPI's own exit
- * path.  False when it has no children or /proc cannot tell. */
-static bool ranks_all_ended(pid_t mpirun)
+static void nap_ms(long ms)
 {
-    char path[96], buf[4096];
-    snprintf(path, sizeof path, "/proc/%d/task/%d/children", (int)mpirun, (int)mpirun);
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* ------------------------------------------------------------------------
+ * The ranks mpirun started.  mpirun puts each in a process group of its
+ * own, so a signal to the launcher's group never reaches them; the
+ * launcher finds them in /proc as mpirun's children, remembers them, and
+ * ends any that outlive mpirun (a stop that came while mpirun was still
+ * starting them, an mpirun killed before it killed them).
+ * ---------------------------------------------------------------------- */
+
+typedef struct rank_proc {
+    pid_t pid;
+    unsigned long long start; /* /proc/PID/stat starttime: a reused pid differs */
+} rank_proc;
+
+typedef struct rank_set {
+    rank_proc p[2 * MODEL_MAX_TP];
+    int n;
+} rank_set;
+
+/* PID's state letter and start time from /proc/PID/stat; false when gone. */
+static bool proc_stat(pid_t pid, char *state, unsigned long long *start)
+{
+    char path[64], line[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
     FILE *f = fopen(path, "r");
     if (!f)
         return false;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    size_t k = fread(line, 1, sizeof line - 1, f);
     fclose(f);
-    buf[n] = '\0';
-    int seen = 0;
-    for (char *p = buf, *end; *p; p = end) {
-        long pid = strtol(p, &end, 10);
-        if (end == p)
-            break;
-        snprintf(path, sizeof path, "/proc/%ld/stat", pid);
-        FILE *st = fopen(path, "r");
-        char line[512] = "";
-        size_t k = st ? fread(line, 1, sizeof line - 1, st) : 0;
-        if (st)
-            fclose(st);
-        line[k] = '\0';
-        const char *paren = strrchr(line, ')');
-        if (!paren || paren[1] != ' ' || paren[2] != 'Z')
-            return false;
-        seen++;
+    line[k] = '\0';
+    /* "pid (comm) S ppid ...": comm may hold spaces and parens; starttime
+     * is the 19th field after the state */
+    const char *p = strrchr(line, ')');
+    if (!p || sscanf(p + 1, " %c", state) != 1)
+        return false;
+    p += 2;
+    for (int field = 0; field < 19 && p; field++)
+        p = strchr(p + 1, ' ');
+    return p && sscanf(p, " %llu", start) == 1;
+}
+
+/* mpirun's children, from every thread's /proc children list (a helper
+ * thread may be the one that forks); the count, at most cap. */
+static int mpirun_children(pid_t mpirun, pid_t *out, int cap)
+{
+    char path[320];
+    snprintf(path, sizeof path, "/proc/%d/task", (int)mpirun);
+    DIR *d = opendir(path);
+    if (!d)
+        return 0;
+    int n = 0;
+    struct dirent *e;
+    while (n < cap && (e = readdir(d))) {
+        if (e->d_name[0] < '0' || e->d_name[0] > '9')
+            continue;
+        char buf[4096];
+        snprintf(path, sizeof path, "/proc/%d/task/%s/children", (int)mpirun, e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;
+        size_t k = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[k] = '\0';
+        for (char *p = buf, *end; n < cap; p = end) {
+            long pid = strtol(p, &end, 10);
+            if (end == p)
+                break;
+            out[n++] = (pid_t)pid;
+        }
     }
-    return seen > 0;
+    closedir(d);
+    return n;
+}
+
+/* Send sig (0: none) to every remembered rank still running (neither gone
+ * nor a zombie); how many there were. */
+static int ranks_signal(const rank_set *rs, int sig)
+{
+    int alive = 0;
+    for (int j = 0; j < rs->n; j++) {
+        char state;
+        unsigned long long start;
+        if (proc_stat(rs->p[j].pid, &state, &start) && start == rs->p[j].start &&
+            state != 'Z') {
+            if (sig)
+                kill(rs->p[j].pid, sig);
+            alive++;
+        }
+    }
+    return alive;
+}
+
+/* Remember mpirun's children not seen before; whether every one ever seen
+ * has ended (a zombie mpirun has not reaped counts as ended) while at
+ * least one was seen: what a rank dying in MPI's own exit path leaves. */
+static bool ranks_track(pid_t mpirun, rank_set *rs)
+{
+    pid_t kids[2 * MODEL_MAX_TP];
+    int n = mpirun_children(mpirun, kids, 2 * MODEL_MAX_TP);
+    for (int i = 0; i < n; i++) {
+        bool known = false;
+        for (int j = 0; j < rs->n && !known; j++)
+            known = rs->p[j].pid == kids[i];
+        char state;
+        unsigned long long start;
+        if (!known && rs->n < 2 * MODEL_MAX_TP && proc_stat(kids[i], &state, &start))
+            rs->p[rs->n++] = (rank_proc){kids[i], start};
+    }
+    return rs->n > 0 && ranks_signal(rs, 0) == 0;
+}
+
+/* After mpirun: a remembered rank still running has no one else to end
+ * it.  It gets the grace left (until kill_at, or KILN_TP_KILL_GRACE_SEC),
+ * then SIGKILL, and the launcher waits until it is gone.  Returns how
+ * many there were. */
+static int ranks_end_orphans(const rank_set *rs, double kill_at)
+{
+    double now = kiln_now_sec();
+    if (kill_at <= 0)
+        kill_at = now + KILN_TP_KILL_GRACE_SEC;
+    int left = ranks_signal(rs, 0);
+    if (left == 0)
+        return 0;
+    fprintf(stderr, "kiln: tensor parallel: mpirun has ended but %d rank%s ha%s not; ending "
+            "%s\n", left, left == 1 ? "" : "s", left == 1 ? "s" : "ve", left == 1 ? "it" : "them");
+    ranks_signal(rs, SIGTERM);
+    while (ranks_signal(rs, 0) > 0 && kiln_now_sec() < kill_at)
+        nap_ms(KILN_TP_POLL_MS / 5);
+    double give_up = kiln_now_sec() + KILN_TP_KILL_GRACE_SEC;
+    while (ranks_signal(rs, SIGKILL) > 0 && kiln_now_sec() < give_up)
+        nap_ms(KILN_TP_POLL_MS / 5);
+    return left;
+}
+
+/* ------------------------------------------------------------------------
+ * Supervising
+ * ---------------------------------------------------------------------- */
+
+/* SIGINT, SIGTERM or SIGHUP to the launcher: the ranks are ended as after
+ * a failure (SIGTERM, KILN_TP_KILL_GRACE_SEC, SIGKILL, and mpirun's ranks
+ * that outlive it too), and kiln_tp_init's exit code is 128 + the signal.
+ * The handler only records it; the children's exec resets it. */
+static volatile sig_atomic_t g_stop_signal;
+
+static void on_stop_signal(int sig)
+{
+    if (!g_stop_signal)
+        g_stop_signal = sig;
+}
+
+static const int k_stop_signals[] = {SIGINT, SIGTERM, SIGHUP};
+#define N_STOP_SIGNALS (int)(sizeof k_stop_signals / sizeof k_stop_signals[0])
+
+static void stop_signals_catch(struct sigaction *old)
+{
+    g_stop_signal = 0;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    for (int i = 0; i < N_STOP_SIGNALS; i++)
+        sigaction(k_stop_signals[i], &sa, &old[i]);
+}
+
+static void stop_signals_restore(const struct sigaction *old)
+{
+    for (int i = 0; i < N_STOP_SIGNALS; i++)
+        sigaction(k_stop_signals[i], &old[i], NULL);
 }
 
 /* Wait for every child, relaying rank 0's NCCL id, ending the others when
- * one fails; returns the exit status the launcher should end with. */
-static int supervise(child *ch, int n)
+ * one fails or a stop signal comes; returns the exit status the launcher
+ * should end with.  rs: the ranks under mpirun (ch[0]), NULL when the
+ * children are the ranks. */
+static int supervise(child *ch, int n, rank_set *rs)
 {
     int alive = n, code = -1, rank0_code = 0;
-    double deadline = 0, kill_at = 0, ended_since = 0;
-    bool failed = false;
+    double deadline = 0, kill_at = 0, end_by = 0, ended_since = 0;
+    bool failed = false, stopping = false;
     uint8_t id[KB_COLL_ID_BYTES];
     while (alive > 0) {
         struct pollfd pf[MODEL_MAX_TP];
@@ -287,6 +433,7 @@ static int supervise(child *ch, int n)
                     }
             }
         }
+        bool ranks_ended = rs && ranks_track(ch[0].pid, rs);
         int status;
         pid_t pid;
         while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
@@ -318,7 +465,7 @@ static int supervise(child *ch, int n)
                     for (int k = 0; k < n; k++)
                         if (ch[k].alive)
                             kill(ch[k].pid, SIGTERM);
-                    kill_at = kiln_now_sec() + KILN_TP_KILL_GRACE_SEC;
+                    kill_at = end_by = kiln_now_sec() + KILN_TP_KILL_GRACE_SEC;
                 } else if (!bad && ch[i].rank == 0 && alive > 0 && deadline == 0) {
                     deadline = kiln_now_sec() + KILN_TP_EXIT_GRACE_SEC;
                 }
@@ -327,9 +474,22 @@ static int supervise(child *ch, int n)
         if (pid < 0 && errno == ECHILD)
             break;
         double now = kiln_now_sec();
+        if (g_stop_signal && !stopping) {
+            int sig = g_stop_signal;
+            stopping = true;
+            fprintf(stderr, "kiln: tensor parallel: %s; ending the ranks\n",
+                    sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : "SIGHUP");
+            for (int k = 0; k < n; k++)
+                if (ch[k].alive)
+                    kill(ch[k].pid, SIGTERM);
+            if (!failed || kill_at == 0)
+                kill_at = end_by = now + KILN_TP_KILL_GRACE_SEC;
+            failed = true;
+            code = 128 + sig;
+        }
         /* mpirun whose ranks are all gone: give it the exit grace, then end it */
-        if (n == 1 && ch[0].rank < 0 && ch[0].alive && !failed) {
-            if (!ranks_all_ended(ch[0].pid))
+        if (rs && ch[0].alive && !failed) {
+            if (!ranks_ended)
                 ended_since = 0;
             else if (ended_since == 0)
                 ended_since = now;
@@ -339,7 +499,7 @@ static int supervise(child *ch, int n)
                 failed = true;
                 code = 1;
                 kill(ch[0].pid, SIGTERM);
-                kill_at = now + KILN_TP_KILL_GRACE_SEC;
+                kill_at = end_by = now + KILN_TP_KILL_GRACE_SEC;
             }
         }
         if (deadline > 0 && now > deadline && !failed && alive > 0) {
@@ -351,14 +511,20 @@ static int supervise(child *ch, int n)
             for (int k = 0; k < n; k++)
                 if (ch[k].alive)
                     kill(ch[k].pid, SIGTERM);
-            kill_at = now + KILN_TP_KILL_GRACE_SEC;
+            kill_at = end_by = now + KILN_TP_KILL_GRACE_SEC;
         }
         if (kill_at > 0 && now > kill_at) {
             for (int k = 0; k < n; k++)
                 if (ch[k].alive)
                     kill(ch[k].pid, SIGKILL);
+            if (rs)
+                ranks_signal(rs, SIGKILL);
             kill_at = 0;
         }
+    }
+    if (rs && ranks_end_orphans(rs, end_by) > 0 && !failed) {
+        failed = true; /* mpirun said all was well, and was wrong */
+        code = 1;
     }
     return failed ? (code > 0 ? code : 1) : rank0_code;
 }
@@ -408,7 +574,8 @@ static kiln_status launch_mpirun(const kiln_tp_params *p, const char *self, int 
     }
     kiln_free(argv);
     child c = {pid, -1, -1, true};
-    *exit_code = supervise(&c, 1);
+    rank_set rs = {.n = 0};
+    *exit_code = supervise(&c, 1, &rs);
     return KILN_OK;
 }
 
@@ -463,7 +630,7 @@ static kiln_status launch_direct(const kiln_tp_params *p, const char *self, int 
         for (int i = 0; i < started; i++)
             kill(ch[i].pid, SIGTERM);
     }
-    int code = supervise(ch, started);
+    int code = supervise(ch, started, NULL);
     *exit_code = st ? 1 : code;
     return st;
 }
@@ -567,7 +734,13 @@ kiln_status kiln_tp_init(const kiln_tp_params *p, kiln_tp_role *role, int *exit_
         if ((st = self_path(self, sizeof self)))
             return st;
         *role = KILN_TP_LAUNCHER;
-        return cpu ? launch_mpirun(p, self, exit_code) : launch_direct(p, self, exit_code);
+        /* caught from before the first fork: no moment where a stop
+         * signal kills the launcher and leaves the ranks to themselves */
+        struct sigaction old[N_STOP_SIGNALS];
+        stop_signals_catch(old);
+        st = cpu ? launch_mpirun(p, self, exit_code) : launch_direct(p, self, exit_code);
+        stop_signals_restore(old);
+        return st;
     } else {
         /* one rank through the communicator: a group of one */
         g->rank = g->local_rank = 0;

@@ -9,12 +9,13 @@
  * or times out fails with the last lines it printed), and stopped on every
  * path: SIGTERM to its process group, a grace, then SIGKILL.
  *
- * The child runs in a process group of its own (the launcher, mpirun and
- * the ranks under it), so a terminal's Ctrl-C reaches eval alone, which
- * then ends the group before it dies itself; PR_SET_PDEATHSIG ends the
- * child if eval is killed outright.  Its output goes to an unlinked
- * temporary file: it can never block on a full pipe, and its tail is there
- * for the error message.
+ * The child runs in a process group of its own (the launcher and mpirun;
+ * mpirun gives each rank a group of its own, and the launcher ends those
+ * it leaves), so a terminal's Ctrl-C reaches eval alone, which then ends
+ * the child before it dies itself; PR_SET_PDEATHSIG ends the child if eval
+ * is killed outright.  Its output goes to an unlinked temporary file: it
+ * can never block on a full pipe, and its tail is there for the error
+ * message.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -35,6 +36,7 @@
 #include "util/util.h"
 
 #define TPS_POLL_MS 200            /* between /health probes */
+#define TPS_SIGNAL_POLL_MS 20      /* for the launcher to end, after a signal */
 #define TPS_PROBE_TIMEOUT_S 5L     /* one /health request */
 #define TPS_STOP_GRACE_SEC 10.0    /* SIGTERM to SIGKILL */
 #define TPS_KILL_WAIT_SEC 5.0      /* for the group to vanish after SIGKILL */
@@ -61,22 +63,31 @@ static void nap_ms(long ms)
     nanosleep(&ts, NULL);
 }
 
-/* SIGINT / SIGTERM / SIGHUP while a child runs: end its group (SIGTERM, a
- * grace, SIGKILL: all async-signal-safe), then die of the signal as before. */
+/* SIGINT / SIGTERM / SIGHUP while a child runs: SIGTERM to its group, and
+ * a wait for the launcher, which ends the ranks it started (mpirun's,
+ * in process groups of their own, too) before it exits; after the grace,
+ * SIGKILL to the group.  The wait is for the launcher, not for the group
+ * to empty: an mpirun the launcher left a zombie may stay in the group
+ * until init reaps it.  Then die of the signal as before.  All
+ * async-signal-safe. */
 static void on_signal(int sig)
 {
+    int saved = errno;
     pid_t pg = (pid_t)g_child_pgid;
     if (pg > 0) {
         kill(-pg, SIGTERM);
-        for (int i = 0; i < (int)(TPS_STOP_GRACE_SEC * 1000 / TPS_POLL_MS); i++) {
-            waitpid(pg, NULL, WNOHANG);
-            if (kill(-pg, 0) != 0)
-                break;
-            nap_ms(TPS_POLL_MS);
+        bool gone = false;
+        for (int i = 0; i < (int)(TPS_STOP_GRACE_SEC * 1000 / TPS_SIGNAL_POLL_MS) && !gone; i++) {
+            pid_t w = waitpid(pg, NULL, WNOHANG);
+            gone = w == pg || (w < 0 && errno == ECHILD);
+            if (!gone)
+                nap_ms(TPS_SIGNAL_POLL_MS);
         }
         kill(-pg, SIGKILL);
-        waitpid(pg, NULL, 0);
+        if (!gone)
+            waitpid(pg, NULL, 0);
     }
+    errno = saved;
     signal(sig, SIG_DFL);
     raise(sig);
 }

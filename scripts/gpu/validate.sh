@@ -9,7 +9,8 @@
 #      package made by pack.sh with BASE_PLUGIN=...), alternating; ppab:
 #      the same for kiln bench on GGUF files of the 7B shape (PPAB_FILES);
 #      envab: kiln bench under several environments (ENVAB_SETS); ncutype:
-#      ncu kernel times of F16 against BF16 weights (NCUT_TYPES)
+#      ncu kernel times of F16 against BF16 weights (NCUT_TYPES); mmq: the
+#      fast path's tensor-core decode batches (test, sanitizers, kiln bench)
 #   2. test_cuda_matmul in three modes, to tell the decode-batch kernel
 #      (KILN_CUDA_MMD=1) from the FP16 GEMM (KILN_CUDA_GEMM=f16) apart
 #   3. tpgen: `kiln generate --tp 1 --tp-comm` against the plain path, under gdb
@@ -209,6 +210,29 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
         # (default 7b:Q4_K_M)
         benchab envab "${ENVAB_SETS:--}" "${ENVAB_FILES:-7b:Q4_K_M}" "${ENVAB_ROUNDS:-1}" \
             "${ENVAB_ARGS:--p 512 -n 32 -b 16,32,64 --reps 3}"
+        ;;
+    mmq)
+        # the fast path's decode batches on tensor cores (KILN_CUDA_Q8_MMA=1,
+        # k_q8_mma): test_cuda_matvec_q8 with it on, its tensor-core tests
+        # under compute-sanitizer's memcheck and racecheck (the shared-memory
+        # double buffer), then kiln bench at 8-64 rows on 7b:Q4_K_M: the
+        # exact path, --fast-activations, and --fast-activations on tensor
+        # cores, MMQ_ROUNDS rounds (default 1)
+        KILN_CUDA_Q8_MMA=1 timeout 300 "$kb/bin/test_cuda_matvec_q8" >"$w/mmq-test.log" 2>&1
+        el "test_cuda_matvec_q8, tensor cores on: exit $?"
+        grep -E "== q8|<-- FAIL|FAILED  \]|PASSED" "$w/mmq-test.log" | head -20
+        if command -v compute-sanitizer >/dev/null; then
+            for tool in memcheck racecheck; do
+                [ "$(left)" -lt 150 ] && { el "mmq $tool skipped (time)"; continue; }
+                KILN_CUDA_Q8_MMA=1 KILN_TEST_FILTER="test_mma_q6_k" timeout 120 \
+                    compute-sanitizer --tool $tool --error-exitcode 9 \
+                    "$kb/bin/test_cuda_matvec_q8" >"$w/mmq-$tool.log" 2>&1
+                el "mmq $tool: exit $? $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$w/mmq-$tool.log" | tail -1)"
+            done
+        fi
+        benchab mmqx "-" "7b:Q4_K_M" "${MMQ_ROUNDS:-1}" "-p 0 -n 32 -b 8,16,32,64 --reps 3"
+        benchab mmq "-|KILN_CUDA_Q8_MMA=1" "7b:Q4_K_M" "${MMQ_ROUNDS:-1}" \
+            "--fast-activations -p 0 -n 32 -b 8,16,32,64 --reps 3"
         ;;
     sweep)
         # the matmul paths forced in turn (scripts/gpu/sweep.sh)

@@ -24,9 +24,13 @@
  *    terms differs, whose rounding is relative to the magnitudes of those
  *    terms (observed: ~1e-7).  Each type must also be much closer to the
  *    CPU's fast path than to its exact path (the fast path really ran).
+ *  - rows 9..64 of Q4_K, Q5_K, Q6_K on tensor cores (k_q8_mma, turned on
+ *    here with KILN_CUDA_Q8_MMA=1): the same shapes, partial and whole row
+ *    tiles, the k split and its reduce, at the same tolerance.
  *  - graphs: the fast path captured in a CUDA graph and replayed (also a
- *    matmul_group of three weights, x quantized once); matmul_glu with the
- *    switch on is bitwise the GPU's glu followed by its fast matmul.
+ *    matmul_group of three weights, x quantized once), up to 64 rows;
+ *    matmul_glu with the switch on is bitwise the GPU's glu followed by its
+ *    fast matmul.
  *  - the exact path where the fast one has nothing to offer: F32 / F16 /
  *    BF16 weights with the switch on match the CPU's exact matmul at the
  *    exact path's tolerance, and with the switch off quantized weights do.
@@ -56,6 +60,7 @@ static int setup(void **state)
      * by default (test_cuda_matmul checks those). */
     setenv("KILN_CUDA_MMD", "0", 0);
     setenv("KILN_CUDA_MATVEC_MAX_ROWS", "8", 0);
+    setenv("KILN_CUDA_Q8_MMA", "1", 0); /* rows 9..64 of the K-quants: k_q8_mma */
     if (gt_setup(state))
         return -1;
     kb_reserve r = {.max_tokens = 64, .max_seqs = 4, .max_ctx = 256, .max_n_in = T_MAX_N_IN,
@@ -359,7 +364,8 @@ static int shapes_for(int64_t bs, int64_t shapes[][2])
     return n;
 }
 
-static void test_matvec_type(kiln_type t)
+/* Every shape of the type against each of rows_list's row counts. */
+static void test_matvec_rows(kiln_type t, const int *rows_list, int n_rows, const char *path)
 {
     const quant_traits *tr = quant_get_traits(t);
     int64_t shapes[8][2];
@@ -370,19 +376,34 @@ static void test_matvec_type(kiln_type t)
         gt_weight w, bias;
         gt_weight_make(&w, t, shapes[s][0], shapes[s][1], "w");
         gt_weight_vec(&bias, shapes[s][1]);
-        for (int rows = 1; rows <= 8; rows++, k++)
-            check_matvec(&w, k % 2 ? &bias : NULL, rows, &st);
+        for (int i = 0; i < n_rows; i++, k++)
+            check_matvec(&w, k % 2 ? &bias : NULL, rows_list[i], &st);
         gt_weight_free(&bias);
         gt_weight_free(&w);
     }
     const double rf = sqrt(st.sq_fast), re = sqrt(st.sq_exact);
-    fprintf(stderr, "  == q8 matvec %-5s %3d checks, %d failed; worst passing error / magnitude "
-            "%.2e; L2 distance to the CPU's fast path %.3e, to its exact path %.3e\n", tr->name,
-            st.checks, st.failed, st.worst, rf, re);
+    fprintf(stderr, "  == q8 %s %-5s %3d checks, %d failed; worst passing error / magnitude "
+            "%.2e; L2 distance to the CPU's fast path %.3e, to its exact path %.3e\n", path,
+            tr->name, st.checks, st.failed, st.worst, rf, re);
     assert_int_equal(st.failed, 0);
     /* the fast path ran: its rounding of the activations is what the CPU's
      * exact path does not have */
     assert_true(rf < 0.01 * re);
+}
+
+static void test_matvec_type(kiln_type t)
+{
+    const int rows_list[] = {1, 2, 3, 4, 5, 6, 7, 8};
+    test_matvec_rows(t, rows_list, 8, "matvec");
+}
+
+/* Rows 9..64 of the K-quants on tensor cores (k_q8_mma, KILN_CUDA_Q8_MMA=1):
+ * every padding of the row tiles (9, 17, 23, 33, 57 rows), whole tiles, and
+ * shapes whose few row tiles split the units (the reduce kernel). */
+static void test_mma_type(kiln_type t)
+{
+    const int rows_list[] = {9, 16, 17, 23, 32, 33, 48, 57, 64};
+    test_matvec_rows(t, rows_list, 9, "tensor cores");
 }
 
 #define TYPE_TEST(T, N)                                                         \
@@ -402,6 +423,17 @@ TYPE_TEST(KILN_TYPE_Q4_K, q4_k)
 TYPE_TEST(KILN_TYPE_Q5_K, q5_k)
 TYPE_TEST(KILN_TYPE_Q6_K, q6_k)
 #undef TYPE_TEST
+
+#define MMA_TEST(T, N)                                                          \
+    static void test_mma_##N(void **state)                                      \
+    {                                                                           \
+        (void)state;                                                            \
+        test_mma_type(T);                                                       \
+    }
+MMA_TEST(KILN_TYPE_Q4_K, q4_k)
+MMA_TEST(KILN_TYPE_Q5_K, q5_k)
+MMA_TEST(KILN_TYPE_Q6_K, q6_k)
+#undef MMA_TEST
 
 /* ------------------------------------------------------------------------
  * Graphs, groups
@@ -432,12 +464,12 @@ static void test_q8_in_graph(void **state)
     (void)state;
     const kiln_type ts[] = {KILN_TYPE_Q4_K, KILN_TYPE_Q6_K};
     const int64_t shapes[][2] = {{3584, 157}, {18944, 45}};
-    const int rows_list[] = {1, 8};
+    const int rows_list[] = {1, 8, 40}; /* 40: tensor cores, the units split */
     for (size_t i = 0; i < 2; i++)
         for (size_t s = 0; s < 2; s++) {
             gt_weight w;
             gt_weight_make(&w, ts[i], shapes[s][0], shapes[s][1], "w");
-            for (int j = 0; j < 2; j++) {
+            for (int j = 0; j < 3; j++) {
                 const int rows = rows_list[j];
                 const size_t nx = (size_t)rows * shapes[s][0], ny = (size_t)rows * shapes[s][1];
                 float *x = gt_rand(nx, -1.0f, 1.0f);
@@ -485,8 +517,10 @@ static void test_q8_group(void **state)
         {KILN_TYPE_Q4_K, KILN_TYPE_Q4_K, KILN_TYPE_Q6_K},
     };
     const int64_t n_in = 3584, n_out[3] = {301, 64, 65};
+    const int rows_list[] = {1, 8, 64};
     for (int mix = 0; mix < 2; mix++)
-        for (int rows = 1; rows <= 8; rows += 7) {
+        for (int ri = 0; ri < 3; ri++) {
+            const int rows = rows_list[ri];
             gt_weight w[3], b[3];
             float *ref[3], *got[3], *dy[3];
             kb_mm mm[3];
@@ -542,7 +576,9 @@ static void test_q8_glu(void **state)
         const int64_t n_in = n_ins[s], n_out = 97;
         gt_weight w;
         gt_weight_make(&w, KILN_TYPE_Q4_K, n_in, n_out, "ffn_down");
-        for (int rows = 1; rows <= 8; rows += 7) {
+        const int rows_list[] = {1, 8, 24};
+        for (int ri = 0; ri < 3; ri++) {
+            const int rows = rows_list[ri];
             const size_t nx = (size_t)rows * n_in, ny = (size_t)rows * n_out;
             float *g = gt_rand(nx, -3.0f, 3.0f), *u = gt_rand(nx, -1.0f, 1.0f);
             float *dg = gt_up(g, nx * sizeof(float)), *dg2 = gt_up(g, nx * sizeof(float));
@@ -634,10 +670,15 @@ int main(void)
         cmocka_unit_test(test_q8_q4_0), cmocka_unit_test(test_q8_q4_1),
         cmocka_unit_test(test_q8_q5_0), cmocka_unit_test(test_q8_q5_1),
         cmocka_unit_test(test_q8_q2_k), cmocka_unit_test(test_q8_q3_k),
+        cmocka_unit_test(test_mma_q4_k), cmocka_unit_test(test_mma_q5_k),
+        cmocka_unit_test(test_mma_q6_k),
         cmocka_unit_test(test_q8_in_graph),
         cmocka_unit_test(test_q8_group),
         cmocka_unit_test(test_q8_glu),
         cmocka_unit_test(test_q8_exact_elsewhere),
     };
+    const char *filter = getenv("KILN_TEST_FILTER"); /* e.g. test_mma_* under a sanitizer */
+    if (filter)
+        cmocka_set_test_filter(filter);
     return cmocka_run_group_tests(tests, setup, gt_teardown);
 }

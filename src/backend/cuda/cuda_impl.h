@@ -43,6 +43,12 @@ extern "C" {
  * read once for all rows); above it, tensor-core GEMM. */
 #define KCU_MATVEC_MAX_ROWS 8
 
+/* With fast activations and KILN_CUDA_Q8_MMA=1: rows above
+ * KCU_MATVEC_MAX_ROWS up to this run the K-quant weights on integer tensor
+ * cores (matvec_q8.cu, k_q8_mma), KCU_Q8_MMA_WARPS x 16 weight rows a CTA. */
+#define KCU_Q8_MMA_MAX_ROWS 64
+#define KCU_Q8_MMA_WARPS 8
+
 /* Rows up to which matmul runs the decode-batch kernel (mmd.cu: each weight
  * byte read once, tensor cores) from 2 rows up; above it, the GEMM. */
 #define KCU_MMD_MAX_ROWS 64
@@ -208,6 +214,10 @@ typedef struct kcu {
     size_t q8_part_elems;     /* capacity of q8_part */
     int *q8_count;            /* per CTA column: splits done (the last one reduces) */
     bool q8_ready;            /* the kernels may use all shared memory */
+    bool q8_mma;              /* rows 9..KCU_Q8_MMA_MAX_ROWS on tensor cores
+                                 (KILN_CUDA_Q8_MMA=1, read at reserve) */
+    float *mmq_part;          /* (splits, rows, n_out) partial sums, tensor-core path */
+    size_t mmq_part_elems;    /* capacity of mmq_part */
 } kcu;
 
 static inline kcu *kcu_of(kb_backend *be) { return (kcu *)be->impl; }
@@ -498,7 +508,8 @@ void kcu_green_release(kcu_dev *dv);
  * matvec_q8.cu: fast (8-bit) activations for quantized decode matvecs
  * ---------------------------------------------------------------------- */
 
-/* out (rows, n_out) = x (rows, n_in) @ w^T (+ bias) for rows <= 8 with the
+/* out (rows, n_out) = x (rows, n_in) @ w^T (+ bias) for rows <= 8 (to
+ * KCU_Q8_MMA_MAX_ROWS for K-quants with KILN_CUDA_Q8_MMA=1) with the
  * activations rounded to w's fast_vec_dot_type (Q8_0 / Q8_1 / Q8_K) as the
  * CPU's fast path does; true when enqueued, false (nothing enqueued) for a
  * type or shape it does not handle: the caller then runs kcu_matvec. */

@@ -625,7 +625,7 @@ void kcu_matmul(kb_backend *be, float *out, /* (rows, n_out) */
         matmul_det(cu, &w, &out, &bd, 1, x, NULL, 0, rows);
         return;
     }
-    if (cu->fast_act && rows <= KCU_MATVEC_MAX_ROWS && kcu_matvec_q8(cu, out, x, w, bd, rows))
+    if (cu->fast_act && rows <= KCU_Q8_MMA_MAX_ROWS && kcu_matvec_q8(cu, out, x, w, bd, rows))
         return; /* 8-bit activations (matvec_q8.cu), opted into */
     if (rows <= KCU_MMD_MAX_ROWS && kcu_mmd(cu, &w, &out, &bd, 1, x, NULL, 0, rows))
         return; /* a decode batch (mmd.cu, the rows it takes: mmd_rows) */
@@ -650,7 +650,7 @@ void kcu_matmul_glu(kb_backend *be, float *out, const float *gate, const float *
         return;
     }
     /* with 8-bit activations opted into (matvec_q8.cu), glu then matmul */
-    const bool q8 = rows <= KCU_MATVEC_MAX_ROWS && kcu_matvec_q8_takes(cu, w, rows);
+    const bool q8 = rows <= KCU_Q8_MMA_MAX_ROWS && kcu_matvec_q8_takes(cu, w, rows);
     if (!q8 && rows <= KCU_MMD_MAX_ROWS) {
         if (!matmul_args_ok(cu, w, NULL, &bd))
             return;
@@ -695,7 +695,7 @@ void kcu_matmul_group(kb_backend *be, const kb_mm *mm, int n, const float *x, in
         return;
     }
     const bool mv = ok && rows <= matvec_rows(cu, w[0]);
-    if (ok && rows <= KCU_MATVEC_MAX_ROWS && cu->fast_act &&
+    if (ok && rows <= KCU_Q8_MMA_MAX_ROWS && cu->fast_act &&
         kcu_matvec_q8_group(cu, w, out, bd, n, x, rows))
         return; /* 8-bit activations (matvec_q8.cu), opted into: x quantized once */
     if (ok && kcu_mmd(cu, w, out, bd, n, x, NULL, 0, rows))

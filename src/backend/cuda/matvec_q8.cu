@@ -924,6 +924,351 @@ static const kiln_type q8_types[] = {KILN_TYPE_Q4_0, KILN_TYPE_Q4_1, KILN_TYPE_Q
                                      KILN_TYPE_Q6_K};
 
 /* ------------------------------------------------------------------------
+ * Decode batches of 9 to KCU_Q8_MMA_MAX_ROWS rows on integer tensor cores
+ *
+ * Above 8 rows the matvec's dp4a (one instruction per four weight bytes
+ * and activation row) is issue-bound.  k_q8_mma computes the same integer
+ * sums with mma.sync on 8-bit operands: weight rows are the MMA's M (16 a
+ * warp: groupID g and g + 8 of the fragment), activation rows its N (8 a
+ * tile, NT tiles), a K-quant sub-block its K (m16n8k32 for the 32-element
+ * sub-blocks of Q4_K / Q5_K, m16n8k16 for the 16-element ones of Q6_K).
+ * The quants enter as the signed values the CPU multiplies (Q6_K's less
+ * its offset 32, per byte with __vsub4), so each sub-block's MMA result is
+ * the CPU's integer sum exactly; times the sub-block's integer scale it is
+ * added into an int32 per (weight row, activation row), and once a super-
+ * block the CPU's float expression (vecdot.c, as q8_unit_k) turns it into
+ * the block's term.  Only the order in which block terms are added differs
+ * from the CPU (per split, then across splits), as in the matvec.
+ *
+ * A CTA takes KCU_Q8_MMA_WARPS x 16 weight rows; its warps share the
+ * activation records, which stream through two shared-memory buffers of
+ * MMQ_CU units for all rows (cp.async; the next chunk in flight while this
+ * one is used; laid out unit-major, so the 8 rows a fragment reads sit 336
+ * bytes apart, in distinct banks).  Weights come straight from global
+ * memory (each byte is used by one warp once).  Where the weight's row
+ * tiles cannot fill the GPU the units are split over gridDim.y CTAs whose
+ * partial sums k_q8_mma_reduce adds in split order (+ bias).
+ *
+ * Opt-in while it is new: KILN_CUDA_Q8_MMA=1 (with fast activations on).
+ * ---------------------------------------------------------------------- */
+
+#define MMQ_THREADS (32 * KCU_Q8_MMA_WARPS)
+#define MMQ_M (16 * KCU_Q8_MMA_WARPS) /* weight rows per CTA */
+#define MMQ_CU 2                      /* units per shared-memory chunk */
+#define MMQ_MAX_KS 16                 /* k splits at most */
+
+typedef struct mmq_params {
+    const uint8_t *w;     /* weight rows */
+    size_t row_bytes;
+    int n_out;
+    float *out;           /* (rows, n_out), when ks == 1 */
+    const float *bias;    /* (n_out) or NULL, when ks == 1 */
+    float *part;          /* (ks, rows, n_out), when ks > 1 */
+    const uint8_t *xq;    /* (rows, nu) activation records */
+    int nu;               /* units per row */
+    int rows;             /* activation rows (<= 8 NT) */
+    int ks, ku;           /* k splits, units per split */
+} mmq_params;
+
+__device__ __forceinline__ void mmq_k32(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                        uint32_t a3, uint32_t b0, uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void mmq_k16(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t b0)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, "
+                 "{%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+}
+
+/* Four quants of sub-block sub (elements SS sub + 4c .. + 3) as the signed
+ * bytes the CPU multiplies: the biased quants less the format's offset. */
+template <int T, class S>
+__device__ __forceinline__ uint32_t mmq_q(const S &s, int sub, int c)
+{
+    const uint32_t q = kq<T>::qbytes(s, 0, sub, c);
+    if constexpr (kq<T>::QOFF != 0)
+        return __vsub4(q, 0x01010101u * (uint32_t)kq<T>::QOFF);
+    else
+        return q;
+}
+
+/* The super-block scale d and min scale dmin of a K-quant block. */
+template <int T, class S>
+__device__ __forceinline__ void mmq_dmin(const S &s, float &d, float &dm)
+{
+    if constexpr (T == KILN_TYPE_Q6_K) {
+        d = kcu_h2f(s.u16(208));
+        dm = 0.0f;
+    } else {
+        d = kcu_h2f(s.u16(0));
+        dm = kcu_h2f(s.u16(2));
+    }
+}
+
+/* One super-block (unit) of weight rows g and g + 8 (sa, sb) against the
+ * NT x 8 activation rows whose records for this unit start at xr. */
+template <int T, int NT, class S>
+__device__ __forceinline__ void mmq_unit(const S &sa, const S &sb, const uint8_t *xr, int g,
+                                         int t, float (&acc)[NT][4])
+{
+    constexpr int SS = kq<T>::SS, NSUB = KCU_UNIT / SS;
+    int isum[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            isum[nt][i] = 0;
+#pragma unroll
+    for (int sub = 0; sub < NSUB; sub++) {
+        const int sca = q8_kscale<T>(sa, sub), scb = q8_kscale<T>(sb, sub);
+        const uint32_t a0 = mmq_q<T>(sa, sub, t), a1 = mmq_q<T>(sb, sub, t);
+        uint32_t a2 = 0, a3 = 0;
+        if constexpr (SS == 32) {
+            a2 = mmq_q<T>(sa, sub, 4 + t);
+            a3 = mmq_q<T>(sb, sub, 4 + t);
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            const uint8_t *xn = xr + (size_t)(8 * nt + g) * Q8_REC + SS * sub + 4 * t;
+            int c[4] = {0, 0, 0, 0};
+            if constexpr (SS == 32)
+                mmq_k32(c, a0, a1, a2, a3, *(const uint32_t *)xn, *(const uint32_t *)(xn + 16));
+            else
+                mmq_k16(c, a0, a1, *(const uint32_t *)xn);
+            isum[nt][0] += sca * c[0];
+            isum[nt][1] += sca * c[1];
+            isum[nt][2] += scb * c[2];
+            isum[nt][3] += scb * c[3];
+        }
+    }
+    float da, dma, db, dmb;
+    mmq_dmin<T>(sa, da, dma);
+    mmq_dmin<T>(sb, db, dmb);
+    constexpr bool MINS = T == KILN_TYPE_Q4_K || T == KILN_TYPE_Q5_K;
+    int ma[8], mb[8];
+    if constexpr (MINS) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            ma[j] = q8_kmin<T>(sa, j);
+            mb[j] = q8_kmin<T>(sb, j);
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            /* c[i]: weight row g + 8 (i >> 1), activation row 8 nt + 2t + (i & 1) */
+            const uint8_t *xa = xr + (size_t)(8 * nt + 2 * t + (i & 1)) * Q8_REC;
+            const float dy = *(const float *)(xa + Q8_KD);
+            const float dw = i < 2 ? da : db;
+            float v;
+            if constexpr (MINS) {
+                /* kq_h2f(d) * y.d * (float)isum - kq_h2f(dmin) * y.d * (float)summs,
+                 * summs = sum_j m_j * (bsums[2j] + bsums[2j+1]) */
+                int summs = 0;
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+                    summs += (i < 2 ? ma[j] : mb[j]) * (int)*(const int16_t *)(xa + Q8_AUX1 + 2 * j);
+                v = __fsub_rn(__fmul_rn(__fmul_rn(dw, dy), __int2float_rn(isum[nt][i])),
+                              __fmul_rn(__fmul_rn(i < 2 ? dma : dmb, dy), __int2float_rn(summs)));
+            } else {
+                /* kq_h2f(d) * y.d * (float)isum */
+                v = __fmul_rn(__fmul_rn(dw, dy), __int2float_rn(isum[nt][i]));
+            }
+            acc[nt][i] = __fadd_rn(acc[nt][i], v);
+        }
+    }
+}
+
+template <int T, int NT>
+__global__ void __launch_bounds__(MMQ_THREADS, NT <= 4 ? 2 : 1) k_q8_mma(const mmq_params p)
+{
+    constexpr int NROW = 8 * NT, BUF = MMQ_CU * NROW * Q8_REC, CH = Q8_REC / 16;
+    extern __shared__ __align__(16) uint8_t mmq_smem[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int u0 = blockIdx.y * p.ku, u1 = min(u0 + p.ku, p.nu);
+    const int row0 = blockIdx.x * MMQ_M + 16 * warp;
+    const uint8_t *wa = p.w + (size_t)min(row0 + g, p.n_out - 1) * p.row_bytes;
+    const uint8_t *wb = p.w + (size_t)min(row0 + g + 8, p.n_out - 1) * p.row_bytes;
+
+    /* the padding rows of both buffers (never written by the copies) read
+     * as zeros; their results are not stored */
+    const int pad = NROW - p.rows;
+    for (int i = threadIdx.x; i < 2 * MMQ_CU * pad * CH; i += blockDim.x) {
+        const int k = i % CH, r = i / CH, n = p.rows + r % pad, bu = r / pad;
+        *(uint4 *)(mmq_smem + (size_t)bu * NROW * Q8_REC + (size_t)n * Q8_REC + 16 * k) =
+            make_uint4(0, 0, 0, 0);
+    }
+    kcu_pdl_wait(); /* the records are the previous kernel's output */
+
+    /* chunk c (units u0 + MMQ_CU c ..) of every row into buffer b */
+    auto issue = [&](int c, int b) {
+        const int ua = u0 + c * MMQ_CU, n_u = min(MMQ_CU, u1 - ua);
+        uint8_t *dst = mmq_smem + (size_t)b * BUF;
+        for (int i = threadIdx.x; i < n_u * p.rows * CH; i += blockDim.x) {
+            const int k = i % CH, r = i / CH, n = r % p.rows, uu = r / p.rows;
+            kcu_cp16(dst + ((size_t)uu * NROW + n) * Q8_REC + 16 * k,
+                     p.xq + ((size_t)n * p.nu + ua + uu) * Q8_REC + 16 * k, 16);
+        }
+        kcu_cp_commit();
+    };
+
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            acc[nt][i] = 0.0f;
+    const int nch = (u1 - u0 + MMQ_CU - 1) / MMQ_CU;
+    if (nch > 0)
+        issue(0, 0);
+    for (int c = 0; c < nch; c++) {
+        if (c + 1 < nch)
+            issue(c + 1, (c + 1) & 1);
+        else
+            kcu_cp_commit(); /* an empty group: wait_group 1 below still means chunk c */
+        kcu_cp_wait<1>();
+        __syncthreads();
+        const uint8_t *xb = mmq_smem + (size_t)(c & 1) * BUF;
+        const int ua = u0 + c * MMQ_CU, n_u = min(MMQ_CU, u1 - ua);
+#pragma unroll
+        for (int uu = 0; uu < MMQ_CU; uu++) {
+            if (uu < n_u) {
+                const size_t off = (size_t)(ua + uu) * kq<T>::BB;
+                const auto sa = kcu_src_at<true>(wa + off), sb = kcu_src_at<true>(wb + off);
+                mmq_unit<T, NT>(sa, sb, xb + (size_t)uu * NROW * Q8_REC, g, t, acc);
+            }
+        }
+        __syncthreads(); /* before the next issue overwrites this buffer */
+    }
+    kcu_pdl_trigger();
+
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int n = 8 * nt + 2 * t + (i & 1), o = row0 + g + 8 * (i >> 1);
+            if (n >= p.rows || o >= p.n_out)
+                continue;
+            if (p.ks == 1)
+                p.out[(size_t)n * p.n_out + o] = acc[nt][i] + (p.bias ? p.bias[o] : 0.0f);
+            else
+                p.part[((size_t)blockIdx.y * p.rows + n) * p.n_out + o] = acc[nt][i];
+        }
+    }
+}
+
+/* out (rows, n_out) = the splits' partial sums added in split order (+ bias). */
+__global__ void k_q8_mma_reduce(const float *__restrict__ part, int ks, int rows, int n_out,
+                                const float *__restrict__ bias, float *__restrict__ out)
+{
+    kcu_pdl_wait();
+    kcu_pdl_trigger();
+    const size_t n = (size_t)rows * n_out;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float v = 0.0f;
+        for (int s = 0; s < ks; s++)
+            v += part[(size_t)s * n + i];
+        out[i] = v + (bias ? bias[i % n_out] : 0.0f);
+    }
+}
+
+typedef void (*mmq_kernel)(mmq_params);
+
+/* Activation-row tiles a kernel is built for: 9..64 rows pad up to 2, 3,
+ * 4, 6 or 8 tiles of 8. */
+static int mmq_tiles(int rows)
+{
+    const int nt = (rows + 7) / 8;
+    return nt <= 4 ? nt : nt <= 6 ? 6 : 8;
+}
+
+template <int T>
+static mmq_kernel mmq_pick(int nt)
+{
+    switch (nt) {
+    case 2: return k_q8_mma<T, 2>;
+    case 3: return k_q8_mma<T, 3>;
+    case 4: return k_q8_mma<T, 4>;
+    case 6: return k_q8_mma<T, 6>;
+    default: return k_q8_mma<T, 8>;
+    }
+}
+
+static mmq_kernel mmq_kernel_for(kiln_type t, int nt)
+{
+    switch (t) {
+    case KILN_TYPE_Q4_K: return mmq_pick<KILN_TYPE_Q4_K>(nt);
+    case KILN_TYPE_Q5_K: return mmq_pick<KILN_TYPE_Q5_K>(nt);
+    case KILN_TYPE_Q6_K: return mmq_pick<KILN_TYPE_Q6_K>(nt);
+    default: return NULL;
+    }
+}
+
+static const kiln_type mmq_types[] = {KILN_TYPE_Q4_K, KILN_TYPE_Q5_K, KILN_TYPE_Q6_K};
+static const int mmq_nts[] = {2, 3, 4, 6, 8};
+
+static size_t mmq_smem_bytes(int nt)
+{
+    return 2 * (size_t)MMQ_CU * 8 * nt * Q8_REC;
+}
+
+/* Whether the tensor-core path takes w for `rows` rows. */
+static bool mmq_takes(const kcu *cu, const kb_weight *w, int rows)
+{
+    const quant_traits *tr = quant_get_traits(w->type);
+    return cu->q8_mma && cu->q8_ready && rows > KCU_MATVEC_MAX_ROWS &&
+           rows <= KCU_Q8_MMA_MAX_ROWS && mmq_kernel_for(w->type, 8) && tr &&
+           tr->fast_vec_dot_type == KILN_TYPE_Q8_K && w->ne[0] > 0 && w->ne[1] > 0 &&
+           w->ne[0] % KCU_UNIT == 0 && (uintptr_t)w->data % 2 == 0 && cu->q8_act &&
+           (size_t)rows * (size_t)(w->ne[0] / KCU_UNIT) * Q8_REC <= cu->q8_act_bytes;
+}
+
+/* One weight against the records in cu->q8_act (already quantized). */
+static void mmq_launch(kcu *cu, const kb_weight *w, float *out, const float *bias, int rows)
+{
+    const int nt = mmq_tiles(rows), nu = (int)(w->ne[0] / KCU_UNIT);
+    const int n_out = (int)w->ne[1], mt = kcu_div_up(n_out, MMQ_M);
+    /* splits: enough CTAs for two a SM, each split at least two chunks,
+     * their partial sums inside the reserved scratch */
+    const int want = kcu_div_up(2 * cu->prop.multiProcessorCount, mt);
+    int ks = want < MMQ_MAX_KS ? want : MMQ_MAX_KS;
+    ks = ks < nu / (2 * MMQ_CU) ? ks : nu / (2 * MMQ_CU);
+    while (ks > 1 && (size_t)ks * rows * n_out > cu->mmq_part_elems)
+        ks--;
+    ks = ks < 1 ? 1 : ks;
+    mmq_params p;
+    memset(&p, 0, sizeof p);
+    p.w = (const uint8_t *)w->data;
+    p.row_bytes = (size_t)w->row_bytes;
+    p.n_out = n_out;
+    p.out = out;
+    p.bias = bias;
+    p.part = cu->mmq_part;
+    p.xq = (const uint8_t *)cu->q8_act;
+    p.nu = nu;
+    p.rows = rows;
+    p.ku = kcu_div_up(nu, ks);
+    p.ks = kcu_div_up(nu, p.ku);
+    kcu_launch(cu, mmq_kernel_for(w->type, nt), dim3((unsigned)mt, (unsigned)p.ks),
+               dim3(MMQ_THREADS), mmq_smem_bytes(nt), p);
+    if (p.ks > 1) {
+        const int64_t n = (int64_t)rows * n_out;
+        const int blocks = (int)(kcu_div_up(n, 256) < 4096 ? kcu_div_up(n, 256) : 4096);
+        kcu_launch(cu, k_q8_mma_reduce, dim3((unsigned)blocks), dim3(256), 0,
+                   (const float *)cu->mmq_part, p.ks, rows, n_out, bias, out);
+    }
+}
+
+/* ------------------------------------------------------------------------
  * Planning and launch
  * ---------------------------------------------------------------------- */
 
@@ -1061,7 +1406,10 @@ kiln_status kcu_matvec_q8_reserve(kcu *cu, const kb_reserve *r)
 {
     kcu_matvec_q8_release(cu);
     const size_t nu = (size_t)((r->max_n_in + KCU_UNIT - 1) / KCU_UNIT);
-    const size_t bytes = (size_t)KCU_MATVEC_MAX_ROWS * nu * Q8_REC;
+    const char *mma = getenv("KILN_CUDA_Q8_MMA");
+    cu->q8_mma = mma && !strcmp(mma, "1");
+    const size_t max_rows = cu->q8_mma ? KCU_Q8_MMA_MAX_ROWS : KCU_MATVEC_MAX_ROWS;
+    const size_t bytes = max_rows * nu * Q8_REC;
     KCU_TRY(cu, cudaMalloc(&cu->q8_act, bytes));
     cu->q8_act_bytes = bytes;
     /* partial sums of the k splits: the most splits any type takes for 8
@@ -1076,6 +1424,13 @@ kiln_status kcu_matvec_q8_reserve(kcu *cu, const kb_reserve *r)
     KCU_TRY(cu, cudaMalloc((void **)&cu->q8_part, cu->q8_part_elems * sizeof(float)));
     KCU_TRY(cu, cudaMalloc((void **)&cu->q8_count, Q8_MAX_CTAS * sizeof(int)));
     KCU_TRY(cu, cudaMemset(cu->q8_count, 0, Q8_MAX_CTAS * sizeof(int)));
+    if (cu->q8_mma) {
+        /* the tensor-core path's splits: fewer than 4 CTAs a SM of MMQ_M
+         * rows each (mmq_launch splits only below 2 a SM) */
+        cu->mmq_part_elems = (size_t)4 * cu->prop.multiProcessorCount * MMQ_M *
+                             KCU_Q8_MMA_MAX_ROWS;
+        KCU_TRY(cu, cudaMalloc((void **)&cu->mmq_part, cu->mmq_part_elems * sizeof(float)));
+    }
     if (!cu->q8_ready) {
         const int smem = (int)kcu_mv_smem_max(cu);
         for (size_t i = 0; i < sizeof q8_types / sizeof q8_types[0]; i++)
@@ -1084,6 +1439,12 @@ kiln_status kcu_matvec_q8_reserve(kcu *cu, const kb_reserve *r)
                     KCU_TRY(cu, cudaFuncSetAttribute(
                                     (const void *)q8_mv_kernel(q8_types[i], rows, mode),
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        for (size_t i = 0; i < sizeof mmq_types / sizeof mmq_types[0]; i++)
+            for (size_t j = 0; j < sizeof mmq_nts / sizeof mmq_nts[0]; j++)
+                KCU_TRY(cu, cudaFuncSetAttribute(
+                                (const void *)mmq_kernel_for(mmq_types[i], mmq_nts[j]),
+                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                (int)mmq_smem_bytes(mmq_nts[j])));
         cu->q8_ready = true;
     }
     return KILN_OK;
@@ -1097,10 +1458,13 @@ void kcu_matvec_q8_release(kcu *cu)
         cudaFree(cu->q8_part);
     if (cu->q8_count)
         cudaFree(cu->q8_count);
+    if (cu->mmq_part)
+        cudaFree(cu->mmq_part);
     cu->q8_act = NULL;
     cu->q8_part = NULL;
     cu->q8_count = NULL;
-    cu->q8_act_bytes = cu->q8_part_elems = 0;
+    cu->mmq_part = NULL;
+    cu->q8_act_bytes = cu->q8_part_elems = cu->mmq_part_elems = 0;
 }
 
 extern "C" void kb_cuda_set_fast_activations(kb_backend *be, bool on)
@@ -1126,6 +1490,16 @@ bool kcu_matvec_q8_group(kcu *cu, const kb_weight *const *w, float *const *out,
 {
     if (n < 1 || n > Q8_SEGS)
         return false;
+    if (rows > KCU_MATVEC_MAX_ROWS) {
+        /* the tensor-core path: x quantized once, one launch a weight */
+        for (int s = 0; s < n; s++)
+            if (!mmq_takes(cu, w[s], rows) || w[s]->ne[0] != w[0]->ne[0])
+                return false;
+        q8_quantize(cu, x, (int)w[0]->ne[0], rows, Q8F_K);
+        for (int s = 0; s < n; s++)
+            mmq_launch(cu, w[s], out[s], bias[s], rows);
+        return true;
+    }
     const int fmt = q8_format_of(w[0]->type);
     bool one_type = true;
     for (int s = 0; s < n; s++) {
@@ -1159,7 +1533,7 @@ bool kcu_matvec_q8_group(kcu *cu, const kb_weight *const *w, float *const *out,
 
 bool kcu_matvec_q8_takes(const kcu *cu, const kb_weight *w, int rows)
 {
-    return cu->fast_act && q8_takes(cu, w, rows);
+    return cu->fast_act && (q8_takes(cu, w, rows) || mmq_takes(cu, w, rows));
 }
 
 bool kcu_matvec_q8(kcu *cu, float *out, const float *x, const kb_weight *w, const float *bias,

@@ -8,6 +8,8 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -111,12 +113,42 @@ static void test_alloc_injection(void **state)
     assert_null(kiln_malloc_array(SIZE_MAX / 2, 4));
 }
 
+/* /proc/PID/stat: this process (running, its parent and group), a child
+ * that has exited but is not reaped (a zombie, the same start time until
+ * then), and a pid that no process has. */
+static void test_proc_stat(void **state)
+{
+    (void)state;
+    kiln_proc_stat me;
+    assert_true(kiln_proc_read_stat(getpid(), &me));
+    assert_int_equal(me.state, 'R');
+    assert_int_equal(me.ppid, getppid());
+    assert_int_equal(me.pgrp, getpgrp());
+    pid_t child = fork();
+    assert_true(child >= 0);
+    if (child == 0)
+        _exit(0);
+    kiln_proc_stat c0, c1;
+    assert_true(kiln_proc_read_stat(child, &c0));
+    assert_int_equal(c0.ppid, getpid());
+    assert_true(c0.start >= me.start);
+    for (int i = 0; i < 500 && kiln_proc_read_stat(child, &c1) && c1.state != 'Z'; i++)
+        usleep(2000);
+    assert_true(kiln_proc_read_stat(child, &c1));
+    assert_int_equal(c1.state, 'Z');
+    assert_true(c1.start == c0.start);
+    assert_int_equal(waitpid(child, NULL, 0), child);
+    assert_false(kiln_proc_read_stat(child, &c1));
+    assert_false(kiln_proc_read_stat(-1, &c1));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_checked_math),  cmocka_unit_test(test_fp16_roundtrip),
         cmocka_unit_test(test_bf16),          cmocka_unit_test(test_strmap),
         cmocka_unit_test(test_error_buffer),  cmocka_unit_test(test_alloc_injection),
+        cmocka_unit_test(test_proc_stat),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

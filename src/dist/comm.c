@@ -49,16 +49,8 @@ static uint64_t host_hash(void)
  * 'Z' exited but not reaped), or 0 when it is gone or unreadable. */
 static char proc_state(int pid)
 {
-    char path[64], buf[512];
-    snprintf(path, sizeof path, "/proc/%d/stat", pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return 0;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    const char *paren = strrchr(buf, ')'); /* the name may hold spaces */
-    return paren && paren[1] == ' ' ? paren[2] : 0;
+    kiln_proc_stat ps;
+    return kiln_proc_read_stat(pid, &ps) ? ps.state : 0;
 }
 
 void dist_comm_describe_peers(const dist_comm *c, char *buf, size_t cap)

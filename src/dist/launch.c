@@ -251,28 +251,6 @@ typedef struct rank_set {
     int n;
 } rank_set;
 
-/* PID's state letter and start time from /proc/PID/stat; false when gone. */
-static bool proc_stat(pid_t pid, char *state, unsigned long long *start)
-{
-    char path[64], line[1024];
-    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return false;
-    size_t k = fread(line, 1, sizeof line - 1, f);
-    fclose(f);
-    line[k] = '\0';
-    /* "pid (comm) S ppid ...": comm may hold spaces and parens; starttime
-     * is the 19th field after the state */
-    const char *p = strrchr(line, ')');
-    if (!p || sscanf(p + 1, " %c", state) != 1)
-        return false;
-    p += 2;
-    for (int field = 0; field < 19 && p; field++)
-        p = strchr(p + 1, ' ');
-    return p && sscanf(p, " %llu", start) == 1;
-}
-
 /* mpirun's children, from every thread's /proc children list (a helper
  * thread may be the one that forks); the count, at most cap. */
 static int mpirun_children(pid_t mpirun, pid_t *out, int cap)
@@ -312,10 +290,9 @@ static int ranks_signal(const rank_set *rs, int sig)
 {
     int alive = 0;
     for (int j = 0; j < rs->n; j++) {
-        char state;
-        unsigned long long start;
-        if (proc_stat(rs->p[j].pid, &state, &start) && start == rs->p[j].start &&
-            state != 'Z') {
+        kiln_proc_stat ps;
+        if (kiln_proc_read_stat(rs->p[j].pid, &ps) && ps.start == rs->p[j].start &&
+            ps.state != 'Z') {
             if (sig)
                 kill(rs->p[j].pid, sig);
             alive++;
@@ -335,10 +312,9 @@ static bool ranks_track(pid_t mpirun, rank_set *rs)
         bool known = false;
         for (int j = 0; j < rs->n && !known; j++)
             known = rs->p[j].pid == kids[i];
-        char state;
-        unsigned long long start;
-        if (!known && rs->n < 2 * MODEL_MAX_TP && proc_stat(kids[i], &state, &start))
-            rs->p[rs->n++] = (rank_proc){kids[i], start};
+        kiln_proc_stat ps;
+        if (!known && rs->n < 2 * MODEL_MAX_TP && kiln_proc_read_stat(kids[i], &ps))
+            rs->p[rs->n++] = (rank_proc){kids[i], ps.start};
     }
     return rs->n > 0 && ranks_signal(rs, 0) == 0;
 }

@@ -354,23 +354,11 @@ static bool group_alive(pid_t pg)
     struct dirent *e;
     bool alive = false;
     while (!alive && (e = readdir(d))) {
-        char *end, path[64], buf[512];
+        char *end;
         long pid = strtol(e->d_name, &end, 10);
-        if (*end || pid <= 0)
-            continue;
-        snprintf(path, sizeof path, "/proc/%ld/stat", pid);
-        FILE *f = fopen(path, "r");
-        if (!f)
-            continue;
-        size_t n = fread(buf, 1, sizeof buf - 1, f);
-        fclose(f);
-        buf[n] = '\0';
-        /* "pid (comm) S ppid pgrp ...": comm may hold spaces and parens */
-        char *rp = strrchr(buf, ')');
-        char state;
-        long ppid, pgrp;
-        if (rp && sscanf(rp + 1, " %c %ld %ld", &state, &ppid, &pgrp) == 3)
-            alive = pgrp == (long)pg && state != 'Z';
+        kiln_proc_stat ps;
+        if (!*end && pid > 0 && kiln_proc_read_stat(pid, &ps))
+            alive = ps.pgrp == (long)pg && ps.state != 'Z';
     }
     closedir(d);
     return alive;

@@ -1,6 +1,6 @@
 /*
- * misc.c - half-precision conversion, the clock, byte formatting and the
- * progress bar.
+ * misc.c - half-precision conversion, the clock, a process's /proc stat,
+ * byte formatting and the progress bar.
  */
 #include <math.h>
 #include <stdio.h>
@@ -68,6 +68,27 @@ double kiln_now_sec(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+bool kiln_proc_read_stat(long pid, kiln_proc_stat *out)
+{
+    char path[64], line[1024];
+    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return false;
+    size_t n = fread(line, 1, sizeof line - 1, f);
+    fclose(f);
+    line[n] = '\0';
+    /* "pid (comm) S ppid pgrp ...": comm may hold spaces and parens, so the
+     * fields start after the last ')'; starttime is the 19th after S */
+    const char *p = strrchr(line, ')');
+    if (!p || sscanf(p + 1, " %c %ld %ld", &out->state, &out->ppid, &out->pgrp) != 3)
+        return false;
+    p += 2;
+    for (int field = 0; field < 19 && p; field++)
+        p = strchr(p + 1, ' ');
+    return p && sscanf(p, " %llu", &out->start) == 1;
 }
 
 const char *kiln_fmt_bytes(uint64_t bytes, char *buf, size_t n)

@@ -191,6 +191,16 @@ uint16_t kiln_f32_to_fp16(float f);
 
 double kiln_now_sec(void); /* monotonic clock, seconds */
 
+/* A process's line of /proc/PID/stat (Linux), the fields kiln reads. */
+typedef struct kiln_proc_stat {
+    char state;               /* 'R', 'S', 'T' stopped, 'Z' exited but not reaped, ... */
+    long ppid, pgrp;
+    unsigned long long start; /* start time, clock ticks after boot: a reused pid differs */
+} kiln_proc_stat;
+
+/* PID's stat into *out; false when the process is gone or unreadable. */
+bool kiln_proc_read_stat(long pid, kiln_proc_stat *out);
+
 /* Format a byte count as "98.4 MiB" into buf (at least 32 bytes). */
 const char *kiln_fmt_bytes(uint64_t bytes, char *buf, size_t n);
 

@@ -1019,12 +1019,7 @@ __device__ __forceinline__ void mmq_unit(const S &sa, const S &sb, const uint8_t
                                          int t, float (&acc)[NT][4])
 {
     constexpr int SS = kq<T>::SS, NSUB = KCU_UNIT / SS;
-    int isum[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-            isum[nt][i] = 0;
+    int isum[NT][4] = {};
 #pragma unroll
     for (int sub = 0; sub < NSUB; sub++) {
         const int sca = q8_kscale<T>(sa, sub), scb = q8_kscale<T>(sb, sub);
@@ -1120,12 +1115,7 @@ __global__ void __launch_bounds__(MMQ_THREADS, NT <= 4 ? 2 : 1) k_q8_mma(const m
         kcu_cp_commit();
     };
 
-    float acc[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-            acc[nt][i] = 0.0f;
+    float acc[NT][4] = {};
     const int nch = (u1 - u0 + MMQ_CU - 1) / MMQ_CU;
     if (nch > 0)
         issue(0, 0);

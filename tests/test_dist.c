@@ -570,17 +570,17 @@ static void test_hung_rank(void **state)
 #define ORPHAN_BOUND_SEC 20.0 /* launcher's stop to its exit, with the grace */
 
 /* A stand-in for mpirun (KILN_MPIRUN) that starts three "ranks" and leaves
- * them running when it ends: two `sleep 300` each in a session of its own
- * (mpirun puts its ranks in process groups of their own, out of reach of a
- * signal to the launcher's group) and the `sleep 60` it waits on.  It ends
- * on SIGTERM (on_term) or by itself after a second. */
+ * them running when it ends: the `sleep 60` it waits on, then two `sleep
+ * 300` each in a session of its own (mpirun puts its ranks in process groups
+ * of their own, out of reach of a signal to the launcher's group).  It ends
+ * on SIGTERM (on_term) or by itself after two seconds. */
 static void write_fake_mpirun(const char *path, bool on_term)
 {
     FILE *f = fopen(path, "w");
     assert_non_null(f);
-    fprintf(f, "#!/bin/sh\nsetsid sleep 300 &\nsetsid sleep 300 &\n%s",
-            on_term ? "trap 'exit 0' TERM\nsleep 60 &\nwait\nexit 0\n"
-                    : "sleep 60 &\nsleep 1\nexit 0\n");
+    fprintf(f, "#!/bin/sh\n%ssleep 60 &\nsetsid sleep 300 &\nsetsid sleep 300 &\n%s",
+            on_term ? "trap 'exit 0' TERM\n" : "", on_term ? "wait\nexit 0\n"
+                                                            : "sleep 2\nexit 0\n");
     fclose(f);
     assert_int_equal(chmod(path, 0755), 0);
 }
@@ -611,7 +611,7 @@ static void orphan_run(bool stop, int want_status, const char *const *want)
         tp_nap(20);
     int seen = tp_processes("300", tag, getpid(), &first);
     if (stop) {
-        tp_nap(300); /* the launcher's 100 ms poll has seen them */
+        tp_nap(1000); /* the launcher, polling every 100 ms, has seen all three */
         kill(pid, SIGTERM);
     }
     int status = wait_status(pid);

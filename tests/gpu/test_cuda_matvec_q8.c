@@ -24,8 +24,9 @@
  *    terms differs, whose rounding is relative to the magnitudes of those
  *    terms (observed: ~1e-7).  Each type must also be much closer to the
  *    CPU's fast path than to its exact path (the fast path really ran).
- *  - rows 9..64 of Q4_K, Q5_K, Q6_K on tensor cores (k_q8_mma, turned on
- *    here with KILN_CUDA_Q8_MMA=1): the same shapes, partial and whole row
+ *  - rows 9..64 of every type but Q2_K / Q3_K on tensor cores (k_q8_mma,
+ *    turned on here with KILN_CUDA_Q8_MMA=1): the same shapes (partial
+ *    units of the 32-weight formats among them), partial and whole row
  *    tiles, the k split and its reduce, at the same tolerance.
  *  - graphs: the fast path captured in a CUDA graph and replayed (also a
  *    matmul_group of three weights, x quantized once), up to 64 rows;
@@ -397,7 +398,7 @@ static void test_matvec_type(kiln_type t)
     test_matvec_rows(t, rows_list, 8, "matvec");
 }
 
-/* Rows 9..64 of the K-quants on tensor cores (k_q8_mma, KILN_CUDA_Q8_MMA=1):
+/* Rows 9..64 on tensor cores (k_q8_mma, KILN_CUDA_Q8_MMA=1):
  * every padding of the row tiles (9, 17, 23, 33, 57 rows), whole tiles, and
  * shapes whose few row tiles split the units (the reduce kernel). */
 static void test_mma_type(kiln_type t)
@@ -430,6 +431,11 @@ TYPE_TEST(KILN_TYPE_Q6_K, q6_k)
         (void)state;                                                            \
         test_mma_type(T);                                                       \
     }
+MMA_TEST(KILN_TYPE_Q4_0, q4_0)
+MMA_TEST(KILN_TYPE_Q4_1, q4_1)
+MMA_TEST(KILN_TYPE_Q5_0, q5_0)
+MMA_TEST(KILN_TYPE_Q5_1, q5_1)
+MMA_TEST(KILN_TYPE_Q8_0, q8_0)
 MMA_TEST(KILN_TYPE_Q4_K, q4_k)
 MMA_TEST(KILN_TYPE_Q5_K, q5_k)
 MMA_TEST(KILN_TYPE_Q6_K, q6_k)
@@ -671,7 +677,9 @@ int main(void)
         cmocka_unit_test(test_q8_q5_0), cmocka_unit_test(test_q8_q5_1),
         cmocka_unit_test(test_q8_q2_k), cmocka_unit_test(test_q8_q3_k),
         cmocka_unit_test(test_mma_q4_k), cmocka_unit_test(test_mma_q5_k),
-        cmocka_unit_test(test_mma_q6_k),
+        cmocka_unit_test(test_mma_q6_k), cmocka_unit_test(test_mma_q8_0),
+        cmocka_unit_test(test_mma_q4_0), cmocka_unit_test(test_mma_q4_1),
+        cmocka_unit_test(test_mma_q5_0), cmocka_unit_test(test_mma_q5_1),
         cmocka_unit_test(test_q8_in_graph),
         cmocka_unit_test(test_q8_group),
         cmocka_unit_test(test_q8_glu),

@@ -930,15 +930,17 @@ static const kiln_type q8_types[] = {KILN_TYPE_Q4_0, KILN_TYPE_Q4_1, KILN_TYPE_Q
  * and activation row) is issue-bound.  k_q8_mma computes the same integer
  * sums with mma.sync on 8-bit operands: weight rows are the MMA's M (16 a
  * warp: groupID g and g + 8 of the fragment), activation rows its N (8 a
- * tile, NT tiles), a K-quant sub-block its K (m16n8k32 for the 32-element
- * sub-blocks of Q4_K / Q5_K, m16n8k16 for the 16-element ones of Q6_K).
- * The quants enter as the signed values the CPU multiplies (Q6_K's less
- * its offset 32, per byte with __vsub4), so each sub-block's MMA result is
- * the CPU's integer sum exactly; times the sub-block's integer scale it is
- * added into an int32 per (weight row, activation row), and once a super-
- * block the CPU's float expression (vecdot.c, as q8_unit_k) turns it into
- * the block's term.  Only the order in which block terms are added differs
- * from the CPU (per split, then across splits), as in the matvec.
+ * tile, NT tiles), a block or sub-block its K (m16n8k32 for the 32-element
+ * blocks of Q4_0 .. Q8_0 and sub-blocks of Q4_K / Q5_K, m16n8k16 for the
+ * 16-element ones of Q6_K).  The quants enter as the signed values the CPU
+ * multiplies (less the format's offset, per byte with __vsub4), so each
+ * MMA result is the CPU's integer sum of the block exactly.  The 32-weight
+ * formats turn it into the block's term at once (q8_unit_b32's float
+ * expression); the K-quants add it times the sub-block's integer scale
+ * into an int32 per (weight row, activation row), and once a super-block
+ * vecdot.c's float expression (as q8_unit_k) makes the term.  Only the
+ * order in which block terms are added differs from the CPU (per split,
+ * then across splits), as in the matvec.
  *
  * A CTA takes KCU_Q8_MMA_WARPS x 16 weight rows; its warps share the
  * activation records, which stream through two shared-memory buffers of
@@ -966,6 +968,7 @@ typedef struct mmq_params {
     float *part;          /* (ks, rows, n_out), when ks > 1 */
     const uint8_t *xq;    /* (rows, nu) activation records */
     int nu;               /* units per row */
+    int nb;               /* blocks per row (the 32-weight formats' last unit may be partial) */
     int rows;             /* activation rows (<= 8 NT) */
     int ks, ku;           /* k splits, units per split */
 } mmq_params;
@@ -987,12 +990,13 @@ __device__ __forceinline__ void mmq_k16(int (&c)[4], uint32_t a0, uint32_t a1, u
                  : "r"(a0), "r"(a1), "r"(b0));
 }
 
-/* Four quants of sub-block sub (elements SS sub + 4c .. + 3) as the signed
- * bytes the CPU multiplies: the biased quants less the format's offset. */
+/* Four quants (elements SS sub + 4c .. + 3 of the block at byte bo) as the
+ * signed bytes the CPU multiplies: the biased quants less the format's
+ * offset, per byte (Q8_0's sign-flipped bytes come back as stored). */
 template <int T, class S>
-__device__ __forceinline__ uint32_t mmq_q(const S &s, int sub, int c)
+__device__ __forceinline__ uint32_t mmq_q(const S &s, int bo, int sub, int c)
 {
-    const uint32_t q = kq<T>::qbytes(s, 0, sub, c);
+    const uint32_t q = kq<T>::qbytes(s, bo, sub, c);
     if constexpr (kq<T>::QOFF != 0)
         return __vsub4(q, 0x01010101u * (uint32_t)kq<T>::QOFF);
     else
@@ -1012,22 +1016,22 @@ __device__ __forceinline__ void mmq_dmin(const S &s, float &d, float &dm)
     }
 }
 
-/* One super-block (unit) of weight rows g and g + 8 (sa, sb) against the
+/* One K-quant super-block of weight rows g and g + 8 (sa, sb) against the
  * NT x 8 activation rows whose records for this unit start at xr. */
 template <int T, int NT, class S>
-__device__ __forceinline__ void mmq_unit(const S &sa, const S &sb, const uint8_t *xr, int g,
-                                         int t, float (&acc)[NT][4])
+__device__ __forceinline__ void mmq_unit_k(const S &sa, const S &sb, const uint8_t *xr, int g,
+                                           int t, float (&acc)[NT][4])
 {
     constexpr int SS = kq<T>::SS, NSUB = KCU_UNIT / SS;
     int isum[NT][4] = {};
 #pragma unroll
     for (int sub = 0; sub < NSUB; sub++) {
         const int sca = q8_kscale<T>(sa, sub), scb = q8_kscale<T>(sb, sub);
-        const uint32_t a0 = mmq_q<T>(sa, sub, t), a1 = mmq_q<T>(sb, sub, t);
+        const uint32_t a0 = mmq_q<T>(sa, 0, sub, t), a1 = mmq_q<T>(sb, 0, sub, t);
         uint32_t a2 = 0, a3 = 0;
         if constexpr (SS == 32) {
-            a2 = mmq_q<T>(sa, sub, 4 + t);
-            a3 = mmq_q<T>(sb, sub, 4 + t);
+            a2 = mmq_q<T>(sa, 0, sub, 4 + t);
+            a3 = mmq_q<T>(sb, 0, sub, 4 + t);
         }
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
@@ -1082,6 +1086,57 @@ __device__ __forceinline__ void mmq_unit(const S &sa, const S &sb, const uint8_t
     }
 }
 
+/* One unit of the 32-weight formats (nbl blocks of 32): per block the MMA,
+ * then q8_unit_b32's float expression, d_w * d_y * isum (+ m_w * s_y). */
+template <int T, int NT, class S>
+__device__ __forceinline__ void mmq_unit_b32(const S &sa, const S &sb, const uint8_t *xr,
+                                             int nbl, int g, int t, float (&acc)[NT][4])
+{
+    constexpr bool HAS_M = T == KILN_TYPE_Q4_1 || T == KILN_TYPE_Q5_1;
+#pragma unroll
+    for (int blk = 0; blk < 8; blk++) {
+        if (blk >= nbl)
+            break;
+        const int bo = blk * kq<T>::BB;
+        const uint32_t a0 = mmq_q<T>(sa, bo, 0, t), a1 = mmq_q<T>(sb, bo, 0, t);
+        const uint32_t a2 = mmq_q<T>(sa, bo, 0, 4 + t), a3 = mmq_q<T>(sb, bo, 0, 4 + t);
+        const float dwa = kcu_h2f(sa.u16(bo)), dwb = kcu_h2f(sb.u16(bo));
+        const float mwa = HAS_M ? kcu_h2f(sa.u16(bo + 2)) : 0.0f;
+        const float mwb = HAS_M ? kcu_h2f(sb.u16(bo + 2)) : 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            const uint8_t *xn = xr + (size_t)(8 * nt + g) * Q8_REC + 32 * blk + 4 * t;
+            int c[4] = {0, 0, 0, 0};
+            mmq_k32(c, a0, a1, a2, a3, *(const uint32_t *)xn, *(const uint32_t *)(xn + 16));
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const uint8_t *xa = xr + (size_t)(8 * nt + 2 * t + (i & 1)) * Q8_REC;
+                const float dy = *(const float *)(xa + Q8_AUX0 + 4 * blk);
+                float v = __fmul_rn(__fmul_rn(i < 2 ? dwa : dwb, dy), __int2float_rn(c[i]));
+                if constexpr (HAS_M)
+                    v = __fadd_rn(v, __fmul_rn(i < 2 ? mwa : mwb,
+                                               *(const float *)(xa + Q8_AUX1 + 4 * blk)));
+                acc[nt][i] = __fadd_rn(acc[nt][i], v);
+            }
+        }
+    }
+}
+
+/* One super-block (unit) of weight rows g and g + 8 (sa, sb) against the
+ * NT x 8 activation rows whose records for this unit start at xr; the
+ * 32-weight formats' nbl blocks go to mmq_unit_b32. */
+template <int T, int NT, class S>
+__device__ __forceinline__ void mmq_unit(const S &sa, const S &sb, const uint8_t *xr, int nbl,
+                                         int g, int t, float (&acc)[NT][4])
+{
+    if constexpr (kq<T>::QK == 32) {
+        mmq_unit_b32<T, NT>(sa, sb, xr, nbl, g, t, acc);
+        return;
+    } else {
+        mmq_unit_k<T, NT>(sa, sb, xr, g, t, acc);
+    }
+}
+
 template <int T, int NT>
 __global__ void __launch_bounds__(MMQ_THREADS, NT <= 4 ? 2 : 1) k_q8_mma(const mmq_params p)
 {
@@ -1131,9 +1186,11 @@ __global__ void __launch_bounds__(MMQ_THREADS, NT <= 4 ? 2 : 1) k_q8_mma(const m
 #pragma unroll
         for (int uu = 0; uu < MMQ_CU; uu++) {
             if (uu < n_u) {
-                const size_t off = (size_t)(ua + uu) * kq<T>::BB;
+                constexpr int UB = (KCU_UNIT / kq<T>::QK) * kq<T>::BB;
+                const size_t off = (size_t)(ua + uu) * UB;
+                const int nbl = min(KCU_UNIT / 32, p.nb - (ua + uu) * (KCU_UNIT / 32));
                 const auto sa = kcu_src_at<true>(wa + off), sb = kcu_src_at<true>(wb + off);
-                mmq_unit<T, NT>(sa, sb, xb + (size_t)uu * NROW * Q8_REC, g, t, acc);
+                mmq_unit<T, NT>(sa, sb, xb + (size_t)uu * NROW * Q8_REC, nbl, g, t, acc);
             }
         }
         __syncthreads(); /* before the next issue overwrites this buffer */
@@ -1196,6 +1253,11 @@ static mmq_kernel mmq_pick(int nt)
 static mmq_kernel mmq_kernel_for(kiln_type t, int nt)
 {
     switch (t) {
+    case KILN_TYPE_Q4_0: return mmq_pick<KILN_TYPE_Q4_0>(nt);
+    case KILN_TYPE_Q4_1: return mmq_pick<KILN_TYPE_Q4_1>(nt);
+    case KILN_TYPE_Q5_0: return mmq_pick<KILN_TYPE_Q5_0>(nt);
+    case KILN_TYPE_Q5_1: return mmq_pick<KILN_TYPE_Q5_1>(nt);
+    case KILN_TYPE_Q8_0: return mmq_pick<KILN_TYPE_Q8_0>(nt);
     case KILN_TYPE_Q4_K: return mmq_pick<KILN_TYPE_Q4_K>(nt);
     case KILN_TYPE_Q5_K: return mmq_pick<KILN_TYPE_Q5_K>(nt);
     case KILN_TYPE_Q6_K: return mmq_pick<KILN_TYPE_Q6_K>(nt);
@@ -1203,7 +1265,9 @@ static mmq_kernel mmq_kernel_for(kiln_type t, int nt)
     }
 }
 
-static const kiln_type mmq_types[] = {KILN_TYPE_Q4_K, KILN_TYPE_Q5_K, KILN_TYPE_Q6_K};
+static const kiln_type mmq_types[] = {KILN_TYPE_Q4_0, KILN_TYPE_Q4_1, KILN_TYPE_Q5_0,
+                                      KILN_TYPE_Q5_1, KILN_TYPE_Q8_0, KILN_TYPE_Q4_K,
+                                      KILN_TYPE_Q5_K, KILN_TYPE_Q6_K};
 static const int mmq_nts[] = {2, 3, 4, 6, 8};
 
 static size_t mmq_smem_bytes(int nt)
@@ -1215,17 +1279,19 @@ static size_t mmq_smem_bytes(int nt)
 static bool mmq_takes(const kcu *cu, const kb_weight *w, int rows)
 {
     const quant_traits *tr = quant_get_traits(w->type);
+    const int fmt = q8_format_of(w->type);
     return cu->q8_mma && cu->q8_ready && rows > KCU_MATVEC_MAX_ROWS &&
-           rows <= KCU_Q8_MMA_MAX_ROWS && mmq_kernel_for(w->type, 8) && tr &&
-           tr->fast_vec_dot_type == KILN_TYPE_Q8_K && w->ne[0] > 0 && w->ne[1] > 0 &&
-           w->ne[0] % KCU_UNIT == 0 && (uintptr_t)w->data % 2 == 0 && cu->q8_act &&
-           (size_t)rows * (size_t)(w->ne[0] / KCU_UNIT) * Q8_REC <= cu->q8_act_bytes;
+           rows <= KCU_Q8_MMA_MAX_ROWS && mmq_kernel_for(w->type, 8) && tr && fmt >= 0 &&
+           tr->fast_vec_dot_type == q8_format_type(fmt) && w->ne[0] > 0 && w->ne[1] > 0 &&
+           w->ne[0] % tr->block_size == 0 && (uintptr_t)w->data % 2 == 0 && cu->q8_act &&
+           (size_t)rows * (size_t)((w->ne[0] + KCU_UNIT - 1) / KCU_UNIT) * Q8_REC <=
+               cu->q8_act_bytes;
 }
 
 /* One weight against the records in cu->q8_act (already quantized). */
 static void mmq_launch(kcu *cu, const kb_weight *w, float *out, const float *bias, int rows)
 {
-    const int nt = mmq_tiles(rows), nu = (int)(w->ne[0] / KCU_UNIT);
+    const int nt = mmq_tiles(rows), nu = (int)((w->ne[0] + KCU_UNIT - 1) / KCU_UNIT);
     const int n_out = (int)w->ne[1], mt = kcu_div_up(n_out, MMQ_M);
     /* splits: enough CTAs for two a SM, each split at least two chunks,
      * their partial sums inside the reserved scratch */
@@ -1245,6 +1311,7 @@ static void mmq_launch(kcu *cu, const kb_weight *w, float *out, const float *bia
     p.part = cu->mmq_part;
     p.xq = (const uint8_t *)cu->q8_act;
     p.nu = nu;
+    p.nb = (int)(w->ne[0] / 32); /* read by the 32-weight formats only */
     p.rows = rows;
     p.ku = kcu_div_up(nu, ks);
     p.ks = kcu_div_up(nu, p.ku);
@@ -1482,10 +1549,12 @@ bool kcu_matvec_q8_group(kcu *cu, const kb_weight *const *w, float *const *out,
         return false;
     if (rows > KCU_MATVEC_MAX_ROWS) {
         /* the tensor-core path: x quantized once, one launch a weight */
+        const int mfmt = q8_format_of(w[0]->type);
         for (int s = 0; s < n; s++)
-            if (!mmq_takes(cu, w[s], rows) || w[s]->ne[0] != w[0]->ne[0])
+            if (!mmq_takes(cu, w[s], rows) || w[s]->ne[0] != w[0]->ne[0] ||
+                q8_format_of(w[s]->type) != mfmt)
                 return false;
-        q8_quantize(cu, x, (int)w[0]->ne[0], rows, Q8F_K);
+        q8_quantize(cu, x, (int)w[0]->ne[0], rows, mfmt);
         for (int s = 0; s < n; s++)
             mmq_launch(cu, w[s], out[s], bias[s], rows);
         return true;

@@ -533,8 +533,9 @@ static void test_bad_input(void **state)
 static char tp_tag[64];
 
 /* Nothing a finished run started may be left: its process group is gone
- * when eval returns; a rank mpirun put in a group of its own gets
- * TP_GONE_SEC to follow. */
+ * when eval returns, and the launcher has ended the ranks mpirun put in
+ * groups of their own before it exited; TP_GONE_SEC for the last of them
+ * to vanish from /proc. */
 static void expect_no_leftovers(const char *after)
 {
     pid_t first;

@@ -42,7 +42,6 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "dist/tp.h"
@@ -227,12 +226,6 @@ static int status_code(int status)
     return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
 }
 
-static void nap_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
 /* ------------------------------------------------------------------------
  * The ranks mpirun started.  mpirun puts each in a process group of its
  * own, so a signal to the launcher's group never reaches them; the
@@ -335,10 +328,10 @@ static int ranks_end_orphans(const rank_set *rs, double kill_at)
             "%s\n", left, left == 1 ? "" : "s", left == 1 ? "s" : "ve", left == 1 ? "it" : "them");
     ranks_signal(rs, SIGTERM);
     while (ranks_signal(rs, 0) > 0 && kiln_now_sec() < kill_at)
-        nap_ms(KILN_TP_POLL_MS / 5);
+        kiln_sleep_ms(KILN_TP_POLL_MS / 5);
     double give_up = kiln_now_sec() + KILN_TP_KILL_GRACE_SEC;
     while (ranks_signal(rs, SIGKILL) > 0 && kiln_now_sec() < give_up)
-        nap_ms(KILN_TP_POLL_MS / 5);
+        kiln_sleep_ms(KILN_TP_POLL_MS / 5);
     return left;
 }
 
@@ -376,6 +369,18 @@ static void stop_signals_restore(const struct sigaction *old)
 {
     for (int i = 0; i < N_STOP_SIGNALS; i++)
         sigaction(k_stop_signals[i], &old[i], NULL);
+}
+
+/* Begin ending the group: SIGTERM to every child still running, and the
+ * SIGKILL due KILN_TP_KILL_GRACE_SEC from now (end_by: the grace mpirun's
+ * orphans get too), unless one is due already. */
+static void end_children(const child *ch, int n, double now, double *kill_at, double *end_by)
+{
+    for (int k = 0; k < n; k++)
+        if (ch[k].alive)
+            kill(ch[k].pid, SIGTERM);
+    if (*kill_at == 0)
+        *kill_at = *end_by = now + KILN_TP_KILL_GRACE_SEC;
 }
 
 /* Wait for every child, relaying rank 0's NCCL id, ending the others when
@@ -438,10 +443,7 @@ static int supervise(child *ch, int n, rank_set *rs)
                     else
                         fprintf(stderr, "kiln: tensor parallel: rank %d (pid %d) %s\n",
                                 ch[i].rank, (int)pid, how);
-                    for (int k = 0; k < n; k++)
-                        if (ch[k].alive)
-                            kill(ch[k].pid, SIGTERM);
-                    kill_at = end_by = kiln_now_sec() + KILN_TP_KILL_GRACE_SEC;
+                    end_children(ch, n, kiln_now_sec(), &kill_at, &end_by);
                 } else if (!bad && ch[i].rank == 0 && alive > 0 && deadline == 0) {
                     deadline = kiln_now_sec() + KILN_TP_EXIT_GRACE_SEC;
                 }
@@ -455,11 +457,7 @@ static int supervise(child *ch, int n, rank_set *rs)
             stopping = true;
             fprintf(stderr, "kiln: tensor parallel: %s; ending the ranks\n",
                     sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : "SIGHUP");
-            for (int k = 0; k < n; k++)
-                if (ch[k].alive)
-                    kill(ch[k].pid, SIGTERM);
-            if (!failed || kill_at == 0)
-                kill_at = end_by = now + KILN_TP_KILL_GRACE_SEC;
+            end_children(ch, n, now, &kill_at, &end_by);
             failed = true;
             code = 128 + sig;
         }
@@ -474,8 +472,7 @@ static int supervise(child *ch, int n, rank_set *rs)
                         "for %.0f s; ending it\n", KILN_TP_EXIT_GRACE_SEC);
                 failed = true;
                 code = 1;
-                kill(ch[0].pid, SIGTERM);
-                kill_at = end_by = now + KILN_TP_KILL_GRACE_SEC;
+                end_children(ch, n, now, &kill_at, &end_by);
             }
         }
         if (deadline > 0 && now > deadline && !failed && alive > 0) {
@@ -484,10 +481,7 @@ static int supervise(child *ch, int n, rank_set *rs)
                     alive == 1 ? "it" : "them");
             failed = true;
             code = 1;
-            for (int k = 0; k < n; k++)
-                if (ch[k].alive)
-                    kill(ch[k].pid, SIGTERM);
-            kill_at = end_by = now + KILN_TP_KILL_GRACE_SEC;
+            end_children(ch, n, now, &kill_at, &end_by);
         }
         if (kill_at > 0 && now > kill_at) {
             for (int k = 0; k < n; k++)

@@ -27,7 +27,6 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <curl/curl.h>
@@ -57,12 +56,6 @@ struct eval_tpserve {
 static volatile sig_atomic_t g_child_pgid;
 static struct sigaction g_old_int, g_old_term, g_old_hup;
 
-static void nap_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
 /* SIGINT / SIGTERM / SIGHUP while a child runs: SIGTERM to its group, and
  * a wait for the launcher, which ends the ranks it started (mpirun's,
  * in process groups of their own, too) before it exits; after the grace,
@@ -81,7 +74,7 @@ static void on_signal(int sig)
             pid_t w = waitpid(pg, NULL, WNOHANG);
             gone = w == pg || (w < 0 && errno == ECHILD);
             if (!gone)
-                nap_ms(TPS_SIGNAL_POLL_MS);
+                kiln_sleep_ms(TPS_SIGNAL_POLL_MS);
         }
         kill(-pg, SIGKILL);
         if (!gone)
@@ -333,7 +326,7 @@ kiln_status eval_tpserve_start(const eval_model_def *m, const eval_run_opts *o,
                              "ready (GET /health 200) within %.0f s (--serve-timeout); its last "
                              "lines:%s", o->tp, limit, tail[0] ? tail : " (none)");
         }
-        nap_ms(TPS_POLL_MS);
+        kiln_sleep_ms(TPS_POLL_MS);
     }
     *ready_sec = kiln_time_now() - t0;
     return KILN_OK;
@@ -385,7 +378,7 @@ void eval_tpserve_stop(eval_tpserve *s)
             } else if (el > TPS_STOP_GRACE_SEC + TPS_KILL_WAIT_SEC) {
                 break;
             }
-            nap_ms(killed ? 20 : 50);
+            kiln_sleep_ms(killed ? 20 : 50);
         }
         if (!s->reaped && waitpid(s->pid, &s->status, 0) == s->pid)
             s->reaped = true;

@@ -70,6 +70,12 @@ double kiln_now_sec(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+void kiln_sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
 bool kiln_proc_read_stat(long pid, kiln_proc_stat *out)
 {
     char path[64], line[1024];

@@ -190,6 +190,7 @@ uint16_t kiln_f32_to_fp16(float f);
  * ---------------------------------------------------------------------- */
 
 double kiln_now_sec(void); /* monotonic clock, seconds */
+void kiln_sleep_ms(long ms); /* nanosleep: async-signal-safe */
 
 /* A process's line of /proc/PID/stat (Linux), the fields kiln reads. */
 typedef struct kiln_proc_stat {

@@ -44,8 +44,9 @@ extern "C" {
 #define KCU_MATVEC_MAX_ROWS 8
 
 /* With fast activations and KILN_CUDA_Q8_MMA=1: rows above
- * KCU_MATVEC_MAX_ROWS up to this run the K-quant weights on integer tensor
- * cores (matvec_q8.cu, k_q8_mma), KCU_Q8_MMA_WARPS x 16 weight rows a CTA. */
+ * KCU_MATVEC_MAX_ROWS up to this run the quantized weights (but Q2_K /
+ * Q3_K) on integer tensor cores (matvec_q8.cu, k_q8_mma),
+ * KCU_Q8_MMA_WARPS x 16 weight rows a CTA. */
 #define KCU_Q8_MMA_MAX_ROWS 64
 #define KCU_Q8_MMA_WARPS 8
 
@@ -509,7 +510,7 @@ void kcu_green_release(kcu_dev *dv);
  * ---------------------------------------------------------------------- */
 
 /* out (rows, n_out) = x (rows, n_in) @ w^T (+ bias) for rows <= 8 (to
- * KCU_Q8_MMA_MAX_ROWS for K-quants with KILN_CUDA_Q8_MMA=1) with the
+ * KCU_Q8_MMA_MAX_ROWS with KILN_CUDA_Q8_MMA=1, k_q8_mma's types) with the
  * activations rounded to w's fast_vec_dot_type (Q8_0 / Q8_1 / Q8_K) as the
  * CPU's fast path does; true when enqueued, false (nothing enqueued) for a
  * type or shape it does not handle: the caller then runs kcu_matvec. */

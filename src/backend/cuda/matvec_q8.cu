@@ -923,6 +923,21 @@ static const kiln_type q8_types[] = {KILN_TYPE_Q4_0, KILN_TYPE_Q4_1, KILN_TYPE_Q
                                      KILN_TYPE_Q3_K, KILN_TYPE_Q4_K, KILN_TYPE_Q5_K,
                                      KILN_TYPE_Q6_K};
 
+/* What both the matvec and the tensor-core path need of a weight: a type
+ * whose fast_vec_dot_type is a record format here, n_in-long rows of
+ * whole blocks, 2-byte aligned data, and the reserved scratch for `rows`
+ * rows of records. */
+static bool q8_weight_ok(const kcu *cu, const kb_weight *w, int rows)
+{
+    const int fmt = q8_format_of(w->type);
+    const quant_traits *tr = quant_get_traits(w->type);
+    return fmt >= 0 && tr && tr->fast_vec_dot_type == q8_format_type(fmt) && cu->q8_act &&
+           cu->q8_ready && w->ne[0] > 0 && w->ne[1] > 0 && w->ne[0] % tr->block_size == 0 &&
+           (uintptr_t)w->data % 2 == 0 &&
+           (size_t)rows * (size_t)((w->ne[0] + KCU_UNIT - 1) / KCU_UNIT) * Q8_REC <=
+               cu->q8_act_bytes;
+}
+
 /* ------------------------------------------------------------------------
  * Decode batches of 9 to KCU_Q8_MMA_MAX_ROWS rows on integer tensor cores
  *
@@ -1278,14 +1293,8 @@ static size_t mmq_smem_bytes(int nt)
 /* Whether the tensor-core path takes w for `rows` rows. */
 static bool mmq_takes(const kcu *cu, const kb_weight *w, int rows)
 {
-    const quant_traits *tr = quant_get_traits(w->type);
-    const int fmt = q8_format_of(w->type);
-    return cu->q8_mma && cu->q8_ready && rows > KCU_MATVEC_MAX_ROWS &&
-           rows <= KCU_Q8_MMA_MAX_ROWS && mmq_kernel_for(w->type, 8) && tr && fmt >= 0 &&
-           tr->fast_vec_dot_type == q8_format_type(fmt) && w->ne[0] > 0 && w->ne[1] > 0 &&
-           w->ne[0] % tr->block_size == 0 && (uintptr_t)w->data % 2 == 0 && cu->q8_act &&
-           (size_t)rows * (size_t)((w->ne[0] + KCU_UNIT - 1) / KCU_UNIT) * Q8_REC <=
-               cu->q8_act_bytes;
+    return cu->q8_mma && rows > KCU_MATVEC_MAX_ROWS && rows <= KCU_Q8_MMA_MAX_ROWS &&
+           mmq_kernel_for(w->type, 8) && q8_weight_ok(cu, w, rows);
 }
 
 /* One weight against the records in cu->q8_act (already quantized). */
@@ -1329,16 +1338,10 @@ static void mmq_launch(kcu *cu, const kb_weight *w, float *out, const float *bia
  * Planning and launch
  * ---------------------------------------------------------------------- */
 
-/* Whether the fast path takes weight w (as its format's n_in-long rows). */
+/* Whether the matvec (1 to KCU_MATVEC_MAX_ROWS rows) takes weight w. */
 static bool q8_takes(const kcu *cu, const kb_weight *w, int rows)
 {
-    const int fmt = q8_format_of(w->type);
-    const quant_traits *tr = quant_get_traits(w->type);
-    return fmt >= 0 && tr && tr->fast_vec_dot_type == q8_format_type(fmt) && rows >= 1 &&
-           rows <= KCU_MATVEC_MAX_ROWS && cu->q8_act && cu->q8_ready && w->ne[0] > 0 &&
-           w->ne[1] > 0 && w->ne[0] % tr->block_size == 0 && (uintptr_t)w->data % 2 == 0 &&
-           (size_t)rows * (size_t)((w->ne[0] + KCU_UNIT - 1) / KCU_UNIT) * Q8_REC <=
-               cu->q8_act_bytes;
+    return rows >= 1 && rows <= KCU_MATVEC_MAX_ROWS && q8_weight_ok(cu, w, rows);
 }
 
 /* A launch of k_q8_mv over n weights of one type and row length. */
@@ -1463,8 +1466,7 @@ kiln_status kcu_matvec_q8_reserve(kcu *cu, const kb_reserve *r)
 {
     kcu_matvec_q8_release(cu);
     const size_t nu = (size_t)((r->max_n_in + KCU_UNIT - 1) / KCU_UNIT);
-    const char *mma = getenv("KILN_CUDA_Q8_MMA");
-    cu->q8_mma = mma && !strcmp(mma, "1");
+    cu->q8_mma = kcu_env_int("KILN_CUDA_Q8_MMA", 0, 1) == 1;
     const size_t max_rows = cu->q8_mma ? KCU_Q8_MMA_MAX_ROWS : KCU_MATVEC_MAX_ROWS;
     const size_t bytes = max_rows * nu * Q8_REC;
     KCU_TRY(cu, cudaMalloc(&cu->q8_act, bytes));

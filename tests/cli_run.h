@@ -38,8 +38,9 @@
 
 typedef struct run_result {
     int status;   /* exit code, or 128 + signal */
-    char *out;    /* stdout (NUL-terminated) */
+    char *out;    /* stdout (NUL-terminated; a NUL the program wrote ends it early) */
     char *err;    /* stderr */
+    size_t out_len, err_len; /* bytes captured, NULs included */
 } run_result;
 
 /* A growing capture of one stream, cut at CLI_RUN_OUT_MAX. */
@@ -163,6 +164,8 @@ static run_result cli_run_input(char *bin, const char *const *args, const char *
     run_result r;
     r.out = out.buf ? out.buf : calloc(1, 1);
     r.err = err.buf ? err.buf : calloc(1, 1);
+    r.out_len = out.len;
+    r.err_len = err.len;
     r.status = wait_status(pid);
     return r;
 }

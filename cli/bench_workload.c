@@ -9,8 +9,13 @@
  * the end with continuous batching, chunked prefill and its KV pool as
  * configured.  The figures: output tokens / wall time (nano-vllm's
  * "throughput"), all tokens / wall time, and the time to the first token of
- * the first and the median request.  The default workload is nano-vllm's:
- * 256 sequences, both lengths in [100, 1024], seed 0.
+ * the first and the median request; then where the time went: the engine's
+ * steps (how many decoded, how many of those also prefilled, how many
+ * sequences a decoding step carried), their time in the forward and in the
+ * rest (batching, sampling, callbacks), and when half and 90 % of the
+ * requests had finished (the tail, where few sequences share each read of
+ * the weights).  The default workload is nano-vllm's: 256 sequences, both
+ * lengths in [100, 1024], seed 0.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,7 +27,8 @@
 #define WL_MAX_SEQS 65536
 
 typedef struct wl_req {
-    double t_first; /* first token, seconds after the start */
+    double t_first; /* first token (kiln_now_sec) */
+    double t_done;  /* the final event (kiln_now_sec) */
     int n_gen;
     bool done;
     bool failed;
@@ -77,6 +83,7 @@ static void wl_on_token(const kiln_token_event *ev, void *user)
         r->n_gen = ev->n_generated;
         r->failed = ev->finish == KILN_FINISH_ERROR || ev->finish == KILN_FINISH_CANCELLED;
         r->done = true;
+        r->t_done = kiln_now_sec();
     }
 }
 
@@ -197,7 +204,8 @@ int cmd_bench_workload(int argc, char **argv)
     wl_req *req = kiln_calloc((size_t)n_seqs, sizeof *req);
     int32_t *ids = kiln_malloc_array((size_t)pmax, sizeof *ids);
     double *ttft = kiln_malloc_array((size_t)n_seqs, sizeof *ttft);
-    if (!plen || !olen || !req || !ids || !ttft) {
+    double *done = kiln_malloc_array((size_t)n_seqs, sizeof *done);
+    if (!plen || !olen || !req || !ids || !ttft || !done) {
         fprintf(stderr, "kiln: bench workload: out of memory\n");
         return 1;
     }
@@ -253,8 +261,18 @@ int cmd_bench_workload(int argc, char **argv)
         failed += req[i].failed || !req[i].done;
         got += (uint64_t)req[i].n_gen;
         ttft[i] = req[i].t_first > 0 ? req[i].t_first - t0 : wall;
+        done[i] = req[i].t_done > 0 ? req[i].t_done - t0 : wall;
     }
     qsort(ttft, (size_t)n_seqs, sizeof *ttft, cmp_dbl);
+    qsort(done, (size_t)n_seqs, sizeof *done, cmp_dbl);
+    /* where the time went: the steps' forward and host shares, how full the
+     * decode steps were, and when the requests finished (the tail, where
+     * few sequences share each read of the weights) */
+    kiln_engine_stats es;
+    kiln_engine_get_stats(e, &es);
+    const double rows_per_step =
+        es.n_decode_steps ? (double)es.n_decode_rows / (double)es.n_decode_steps : 0;
+    const double half_done = done[(n_seqs - 1) / 2], most_done = done[(n_seqs * 9 - 1) / 10];
     const double roof_tok_s = roof.sec > 0 ? (double)n_out / roof.sec : 0;
     const double roof_pct = roof_tok_s > 0 ? 100.0 * ((double)n_out / wall) / roof_tok_s : 0;
     int rc = 0;
@@ -274,11 +292,16 @@ int cmd_bench_workload(int argc, char **argv)
                "\"output_tok_s\": %.1f, \"total_tok_s\": %.1f, \"ttft_p50_s\": %.3f, "
                "\"load_sec\": %.3f, \"roofline_gb\": %.1f, \"roofline_tflop\": %.1f, "
                "\"copy_gb_s\": %.1f, \"roofline_output_tok_s\": %.1f, "
-               "\"pct_of_roofline\": %.1f}\n",
+               "\"pct_of_roofline\": %.1f, \"steps\": %llu, \"decode_steps\": %llu, "
+               "\"mixed_steps\": %llu, \"decode_rows\": %llu, \"forward_s\": %.3f, "
+               "\"host_s\": %.3f, \"half_done_s\": %.3f, \"ninety_pct_done_s\": %.3f}\n",
                o.model, o.device, n_seqs, pmin, pmax, omin, omax, seed, max_seqs, batch_tokens,
                (unsigned long long)n_prompt, (unsigned long long)n_out, wall, (double)n_out / wall,
                (double)(n_prompt + n_out) / wall, ttft[n_seqs / 2], load_sec, roof.bytes / 1e9,
-               roof.flops / 1e12, roof.ceil.copy_bps / 1e9, roof_tok_s, roof_pct);
+               roof.flops / 1e12, roof.ceil.copy_bps / 1e9, roof_tok_s, roof_pct,
+               (unsigned long long)es.n_steps, (unsigned long long)es.n_decode_steps,
+               (unsigned long long)es.n_mixed_steps, (unsigned long long)es.n_decode_rows,
+               es.t_forward_sec, es.t_host_sec, half_done, most_done);
     } else {
         printf("workload  %d requests, prompts %d-%d, outputs %d-%d tokens (seed %lld); "
                "max %d at once, %d tokens a step\n", n_seqs, pmin, pmax, omin, omax, seed,
@@ -291,6 +314,14 @@ int cmd_bench_workload(int argc, char **argv)
         if (roof.sec > 0)
             printf("roofline  %.1f tok/s: %.1f %% (%.0f GB at %.0f GB/s, %.1f TFLOP)\n", roof_tok_s,
                    roof_pct, roof.bytes / 1e9, roof.ceil.copy_bps / 1e9, roof.flops / 1e12);
+        printf("steps     %llu: %llu decoding (%llu of them also prefilling), %.1f sequences a "
+               "decoding step\n", (unsigned long long)es.n_steps,
+               (unsigned long long)es.n_decode_steps, (unsigned long long)es.n_mixed_steps,
+               rows_per_step);
+        printf("time      forward %.2f s, the rest of the steps %.2f s (batching, sampling, "
+               "callbacks)\n", es.t_forward_sec, es.t_host_sec);
+        printf("finished  half by %.2f s, 90 %% by %.2f s, the last at %.2f s\n", half_done,
+               most_done, done[n_seqs - 1]);
     }
     kiln_engine_free(e);
     kiln_model_free(m);
@@ -299,5 +330,6 @@ int cmd_bench_workload(int argc, char **argv)
     kiln_free(req);
     kiln_free(ids);
     kiln_free(ttft);
+    kiln_free(done);
     return rc;
 }

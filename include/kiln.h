@@ -422,7 +422,18 @@ typedef struct kiln_engine_stats {
     uint64_t n_prompt_tokens;     /* prefilled so far */
     uint64_t n_generated_tokens;
     double t_prompt_sec;          /* time in steps that were prefill-only */
-    double t_decode_sec;
+    double t_decode_sec;          /* time in steps that decoded (some may
+                                     also have prefilled: n_mixed_steps) */
+    /* Where the steps' time went: t_forward_sec in the model's forward
+     * (on a GPU: launches and the wait for its results), t_host_sec in the
+     * rest of each step (building the batch, sampling on the host, accepting
+     * tokens, the token callbacks); together they are t_prompt_sec +
+     * t_decode_sec plus the batch building, which those two leave out. */
+    double t_forward_sec;
+    double t_host_sec;
+    uint64_t n_decode_steps;      /* steps that decoded */
+    uint64_t n_mixed_steps;       /* of those, the ones that also prefilled */
+    uint64_t n_decode_rows;       /* summed over steps: sequences decoding */
     uint64_t n_cached_tokens;     /* prompt tokens served by the prefix cache */
     uint64_t n_prefix_queries;    /* prompt tokens looked up in the prefix
                                      cache (hits: n_cached_tokens) */

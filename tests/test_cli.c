@@ -294,11 +294,25 @@ static void test_bench_workload(void **state)
     const double rate = json_number_value(json_object_get(j, "output_tok_s"));
     const double roof = json_number_value(json_object_get(j, "roofline_output_tok_s"));
     const double share = json_number_value(json_object_get(j, "pct_of_roofline"));
+#define WL_NUM(name) json_number_value(json_object_get(j, name))
+    const double steps = WL_NUM("steps"), dsteps = WL_NUM("decode_steps");
+    const double mixed = WL_NUM("mixed_steps"), drows = WL_NUM("decode_rows");
+    const double fwd = WL_NUM("forward_s"), host = WL_NUM("host_s"), wall = WL_NUM("wall_s");
+    const double half = WL_NUM("half_done_s"), most = WL_NUM("ninety_pct_done_s");
+#undef WL_NUM
     json_decref(j);
     if (out < 6 * 4 || out > 6 * 12 || rate <= 0 || roof <= 0 ||
         fabs(share - 100.0 * rate / roof) > 0.1 + 0.01 * share)
         fail_msg("bench workload: output %g, %g tok/s, roofline %g tok/s, share %g:\n%s", out,
                  rate, roof, share, r.out);
+    /* each request's first token ends its prefill; the others are one
+     * decoding row each, 1 to 6 a step */
+    if (drows != out - 6 || dsteps < 1 || dsteps > steps || mixed > dsteps ||
+        drows < dsteps || drows > 6 * dsteps || fwd <= 0 || host < 0 || fwd + host > wall ||
+        half <= 0 || half > most || most > wall)
+        fail_msg("bench workload: steps %g, decoding %g (mixed %g), rows %g of %g tokens, "
+                 "forward %g s + host %g s of %g s, finished half %g s, 90 %% %g s:\n%s",
+                 steps, dsteps, mixed, drows, out, fwd, host, wall, half, most, r.out);
     run_free(&r);
 }
 

@@ -564,6 +564,9 @@ static void test_greedy_basic(void **state)
     kiln_engine_get_stats(e, &st);
     assert_true(st.n_steps == 8 && st.n_prompt_tokens == 3 && st.n_generated_tokens == 8);
     assert_true(st.t_prompt_sec >= 0 && st.t_decode_sec >= 0);
+    /* one prefill step (its token the first), seven decoding one row */
+    assert_true(st.n_decode_steps == 7 && st.n_decode_rows == 7 && st.n_mixed_steps == 0);
+    assert_true(st.t_forward_sec >= 0 && st.t_host_sec >= 0);
     engine_done(e, f);
 }
 
@@ -789,6 +792,11 @@ static void test_chunked_prefill(void **state)
     check_ref(&c, FAKE_HASH, V, prompt, 3 * B, 10);
     check_ref(&d, FAKE_HASH, V, other, 5, 10);
     assert_true(f->n_partial_steps >= 2); /* the long prompt took 3+ chunks */
+    kiln_engine_stats st;
+    kiln_engine_get_stats(e, &st);
+    /* 9 decoding rows each; the chunks rode along with some of the other's */
+    assert_true(st.n_decode_rows == 18 && st.n_mixed_steps >= 1 &&
+                st.n_mixed_steps <= st.n_decode_steps && st.n_decode_steps <= st.n_steps);
     engine_done(e, f);
     run_alone(V, prompt, 3 * B, &s, &alone); /* one 512-token step */
     assert_memory_equal(c.toks, alone.toks, 10 * sizeof(int32_t));

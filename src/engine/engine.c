@@ -657,20 +657,23 @@ kiln_status engine_step(kiln_engine *e, bool *progress)
         *progress = true;
     }
 
+    const double t_build = kiln_now_sec();
     int nb = sched_build(&e->sc);
     kiln_status st = KILN_OK;
     if (nb > 0) {
         *progress = true;
-        double t0 = kiln_now_sec();
+        double t0 = kiln_now_sec(), t_fwd = 0;
         const float *logits = NULL;
         bool dev = prepare_device_sampling(e, nb);
         if (pd_is_prefill(e))
             st = pd_prefill_sends(e);
+        const double tf0 = kiln_now_sec();
         if (!st && dev)
             st = e->r.forward_sample(e->r.ctx, &e->sc.batch, e->dev_rows, e->dev_ids,
                                      e->dev_logprobs);
         else if (!st)
             st = e->r.forward(e->r.ctx, &e->sc.batch, &logits);
+        t_fwd = kiln_now_sec() - tf0;
         if (st) {
             kiln_error_prefix("engine step of %d tokens: ", e->sc.batch.n_tokens);
             KILN_LOGE("%s", kiln_last_error());
@@ -684,16 +687,16 @@ kiln_status engine_step(kiln_engine *e, bool *progress)
             }
         } else {
             sched_commit(&e->sc);
-            bool decode = false;
-            uint64_t n_prefill = 0, n_sampled = 0;
+            uint64_t n_prefill = 0, n_sampled = 0, n_decoding = 0;
             int row = 0;
             sched *sc = &e->sc;
             for (int k = 0; k < nb; k++) {
                 if (sc->b_decode[k])
-                    decode = true;
+                    n_decoding++;
                 else
                     n_prefill += (uint64_t)sc->b_n[k];
             }
+            const bool decode = n_decoding > 0;
             if (!dev)
                 host_sample(e, nb, logits);
             for (int k = 0; k < nb; k++) {
@@ -718,7 +721,7 @@ kiln_status engine_step(kiln_engine *e, bool *progress)
                 }
                 n_sampled++;
             }
-            double dt = kiln_now_sec() - t0;
+            const double t1 = kiln_now_sec(), dt = t1 - t0;
             pthread_mutex_lock(&e->mu);
             e->stats.n_steps++;
             e->stats.n_prompt_tokens += n_prefill;
@@ -727,6 +730,11 @@ kiln_status engine_step(kiln_engine *e, bool *progress)
                 e->stats.t_decode_sec += dt;
             else
                 e->stats.t_prompt_sec += dt;
+            e->stats.t_forward_sec += t_fwd;
+            e->stats.t_host_sec += (t1 - t_build) - t_fwd;
+            e->stats.n_decode_steps += decode;
+            e->stats.n_decode_rows += n_decoding;
+            e->stats.n_mixed_steps += decode && n_prefill > 0;
             pthread_mutex_unlock(&e->mu);
         }
     }

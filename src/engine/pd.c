@@ -399,6 +399,11 @@ void pd_get_stats(kiln_engine *e, kiln_engine_stats *st)
     st->n_generated_tokens += ps.n_generated_tokens;
     st->t_prompt_sec += ps.t_prompt_sec;
     st->t_decode_sec += ps.t_decode_sec;
+    st->t_forward_sec += ps.t_forward_sec;
+    st->t_host_sec += ps.t_host_sec;
+    st->n_decode_steps += ps.n_decode_steps;
+    st->n_decode_rows += ps.n_decode_rows;
+    st->n_mixed_steps += ps.n_mixed_steps;
     st->n_cached_tokens += ps.n_cached_tokens;
     st->n_prefix_queries += ps.n_prefix_queries;
     st->n_preemptions += ps.n_preemptions;

@@ -38,13 +38,15 @@ static void wl_usage(FILE *f)
 {
     fprintf(f, "usage: kiln bench workload -m MODEL [--device DEV] [--seqs N] [--prompt MIN-MAX]\n"
                "                           [--output MIN-MAX] [--seed S] [--max-seqs N]\n"
-               "                           [--batch-tokens N] [--json] [generate's model options]\n\n"
+               "                           [--batch-tokens N] [--profile] [--json]\n"
+               "                           [generate's model options]\n\n"
                "  --seqs N          requests (default 256)\n"
                "  --prompt MIN-MAX  prompt tokens, uniform (default 100-1024)\n"
                "  --output MIN-MAX  generated tokens, uniform (default 100-1024)\n"
                "  --seed S          the workload's generator (default 0)\n"
                "  --max-seqs N      sequences decoding at once (default: --seqs, at most 256)\n"
-               "  --batch-tokens N  tokens of one step, prefill chunks included (default 8192)\n");
+               "  --batch-tokens N  tokens of one step, prefill chunks included (default 8192)\n"
+               "  --profile         time the forward by phase (every step op by op: slower)\n");
 }
 
 static uint64_t wl_next(uint64_t *x)
@@ -145,13 +147,15 @@ int cmd_bench_workload(int argc, char **argv)
     int n_seqs = 256, pmin = 100, pmax = 1024, omin = 100, omax = 1024, max_seqs = 0;
     int batch_tokens = 8192;
     long long seed = 0;
-    bool json = false;
+    bool json = false, profile = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         long long v;
         const bool has = i + 1 < argc;
         if (!strcmp(a, "--json")) {
             json = true;
+        } else if (!strcmp(a, "--profile")) {
+            profile = true;
         } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             wl_usage(stdout);
             return 0;
@@ -230,6 +234,7 @@ int cmd_bench_workload(int argc, char **argv)
     ep.max_seqs = max_seqs;
     ep.max_batch_tokens = batch_tokens;
     ep.eager = o.eager;
+    ep.profile = profile;
     if (o.gpu_mem_fraction > 0)
         ep.gpu_mem_fraction = o.gpu_mem_fraction;
     kiln_engine *e = NULL;
@@ -273,6 +278,19 @@ int cmd_bench_workload(int argc, char **argv)
     const double rows_per_step =
         es.n_decode_steps ? (double)es.n_decode_rows / (double)es.n_decode_steps : 0;
     const double half_done = done[(n_seqs - 1) / 2], most_done = done[(n_seqs * 9 - 1) / 10];
+    kiln_profile pr = {0};
+    const kiln_status prof_st = profile ? kiln_engine_get_profile(e, &pr) : KILN_OK;
+    /* the phases as a JSON object (a phase key is at most 16 bytes) */
+    char prof_json[64 + KILN_PHASE_COUNT * 40] = "";
+    if (profile) {
+        size_t n = (size_t)snprintf(prof_json, sizeof prof_json, ", \"profile\": {\"steps\": %llu",
+                                    (unsigned long long)pr.n_steps);
+        for (int k = 0; k < KILN_PHASE_COUNT && n < sizeof prof_json; k++)
+            n += (size_t)snprintf(prof_json + n, sizeof prof_json - n, ", \"%s\": %.4f",
+                                  kiln_phase_name((kiln_phase)k), pr.sec[k]);
+        if (n < sizeof prof_json)
+            snprintf(prof_json + n, sizeof prof_json - n, "}");
+    }
     const double roof_tok_s = roof.sec > 0 ? (double)n_out / roof.sec : 0;
     const double roof_pct = roof_tok_s > 0 ? 100.0 * ((double)n_out / wall) / roof_tok_s : 0;
     int rc = 0;
@@ -280,6 +298,9 @@ int cmd_bench_workload(int argc, char **argv)
         if (st != KILN_OK)
             cli_report("bench workload", st);
         fprintf(stderr, "kiln: bench workload: %d of %d requests did not finish\n", failed, n_seqs);
+        rc = 1;
+    } else if (prof_st != KILN_OK) {
+        cli_report("bench workload: profile", prof_st);
         rc = 1;
     } else if (got != n_out) {
         fprintf(stderr, "kiln: bench workload: %llu tokens generated, %llu asked for\n",
@@ -294,14 +315,14 @@ int cmd_bench_workload(int argc, char **argv)
                "\"copy_gb_s\": %.1f, \"roofline_output_tok_s\": %.1f, "
                "\"pct_of_roofline\": %.1f, \"steps\": %llu, \"decode_steps\": %llu, "
                "\"mixed_steps\": %llu, \"decode_rows\": %llu, \"forward_s\": %.3f, "
-               "\"host_s\": %.3f, \"half_done_s\": %.3f, \"ninety_pct_done_s\": %.3f}\n",
+               "\"host_s\": %.3f, \"half_done_s\": %.3f, \"ninety_pct_done_s\": %.3f%s}\n",
                o.model, o.device, n_seqs, pmin, pmax, omin, omax, seed, max_seqs, batch_tokens,
                (unsigned long long)n_prompt, (unsigned long long)n_out, wall, (double)n_out / wall,
                (double)(n_prompt + n_out) / wall, ttft[n_seqs / 2], load_sec, roof.bytes / 1e9,
                roof.flops / 1e12, roof.ceil.copy_bps / 1e9, roof_tok_s, roof_pct,
                (unsigned long long)es.n_steps, (unsigned long long)es.n_decode_steps,
                (unsigned long long)es.n_mixed_steps, (unsigned long long)es.n_decode_rows,
-               es.t_forward_sec, es.t_host_sec, half_done, most_done);
+               es.t_forward_sec, es.t_host_sec, half_done, most_done, prof_json);
     } else {
         printf("workload  %d requests, prompts %d-%d, outputs %d-%d tokens (seed %lld); "
                "max %d at once, %d tokens a step\n", n_seqs, pmin, pmax, omin, omax, seed,
@@ -322,6 +343,16 @@ int cmd_bench_workload(int argc, char **argv)
                "callbacks)\n", es.t_forward_sec, es.t_host_sec);
         printf("finished  half by %.2f s, 90 %% by %.2f s, the last at %.2f s\n", half_done,
                most_done, done[n_seqs - 1]);
+        if (profile) {
+            double all = 0;
+            for (int k = 0; k < KILN_PHASE_COUNT; k++)
+                all += pr.sec[k];
+            printf("profile   the forward by phase over %llu steps (op by op, events after each "
+                   "phase): %.2f s\n", (unsigned long long)pr.n_steps, all);
+            for (int k = 0; k < KILN_PHASE_COUNT; k++)
+                printf("          %-10s %8.3f s  %5.1f %%\n", kiln_phase_name((kiln_phase)k),
+                       pr.sec[k], all > 0 ? 100.0 * pr.sec[k] / all : 0.0);
+        }
     }
     kiln_engine_free(e);
     kiln_model_free(m);

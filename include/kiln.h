@@ -276,6 +276,11 @@ typedef struct kiln_engine_params {
                               decode steps run as two micro-batches, one's
                               attention on N SMs while the other's
                               feed-forward runs on M (green contexts) */
+    int profile;           /* time the forward by phase (kiln_engine_get_profile):
+                              an event on the device's stream after each
+                              phase of each layer; on a GPU every step then
+                              runs op by op (no CUDA graphs, no decode
+                              pipeline), so steps are slower */
 } kiln_engine_params;
 
 KILN_API void kiln_engine_params_default(kiln_engine_params *p);
@@ -465,6 +470,35 @@ typedef struct kiln_latency_stats {
 } kiln_latency_stats;
 
 KILN_API void kiln_engine_get_latency(kiln_engine *e, kiln_latency_stats *st);
+
+/* The forward's phases, each layer's in order, for kiln_engine_get_profile. */
+typedef enum kiln_phase {
+    KILN_PHASE_EMBED,     /* token embedding and the first norm */
+    KILN_PHASE_QKV,       /* the q, k, v projections */
+    KILN_PHASE_ROPE_KV,   /* q/k norms, RoPE, the K/V store */
+    KILN_PHASE_ATTN,      /* attention over the cache */
+    KILN_PHASE_O,         /* the output projection (+ tensor parallel's all-reduce) */
+    KILN_PHASE_NORM,      /* residual adds and the norms between blocks */
+    KILN_PHASE_FFN_IN,    /* gate and up projections */
+    KILN_PHASE_FFN_OUT,   /* the activation and down projection (+ all-reduce) */
+    KILN_PHASE_LOGITS,    /* the output rows' norm and the vocabulary matmul */
+    KILN_PHASE_COUNT
+} kiln_phase;
+
+/* Where the forward's time went, summed over the steps profiled: the
+ * device time between events recorded after each phase (on a GPU, kernels
+ * and any idle gaps between them; on the CPU, wall time). */
+typedef struct kiln_profile {
+    uint64_t n_steps;
+    double sec[KILN_PHASE_COUNT];
+} kiln_profile;
+
+/* The phase's key: "embed", "qkv", "rope_kv", "attention", "o_proj",
+ * "norm", "ffn_in", "ffn_out", "logits". */
+KILN_API const char *kiln_phase_name(kiln_phase p);
+/* The profile so far (both engines' with a prefill/decode split); an error
+ * naming kiln_engine_params.profile when the engine was made without it. */
+KILN_API kiln_status kiln_engine_get_profile(kiln_engine *e, kiln_profile *out);
 
 /* ------------------------------------------------------------------------
  * Tensor parallel (docs/dist.md)

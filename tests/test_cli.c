@@ -314,6 +314,37 @@ static void test_bench_workload(void **state)
                  "forward %g s + host %g s of %g s, finished half %g s, 90 %% %g s:\n%s",
                  steps, dsteps, mixed, drows, out, fwd, host, wall, half, most, r.out);
     run_free(&r);
+
+    /* --profile: every step timed, the phases adding up to the forward's
+     * time (on the CPU both are wall time around the same calls) */
+    const char *prof[] = {"kiln", "bench", "workload", "-m", SMOLLM2, "--seqs", "4", "--prompt",
+                          "8-16", "--output", "4-8", "-t", "2", "--json", "--profile", NULL};
+    r = run_kiln(prof);
+    if (r.status != 0)
+        fail_msg("bench workload --profile: exit %d, stderr:\n%s", r.status, r.err);
+    j = json_loads(r.out, 0, &jerr);
+    if (!j)
+        fail_msg("bench workload --profile: not JSON (%s):\n%s", jerr.text, r.out);
+    json_t *pj = json_object_get(j, "profile");
+    const double psteps = json_number_value(json_object_get(pj, "steps"));
+    const double nsteps = json_number_value(json_object_get(j, "steps"));
+    const double pfwd = json_number_value(json_object_get(j, "forward_s"));
+    double sum = 0;
+    int zero = 0;
+    for (int k = 0; k < KILN_PHASE_COUNT; k++) {
+        json_t *v = json_object_get(pj, kiln_phase_name((kiln_phase)k));
+        if (!json_is_number(v) || json_number_value(v) < 0)
+            fail_msg("bench workload --profile: no phase %s:\n%s", kiln_phase_name((kiln_phase)k),
+                     r.out);
+        sum += json_number_value(v);
+        zero += json_number_value(v) == 0;
+    }
+    json_decref(j);
+    /* JSON keeps 4 decimals a phase; the matmuls and attention take time */
+    if (psteps != nsteps || nsteps < 1 || sum > pfwd + 0.01 || sum < 0.5 * pfwd || zero > 2)
+        fail_msg("bench workload --profile: %g of %g steps, phases %g s of a forward of %g s "
+                 "(%d zero):\n%s", psteps, nsteps, sum, pfwd, zero, r.out);
+    run_free(&r);
 }
 
 static void test_generate_greedy(void **state)

@@ -52,6 +52,7 @@ typedef struct fake {
     int n_pieces;
     int destroyed;
     int n_text_starts;                     /* token_text calls with prev -1 */
+    bool prepared_profile;                 /* model_prepare.profile */
 } fake;
 
 static void fake_error(fake *f, const char *fmt, ...)
@@ -100,6 +101,7 @@ static kiln_status fake_prepare(void *ctx, model_prepare *ep)
     int n_blocks = ep->n_blocks, block_size = ep->block_size;
     int max_tokens = ep->max_tokens, max_out = ep->max_out;
     f->n_prepare++;
+    f->prepared_profile = ep->profile;
     f->n_blocks = n_blocks;
     f->block_size = block_size;
     f->max_tokens = max_tokens;
@@ -220,6 +222,14 @@ static fake *fake_new(int V, int mode)
 static void fake_delete(fake *f)
 {
     free(f->kv), free(f->slot_stamp), free(f->wr), free(f->logits), free(f);
+}
+
+/* A profile of the forward calls so far: one second of attention each. */
+static void fake_profile(void *ctx, kiln_profile *acc)
+{
+    fake *f = ctx;
+    acc->n_steps += (uint64_t)f->n_forward;
+    acc->sec[KILN_PHASE_ATTN] += (double)f->n_forward;
 }
 
 static model_runner fake_runner(fake *f, const int32_t *eos, int n_eos)
@@ -802,6 +812,43 @@ static void test_chunked_prefill(void **state)
     assert_memory_equal(c.toks, alone.toks, 10 * sizeof(int32_t));
 }
 
+/* kiln_engine_params.profile reaches the runner's prepare, and
+ * kiln_engine_get_profile returns what the runner summed; without it the
+ * call names the parameter. */
+static void test_profile(void **state)
+{
+    (void)state;
+    for (int on = 0; on < 2; on++) {
+        fake *f = fake_new(64, FAKE_NEXT);
+        kiln_engine_params p = params(64, 4, 0, 4, 64);
+        p.profile = on;
+        model_runner r = fake_runner(f, NULL, 0);
+        r.profile = fake_profile;
+        kiln_engine *e = NULL;
+        assert_int_equal(engine_create_with_runner(&r, &p, &e), KILN_OK);
+        assert_int_equal(f->prepared_profile, on);
+        const int32_t prompt[] = {5, 6, 7};
+        kiln_sampling s = greedy(4);
+        collect c = {0};
+        submit(e, prompt, 3, &s, &c);
+        assert_int_equal(kiln_engine_run(e), KILN_OK);
+        kiln_profile pr;
+        kiln_status st = kiln_engine_get_profile(e, &pr);
+        if (on) {
+            assert_int_equal(st, KILN_OK);
+            assert_true(pr.n_steps == 4 && pr.sec[KILN_PHASE_ATTN] == 4.0 &&
+                        pr.sec[KILN_PHASE_QKV] == 0.0);
+        } else {
+            assert_int_equal(st, KILN_ERR_INVALID_ARG);
+            assert_non_null(strstr(kiln_last_error(), "kiln_engine_params.profile"));
+            kiln_error_clear();
+        }
+        engine_done(e, f);
+    }
+    assert_string_equal(kiln_phase_name(KILN_PHASE_ATTN), "attention");
+    assert_string_equal(kiln_phase_name(KILN_PHASE_COUNT), "unknown");
+}
+
 static void test_batching_invariance(void **state)
 {
     for (int sampled = 0; sampled < 2; sampled++) {
@@ -1294,7 +1341,8 @@ int main(void)
         cmocka_unit_test(test_greedy_basic), cmocka_unit_test(test_eos_and_context),
         cmocka_unit_test(test_stop_strings), cmocka_unit_test(test_utf8_holdback),
         cmocka_unit_test(test_more_requests_than_blocks), cmocka_unit_test(test_preemption),
-        cmocka_unit_test(test_chunked_prefill), cmocka_unit_test(test_batching_invariance),
+        cmocka_unit_test(test_chunked_prefill), cmocka_unit_test(test_profile),
+        cmocka_unit_test(test_batching_invariance),
         cmocka_unit_test(test_prefix_cache), cmocka_unit_test(test_prefix_eviction),
         cmocka_unit_test(test_cancel), cmocka_unit_test(test_errors_callbacks_free),
         cmocka_unit_test(test_threads), cmocka_unit_test(test_alloc_failures),

@@ -291,10 +291,12 @@ for stage in ${VALIDATE_STAGES:-matmul tpgen test}; do
         ;;
     workload)
         # nano-vllm's offline workload (256 sequences, prompt and output
-        # lengths uniform in [100, 1024], seed 0) on the Qwen3-0.6B shape
+        # lengths uniform in [100, 1024], seed 0) on the Qwen3-0.6B shape;
+        # then with each of WORKLOAD_EXTRA's option sets (commas for spaces;
+        # default --profile: the forward's time by phase, op by op)
         q3=$work/qwen3-0.6b
         synth "$q3" --shape qwen3-0.6b
-        for a in "" ${WORKLOAD_EXTRA:-}; do
+        for a in "" ${WORKLOAD_EXTRA---profile}; do
             tag=${a:-default}
             timeout $(($(left) - 5)) "$kb/bin/kiln" bench workload -m "$q3" --device cuda --json \
                 ${a:+$(echo "$a" | tr ',' ' ')} >"$w/workload-$tag.json" 2>"$w/workload-$tag.log"

@@ -173,6 +173,12 @@ static size_t pf_token_text(void *ctx, int32_t prev, int32_t id, char *out, size
     return p->inner.token_text(p->inner.ctx, prev, id, out, cap);
 }
 
+static void pf_profile(void *ctx, kiln_profile *acc)
+{
+    pd_prefill *p = ctx;
+    p->inner.profile(p->inner.ctx, acc);
+}
+
 static void pf_destroy(void *ctx)
 {
     pd_prefill *p = ctx;
@@ -296,6 +302,7 @@ kiln_status dist_pd_runners(kiln_model *m, const dist_pd_spec *spec, int pipe_at
     prefill->forward_sample = p->inner.forward_sample ? pf_forward_sample : NULL;
     prefill->copy_blocks = pf_copy_blocks;
     prefill->token_text = pf_token_text;
+    prefill->profile = p->inner.profile ? pf_profile : NULL;
     prefill->destroy = pf_destroy;
     return KILN_OK;
 }

@@ -166,8 +166,10 @@ static kiln_status tp_prepare(void *ctx, model_prepare *p)
     tp_runner *t = ctx;
     dist_comm *c = t->comm;
     dist_prepare_msg m = {p->n_blocks, p->host_blocks, p->block_size, p->n_ctx,
-                          p->max_tokens, p->max_out, p->max_seqs, p->kv_f32, p->eager,
-                          p->deterministic, p->mem_fraction, p->kv_share};
+                          p->max_tokens, p->max_out, p->max_seqs, p->kv_f32,
+                          /* a profiled rank 0 runs op by op: the others too */
+                          p->eager || p->profile, p->deterministic, p->mem_fraction,
+                          p->kv_share};
     dist_msg_hdr h = {.type = DIST_MSG_PREPARE, .payload = sizeof m};
     /* the largest step message this engine can send */
     int max_blocks = (p->n_ctx + p->block_size - 1) / p->block_size;
@@ -283,6 +285,12 @@ static size_t tp_token_text(void *ctx, int32_t prev, int32_t id, char *out, size
     return t->inner.token_text(t->inner.ctx, prev, id, out, cap);
 }
 
+static void tp_profile(void *ctx, kiln_profile *acc)
+{
+    tp_runner *t = ctx;
+    t->inner.profile(t->inner.ctx, acc);
+}
+
 static void tp_destroy(void *ctx)
 {
     tp_runner *t = ctx;
@@ -331,6 +339,7 @@ kiln_status dist_tp_runner_create(kiln_model *km, model_runner *out)
     out->forward_sample = t->inner.forward_sample ? tp_forward_sample : NULL;
     out->copy_blocks = tp_copy_blocks;
     out->token_text = tp_token_text;
+    out->profile = t->inner.profile ? tp_profile : NULL;
     out->destroy = tp_destroy;
     return KILN_OK;
 }

@@ -132,6 +132,7 @@ static kiln_status resolve_params(const model_runner *r, kiln_engine_params *p)
     p->kv_f32 = p->kv_f32 != 0;
     p->eager = p->eager != 0;
     p->deterministic = p->deterministic != 0;
+    p->profile = p->profile != 0;
     return KILN_OK;
 #undef BAD
 }
@@ -183,6 +184,7 @@ kiln_status engine_create_with_runner(const model_runner *r,
         .kv_f32 = p.kv_f32 != 0,
         .eager = p.eager != 0,
         .deterministic = p.deterministic != 0,
+        .profile = p.profile != 0,
         .mem_fraction = p.gpu_mem_fraction,
     };
     st = r->prepare(r->ctx, &ep);
@@ -194,6 +196,7 @@ kiln_status engine_create_with_runner(const model_runner *r,
     e->n_kv_blocks = p.n_kv_blocks;
     e->submit_blocks = p.n_kv_blocks;
     e->deterministic = p.deterministic != 0;
+    e->profile = p.profile != 0;
     if ((size_t)p.n_kv_blocks < per_seq)
         KILN_LOGW("a KV pool of %d blocks holds less than one sequence of n_ctx %d "
                   "tokens (%zu blocks): longer requests will be refused",
@@ -934,6 +937,23 @@ void kiln_engine_get_stats(kiln_engine *e, kiln_engine_stats *st)
     *st = e->stats;
     st->n_waiting += e->n_inbox;
     pthread_mutex_unlock(&e->mu);
+}
+
+kiln_status kiln_engine_get_profile(kiln_engine *e, kiln_profile *out)
+{
+    if (!e || !out)
+        return KILN_FAIL(KILN_ERR_INVALID_ARG, "kiln_engine_get_profile: engine and out are "
+                                               "required");
+    memset(out, 0, sizeof *out);
+    if (!e->profile)
+        return KILN_FAIL(KILN_ERR_INVALID_ARG, "kiln_engine_get_profile: the engine was made "
+                                               "without kiln_engine_params.profile");
+    /* a split's prefill engine runs the prompts: its phases count too */
+    kiln_engine *parts[2] = {e, pd_prefill_engine(e)};
+    for (int i = 0; i < 2; i++)
+        if (parts[i] && parts[i]->r.profile)
+            parts[i]->r.profile(parts[i]->r.ctx, out);
+    return KILN_OK;
 }
 
 void kiln_engine_get_latency(kiln_engine *e, kiln_latency_stats *st)

@@ -386,6 +386,7 @@ struct kiln_engine {
     int submit_blocks;          /* the most KV blocks a request may need:
                                    n_kv_blocks (a split: the smaller pool) */
     bool deterministic;         /* batch-invariant: every step samples on the host */
+    bool profile;               /* the runner times the forward by phase */
     sched sc;                   /* stepping thread only */
     sampler sm;                 /* stepping thread only */
     /* (stepping) host sampling of a step's rows in parallel: a sampler for

@@ -154,6 +154,7 @@ void model_forward_begin(model *m, kb_backend *be, model_scratch *s, const kb_ba
     const kb_ops *op = be->ops;
     const int n = b->n_tokens;
     const int E = hp->n_embd;
+    model_prof_start(s->prof);
     op->embed(be, s->x, &m->tok_embd, b); /* x: (n, E) */
     if (hp->embd_scale != 1.0f)
         op->scale(be, s->x, hp->embd_scale, (size_t)n * E);
@@ -161,6 +162,7 @@ void model_forward_begin(model *m, kb_backend *be, model_scratch *s, const kb_ba
      * normed input, then its output, which the next add folds into x while
      * norming the next block's input. */
     op->rmsnorm(be, s->xb, s->x, &m->layers[0].attn_norm, n, E, hp->rms_eps);
+    model_prof_mark(s->prof, KILN_PHASE_EMBED);
 }
 
 /* attention block of layer il: xb = attn_norm(x) in, x += attention, xb =
@@ -183,6 +185,7 @@ void model_forward_attn(model *m, kb_backend *be, kb_kv *kv, model_scratch *s,
                           {s->k, &L->wk, bias_of(&L->bk)},
                           {s->v, &L->wv, bias_of(&L->bv)}};
     matmul_group(be, qkv, 3, s->xb, n);
+    model_prof_mark(s->prof, KILN_PHASE_QKV);
     if (hp->qk_norm) {
         op->rmsnorm(be, s->q, s->q, &L->q_norm, n * hp->n_head, hp->head_dim, hp->rms_eps);
         op->rmsnorm(be, s->k, s->k, &L->k_norm, n * hp->n_head_kv, hp->head_dim, hp->rms_eps);
@@ -195,6 +198,7 @@ void model_forward_attn(model *m, kb_backend *be, kb_kv *kv, model_scratch *s,
         op->rope(be, s->k, b, hp->n_head_kv, hp->head_dim, rope);
         op->kv_store(be, kv, il, b, s->k, s->v);
     }
+    model_prof_mark(s->prof, KILN_PHASE_ROPE_KV);
     if (s->layer_done) /* this layer's K/V are in place: they may leave */
         s->layer_done(s->layer_user, il);
     kb_attn a = {
@@ -207,12 +211,15 @@ void model_forward_attn(model *m, kb_backend *be, kb_kv *kv, model_scratch *s,
         .softcap = hp->attn_softcap,
     };
     op->attention(be, s->attn, s->q, kv, il, b, &a);
+    model_prof_mark(s->prof, KILN_PHASE_ATTN);
     op->matmul(be, s->xb, s->attn, &L->wo, NULL, n);
     if (s->tp) /* each rank's heads gave a partial sum */
         s->tp->all_reduce(s->tp->user, be, s->xb, (size_t)n * E);
+    model_prof_mark(s->prof, KILN_PHASE_O);
     if (hp->sandwich_norm)
         op->rmsnorm(be, s->xb, s->xb, &L->post_attn_norm, n, E, hp->rms_eps);
     add_then_norm(be, s->xb, s->x, s->xb, &L->ffn_norm, n, E, hp->rms_eps);
+    model_prof_mark(s->prof, KILN_PHASE_NORM);
 }
 
 /* feed-forward block of layer il: xb = ffn_norm(x) in, x += ffn, xb = the
@@ -226,6 +233,7 @@ void model_forward_ffn(model *m, kb_backend *be, model_scratch *s, const kb_batc
     const model_layer *L = &m->layers[il];
     const kb_mm gate_up[2] = {{s->gate, &L->w_gate, NULL}, {s->up, &L->w_up, NULL}};
     matmul_group(be, gate_up, 2, s->xb, n);
+    model_prof_mark(s->prof, KILN_PHASE_FFN_IN);
     if (op->matmul_glu) {
         op->matmul_glu(be, s->xb, s->gate, s->up, &L->w_down, n, hp->act);
     } else {
@@ -234,12 +242,14 @@ void model_forward_ffn(model *m, kb_backend *be, model_scratch *s, const kb_batc
     }
     if (s->tp) /* each rank's FFN rows gave a partial sum */
         s->tp->all_reduce(s->tp->user, be, s->xb, (size_t)n * E);
+    model_prof_mark(s->prof, KILN_PHASE_FFN_OUT);
     if (hp->sandwich_norm)
         op->rmsnorm(be, s->xb, s->xb, &L->post_ffn_norm, n, E, hp->rms_eps);
     if (il + 1 < hp->n_layer)
         add_then_norm(be, s->xb, s->x, s->xb, &m->layers[il + 1].attn_norm, n, E, hp->rms_eps);
     else
         op->add(be, s->x, s->x, s->xb, (size_t)n * E);
+    model_prof_mark(s->prof, KILN_PHASE_NORM);
 }
 
 /* logits for the requested rows only */
@@ -256,6 +266,7 @@ void model_forward_end(model *m, kb_backend *be, model_scratch *s, const kb_batc
         else
             op->matmul(be, s->logits, s->out_x, &m->output, NULL, b->n_out);
     }
+    model_prof_mark(s->prof, KILN_PHASE_LOGITS);
 }
 
 void model_forward(model *m, kb_kv *kv, model_scratch *s, const kb_batch *b)

@@ -153,6 +153,19 @@ typedef struct model_tp_hooks {
 /* Engine-scoped activation scratch for steps of up to max_tokens tokens and
  * max_out logit rows, in the memory of the execution context that owns it
  * and that model_forward runs the step on. */
+/* Timing a forward by phase (prof.c): events recorded on the execution
+ * context's compute stream at the end of each phase, read once the step
+ * has completed.  Every call takes NULL (profiling off) as a no-op. */
+typedef struct model_prof model_prof;
+/* Events for a forward of n_layer layers on execution context be. */
+kiln_status model_prof_create(kb_backend *be, int n_layer, model_prof **out);
+void model_prof_free(model_prof *p);
+void model_prof_start(model_prof *p);                   /* a step begins */
+void model_prof_mark(model_prof *p, kiln_phase phase);  /* `phase` has been enqueued */
+/* After the step has completed: add its phases' times to the sums. */
+kiln_status model_prof_collect(model_prof *p);
+void model_prof_add_to(model_prof *p, kiln_profile *acc);
+
 typedef struct model_scratch {
     kb_backend *be; /* the execution context (not owned) */
     /* Called after layer il's K/V are stored (enqueued), before the next
@@ -161,6 +174,7 @@ typedef struct model_scratch {
     void (*layer_done)(void *user, int il);
     void *layer_user;
     const model_tp_hooks *tp; /* a sharded model's collectives, or NULL */
+    model_prof *prof;         /* the phases' events (prof.c), or NULL */
     int max_tokens;
     int max_out;
     float *x;      /* (max_tokens, n_embd) residual stream */

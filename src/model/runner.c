@@ -53,6 +53,7 @@ typedef struct plain_runner {
     const model_tp_hooks *tp; /* a sharded model's collectives, or NULL */
 
     model_pipeline *pipe; /* the decode pipeline, or NULL */
+    model_prof *prof;     /* the forward's phases timed (model_prepare.profile), or NULL */
 } plain_runner;
 
 /* A step's work is enqueued: with collectives in it, wait for it through
@@ -248,7 +249,13 @@ static kiln_status runner_prepare(void *ctx, model_prepare *ep)
     } else if (ep->n_blocks == 0) {
         ep->n_blocks = ep->host_blocks;
     }
-    bool graphs = !ep->eager && !be->host_memory && be->ops->graph_begin;
+    if (ep->profile) {
+        if ((st = model_prof_create(be, m->hp.n_layer, &r->prof)))
+            return st;
+        r->scratch.prof = r->prof;
+    }
+    /* a profiled step runs op by op: a graph's events are not timed */
+    bool graphs = !ep->eager && !ep->profile && !be->host_memory && be->ops->graph_begin;
     r->pad_block = ep->n_blocks; /* one block past the pool's */
     kb_kv_desc d = {
         .n_layers = m->hp.n_layer,
@@ -284,7 +291,7 @@ static kiln_status run_step(plain_runner *r, const kb_batch_host *b)
     kb_backend *be = r->be;
     const kb_batch *dev;
     kiln_status st;
-    if (r->pipe && b->n_tokens >= RUNNER_PIPE_MIN_ROWS && is_pure_decode(b))
+    if (r->pipe && !r->prof && b->n_tokens >= RUNNER_PIPE_MIN_ROWS && is_pure_decode(b))
         return model_pipeline_step(r->pipe, r->kv, b, r->scratch.logits);
     int g = -1;
     if (r->n_graphs && is_pure_decode(b) && b->max_blocks <= r->graph_blocks)
@@ -313,16 +320,16 @@ static kiln_status runner_forward(void *ctx, const kb_batch_host *b, const float
     if (st || (st = step_wait(r)))
         return st;
     if (!logits) /* a rank that only takes part in the step */
-        return be->ops->sync(be);
-    if (be->host_memory) {
+        st = be->ops->sync(be);
+    else if (be->host_memory) {
         *logits = r->scratch.logits;
-        return be->ops->sync(be);
+        st = be->ops->sync(be);
+    } else {
+        size_t n = (size_t)b->n_out * (size_t)m->hp.n_vocab * sizeof(float);
+        if (!(st = be->ops->download(be, r->logits_host, r->scratch.logits, n)))
+            *logits = r->logits_host;
     }
-    size_t n = (size_t)b->n_out * (size_t)m->hp.n_vocab * sizeof(float);
-    if ((st = be->ops->download(be, r->logits_host, r->scratch.logits, n)))
-        return st;
-    *logits = r->logits_host;
-    return KILN_OK;
+    return st ? st : model_prof_collect(r->prof);
 }
 
 static kiln_status runner_forward_sample(void *ctx, const kb_batch_host *b,
@@ -334,8 +341,14 @@ static kiln_status runner_forward_sample(void *ctx, const kb_batch_host *b,
     kiln_status st = run_step(r, b);
     if (st || (st = step_wait(r)))
         return st;
-    return be->ops->sample(be, r->scratch.logits, b->n_out, r->km->m.hp.n_vocab, rows, ids,
-                           logprobs);
+    st = be->ops->sample(be, r->scratch.logits, b->n_out, r->km->m.hp.n_vocab, rows, ids,
+                         logprobs);
+    return st ? st : model_prof_collect(r->prof);
+}
+
+static void runner_profile(void *ctx, kiln_profile *acc)
+{
+    model_prof_add_to(((plain_runner *)ctx)->prof, acc);
 }
 
 static void runner_copy_blocks(void *ctx, const int32_t *src, const int32_t *dst, int n)
@@ -367,6 +380,7 @@ static void runner_destroy(void *ctx)
         if (r->scratch_ready)
             model_scratch_free(&r->km->m, &r->scratch);
         model_pipeline_free(r->pipe);
+        model_prof_free(r->prof);
         if (r->logits_pinned)
             be->ops->host_free(be, r->logits_host);
         kb_destroy(be);
@@ -410,6 +424,7 @@ kiln_status model_runner_create(kiln_model *km, const model_runner_opts *o, mode
         out->max_pen = RUNNER_MAX_PEN;
     }
     out->token_text = runner_token_text;
+    out->profile = runner_profile;
     out->destroy = runner_destroy;
     return KILN_OK;
 }

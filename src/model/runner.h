@@ -36,6 +36,7 @@ typedef struct model_prepare {
     bool kv_f32;
     bool eager;         /* no CUDA graphs */
     bool deterministic; /* batch-invariant forward (kb_reserve.deterministic) */
+    bool profile;       /* time the forward by phase (prof.c); implies eager */
     float mem_fraction; /* of the device's memory, for weights + scratch + KV */
     float kv_share;     /* of what mem_fraction leaves, the share this pool
                            takes (0 = all; a prefill/decode split on one
@@ -74,6 +75,9 @@ typedef struct model_runner {
      * out and returns the full length. */
     size_t (*token_text)(void *ctx, int32_t prev, int32_t id, char *out,
                          size_t cap);
+    /* Optional: add the forward's time by phase so far (prepared with
+     * model_prepare.profile) to *acc. */
+    void (*profile)(void *ctx, kiln_profile *acc);
     void (*destroy)(void *ctx);
 } model_runner;
 

@@ -621,12 +621,8 @@ static void orphan_run(bool stop, int want_status, const char *const *want)
         kill(first, SIGKILL); /* leave nothing to the next test */
         tp_nap(10);
     }
-    FILE *f = fopen(log, "r");
-    assert_non_null(f);
     char text[8192];
-    size_t n = fread(text, 1, sizeof text - 1, f);
-    fclose(f);
-    text[n] = '\0';
+    assert_true(kiln_read_prefix(log, text, sizeof text) >= 0);
     print_message("  %s: %d ranks seen, launcher exit %d after %.1f s, %d left\n",
                   stop ? "SIGTERM to the launcher" : "mpirun exits", seen, status, took, left);
     assert_int_equal(seen, 2);

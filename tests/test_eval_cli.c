@@ -544,15 +544,11 @@ static void expect_no_leftovers(const char *after)
     while ((n = tp_processes(NULL, tp_tag, getpid(), &first)) > 0 && tp_now() - t0 < TP_GONE_SEC)
         tp_nap(50);
     if (n > 0) {
-        char cmd[256], path[64];
+        char cmd[256] = "", path[64];
         snprintf(path, sizeof path, "/proc/%d/cmdline", (int)first);
-        FILE *f = fopen(path, "r");
-        size_t len = f ? fread(cmd, 1, sizeof cmd - 1, f) : 0;
-        if (f)
-            fclose(f);
-        for (size_t i = 0; i < len; i++)
+        const long len = kiln_read_prefix(path, cmd, sizeof cmd);
+        for (long i = 0; i < len; i++)
             cmd[i] = cmd[i] ? cmd[i] : ' ';
-        cmd[len] = '\0';
         fail_msg("%s: %d process%s left, e.g. pid %d: %s", after, n, n == 1 ? "" : "es",
                  (int)first, cmd);
     }

@@ -8,6 +8,7 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -142,13 +143,36 @@ static void test_proc_stat(void **state)
     assert_false(kiln_proc_read_stat(-1, &c1));
 }
 
+/* The bytes that fit (cap - 1), always NUL-ended; -1 for a missing file,
+ * buf untouched. */
+static void test_read_prefix(void **state)
+{
+    (void)state;
+    char path[] = "/tmp/kiln-read-prefix-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, "0123456789", 10), 10);
+    close(fd);
+    char buf[64];
+    assert_int_equal(kiln_read_prefix(path, buf, sizeof buf), 10);
+    assert_string_equal(buf, "0123456789");
+    assert_int_equal(kiln_read_prefix(path, buf, 4), 3);
+    assert_string_equal(buf, "012");
+    assert_int_equal(kiln_read_prefix(path, buf, 1), 0);
+    assert_string_equal(buf, "");
+    unlink(path);
+    memcpy(buf, "kept", 5);
+    assert_int_equal(kiln_read_prefix(path, buf, sizeof buf), -1);
+    assert_string_equal(buf, "kept");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_checked_math),  cmocka_unit_test(test_fp16_roundtrip),
         cmocka_unit_test(test_bf16),          cmocka_unit_test(test_strmap),
         cmocka_unit_test(test_error_buffer),  cmocka_unit_test(test_alloc_injection),
-        cmocka_unit_test(test_proc_stat),
+        cmocka_unit_test(test_proc_stat),     cmocka_unit_test(test_read_prefix),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -24,6 +24,7 @@
 #include <time.h>
 
 #include "kiln.h"
+#include "util/util.h"
 
 #define TP_TEST_MAX_STEPS 64
 #define TP_TEST_START_SEC 120.0  /* for a run to start generating */
@@ -142,14 +143,11 @@ static int tp_processes(const char *marker, const char *env, pid_t except, pid_t
         bool has = true, found = false;
         for (int part = marker ? 0 : 1; part < 2 && has && !found; part++) {
             snprintf(path, sizeof path, "/proc/%ld/%s", pid, part ? "environ" : "cmdline");
-            FILE *f = fopen(path, "r");
-            if (!f)
+            const long n = kiln_read_prefix(path, buf, sizeof buf);
+            if (n < 0)
                 break;
-            size_t n = fread(buf, 1, sizeof buf - 1, f);
-            fclose(f);
-            buf[n] = '\0';
             has = part == 1;
-            for (size_t i = 0; i < n; i += strlen(buf + i) + 1) {
+            for (size_t i = 0; i < (size_t)n; i += strlen(buf + i) + 1) {
                 if (part == 0 && strstr(buf + i, marker))
                     has = true;
                 if (part == 1 && !strcmp(buf + i, env))

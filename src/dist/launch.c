@@ -260,12 +260,8 @@ static int mpirun_children(pid_t mpirun, pid_t *out, int cap)
             continue;
         char buf[4096];
         snprintf(path, sizeof path, "/proc/%d/task/%s/children", (int)mpirun, e->d_name);
-        FILE *f = fopen(path, "r");
-        if (!f)
+        if (kiln_read_prefix(path, buf, sizeof buf) < 0)
             continue;
-        size_t k = fread(buf, 1, sizeof buf - 1, f);
-        fclose(f);
-        buf[k] = '\0';
         for (char *p = buf, *end; n < cap; p = end) {
             long pid = strtol(p, &end, 10);
             if (end == p)

@@ -665,7 +665,7 @@ kiln_status engine_step(kiln_engine *e, bool *progress)
     kiln_status st = KILN_OK;
     if (nb > 0) {
         *progress = true;
-        double t0 = kiln_now_sec(), t_fwd = 0;
+        double t0 = kiln_now_sec();
         const float *logits = NULL;
         bool dev = prepare_device_sampling(e, nb);
         if (pd_is_prefill(e))
@@ -676,7 +676,7 @@ kiln_status engine_step(kiln_engine *e, bool *progress)
                                      e->dev_logprobs);
         else if (!st)
             st = e->r.forward(e->r.ctx, &e->sc.batch, &logits);
-        t_fwd = kiln_now_sec() - tf0;
+        const double t_fwd = kiln_now_sec() - tf0;
         if (st) {
             kiln_error_prefix("engine step of %d tokens: ", e->sc.batch.n_tokens);
             KILN_LOGE("%s", kiln_last_error());

@@ -1,6 +1,6 @@
 /*
- * misc.c - half-precision conversion, the clock, a process's /proc stat,
- * byte formatting and the progress bar.
+ * misc.c - half-precision conversion, the clock, short file reads and a
+ * process's /proc stat, byte formatting and the progress bar.
  */
 #include <math.h>
 #include <stdio.h>
@@ -76,16 +76,23 @@ void kiln_sleep_ms(long ms)
     nanosleep(&ts, NULL);
 }
 
+long kiln_read_prefix(const char *path, char *buf, size_t cap)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, cap - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    return (long)n;
+}
+
 bool kiln_proc_read_stat(long pid, kiln_proc_stat *out)
 {
     char path[64], line[1024];
     snprintf(path, sizeof path, "/proc/%ld/stat", pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
+    if (kiln_read_prefix(path, line, sizeof line) < 0)
         return false;
-    size_t n = fread(line, 1, sizeof line - 1, f);
-    fclose(f);
-    line[n] = '\0';
     /* "pid (comm) S ppid pgrp ...": comm may hold spaces and parens, so the
      * fields start after the last ')'; starttime is the 19th after S */
     const char *p = strrchr(line, ')');

@@ -199,6 +199,12 @@ typedef struct kiln_proc_stat {
     unsigned long long start; /* start time, clock ticks after boot: a reused pid differs */
 } kiln_proc_stat;
 
+/* Read at most cap - 1 bytes of the file at path into buf (cap >= 1) and
+ * end them with a NUL: the bytes read, or -1 when it cannot be opened.
+ * For the short files of /proc and logs, with no allocation and no error
+ * message (a process that has just gone is no error). */
+long kiln_read_prefix(const char *path, char *buf, size_t cap);
+
 /* PID's stat into *out; false when the process is gone or unreadable. */
 bool kiln_proc_read_stat(long pid, kiln_proc_stat *out);
 
